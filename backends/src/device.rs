@@ -1,0 +1,182 @@
+//! Choosing where a graph runs: [`DeviceSpec`] and [`load_runtime`].
+//!
+//! `cpu` runs on burn's portable CPU backend (`burn_flex::Flex`) and is always built.
+//! `wgpu` and `cuda[:N]` name GPU backends that are compiled in only with the matching
+//! cargo feature; without it they fail with [`BackendError::DeviceNotCompiled`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use upmix_ir::{Module, Runtime};
+
+use crate::{BackendError, BurnRuntime};
+
+/// A device to run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceSpec {
+    Cpu,
+    Wgpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+const VALID_FORMS: &str = "`cpu`, `wgpu`, `cuda` (= `cuda:0`) or `cuda:N`";
+
+impl FromStr for DeviceSpec {
+    type Err = BackendError;
+
+    /// Parses `cpu`, `wgpu`, `cuda` (device 0) or `cuda:N` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.trim().to_ascii_lowercase();
+        let bad =
+            || BackendError::BadDevice(format!("unknown device `{s}`; expected {VALID_FORMS}"));
+        match lower.as_str() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "wgpu" => Ok(DeviceSpec::Wgpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(DeviceSpec::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Wgpu => f.write_str("wgpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Builds a runtime for graph `graph` of `module` on `device`.
+pub fn load_runtime(
+    module: &Module,
+    graph: &str,
+    device: &DeviceSpec,
+) -> Result<Box<dyn Runtime>, BackendError> {
+    match device {
+        DeviceSpec::Cpu => {
+            let runtime =
+                BurnRuntime::<burn_flex::Flex>::new(module, graph, &burn_flex::FlexDevice)?;
+            Ok(Box::new(runtime))
+        }
+        DeviceSpec::Wgpu => wgpu_runtime(module, graph),
+        DeviceSpec::Cuda(n) => cuda_runtime(module, graph, *n),
+    }
+}
+
+// The GPU seams: one function per backend, compiled for real when its cargo feature (and
+// its burn backend dependency) exists. The `unexpected_cfgs` allowance goes away once the
+// features are declared in Cargo.toml.
+#[allow(unexpected_cfgs)]
+mod gpu {
+    use super::*;
+
+    #[cfg(feature = "wgpu")]
+    pub(super) fn wgpu_runtime(
+        module: &Module,
+        graph: &str,
+    ) -> Result<Box<dyn Runtime>, BackendError> {
+        let device = burn_wgpu::WgpuDevice::default();
+        Ok(Box::new(BurnRuntime::<burn_wgpu::Wgpu>::new(
+            module, graph, &device,
+        )?))
+    }
+
+    #[cfg(not(feature = "wgpu"))]
+    pub(super) fn wgpu_runtime(
+        _module: &Module,
+        _graph: &str,
+    ) -> Result<Box<dyn Runtime>, BackendError> {
+        Err(not_compiled(DeviceSpec::Wgpu, "wgpu"))
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(super) fn cuda_runtime(
+        module: &Module,
+        graph: &str,
+        index: usize,
+    ) -> Result<Box<dyn Runtime>, BackendError> {
+        let device = burn_cuda::CudaDevice::new(index);
+        Ok(Box::new(BurnRuntime::<burn_cuda::Cuda>::new(
+            module, graph, &device,
+        )?))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub(super) fn cuda_runtime(
+        _module: &Module,
+        _graph: &str,
+        index: usize,
+    ) -> Result<Box<dyn Runtime>, BackendError> {
+        Err(not_compiled(DeviceSpec::Cuda(index), "cuda"))
+    }
+}
+use gpu::{cuda_runtime, wgpu_runtime};
+
+fn not_compiled(device: DeviceSpec, feature: &str) -> BackendError {
+    BackendError::DeviceNotCompiled {
+        device: device.to_string(),
+        feature: feature.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_devices() {
+        for (text, spec, shown) in [
+            ("cpu", DeviceSpec::Cpu, "cpu"),
+            ("CPU", DeviceSpec::Cpu, "cpu"),
+            ("wgpu", DeviceSpec::Wgpu, "wgpu"),
+            ("cuda", DeviceSpec::Cuda(0), "cuda:0"),
+            ("cuda:3", DeviceSpec::Cuda(3), "cuda:3"),
+        ] {
+            let parsed: DeviceSpec = text.parse().unwrap();
+            assert_eq!(parsed, spec);
+            assert_eq!(parsed.to_string(), shown);
+            assert_eq!(shown.parse::<DeviceSpec>().unwrap(), spec);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_devices_listing_valid_forms() {
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
+            let err = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(matches!(err, BackendError::BadDevice(_)), "{bad}: {err}");
+            let msg = err.to_string();
+            assert!(msg.contains("`cpu`") && msg.contains("cuda:N"), "{msg}");
+        }
+    }
+
+    #[test]
+    #[allow(unexpected_cfgs)]
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    fn gpu_devices_without_their_feature_say_how_to_rebuild() {
+        let module = Module::new();
+        for (spec, feature) in [(DeviceSpec::Wgpu, "wgpu"), (DeviceSpec::Cuda(1), "cuda")] {
+            let err = load_runtime(&module, "seed", &spec)
+                .err()
+                .expect("not compiled");
+            assert!(matches!(err, BackendError::DeviceNotCompiled { .. }));
+            assert!(
+                err.to_string().contains(&format!("--features {feature}")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_graph_is_reported() {
+        let err = load_runtime(&Module::new(), "nope", &DeviceSpec::Cpu)
+            .err()
+            .unwrap();
+        assert!(matches!(err, BackendError::UnknownGraph(ref g) if g == "nope"));
+    }
+}

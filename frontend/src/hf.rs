@@ -1,0 +1,368 @@
+//! Hugging Face checkpoint directories -> IR.
+//!
+//! A directory with `config.json` and `model.safetensors` (or shards listed in
+//! `model.safetensors.index.json`) becomes one [`Graph`] whose weights are `Source`
+//! expressions over the memory-mapped shards: loading reads headers only.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use upmix_ir::{
+    Attention, DecoderBlock, FeedForward, Graph, GraphBuilder, MappedFile, MixtureOfExperts,
+    ModelMeta, Module, Op, Weight, WeightExpr, WeightId,
+};
+
+use crate::config::HfConfig;
+use crate::error::{io, FrontendError};
+use crate::names::{self, Family};
+use crate::safetensors::{SafetensorsFile, TensorInfo};
+
+/// Files besides weights and config that travel with a checkpoint.
+const AUX_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+];
+
+/// Loads the checkpoint in `dir` into `module` as a graph called `name`.
+pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), FrontendError> {
+    let config_path = dir.join("config.json");
+    if !dir.is_dir() || !config_path.is_file() {
+        return Err(FrontendError::NotACheckpoint {
+            path: dir.to_path_buf(),
+        });
+    }
+    let config = HfConfig::read(&config_path)?;
+    let arch = config.architectures.first().cloned().unwrap_or_default();
+    let family = names::ARCHITECTURES
+        .iter()
+        .find(|(a, _)| *a == arch)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| FrontendError::UnknownArchitecture {
+            path: config_path.clone(),
+            arch: arch.clone(),
+            supported: names::ARCHITECTURES
+                .iter()
+                .map(|(a, _)| a.to_string())
+                .collect(),
+        })?;
+    let bad_config = |message: String| FrontendError::Config {
+        path: config_path.clone(),
+        message,
+    };
+    if let Some(act) = config.hidden_act.as_deref().filter(|a| *a != "silu") {
+        return Err(bad_config(format!(
+            "hidden_act `{act}` is not supported (only silu)"
+        )));
+    }
+    if config.mlp_bias == Some(true) {
+        return Err(bad_config("mlp_bias = true is not supported".into()));
+    }
+    if config.num_attention_heads == 0 || config.num_hidden_layers == 0 {
+        return Err(bad_config(
+            "num_attention_heads and num_hidden_layers must be positive".into(),
+        ));
+    }
+    let rope = config.rope(&config_path)?;
+
+    let mut l = Loader {
+        dir: dir.to_path_buf(),
+        shards: open_shards(dir)?,
+        module,
+    };
+    let (d, f) = (config.hidden_size, config.intermediate_size);
+    let (h, kv, hd) = (
+        config.num_attention_heads,
+        config.n_kv_heads(),
+        config.head_dim(),
+    );
+    let eps = config.rms_norm_eps as f32;
+    let has_bias = family == Family::Qwen2 || config.attention_bias == Some(true);
+
+    let meta = ModelMeta {
+        vocab_size: config.vocab_size,
+        hidden_size: d,
+        max_position_embeddings: config.max_position_embeddings.unwrap_or(4096),
+        bos_token_id: HfConfig::token_id(&config.bos_token_id),
+        eos_token_id: HfConfig::token_id(&config.eos_token_id),
+        aux_files: AUX_FILES
+            .iter()
+            .map(|f| dir.join(f))
+            .filter(|p| p.is_file())
+            .collect(),
+    };
+    let mut b = GraphBuilder::new(name, meta);
+    let embed = l.weight(names::EMBED, 0, &[config.vocab_size, d])?;
+    let input = b.input();
+    let mut x = b.embedding(input, embed);
+    for layer in 0..config.num_hidden_layers {
+        let w = |l: &mut Loader, (canon, suffix): (&str, &str), shape: &[usize]| {
+            l.weight(
+                (canon, &names::layer_tensor(suffix, layer, 0)),
+                layer,
+                shape,
+            )
+        };
+        let [q, k, v, o] = names::ATTN;
+        let attn = Attention {
+            q: w(&mut l, q, &[h * hd, d])?,
+            k: w(&mut l, k, &[kv * hd, d])?,
+            v: w(&mut l, v, &[kv * hd, d])?,
+            o: w(&mut l, o, &[d, h * hd])?,
+            q_bias: None,
+            k_bias: None,
+            v_bias: None,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+            rope: rope.clone(),
+        };
+        let attn = if has_bias {
+            let [qb, kb, vb] = names::ATTN_BIAS;
+            Attention {
+                q_bias: Some(w(&mut l, qb, &[h * hd])?),
+                k_bias: Some(w(&mut l, kb, &[kv * hd])?),
+                v_bias: Some(w(&mut l, vb, &[kv * hd])?),
+                ..attn
+            }
+        } else {
+            attn
+        };
+        let mlp = match family {
+            Family::Llama | Family::Qwen2 => {
+                let [g, u, dn] = names::MLP;
+                Op::FeedForward(FeedForward {
+                    gate: w(&mut l, g, &[f, d])?,
+                    up: w(&mut l, u, &[f, d])?,
+                    down: w(&mut l, dn, &[d, f])?,
+                })
+            }
+            Family::Mixtral => {
+                let n = config
+                    .num_local_experts
+                    .ok_or_else(|| bad_config("missing field `num_local_experts`".into()))?;
+                let top_k = config
+                    .num_experts_per_tok
+                    .ok_or_else(|| bad_config("missing field `num_experts_per_tok`".into()))?;
+                l.mixtral_moe(layer, n, top_k, d, f)?
+            }
+        };
+        let block = DecoderBlock {
+            attn_norm: w(&mut l, names::ATTN_NORM, &[d])?,
+            attn,
+            ffn_norm: w(&mut l, names::FFN_NORM, &[d])?,
+            mlp,
+            eps,
+        };
+        x = b.decoder_block(layer, x, block);
+    }
+    let final_norm = l.weight(names::FINAL_NORM, 0, &[d])?;
+    x = b.rms_norm("final_norm", x, final_norm, eps);
+    // Tied when the config says so, or when the checkpoint simply has no lm head.
+    let tied = config.tie_word_embeddings.unwrap_or(false) || !l.has(names::LM_HEAD.1);
+    let head = if tied {
+        embed
+    } else {
+        l.weight(names::LM_HEAD, 0, &[config.vocab_size, d])?
+    };
+    x = b.linear("lm_head", x, head);
+    let graph: Graph = b.output(x);
+    module.insert(graph);
+    Ok(())
+}
+
+/// Opens `model.safetensors`, or every shard named in `model.safetensors.index.json`.
+fn open_shards(dir: &Path) -> Result<HashMap<String, Tensor>, FrontendError> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| FrontendError::Config {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| FrontendError::Config {
+                path: index.clone(),
+                message: "missing object field `weight_map`".into(),
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        files.iter().map(|f| dir.join(f)).collect()
+    } else {
+        let single = dir.join("model.safetensors");
+        if !single.is_file() {
+            return Err(FrontendError::NotACheckpoint {
+                path: dir.to_path_buf(),
+            });
+        }
+        vec![single]
+    };
+    let mut out = HashMap::new();
+    for path in &files {
+        let st = SafetensorsFile::open(path)?;
+        for (name, info) in st.tensors {
+            out.insert(
+                name,
+                Tensor {
+                    file: st.file.clone(),
+                    info,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// A tensor of some shard.
+#[derive(Clone)]
+struct Tensor {
+    file: Arc<MappedFile>,
+    info: TensorInfo,
+}
+
+struct Loader<'a> {
+    dir: PathBuf,
+    shards: HashMap<String, Tensor>,
+    module: &'a mut Module,
+}
+
+impl Loader<'_> {
+    fn has(&self, hf_name: &str) -> bool {
+        self.shards.contains_key(hf_name)
+    }
+
+    /// The tensor `hf_name`, checked against `shape`.
+    fn info(&self, hf_name: &str, shape: &[usize]) -> Result<Tensor, FrontendError> {
+        let t = self
+            .shards
+            .get(hf_name)
+            .cloned()
+            .ok_or_else(|| FrontendError::MissingTensor {
+                path: self.dir.clone(),
+                tensor: hf_name.to_string(),
+            })?;
+        if t.info.shape != shape {
+            return Err(FrontendError::TensorShape {
+                path: t.file.path().to_path_buf(),
+                tensor: hf_name.to_string(),
+                expected: shape.to_vec(),
+                found: t.info.shape,
+            });
+        }
+        Ok(t)
+    }
+
+    /// A weight reading `shape` from `t`'s file at byte `offset`.
+    fn source(
+        &mut self,
+        canonical: String,
+        t: &Tensor,
+        offset: usize,
+        shape: Vec<usize>,
+    ) -> Result<WeightId, FrontendError> {
+        Ok(self.module.weights.add(Weight {
+            name: canonical,
+            shape,
+            dtype: t.info.dtype,
+            expr: WeightExpr::Source {
+                file: t.file.clone(),
+                offset,
+                dtype: t.info.dtype,
+            },
+        })?)
+    }
+
+    /// Adds the tensor `(canonical, hf_name)` of `layer` as a source weight.
+    fn weight(
+        &mut self,
+        (canonical, hf_name): (&str, &str),
+        layer: usize,
+        shape: &[usize],
+    ) -> Result<WeightId, FrontendError> {
+        let t = self.info(hf_name, shape)?;
+        self.source(
+            names::fill(canonical, layer, 0),
+            &t,
+            t.info.offset,
+            shape.to_vec(),
+        )
+    }
+
+    /// The Mixtral MoE of `layer`, from whichever layout the checkpoint uses.
+    fn mixtral_moe(
+        &mut self,
+        layer: usize,
+        n: usize,
+        top_k: usize,
+        d: usize,
+        f: usize,
+    ) -> Result<Op, FrontendError> {
+        let classic_router = names::layer_tensor(names::MIXTRAL_ROUTER.1, layer, 0);
+        let mut experts = Vec::with_capacity(n);
+        let router;
+        if self.has(&classic_router) {
+            router = self.weight((names::MIXTRAL_ROUTER.0, &classic_router), layer, &[n, d])?;
+            for e in 0..n {
+                let [g, u, dn] = names::MIXTRAL_EXPERT.map(|(canon, suffix)| {
+                    (
+                        names::fill(canon, layer, e),
+                        names::layer_tensor(suffix, layer, e),
+                    )
+                });
+                let mut one = |(c, h): (String, String),
+                               shape: &[usize]|
+                 -> Result<WeightId, FrontendError> {
+                    let t = self.info(&h, shape)?;
+                    self.source(c, &t, t.info.offset, shape.to_vec())
+                };
+                experts.push(FeedForward {
+                    gate: one(g, &[f, d])?,
+                    up: one(u, &[f, d])?,
+                    down: one(dn, &[d, f])?,
+                });
+            }
+        } else {
+            let fused_router = names::layer_tensor(names::MIXTRAL_FUSED_ROUTER.1, layer, 0);
+            router = self.weight(
+                (names::MIXTRAL_FUSED_ROUTER.0, &fused_router),
+                layer,
+                &[n, d],
+            )?;
+            let gate_up = names::layer_tensor(names::MIXTRAL_FUSED_GATE_UP, layer, 0);
+            let down = names::layer_tensor(names::MIXTRAL_FUSED_DOWN, layer, 0);
+            let gu = self.info(&gate_up, &[n, 2 * f, d])?;
+            let dn = self.info(&down, &[n, d, f])?;
+            // Each expert's slices are contiguous runs of the fused tensors.
+            let (gs, ds) = (gu.info.dtype.size(), dn.info.dtype.size());
+            for e in 0..n {
+                let name = |field: &str| format!("layers.{layer}.ffn.experts.{e}.{field}");
+                let base = gu.info.offset + e * 2 * f * d * gs;
+                let down_at = dn.info.offset + e * d * f * ds;
+                experts.push(FeedForward {
+                    gate: self.source(name("gate"), &gu, base, vec![f, d])?,
+                    up: self.source(name("up"), &gu, base + f * d * gs, vec![f, d])?,
+                    down: self.source(name("down"), &dn, down_at, vec![d, f])?,
+                });
+            }
+        }
+        Ok(Op::MixtureOfExperts(MixtureOfExperts {
+            router,
+            experts,
+            top_k,
+            normalize_top_k: true,
+            shared_expert: None,
+        }))
+    }
+}

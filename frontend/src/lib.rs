@@ -1,0 +1,27 @@
+//! upmix-frontend: checkpoints into the IR.
+//!
+//! Hugging Face checkpoint directories (config.json + safetensors, sharded or not) load
+//! into a [`upmix_ir::Module`] as graphs whose weights point into memory-mapped files;
+//! tensor bytes are read only when a weight is materialised. Tensor names of each format
+//! live in [`names`] and nowhere else.
+
+mod config;
+mod error;
+mod hf;
+pub mod names;
+mod safetensors;
+mod tokenizer;
+
+pub use config::{HfConfig, RopeParams};
+pub use error::FrontendError;
+pub use hf::load_hf;
+pub use safetensors::{SafetensorsFile, TensorInfo};
+pub use tokenizer::TextTokenizer;
+
+use std::path::Path;
+
+/// Loads the checkpoint at `path` into `module` as the graph `name`, picking the format
+/// from what is on disk.
+pub fn load(path: &Path, name: &str, module: &mut upmix_ir::Module) -> Result<(), FrontendError> {
+    load_hf(path, name, module)
+}

@@ -1,0 +1,28 @@
+//! upmix-ir: the model IR.
+//!
+//! A [`Module`] holds named [`Graph`]s of layer-level [`Op`]s over one lazy
+//! [`WeightTable`]. Frontends build modules from checkpoints, passes rewrite them, backends
+//! execute or emit them. This crate knows no file format's tensor names and no tensor
+//! library: weights are lazy expressions materialised on demand as [`HostTensor`]s.
+
+mod builder;
+mod dtype;
+mod graph;
+mod module;
+mod op;
+mod print;
+mod runtime;
+mod tensor;
+mod verify;
+mod weights;
+
+pub use builder::{DecoderBlock, GraphBuilder};
+pub use dtype::DType;
+pub use graph::{Edge, Graph, ModelMeta, Node, NodeId};
+pub use module::Module;
+pub use op::{Attention, FeedForward, MixtureOfExperts, Op, Rope, RopeScaling, SharedExpert};
+pub use print::print_graph;
+pub use runtime::{LogLikelihood, Runtime, RuntimeError};
+pub use tensor::HostTensor;
+pub use verify::{verify, VerifyError, VerifyErrors};
+pub use weights::{MappedFile, Weight, WeightError, WeightExpr, WeightId, WeightTable};

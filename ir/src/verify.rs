@@ -1,0 +1,339 @@
+//! The graph verifier.
+//!
+//! Invariants checked, each error collected with the node it concerns (nothing stops at
+//! the first error):
+//! - exactly one `Input` and one `Output` node; the graph is acyclic; every node lies on a
+//!   path from `Input` to `Output`;
+//! - arity: `Input` takes nothing, `Add` two inputs, every other op one;
+//! - activation kinds: `Embedding` consumes token ids, everything else hidden states;
+//! - every weight id resolves in the weight table and has the shape the op needs for the
+//!   width flowing in (`[out, in]` projections, `[hidden]` norms);
+//! - op invariants: heads divisible by KV heads, `router rows == experts`,
+//!   `1 <= top_k <= experts`, experts of one layer share a shape;
+//! - both inputs of `Add` have the same width.
+
+use std::fmt;
+
+use crate::{FeedForward, Graph, NodeId, Op, WeightId, WeightTable};
+
+/// One verifier finding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifyError {
+    pub node: String,
+    pub message: String,
+}
+
+/// All findings of one verification.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifyErrors {
+    pub graph: String,
+    pub errors: Vec<VerifyError>,
+}
+
+impl fmt::Display for VerifyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "graph `{}` failed verification ({} error{}):",
+            self.graph,
+            self.errors.len(),
+            if self.errors.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            write!(f, "\n  {}: {}", e.node, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for VerifyErrors {}
+
+/// What flows along an edge.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Act {
+    Tokens,
+    Hidden(usize),
+    /// Unknown because an upstream node was already in error.
+    Poison,
+}
+
+struct Checker<'a> {
+    weights: &'a WeightTable,
+    errors: Vec<VerifyError>,
+    node: String,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, message: String) {
+        self.errors.push(VerifyError {
+            node: self.node.clone(),
+            message,
+        });
+    }
+
+    /// Checks a weight has `expected` shape; returns false (with an error) otherwise.
+    fn shape(&mut self, label: &str, id: WeightId, expected: &[usize]) -> bool {
+        match self.weights.get(id) {
+            Err(e) => {
+                self.err(format!("{label}: {e}"));
+                false
+            }
+            Ok(w) if w.shape != expected => {
+                self.err(format!(
+                    "{label} `{}` has shape {:?}, expected {:?}",
+                    w.name, w.shape, expected
+                ));
+                false
+            }
+            Ok(_) => true,
+        }
+    }
+
+    /// The shape of a weight, or an error.
+    fn dims(&mut self, label: &str, id: WeightId) -> Option<Vec<usize>> {
+        match self.weights.get(id) {
+            Ok(w) => Some(w.shape.clone()),
+            Err(e) => {
+                self.err(format!("{label}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn ffn(&mut self, label: &str, f: &FeedForward, hidden: usize) -> Option<usize> {
+        let gate = self.dims(&format!("{label}gate"), f.gate)?;
+        if gate.len() != 2 || gate[1] != hidden {
+            self.err(format!(
+                "{label}gate has shape {gate:?}, expected [ffn, {hidden}]"
+            ));
+            return None;
+        }
+        let ffn = gate[0];
+        let ok = self.shape(&format!("{label}up"), f.up, &[ffn, hidden])
+            & self.shape(&format!("{label}down"), f.down, &[hidden, ffn]);
+        ok.then_some(ffn)
+    }
+}
+
+/// Verifies `graph` against `weights`; collects every error.
+pub fn verify(graph: &Graph, weights: &WeightTable) -> Result<(), VerifyErrors> {
+    let mut c = Checker {
+        weights,
+        errors: Vec::new(),
+        node: graph.name.clone(),
+    };
+    let fail = |c: Checker| {
+        Err(VerifyErrors {
+            graph: graph.name.clone(),
+            errors: c.errors,
+        })
+    };
+
+    let ids = graph.node_ids();
+    let of_kind = |k: &str| -> Vec<NodeId> {
+        ids.iter()
+            .copied()
+            .filter(|i| graph.node(*i).op.kind() == k)
+            .collect()
+    };
+    let (inputs, outputs) = (of_kind("Input"), of_kind("Output"));
+    if inputs.len() != 1 {
+        c.err(format!("expected one Input node, found {}", inputs.len()));
+    }
+    if outputs.len() != 1 {
+        c.err(format!("expected one Output node, found {}", outputs.len()));
+    }
+    let order = match graph.topo_order() {
+        Ok(o) => o,
+        Err(cycle) => {
+            c.err(format!("graph has a cycle through {}", cycle.join(", ")));
+            return fail(c);
+        }
+    };
+
+    // Reachability: forward from Input, backward from Output.
+    let reach = |start: &[NodeId], next: &dyn Fn(NodeId) -> Vec<NodeId>| {
+        let mut seen = std::collections::HashSet::new();
+        let mut stack: Vec<NodeId> = start.to_vec();
+        while let Some(n) = stack.pop() {
+            if seen.insert(n) {
+                stack.extend(next(n));
+            }
+        }
+        seen
+    };
+    let fwd = reach(&inputs, &|n| graph.users(n));
+    let bwd = reach(&outputs, &|n| graph.inputs(n));
+    for id in &ids {
+        let name = graph.node(*id).name.clone();
+        if !fwd.contains(id) {
+            c.errors.push(VerifyError {
+                node: name.clone(),
+                message: "not reachable from the Input node".into(),
+            });
+        }
+        if !bwd.contains(id) {
+            c.errors.push(VerifyError {
+                node: name,
+                message: "does not lead to the Output node".into(),
+            });
+        }
+    }
+
+    let mut acts: std::collections::HashMap<NodeId, Act> = std::collections::HashMap::new();
+    for id in order {
+        let node = graph.node(id);
+        c.node = node.name.clone();
+        let ins: Vec<Act> = graph
+            .inputs(id)
+            .iter()
+            .map(|i| *acts.get(i).unwrap_or(&Act::Poison))
+            .collect();
+        let arity = match node.op {
+            Op::Input => 0,
+            Op::Add => 2,
+            _ => 1,
+        };
+        if ins.len() != arity {
+            c.err(format!(
+                "{} takes {arity} input(s), has {}",
+                node.op.kind(),
+                ins.len()
+            ));
+            acts.insert(id, Act::Poison);
+            continue;
+        }
+        let out = check_op(&mut c, &node.op, &ins);
+        acts.insert(id, out);
+    }
+
+    if c.errors.is_empty() {
+        Ok(())
+    } else {
+        fail(c)
+    }
+}
+
+/// Checks one op given its input activations; returns its output activation.
+fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
+    if ins.contains(&Act::Poison) {
+        return Act::Poison;
+    }
+    let hidden = match (op, ins.first()) {
+        (Op::Input, _) => return Act::Tokens,
+        (Op::Embedding { table }, Some(Act::Tokens)) => {
+            return match c.dims("table", *table) {
+                Some(d) if d.len() == 2 => Act::Hidden(d[1]),
+                Some(d) => {
+                    c.err(format!(
+                        "embedding table has shape {d:?}, expected [vocab, hidden]"
+                    ));
+                    Act::Poison
+                }
+                None => Act::Poison,
+            };
+        }
+        (Op::Embedding { .. }, _) => {
+            c.err("Embedding must consume token ids from the Input node".into());
+            return Act::Poison;
+        }
+        (_, Some(Act::Hidden(h))) => *h,
+        _ => {
+            c.err(format!("{} cannot consume token ids", op.kind()));
+            return Act::Poison;
+        }
+    };
+    let ok = match op {
+        Op::Input | Op::Embedding { .. } => unreachable!("handled above"),
+        Op::Output => true,
+        Op::RmsNorm { weight, eps } => {
+            if !(*eps > 0.0) {
+                c.err(format!("eps must be positive, is {eps}"));
+            }
+            c.shape("weight", *weight, &[hidden])
+        }
+        Op::Add => {
+            if ins[1] != Act::Hidden(hidden) {
+                c.err(format!("Add inputs differ: {:?} and {:?}", ins[0], ins[1]));
+                false
+            } else {
+                true
+            }
+        }
+        Op::Linear { weight, bias } => {
+            return match c.dims("weight", *weight) {
+                Some(d) if d.len() == 2 && d[1] == hidden => {
+                    if let Some(b) = bias {
+                        c.shape("bias", *b, &[d[0]]);
+                    }
+                    Act::Hidden(d[0])
+                }
+                Some(d) => {
+                    c.err(format!("weight has shape {d:?}, expected [out, {hidden}]"));
+                    Act::Poison
+                }
+                None => Act::Poison,
+            };
+        }
+        Op::Attention(a) => {
+            let (q, kv) = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
+            if a.n_heads == 0 || a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 {
+                c.err(format!(
+                    "n_heads {} must be a positive multiple of n_kv_heads {}",
+                    a.n_heads, a.n_kv_heads
+                ));
+            }
+            if a.head_dim % 2 != 0 {
+                c.err(format!("head_dim {} must be even for RoPE", a.head_dim));
+            }
+            let mut ok = c.shape("q", a.q, &[q, hidden])
+                & c.shape("k", a.k, &[kv, hidden])
+                & c.shape("v", a.v, &[kv, hidden])
+                & c.shape("o", a.o, &[hidden, q]);
+            for (label, bias, n) in [
+                ("q_bias", a.q_bias, q),
+                ("k_bias", a.k_bias, kv),
+                ("v_bias", a.v_bias, kv),
+            ] {
+                if let Some(b) = bias {
+                    ok &= c.shape(label, b, &[n]);
+                }
+            }
+            ok
+        }
+        Op::FeedForward(f) => c.ffn("", f, hidden).is_some(),
+        Op::MixtureOfExperts(m) => {
+            let n = m.experts.len();
+            let mut ok = c.shape("router", m.router, &[n, hidden]);
+            if m.top_k == 0 || m.top_k > n {
+                c.err(format!(
+                    "top_k {} must be in 1..={n} (the expert count)",
+                    m.top_k
+                ));
+                ok = false;
+            }
+            let sizes: Vec<Option<usize>> = m
+                .experts
+                .iter()
+                .enumerate()
+                .map(|(e, f)| c.ffn(&format!("experts.{e}."), f, hidden))
+                .collect();
+            if sizes.windows(2).any(|w| w[0] != w[1]) {
+                c.err(format!("experts differ in FFN size: {sizes:?}"));
+                ok = false;
+            }
+            if let Some(s) = &m.shared_expert {
+                ok &= c.ffn("shared.", &s.ffn, hidden).is_some();
+                if let Some(g) = s.gate {
+                    ok &= c.shape("shared.gate_proj", g, &[1, hidden]);
+                }
+            }
+            ok
+        }
+    };
+    if ok {
+        Act::Hidden(hidden)
+    } else {
+        Act::Poison
+    }
+}

@@ -1,0 +1,314 @@
+//! The lazy weight table.
+//!
+//! Every parameter of every graph in a [`crate::Module`] lives in one [`WeightTable`] as a
+//! [`WeightExpr`]: a byte range of a memory-mapped checkpoint, or an expression over other
+//! weights (mean, weighted sum, scale) or a literal. Passes build expressions; nothing is
+//! read or computed until a runtime or an emitter calls [`WeightTable::materialize`], one
+//! tensor at a time, so the whole model never needs to be in memory at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use thiserror::Error;
+
+use crate::{DType, HostTensor};
+
+/// Index of a weight in a [`WeightTable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WeightId(pub u32);
+
+/// A read-only memory-mapped checkpoint file.
+pub struct MappedFile {
+    path: PathBuf,
+    map: Mmap,
+}
+
+impl MappedFile {
+    /// Maps `path` read-only.
+    pub fn open(path: &Path) -> std::io::Result<Arc<MappedFile>> {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: the map is read-only; upmix never writes to its inputs (emitters refuse
+        // to write over an input), so the mapped bytes do not change under us unless another
+        // process truncates the file, which is the usual caveat of every mmap-based loader.
+        let map = unsafe { Mmap::map(&file)? };
+        Ok(Arc::new(MappedFile {
+            path: path.to_path_buf(),
+            map,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedFile({})", self.path.display())
+    }
+}
+
+/// How a weight's values are obtained.
+#[derive(Clone, Debug)]
+pub enum WeightExpr {
+    /// `shape.product() * dtype.size()` bytes at `offset` in `file`, stored as `dtype`.
+    Source {
+        file: Arc<MappedFile>,
+        offset: usize,
+        dtype: DType,
+    },
+    /// Element-wise mean of same-shape weights.
+    Mean(Vec<WeightId>),
+    /// `sum_i w_i * t_i`, divided by `sum_i w_i` when `normalize` is set (mergekit's
+    /// `linear` method computes exactly this, in this order).
+    WeightedSum {
+        terms: Vec<(f32, WeightId)>,
+        normalize: bool,
+    },
+    /// `factor * t`.
+    Scale(f32, WeightId),
+    /// Values held in memory.
+    Literal(Arc<HostTensor>),
+}
+
+/// One entry of the weight table.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    /// Canonical name (e.g. `layers.0.attn.q`), used in errors and printouts.
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// The dtype the weight is stored in: materialised values are rounded to it, and
+    /// emitters write it.
+    pub dtype: DType,
+    pub expr: WeightExpr,
+}
+
+impl Weight {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes the weight takes when stored in its dtype.
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+}
+
+/// Errors building or materialising weights.
+#[derive(Debug, Error)]
+pub enum WeightError {
+    #[error("weight {0:?} does not exist in the weight table")]
+    Missing(WeightId),
+    #[error("weight `{name}`: {message}")]
+    Invalid { name: String, message: String },
+}
+
+/// All weights of a module.
+#[derive(Clone, Debug, Default)]
+pub struct WeightTable {
+    weights: Vec<Weight>,
+}
+
+impl WeightTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a weight after checking its expression against its shape.
+    pub fn add(&mut self, weight: Weight) -> Result<WeightId, WeightError> {
+        self.check(&weight)?;
+        let id = WeightId(self.weights.len() as u32);
+        self.weights.push(weight);
+        Ok(id)
+    }
+
+    /// Adds a literal f32 weight.
+    pub fn literal(&mut self, name: &str, tensor: HostTensor) -> Result<WeightId, WeightError> {
+        self.add(Weight {
+            name: name.to_string(),
+            shape: tensor.shape.clone(),
+            dtype: DType::F32,
+            expr: WeightExpr::Literal(Arc::new(tensor)),
+        })
+    }
+
+    pub fn get(&self, id: WeightId) -> Result<&Weight, WeightError> {
+        self.weights
+            .get(id.0 as usize)
+            .ok_or(WeightError::Missing(id))
+    }
+
+    pub fn get_mut(&mut self, id: WeightId) -> Result<&mut Weight, WeightError> {
+        self.weights
+            .get_mut(id.0 as usize)
+            .ok_or(WeightError::Missing(id))
+    }
+
+    pub fn len(&self) -> usize {
+        self.weights.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+
+    fn invalid(weight: &Weight, message: String) -> WeightError {
+        WeightError::Invalid {
+            name: weight.name.clone(),
+            message,
+        }
+    }
+
+    /// Checks that an expression fits the weight's shape and that its operands exist.
+    pub fn check(&self, weight: &Weight) -> Result<(), WeightError> {
+        let operand_ids: Vec<WeightId> = match &weight.expr {
+            WeightExpr::Source {
+                file,
+                offset,
+                dtype,
+            } => {
+                let len = weight.numel() * dtype.size();
+                let end = offset.checked_add(len);
+                if end.is_none_or(|end| end > file.bytes().len()) {
+                    return Err(Self::invalid(
+                        weight,
+                        format!(
+                            "bytes {offset}..{offset}+{len} run past the end of {} ({} bytes)",
+                            file.path().display(),
+                            file.bytes().len()
+                        ),
+                    ));
+                }
+                vec![]
+            }
+            WeightExpr::Literal(t) => {
+                if t.shape != weight.shape {
+                    return Err(Self::invalid(
+                        weight,
+                        format!(
+                            "literal has shape {:?}, weight has {:?}",
+                            t.shape, weight.shape
+                        ),
+                    ));
+                }
+                vec![]
+            }
+            WeightExpr::Mean(ids) => ids.clone(),
+            WeightExpr::WeightedSum { terms, .. } => terms.iter().map(|(_, id)| *id).collect(),
+            WeightExpr::Scale(_, id) => vec![*id],
+        };
+        if matches!(
+            weight.expr,
+            WeightExpr::Mean(_) | WeightExpr::WeightedSum { .. }
+        ) && operand_ids.is_empty()
+        {
+            return Err(Self::invalid(weight, "expression has no operands".into()));
+        }
+        for id in operand_ids {
+            let operand = self.get(id)?;
+            if operand.shape != weight.shape {
+                return Err(Self::invalid(
+                    weight,
+                    format!(
+                        "operand `{}` has shape {:?}, expected {:?}",
+                        operand.name, operand.shape, weight.shape
+                    ),
+                ));
+            }
+        }
+        if let WeightExpr::WeightedSum {
+            terms,
+            normalize: true,
+        } = &weight.expr
+        {
+            let total: f32 = terms.iter().map(|(w, _)| w).sum();
+            if total == 0.0 {
+                return Err(Self::invalid(
+                    weight,
+                    "weights sum to zero, cannot normalise".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Computes a weight's values in f32, rounded to the weight's dtype.
+    pub fn materialize(&self, id: WeightId) -> Result<HostTensor, WeightError> {
+        let weight = self.get(id)?;
+        let mut data = self.eval(weight)?;
+        weight.dtype.round_in_place(&mut data);
+        Ok(HostTensor::new(weight.shape.clone(), data))
+    }
+
+    /// The weight's bytes in its stored dtype. A source read in its own dtype is copied
+    /// byte for byte, so a load -> emit round trip is bit-identical.
+    pub fn materialize_bytes(&self, id: WeightId) -> Result<Vec<u8>, WeightError> {
+        let weight = self.get(id)?;
+        if let WeightExpr::Source {
+            file,
+            offset,
+            dtype,
+        } = &weight.expr
+        {
+            if *dtype == weight.dtype {
+                return Ok(file.bytes()[*offset..*offset + weight.nbytes()].to_vec());
+            }
+        }
+        let values = self.materialize(id)?;
+        let mut out = Vec::new();
+        weight.dtype.encode(&values.data, &mut out);
+        Ok(out)
+    }
+
+    /// Evaluates an expression in f32 (operands rounded to their own dtypes).
+    fn eval(&self, weight: &Weight) -> Result<Vec<f32>, WeightError> {
+        Ok(match &weight.expr {
+            WeightExpr::Source {
+                file,
+                offset,
+                dtype,
+            } => {
+                let len = weight.numel() * dtype.size();
+                let mut out = Vec::new();
+                dtype.decode(&file.bytes()[*offset..*offset + len], &mut out);
+                out
+            }
+            WeightExpr::Literal(t) => t.data.clone(),
+            WeightExpr::Scale(factor, id) => {
+                let mut v = self.materialize(*id)?.data;
+                v.iter_mut().for_each(|x| *x *= factor);
+                v
+            }
+            WeightExpr::Mean(ids) => {
+                let terms: Vec<(f32, WeightId)> = ids.iter().map(|id| (1.0, *id)).collect();
+                self.weighted_sum(weight, &terms, true)?
+            }
+            WeightExpr::WeightedSum { terms, normalize } => {
+                self.weighted_sum(weight, terms, *normalize)?
+            }
+        })
+    }
+
+    fn weighted_sum(
+        &self,
+        weight: &Weight,
+        terms: &[(f32, WeightId)],
+        normalize: bool,
+    ) -> Result<Vec<f32>, WeightError> {
+        let mut acc = vec![0f32; weight.numel()];
+        for (w, id) in terms {
+            let t = self.materialize(*id)?;
+            acc.iter_mut().zip(&t.data).for_each(|(a, x)| *a += w * x);
+        }
+        if normalize {
+            let total: f32 = terms.iter().map(|(w, _)| w).sum();
+            acc.iter_mut().for_each(|a| *a /= total);
+        }
+        Ok(acc)
+    }
+}

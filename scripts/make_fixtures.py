@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""Generate the golden test fixtures under tests/golden/.
+
+What it makes:
+
+* tests/golden/models/<name>/  tiny randomly initialised Hugging Face
+  checkpoints (model.safetensors, config.json, generation_config.json and a
+  byte-level tokenizer.json) for: llama, llama_tied, qwen2, mixtral,
+  mixtral_fused (same weights as mixtral, fused expert layout) and llama_b.
+* tests/golden/<name>/golden.json  reference float32 logits for a fixed
+  12-token input and a 16-token greedy continuation of a fixed 5-token prompt,
+  computed with transformers from the saved (dtype-rounded) weights.
+* tests/golden/merge/  a linear merge of llama (0.3) and llama_b (0.7),
+  computed in mergekit's `linear` operation order.
+* tests/golden/tokenizer.json  sample texts and their token ids.
+
+A second mode checks a checkpoint directory written by upmix against the
+goldens and records the result in tests/golden/emitted/<NAME>.json:
+
+    make_fixtures.py check-emitted DIR NAME
+
+How to run (from the repository root):
+
+    scripts/setup-fixture-env.sh && .venv-fixtures/bin/python scripts/make_fixtures.py
+
+Everything is deterministic: each model has a fixed torch seed, and the
+script runs on the CPU with one thread and float32 compute.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = REPO_ROOT / "tests" / "golden"
+MODELS = GOLDEN / "models"
+
+INPUT_IDS = [17, 200, 45, 3, 99, 128, 255, 64, 7, 180, 33, 121]
+PROMPT = [72, 101, 108, 108, 111]
+GREEDY_STEPS = 16
+MIN_TOP_GAP = 1e-3
+MIN_DISTINCT_GREEDY = 5
+EMITTED_TOLERANCE = 1e-4
+MERGE_WEIGHTS = [0.3, 0.7]
+TOKENIZER_TEXTS = [
+    "Hello, world!",
+    "The café opens at 9:30; bring coffee.",
+    "Don't panic -- it's only a test (really).",
+]
+
+COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    vocab_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)
+
+# name -> (config class, model class, extra config, seed, saved dtype)
+SPECS = {
+    "llama": (LlamaConfig, LlamaForCausalLM,
+              dict(tie_word_embeddings=False,
+                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+              1001, torch.float32),
+    "llama_tied": (LlamaConfig, LlamaForCausalLM,
+                   dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+                   1007, torch.float16),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM,
+              dict(tie_word_embeddings=False,
+                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+              1003, torch.bfloat16),
+    "mixtral": (MixtralConfig, MixtralForCausalLM,
+                dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2,
+                     rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+                1004, torch.bfloat16),
+    "llama_b": (LlamaConfig, LlamaForCausalLM,
+                dict(tie_word_embeddings=False,
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+                1005, torch.float32),
+}
+
+
+def f32_list(t):
+    """Floats of a tensor, each written as the shortest decimal that round-trips as float32."""
+    return [float(str(np.float32(x))) for x in t.detach().to(torch.float32).numpy().tolist()]
+
+
+def to_json(value, level=0):
+    """JSON text with nested containers indented and flat lists on one line."""
+    pad, inner = "  " * level, "  " * (level + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k)}: {to_json(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+        items = [inner + to_json(v, level + 1) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def write_json(path, obj):
+    """Write obj as UTF-8 JSON with a trailing newline."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(obj) + "\n", encoding="utf-8")
+
+
+def build_tokenizer():
+    """Byte-level BPE over the 256 byte symbols (sorted, ids 0..255), no merges, no specials."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    assert len(alphabet) == 256
+    vocab = {sym: i for i, sym in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    assert tok.get_vocab_size(with_added_tokens=True) == 256
+    return tok
+
+
+def reinit_(model):
+    """Replace the default (std 0.02) init with one that gives well-spread logits.
+
+    Matrices (Linear weights, router, fused expert tensors) get randn/sqrt(fan_in),
+    where fan_in is the last dimension; embeddings get randn; RMSNorm weights
+    get 1 + 0.1*randn; biases get 0.1*randn. A tied embedding is also the
+    lm_head, so it is initialised as that Linear (randn/sqrt(hidden)): with
+    randn embeddings the residual copy of the current token dominates the tied
+    logits and greedy decoding just repeats the last prompt token.
+    """
+    embed_scale = 1.0
+    if model.config.tie_word_embeddings:
+        embed_scale = 1.0 / math.sqrt(model.config.hidden_size)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(embed_scale * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+
+
+def load_model(path):
+    """Load a checkpoint directory for float32, eager-attention inference."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+@torch.no_grad()
+def forward_logits(model, ids):
+    """Float32 logits [len(ids), vocab] for a single sequence."""
+    return model(torch.tensor([ids])).logits[0].to(torch.float32)
+
+
+@torch.no_grad()
+def greedy(model, prompt, steps):
+    """Greedy decoding with a full forward pass per step.
+
+    Asserts that no step has a near-tie between the two best tokens and that
+    the continuation is not degenerate; if either fails, change the seed.
+    """
+    seq = list(prompt)
+    for _ in range(steps):
+        last = forward_logits(model, seq)[-1]
+        top = torch.topk(last, 2).values
+        gap = float(top[0] - top[1])
+        assert gap > MIN_TOP_GAP, f"near-tie in greedy step {len(seq)}: gap {gap}"
+        seq.append(int(torch.argmax(last)))
+    out = seq[len(prompt):]
+    assert len(set(out)) >= MIN_DISTINCT_GREEDY, f"degenerate greedy continuation {out}"
+    return out
+
+
+def make_golden(name, model_dir):
+    """Compute logits and greedy ids from a saved directory; write <name>/golden.json."""
+    model = load_model(model_dir)
+    logits = forward_logits(model, INPUT_IDS)
+    golden = {
+        "model": name,
+        "input_ids": INPUT_IDS,
+        "logits": [f32_list(row) for row in logits],
+        "prompt": PROMPT,
+        "greedy": greedy(model, PROMPT, GREEDY_STEPS),
+    }
+    write_json(GOLDEN / name / "golden.json", golden)
+    return logits
+
+
+def save_model(name, tokenizer):
+    """Build, re-initialise and save one tiny model; returns its directory."""
+    config_cls, model_cls, extra, seed, dtype = SPECS[name]
+    torch.manual_seed(seed)
+    config = config_cls(**COMMON, **extra, attn_implementation="eager")
+    model = model_cls(config).eval()
+    reinit_(model)
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    out = MODELS / name
+    if out.exists():
+        shutil.rmtree(out)
+    # transformers 5 always writes safetensors (there is no safe_serialization flag).
+    model.save_pretrained(out, max_shard_size="10GB")
+    tokenizer.save(str(out / "tokenizer.json"))
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert files == ["model.safetensors"], files
+    return out
+
+
+def save_mixtral_fused(src, tokenizer):
+    """Rewrite the classic mixtral checkpoint in the fused expert layout.
+
+    transformers 5.23 keeps Mixtral experts fused in memory
+    (MixtralExperts.gate_up_proj [E, 2F, D], down_proj [E, D, F]) and splits
+    gate_up_proj with .chunk(2, dim=-1) on its output: gate rows first, then up
+    rows. save_pretrained() however reverts to the classic per-expert layout
+    (save_original_format=True by default, via conversion_mapping "mixtral":
+    w1/w3 -> gate_up_proj by stacking then concatenating gate, up on dim 1).
+    So the classic layout is what transformers writes, and the fused one is
+    written here by hand.
+    """
+    classic = load_file(src / "model.safetensors")
+    fused = {}
+    n_layers, n_experts = COMMON["num_hidden_layers"], SPECS["mixtral"][2]["num_local_experts"]
+    for key, t in classic.items():
+        if ".block_sparse_moe." not in key:
+            fused[key] = t
+    for layer in range(n_layers):
+        old = f"model.layers.{layer}.block_sparse_moe."
+        new = f"model.layers.{layer}.mlp."
+        fused[new + "gate.weight"] = classic[old + "gate.weight"]
+        experts = [f"{old}experts.{e}." for e in range(n_experts)]
+        fused[new + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([classic[e + "w1.weight"], classic[e + "w3.weight"]], dim=0) for e in experts])
+        fused[new + "experts.down_proj"] = torch.stack([classic[e + "w2.weight"] for e in experts])
+    out = MODELS / "mixtral_fused"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sorted(fused.items())},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    for extra in ("config.json", "generation_config.json"):
+        shutil.copy(src / extra, out / extra)
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out, fused
+
+
+def check_fused_matches(classic_dir, fused_dir, fused_tensors):
+    """Assert that both Mixtral layouts load to the same weights and the same logits."""
+    a, b = load_model(classic_dir), load_model(fused_dir)
+    state = b.state_dict()
+    for key, t in fused_tensors.items():
+        assert torch.equal(state[key], t.to(torch.float32)), key
+    assert torch.equal(forward_logits(a, INPUT_IDS), forward_logits(b, INPUT_IDS))
+    for key, t in a.state_dict().items():
+        assert torch.equal(t, state[key]), key
+
+
+def make_merge():
+    """Linear merge of llama and llama_b, in mergekit's `linear` operation order."""
+    tensors_a = load_file(MODELS / "llama" / "model.safetensors")
+    tensors_b = load_file(MODELS / "llama_b" / "model.safetensors")
+    assert tensors_a.keys() == tensors_b.keys()
+    merged = {}
+    for key in sorted(tensors_a):
+        stacked = torch.stack([tensors_a[key], tensors_b[key]], dim=0).to(torch.float32)
+        weights = torch.tensor(MERGE_WEIGHTS, dtype=stacked.dtype)
+        while weights.dim() < stacked.dim():
+            weights = weights.unsqueeze(-1)
+        res = (weights * stacked).sum(dim=0)
+        merged[key] = (res / weights.sum(dim=0)).contiguous()
+    out = GOLDEN / "merge"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(merged, str(out / "expected.safetensors"), metadata={"format": "pt"})
+    write_json(out / "golden.json", {"models": ["llama", "llama_b"], "weights": MERGE_WEIGHTS})
+
+
+def make_tokenizer_golden(tokenizer):
+    """Write sample texts and their ids; check they decode back to the text."""
+    ids = [tokenizer.encode(text, add_special_tokens=False).ids for text in TOKENIZER_TEXTS]
+    for text, row in zip(TOKENIZER_TEXTS, ids):
+        assert tokenizer.decode(row) == text, (text, row)
+    write_json(GOLDEN / "tokenizer.json", {"texts": TOKENIZER_TEXTS, "ids": ids})
+
+
+def generate():
+    """Write every fixture under tests/golden/."""
+    tokenizer = build_tokenizer()
+    make_tokenizer_golden(tokenizer)
+    for name in SPECS:
+        model_dir = save_model(name, tokenizer)
+        make_golden(name, model_dir)
+        if name == "mixtral":
+            fused_dir, fused = save_mixtral_fused(model_dir, tokenizer)
+            check_fused_matches(model_dir, fused_dir, fused)
+            make_golden("mixtral_fused", fused_dir)
+        print(f"wrote {name}")
+    make_merge()
+    print("wrote merge")
+
+
+def sha256(path):
+    """Hex sha256 of a file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_emitted(directory, name):
+    """Compare an emitted checkpoint against tests/golden/NAME; return the exit code."""
+    directory = Path(directory)
+    golden = json.loads((GOLDEN / name / "golden.json").read_text(encoding="utf-8"))
+    model = load_model(directory)
+    logits = forward_logits(model, golden["input_ids"])
+    expected = torch.tensor(golden["logits"], dtype=torch.float32)
+    diff = float((logits - expected).abs().max())
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
+    report = {
+        "name": name,
+        "architecture": model.config.architectures[0],
+        "max_abs_diff": diff,
+        "files": {p.name: sha256(p) for p in files},
+    }
+    write_json(GOLDEN / "emitted" / f"{name}.json", report)
+    ok = diff <= EMITTED_TOLERANCE
+    print(f"{name}: max_abs_diff {diff:.3g} ({'ok' if ok else 'FAIL'})")
+    return 0 if ok else 1
+
+
+def main(argv):
+    """Command-line entry point."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    if len(argv) == 0:
+        generate()
+        return 0
+    if len(argv) == 3 and argv[0] == "check-emitted":
+        return check_emitted(argv[1], argv[2])
+    print(__doc__, file=sys.stderr)
+    print("usage: make_fixtures.py [check-emitted DIR NAME]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
