@@ -1,1 +1,127 @@
-fn main() {}
+//! The `upmix` command line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use upmix::backends::DeviceSpec;
+use upmix::ir::{print_graph, Module};
+use upmix::passes::{DumpIr, REGISTRY};
+use upmix::pipeline::{self, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "upmix",
+    version,
+    about = "A checkpoint compiler: dense LLM checkpoints in, MoE / merged / compressed checkpoints out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline file: load models, run passes, evaluate, emit.
+    Run {
+        pipeline: PathBuf,
+        /// Print the IR of changed graphs after the named pass (repeatable), or `all`.
+        #[arg(long, value_name = "PASS")]
+        dump_ir_after: Vec<String>,
+        /// Device for evaluation and model-executing passes (overrides the file).
+        #[arg(long)]
+        device: Option<DeviceSpec>,
+        /// Skip IR verification after each pass.
+        #[arg(long)]
+        no_verify: bool,
+    },
+    /// Print a checkpoint's IR.
+    Inspect { checkpoint: PathBuf },
+    /// Greedy generation from a prompt.
+    Generate {
+        checkpoint: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Number of new tokens.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        max_new_tokens: usize,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Perplexity of a checkpoint on a text file.
+    Ppl {
+        checkpoint: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        /// Window length in tokens (default: the model's max positions, capped at 1024).
+        #[arg(long)]
+        window: Option<usize>,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// List the available passes.
+    Passes,
+}
+
+fn load(path: &Path) -> Result<Module> {
+    let mut m = Module::new();
+    upmix::frontend::load(path, "model", &mut m)?;
+    Ok(m)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Run {
+            pipeline: path,
+            dump_ir_after,
+            device,
+            no_verify,
+        } => {
+            let dump_ir = match dump_ir_after.as_slice() {
+                [] => DumpIr::Never,
+                names if names.iter().any(|n| n == "all") => DumpIr::All,
+                names => DumpIr::After(names.to_vec()),
+            };
+            let opts = RunOptions {
+                device,
+                dump_ir,
+                no_verify,
+            };
+            let (_, report) = pipeline::run_file(&path, &opts)
+                .with_context(|| format!("pipeline {} failed", path.display()))?;
+            print!("{report}");
+        }
+        Command::Inspect { checkpoint } => {
+            let m = load(&checkpoint)?;
+            print!("{}", print_graph(&m.graphs["model"], &m.weights));
+        }
+        Command::Generate {
+            checkpoint,
+            prompt,
+            max_new_tokens,
+            device,
+        } => {
+            let m = load(&checkpoint)?;
+            let text = pipeline::generate(&m, "model", &prompt, max_new_tokens, &device)?;
+            println!("{prompt}{text}");
+        }
+        Command::Ppl {
+            checkpoint,
+            text,
+            window,
+            device,
+        } => {
+            let m = load(&checkpoint)?;
+            let content = std::fs::read_to_string(&text)
+                .with_context(|| format!("reading {}", text.display()))?;
+            let (ppl, tokens) = pipeline::perplexity(&m, "model", &content, window, &device)?;
+            println!("perplexity {ppl:.4} over {tokens} tokens");
+        }
+        Command::Passes => {
+            for p in REGISTRY {
+                println!("{:<10} {}", p.name, p.doc);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,13 +1,14 @@
 //! upmix-backends: executing graphs.
 //!
-//! - [`runtime`]: [`BurnRuntime`], which lowers one graph of a [`upmix_ir::Module`] to a
+//! - [`runtime`] holds [`BurnRuntime`], which lowers one graph of a [`upmix_ir::Module`] to a
 //!   flat plan of burn tensor operations and implements [`upmix_ir::Runtime`] on any burn
 //!   backend (logits, KV-cached greedy generation, log-likelihood, hidden states);
-//! - [`device`]: [`DeviceSpec`] (`cpu`, `wgpu`, `cuda:N`) and [`load_runtime`], which picks
+//! - [`device`] holds [`DeviceSpec`] (`cpu`, `wgpu`, `cuda:N`) and [`load_runtime`], which picks
 //!   the burn backend for a device;
-//! - [`error`]: [`BackendError`].
+//! - [`error`] holds [`BackendError`].
 
 pub mod device;
+pub mod emit;
 pub mod error;
 pub mod runtime;
 

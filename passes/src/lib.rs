@@ -1,1 +1,19 @@
+//! upmix-passes: rewrites over the IR.
+//!
+//! One pass per file, each a [`Pass`] whose module doc says what it computes, which paper
+//! or tool it follows, and whether it preserves the model's function. Passes are declared
+//! once in [`registry`]; the [`PassManager`] runs them in the order written and verifies
+//! after each. Passes that must execute a model ask the [`PassContext`] for a runtime;
+//! this crate never depends on a tensor backend.
 
+mod cast;
+mod manager;
+mod merge;
+mod pass;
+pub mod registry;
+
+pub use cast::Cast;
+pub use manager::{DumpIr, PassManager, PassReport};
+pub use merge::Merge;
+pub use pass::{Pass, PassContext, PassError, RuntimeProvider};
+pub use registry::{create, pass_names, PassInfo, PassSpec, REGISTRY};

@@ -1,8 +1,8 @@
 //! [`BurnRuntime`]: one graph of a module, executed with burn on any backend.
 //!
 //! Building a runtime verifies the graph, materialises and uploads every weight it uses
-//! once, and lowers the graph into a flat plan (see [`plan`]) whose layers hold the
-//! device tensors (see [`layers`]). The [`Runtime`] methods then run that plan:
+//! once, and lowers the graph into a flat plan (module `plan`) whose layers hold the
+//! device tensors (module `layers`). The [`Runtime`] methods then run that plan:
 //! - `logits`: one full forward pass over the tokens;
 //! - `generate`: greedy decoding; the prompt is prefilled once into per-attention-layer KV
 //!   caches kept on the device, then each new token is one single-position pass; the
@@ -97,10 +97,14 @@ impl<B: Backend> BurnRuntime<B> {
         hidden(out)
     }
 
-    /// Clears the KV caches and runs `tokens` from position 0, filling them.
-    pub(crate) fn prefill(&mut self, tokens: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+    fn clear_cache(&mut self) {
         self.caches.iter_mut().for_each(|c| *c = None);
         self.cached = 0;
+    }
+
+    /// Clears the KV caches and runs `tokens` from position 0, filling them.
+    pub(crate) fn prefill(&mut self, tokens: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+        self.clear_cache();
         self.extend(tokens)
     }
 
@@ -115,6 +119,30 @@ impl<B: Backend> BurnRuntime<B> {
         );
         self.cached += count;
         hidden(out)
+    }
+
+    /// Greedy decoding of up to `max_new` tokens after `prompt` into `out` (non-empty
+    /// budget); the argmax stays on the device and feeds the next step directly.
+    fn greedy(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: Option<u32>,
+        out: &mut Vec<u32>,
+    ) -> Result<(), RuntimeError> {
+        let mut logits = self.prefill(self.upload_tokens(prompt));
+        loop {
+            let [rows, _] = logits.dims();
+            let next = logits.narrow(0, rows - 1, 1).argmax(1).reshape([1]);
+            let token = read_id(next.clone())?;
+            out.push(token);
+            if out.len() == max_new || stop == Some(token) {
+                return Ok(());
+            }
+            // The lm head may be wider than the embedding table (padded vocabularies).
+            self.check_tokens(&[token])?;
+            logits = self.extend(next);
+        }
     }
 }
 
@@ -167,19 +195,10 @@ impl<B: Backend> Runtime for BurnRuntime<B> {
         if max_new == 0 {
             return Ok(out);
         }
-        let mut logits = self.prefill(self.upload_tokens(prompt));
-        loop {
-            let [rows, _] = logits.dims();
-            let next = logits.narrow(0, rows - 1, 1).argmax(1).reshape([1]);
-            let token = read_id(next.clone())?;
-            out.push(token);
-            if out.len() == max_new || stop == Some(token) {
-                return Ok(out);
-            }
-            // The lm head may be wider than the embedding table (padded vocabularies).
-            self.check_tokens(&[token])?;
-            logits = self.extend(next);
-        }
+        let result = self.greedy(prompt, max_new, stop, &mut out);
+        // Release the cache memory between calls.
+        self.clear_cache();
+        result.map(|()| out)
     }
 
     fn log_likelihood(&mut self, tokens: &[u32]) -> Result<LogLikelihood, RuntimeError> {

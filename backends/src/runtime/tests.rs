@@ -171,25 +171,11 @@ impl HostModel {
     fn module(&self) -> Module {
         let cfg = self.cfg;
         let mut m = Module::new();
-        let mut lit = |name: &str, shape: Vec<usize>, data: &[f32]| -> WeightId {
-            m.weights
-                .literal(name, HostTensor::new(shape, data.to_vec()))
-                .unwrap()
-        };
-        let (h, f, q, kv) = (
+        let (h, q, kv) = (
             cfg.hidden,
-            cfg.ffn,
             cfg.heads * cfg.head_dim,
             cfg.kv_heads * cfg.head_dim,
         );
-        let ffn =
-            |lit: &mut dyn FnMut(&str, Vec<usize>, &[f32]) -> WeightId, p: &str, x: &HostFfn| {
-                FeedForward {
-                    gate: lit(&format!("{p}.gate"), vec![f, h], &x.gate),
-                    up: lit(&format!("{p}.up"), vec![f, h], &x.up),
-                    down: lit(&format!("{p}.down"), vec![h, f], &x.down),
-                }
-            };
         let meta = ModelMeta {
             vocab_size: cfg.vocab,
             hidden_size: h,
@@ -197,27 +183,27 @@ impl HostModel {
         };
         let mut b = GraphBuilder::new("tiny", meta);
         let input = b.input();
-        let embed = lit("embed", vec![cfg.vocab, h], &self.embed);
+        let embed = lit(&mut m, "embed", vec![cfg.vocab, h], &self.embed);
         let mut x = b.embedding(input, embed);
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("layers.{i}");
             let attn = Attention {
-                q: lit(&format!("{p}.q"), vec![q, h], &l.q),
-                k: lit(&format!("{p}.k"), vec![kv, h], &l.k),
-                v: lit(&format!("{p}.v"), vec![kv, h], &l.v),
-                o: lit(&format!("{p}.o"), vec![h, q], &l.o),
+                q: lit(&mut m, &format!("{p}.q"), vec![q, h], &l.q),
+                k: lit(&mut m, &format!("{p}.k"), vec![kv, h], &l.k),
+                v: lit(&mut m, &format!("{p}.v"), vec![kv, h], &l.v),
+                o: lit(&mut m, &format!("{p}.o"), vec![h, q], &l.o),
                 q_bias: l
                     .q_bias
                     .as_ref()
-                    .map(|b| lit(&format!("{p}.qb"), vec![q], b)),
+                    .map(|b| lit(&mut m, &format!("{p}.qb"), vec![q], b)),
                 k_bias: l
                     .k_bias
                     .as_ref()
-                    .map(|b| lit(&format!("{p}.kb"), vec![kv], b)),
+                    .map(|b| lit(&mut m, &format!("{p}.kb"), vec![kv], b)),
                 v_bias: l
                     .v_bias
                     .as_ref()
-                    .map(|b| lit(&format!("{p}.vb"), vec![kv], b)),
+                    .map(|b| lit(&mut m, &format!("{p}.vb"), vec![kv], b)),
                 n_heads: cfg.heads,
                 n_kv_heads: cfg.kv_heads,
                 head_dim: cfg.head_dim,
@@ -227,7 +213,9 @@ impl HostModel {
                 },
             };
             let mlp = match &l.mlp {
-                HostMlp::Dense(x) => Op::FeedForward(ffn(&mut lit, &format!("{p}.ffn"), x)),
+                HostMlp::Dense(x) => {
+                    Op::FeedForward(ffn_weights(&mut m, &cfg, &format!("{p}.ffn"), x))
+                }
                 HostMlp::Moe {
                     router,
                     experts,
@@ -235,35 +223,40 @@ impl HostModel {
                     normalize,
                     shared,
                 } => Op::MixtureOfExperts(MixtureOfExperts {
-                    router: lit(&format!("{p}.router"), vec![experts.len(), h], router),
+                    router: lit(
+                        &mut m,
+                        &format!("{p}.router"),
+                        vec![experts.len(), h],
+                        router,
+                    ),
                     experts: experts
                         .iter()
                         .enumerate()
-                        .map(|(e, x)| ffn(&mut lit, &format!("{p}.experts.{e}"), x))
+                        .map(|(e, x)| ffn_weights(&mut m, &cfg, &format!("{p}.experts.{e}"), x))
                         .collect(),
                     top_k: *top_k,
                     normalize_top_k: *normalize,
                     shared_expert: shared.as_ref().map(|(x, gate)| SharedExpert {
-                        ffn: ffn(&mut lit, &format!("{p}.shared"), x),
+                        ffn: ffn_weights(&mut m, &cfg, &format!("{p}.shared"), x),
                         gate: gate
                             .as_ref()
-                            .map(|g| lit(&format!("{p}.shared_gate"), vec![1, h], g)),
+                            .map(|g| lit(&mut m, &format!("{p}.shared_gate"), vec![1, h], g)),
                     }),
                 }),
             };
             let block = DecoderBlock {
-                attn_norm: lit(&format!("{p}.attn_norm"), vec![h], &l.attn_norm),
+                attn_norm: lit(&mut m, &format!("{p}.attn_norm"), vec![h], &l.attn_norm),
                 attn,
-                ffn_norm: lit(&format!("{p}.ffn_norm"), vec![h], &l.ffn_norm),
+                ffn_norm: lit(&mut m, &format!("{p}.ffn_norm"), vec![h], &l.ffn_norm),
                 mlp,
                 eps: cfg.eps,
             };
             x = b.decoder_block(i, x, block);
         }
-        let norm = lit("final_norm", vec![h], &self.final_norm);
+        let norm = lit(&mut m, "final_norm", vec![h], &self.final_norm);
         let x = b.rms_norm("final_norm", x, norm, cfg.eps);
         let head = match &self.lm_head {
-            Some(w) => lit("lm_head", vec![cfg.vocab, h], w),
+            Some(w) => lit(&mut m, "lm_head", vec![cfg.vocab, h], w),
             None => embed,
         };
         let x = b.linear("lm_head", x, head);
@@ -273,6 +266,23 @@ impl HostModel {
 
     fn runtime(&self) -> BurnRuntime<Flex> {
         BurnRuntime::new(&self.module(), "tiny", &FlexDevice).unwrap()
+    }
+}
+
+/// Adds a literal weight to `m`.
+fn lit(m: &mut Module, name: &str, shape: Vec<usize>, data: &[f32]) -> WeightId {
+    m.weights
+        .literal(name, HostTensor::new(shape, data.to_vec()))
+        .unwrap()
+}
+
+/// Adds a SwiGLU block's weights to `m` under prefix `p`.
+fn ffn_weights(m: &mut Module, cfg: &Config, p: &str, x: &HostFfn) -> FeedForward {
+    let (h, f) = (cfg.hidden, cfg.ffn);
+    FeedForward {
+        gate: lit(m, &format!("{p}.gate"), vec![f, h], &x.gate),
+        up: lit(m, &format!("{p}.up"), vec![f, h], &x.up),
+        down: lit(m, &format!("{p}.down"), vec![h, f], &x.down),
     }
 }
 

@@ -1,0 +1,414 @@
+//! Hugging Face checkpoint emitter: config.json + safetensors (sharded with an index above
+//! a size), tokenizer files copied through.
+//!
+//! The architecture follows from the graph: a dense stack is `LlamaForCausalLM`, or
+//! `Qwen2ForCausalLM` when attention has q/k/v biases; a stack whose FFNs are all routed
+//! MoEs without a shared expert is `MixtralForCausalLM` (classic per-expert layout, which
+//! every Mixtral loader reads). Tensor names of the format live here and in the frontend's
+//! name tables only.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use upmix_ir::{
+    Attention, DType, FeedForward, Graph, Module, Op, RopeScaling, WeightId, WeightTable,
+};
+
+use super::safetensors::write_safetensors;
+use super::{io, write_dir_atomically, EmitError};
+
+/// Options of [`emit_hf`].
+#[derive(Clone, Debug)]
+pub struct HfEmitOptions {
+    /// Start a new shard when the current one would pass this many bytes.
+    pub max_shard_bytes: u64,
+}
+
+impl Default for HfEmitOptions {
+    fn default() -> Self {
+        HfEmitOptions {
+            max_shard_bytes: 4 << 30,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug)]
+pub struct HfEmitReport {
+    pub architecture: &'static str,
+    pub tensors: usize,
+    pub bytes: u64,
+    pub shards: usize,
+}
+
+/// One decoder layer, as found in the graph.
+struct Layer<'g> {
+    attn_norm: WeightId,
+    attn: &'g Attention,
+    ffn_norm: WeightId,
+    mlp: &'g Op,
+}
+
+/// The graph read as a pre-norm decoder stack.
+struct Stack<'g> {
+    embed: WeightId,
+    layers: Vec<Layer<'g>>,
+    final_norm: WeightId,
+    eps: f32,
+    lm_head: WeightId,
+}
+
+/// Writes graph `graph` of `m` to `dir` as a Hugging Face checkpoint.
+pub fn emit_hf(
+    m: &Module,
+    graph: &str,
+    dir: &Path,
+    opts: &HfEmitOptions,
+) -> Result<HfEmitReport, EmitError> {
+    let g = m
+        .graph(graph)
+        .ok_or_else(|| EmitError::UnknownGraph(graph.to_string()))?;
+    let stack = read_stack(g)?;
+    let unsupported = |message: String| EmitError::Unsupported {
+        graph: graph.to_string(),
+        format: "a Hugging Face checkpoint",
+        message,
+    };
+    let moe = stack
+        .layers
+        .iter()
+        .filter(|l| matches!(l.mlp, Op::MixtureOfExperts(_)))
+        .count();
+    let biased = stack
+        .layers
+        .iter()
+        .filter(|l| l.attn.q_bias.is_some())
+        .count();
+    let arch = match (moe, biased) {
+        (0, 0) => "LlamaForCausalLM",
+        (0, b) if b == stack.layers.len() => "Qwen2ForCausalLM",
+        (n, 0) if n == stack.layers.len() => "MixtralForCausalLM",
+        (0, _) => return Err(unsupported("only some layers have attention biases".into())),
+        (n, _) if n < stack.layers.len() => {
+            return Err(unsupported(
+                "mixes dense and MoE layers, which no Hugging Face architecture here expresses"
+                    .into(),
+            ))
+        }
+        _ => return Err(unsupported("MoE layers with attention biases".into())),
+    };
+    let tensors = tensor_list(&stack, arch, &unsupported)?;
+    let config = config_json(m, g, &stack, arch, &unsupported)?;
+
+    // Split into shards by size, keeping the tensor order.
+    let mut shards: Vec<Vec<(String, WeightId)>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (name, id) in tensors.iter().cloned() {
+        let n = m.weights.get(id)?.nbytes() as u64;
+        if size > 0 && size + n > opts.max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        shards.last_mut().expect("one shard").push((name, id));
+    }
+    let count = shards.len();
+    let file_name = |i: usize| {
+        if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+        }
+    };
+    let mut total = 0u64;
+    write_dir_atomically(m, g, dir, |tmp| {
+        let mut weight_map = serde_json::Map::new();
+        for (i, shard) in shards.iter().enumerate() {
+            total += write_safetensors(&tmp.join(file_name(i)), &m.weights, shard)?;
+            for (name, _) in shard {
+                weight_map.insert(name.clone(), Value::String(file_name(i)));
+            }
+        }
+        if count > 1 {
+            let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+            write_json(&tmp.join("model.safetensors.index.json"), &index)?;
+        }
+        write_json(&tmp.join("config.json"), &config)?;
+        for aux in &g.meta.aux_files {
+            if let Some(name) = aux.file_name() {
+                std::fs::copy(aux, tmp.join(name)).map_err(io(aux))?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(HfEmitReport {
+        architecture: arch,
+        tensors: tensors.len(),
+        bytes: total,
+        shards: count,
+    })
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), EmitError> {
+    let text = serde_json::to_string_pretty(value).expect("json serialises");
+    std::fs::write(path, text + "\n").map_err(io(path))
+}
+
+/// Reads `g` as `Input, Embedding, (RmsNorm, Attention, Add, RmsNorm, FFN|MoE, Add)*,
+/// RmsNorm, Linear, Output` in topological order.
+fn read_stack(g: &Graph) -> Result<Stack<'_>, EmitError> {
+    let bad = |message: String| EmitError::Unsupported {
+        graph: g.name.clone(),
+        format: "a Hugging Face checkpoint",
+        message: format!("not a pre-norm decoder stack: {message}"),
+    };
+    let order = g
+        .topo_order()
+        .map_err(|c| bad(format!("cycle through {c:?}")))?;
+    let ops: Vec<&Op> = order.iter().map(|id| &g.node(*id).op).collect();
+    let n = ops.len();
+    if n < 5 || (n - 5) % 6 != 0 {
+        return Err(bad(format!("{n} nodes")));
+    }
+    let expect = |i: usize, kind: &str| -> Result<&Op, EmitError> {
+        if ops[i].kind() == kind {
+            Ok(ops[i])
+        } else {
+            Err(bad(format!(
+                "node `{}` is {}, expected {kind}",
+                g.node(order[i]).name,
+                ops[i].kind()
+            )))
+        }
+    };
+    expect(0, "Input")?;
+    let Op::Embedding { table: embed } = expect(1, "Embedding")? else {
+        unreachable!()
+    };
+    let mut layers = Vec::new();
+    let mut eps = None;
+    for l in 0..(n - 5) / 6 {
+        let b = 2 + 6 * l;
+        let (
+            Op::RmsNorm {
+                weight: attn_norm,
+                eps: e,
+            },
+            Op::Attention(attn),
+        ) = (expect(b, "RmsNorm")?, expect(b + 1, "Attention")?)
+        else {
+            unreachable!()
+        };
+        expect(b + 2, "Add")?;
+        let Op::RmsNorm {
+            weight: ffn_norm, ..
+        } = expect(b + 3, "RmsNorm")?
+        else {
+            unreachable!()
+        };
+        let mlp = ops[b + 4];
+        if !matches!(mlp, Op::FeedForward(_) | Op::MixtureOfExperts(_)) {
+            return Err(bad(format!(
+                "node `{}` is {}",
+                g.node(order[b + 4]).name,
+                mlp.kind()
+            )));
+        }
+        expect(b + 5, "Add")?;
+        eps.get_or_insert(*e);
+        layers.push(Layer {
+            attn_norm: *attn_norm,
+            attn,
+            ffn_norm: *ffn_norm,
+            mlp,
+        });
+    }
+    let Op::RmsNorm {
+        weight: final_norm,
+        eps: e,
+    } = expect(n - 3, "RmsNorm")?
+    else {
+        unreachable!()
+    };
+    let Op::Linear {
+        weight: lm_head,
+        bias: None,
+    } = expect(n - 2, "Linear")?
+    else {
+        return Err(bad("the lm head has a bias".into()));
+    };
+    expect(n - 1, "Output")?;
+    Ok(Stack {
+        embed: *embed,
+        layers,
+        final_norm: *final_norm,
+        eps: eps.unwrap_or(*e),
+        lm_head: *lm_head,
+    })
+}
+
+/// Hugging Face tensor names for every weight, in file order.
+fn tensor_list(
+    s: &Stack,
+    arch: &str,
+    unsupported: &dyn Fn(String) -> EmitError,
+) -> Result<Vec<(String, WeightId)>, EmitError> {
+    let mut t = vec![("model.embed_tokens.weight".to_string(), s.embed)];
+    for (i, l) in s.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}.");
+        t.push((format!("{p}input_layernorm.weight"), l.attn_norm));
+        let a = l.attn;
+        for (proj, w) in [("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o)] {
+            t.push((format!("{p}self_attn.{proj}_proj.weight"), w));
+        }
+        for (proj, b) in [("q", a.q_bias), ("k", a.k_bias), ("v", a.v_bias)] {
+            if let Some(b) = b {
+                t.push((format!("{p}self_attn.{proj}_proj.bias"), b));
+            }
+        }
+        t.push((format!("{p}post_attention_layernorm.weight"), l.ffn_norm));
+        match l.mlp {
+            Op::FeedForward(f) => push_ffn(
+                &mut t,
+                &format!("{p}mlp."),
+                f,
+                ["gate_proj", "up_proj", "down_proj"],
+            ),
+            Op::MixtureOfExperts(moe) => {
+                if moe.shared_expert.is_some() || !moe.normalize_top_k {
+                    return Err(unsupported(format!(
+                        "layer {i}: {arch} needs routed experts with renormalised top-k and no shared expert"
+                    )));
+                }
+                t.push((format!("{p}block_sparse_moe.gate.weight"), moe.router));
+                for (e, f) in moe.experts.iter().enumerate() {
+                    push_ffn(
+                        &mut t,
+                        &format!("{p}block_sparse_moe.experts.{e}."),
+                        f,
+                        ["w1", "w3", "w2"],
+                    );
+                }
+            }
+            _ => unreachable!("read_stack admits only FFN and MoE"),
+        }
+    }
+    t.push(("model.norm.weight".to_string(), s.final_norm));
+    if s.lm_head != s.embed {
+        t.push(("lm_head.weight".to_string(), s.lm_head));
+    }
+    Ok(t)
+}
+
+fn push_ffn(t: &mut Vec<(String, WeightId)>, prefix: &str, f: &FeedForward, names: [&str; 3]) {
+    for (name, w) in names.iter().zip([f.gate, f.up, f.down]) {
+        t.push((format!("{prefix}{name}.weight"), w));
+    }
+}
+
+fn config_json(
+    m: &Module,
+    g: &Graph,
+    s: &Stack,
+    arch: &'static str,
+    unsupported: &dyn Fn(String) -> EmitError,
+) -> Result<Value, EmitError> {
+    let w = &m.weights;
+    let first = s
+        .layers
+        .first()
+        .ok_or_else(|| unsupported("no layers".into()))?;
+    let a = first.attn;
+    if s.layers.iter().any(|l| {
+        l.attn.n_heads != a.n_heads
+            || l.attn.n_kv_heads != a.n_kv_heads
+            || l.attn.head_dim != a.head_dim
+            || l.attn.rope != a.rope
+    }) {
+        return Err(unsupported("layers differ in attention settings".into()));
+    }
+    let hidden = w.get(s.embed)?.shape[1];
+    let vocab = w.get(s.embed)?.shape[0];
+    let (ffn, experts) = match first.mlp {
+        Op::FeedForward(f) => (w.get(f.gate)?.shape[0], None),
+        Op::MixtureOfExperts(moe) => (w.get(moe.experts[0].gate)?.shape[0], Some(moe)),
+        _ => unreachable!("read_stack admits only FFN and MoE"),
+    };
+    let mut rope = json!({ "rope_type": "default", "rope_theta": a.rope.theta });
+    match &a.rope.scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            rope = json!({ "rope_type": "linear", "rope_theta": a.rope.theta, "factor": factor });
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } => {
+            rope = json!({
+                "rope_type": "llama3", "rope_theta": a.rope.theta, "factor": factor,
+                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position,
+            });
+        }
+    }
+    let model_type = match arch {
+        "LlamaForCausalLM" => "llama",
+        "Qwen2ForCausalLM" => "qwen2",
+        _ => "mixtral",
+    };
+    let mut c = json!({
+        "architectures": [arch],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": s.layers.len(),
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads,
+        "head_dim": a.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": s.eps,
+        "vocab_size": vocab,
+        "max_position_embeddings": g.meta.max_position_embeddings,
+        "rope_theta": a.rope.theta,
+        "rope_parameters": rope,
+        "tie_word_embeddings": s.lm_head == s.embed,
+        "bos_token_id": g.meta.bos_token_id,
+        "eos_token_id": g.meta.eos_token_id,
+        "dtype": torch_dtype(dominant_dtype(w, g)),
+        "attention_bias": false,
+        "mlp_bias": false,
+        "use_cache": true,
+    });
+    if let Some(moe) = experts {
+        c["num_local_experts"] = json!(moe.experts.len());
+        c["num_experts_per_tok"] = json!(moe.top_k);
+    }
+    if arch == "Qwen2ForCausalLM" {
+        c["use_sliding_window"] = json!(false);
+    }
+    Ok(c)
+}
+
+/// The dtype holding the most bytes.
+fn dominant_dtype(w: &WeightTable, g: &Graph) -> DType {
+    let mut bytes = std::collections::BTreeMap::new();
+    for id in g.weight_ids() {
+        if let Ok(t) = w.get(id) {
+            *bytes.entry(t.dtype).or_insert(0usize) += t.nbytes();
+        }
+    }
+    bytes
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map_or(DType::F32, |(d, _)| d)
+}
+
+fn torch_dtype(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+    }
+}

@@ -1,0 +1,58 @@
+//! A streaming safetensors writer: the header is computed from shapes alone, then each
+//! tensor is materialised and written in turn, so memory holds one tensor at a time.
+
+use std::io::Write;
+use std::path::Path;
+
+use upmix_ir::{DType, WeightId, WeightTable};
+
+use super::{io, EmitError};
+
+/// Writes `tensors` (file name, weight) to `path` in order.
+pub fn write_safetensors(
+    path: &Path,
+    weights: &WeightTable,
+    tensors: &[(String, WeightId)],
+) -> Result<u64, EmitError> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0u64;
+    for (name, id) in tensors {
+        let w = weights.get(*id)?;
+        let len = w.nbytes() as u64;
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": dtype_name(w.dtype),
+                "shape": w.shape,
+                "data_offsets": [offset, offset + len],
+            }),
+        );
+        offset += len;
+    }
+    let mut json = serde_json::to_vec(&header).expect("header serialises");
+    // Pad the header with spaces so the data starts 8-byte aligned.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let file = std::fs::File::create(path).map_err(io(path))?;
+    let mut out = std::io::BufWriter::new(file);
+    out.write_all(&(json.len() as u64).to_le_bytes())
+        .and_then(|_| out.write_all(&json))
+        .map_err(io(path))?;
+    for (_, id) in tensors {
+        let bytes = weights.materialize_bytes(*id)?;
+        out.write_all(&bytes).map_err(io(path))?;
+    }
+    out.flush().map_err(io(path))?;
+    out.get_ref().sync_all().map_err(io(path))?;
+    Ok(offset)
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+    }
+}

@@ -1,0 +1,74 @@
+//! The `Pass` trait, its context and errors.
+
+use thiserror::Error;
+use upmix_ir::{Graph, Module, Runtime, RuntimeError, VerifyErrors, WeightError};
+
+/// A rewrite over a [`Module`].
+pub trait Pass {
+    /// The pass's name; equals its variant name in pipeline files.
+    fn name(&self) -> &'static str;
+
+    /// Rewrites `m`; returns the names of the graphs it created or changed.
+    fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError>;
+}
+
+/// Builds runtimes for passes that need to execute a model (implemented by the caller,
+/// which knows the backend and device).
+pub trait RuntimeProvider {
+    fn runtime(&mut self, m: &Module, graph: &str) -> Result<Box<dyn Runtime>, RuntimeError>;
+}
+
+/// What a pass may use besides the module.
+#[derive(Default)]
+pub struct PassContext<'a> {
+    /// Present when the caller can execute models.
+    pub runtimes: Option<&'a mut dyn RuntimeProvider>,
+    /// Warnings and notes for the user, in order.
+    pub notes: Vec<String>,
+}
+
+/// Errors of passes and the pass manager.
+#[derive(Debug, Error)]
+pub enum PassError {
+    #[error("unknown pass `{name}`; valid passes: {}", valid.join(", "))]
+    UnknownPass { name: String, valid: Vec<String> },
+    #[error("{pass}: no model named `{model}`; models: {}", available.join(", "))]
+    UnknownModel {
+        pass: String,
+        model: String,
+        available: Vec<String>,
+    },
+    #[error("{pass}: {message}")]
+    Invalid { pass: String, message: String },
+    #[error("{pass}: models do not match: {message}")]
+    Mismatch { pass: String, message: String },
+    #[error("after pass {pass}: {errors}")]
+    Verify {
+        pass: String,
+        #[source]
+        errors: VerifyErrors,
+    },
+    #[error("{pass}: {source}")]
+    Weight {
+        pass: String,
+        #[source]
+        source: WeightError,
+    },
+}
+
+/// The graph `name` of `m`, or an error naming the available ones.
+pub fn graph<'m>(m: &'m Module, pass: &str, name: &str) -> Result<&'m Graph, PassError> {
+    m.graph(name).ok_or_else(|| PassError::UnknownModel {
+        pass: pass.to_string(),
+        model: name.to_string(),
+        available: m.graph_names(),
+    })
+}
+
+/// Wraps a weight-table error with the pass name.
+pub fn weight_err(pass: &str) -> impl Fn(WeightError) -> PassError + '_ {
+    move |source| PassError::Weight {
+        pass: pass.to_string(),
+        source,
+    }
+}

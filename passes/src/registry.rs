@@ -1,0 +1,67 @@
+//! The pass registry: every pass, declared once, with its pipeline spec.
+//!
+//! [`PassSpec`] is what a pipeline file's `passes: [...]` list deserialises into (an
+//! externally tagged enum: the variant name is the pass name). [`REGISTRY`] lists the same
+//! passes with a one-line description for `upmix passes` and for error messages.
+
+use serde::Deserialize;
+
+use crate::pass::{Pass, PassError};
+use crate::{Cast, Merge};
+
+/// One pass as written in a pipeline file.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub enum PassSpec {
+    Cast(Cast),
+    Merge(Merge),
+}
+
+impl PassSpec {
+    /// The runnable pass.
+    pub fn into_pass(self) -> Box<dyn Pass> {
+        match self {
+            PassSpec::Cast(p) => Box::new(p),
+            PassSpec::Merge(p) => Box::new(p),
+        }
+    }
+}
+
+/// A registry entry.
+pub struct PassInfo {
+    pub name: &'static str,
+    pub doc: &'static str,
+}
+
+/// Every pass upmix offers, in the order `upmix passes` lists them.
+pub const REGISTRY: &[PassInfo] = &[
+    PassInfo {
+        name: "Cast",
+        doc: "change a model's weight dtype (f32, f16, bf16)",
+    },
+    PassInfo {
+        name: "Merge",
+        doc: "weighted average of same-architecture models into a new model (mergekit linear)",
+    },
+];
+
+/// Names of all passes.
+pub fn pass_names() -> Vec<String> {
+    REGISTRY.iter().map(|p| p.name.to_string()).collect()
+}
+
+/// Builds a pass from its name and its RON arguments (e.g. `("Cast", "(model: \"a\",
+/// dtype: \"bf16\")")`); an unknown name is an error listing the valid names.
+pub fn create(name: &str, ron_args: &str) -> Result<Box<dyn Pass>, PassError> {
+    if !REGISTRY.iter().any(|p| p.name == name) {
+        return Err(PassError::UnknownPass {
+            name: name.to_string(),
+            valid: pass_names(),
+        });
+    }
+    let spec: PassSpec =
+        ron::from_str(&format!("{name}{ron_args}")).map_err(|e| PassError::Invalid {
+            pass: name.to_string(),
+            message: e.to_string(),
+        })?;
+    Ok(spec.into_pass())
+}

@@ -1,0 +1,315 @@
+//! Pipeline files: which models to load, which passes to run, what to evaluate and what to
+//! write, in RON.
+//!
+//! ```ron
+//! Pipeline(
+//!     device: "cpu",
+//!     models: { "a": Hf("models/a"), "b": Hf("models/b") },
+//!     passes: [ Merge(into: "merged", models: ["a", "b"], weights: [0.3, 0.7]) ],
+//!     eval: [ Perplexity(model: "merged", text: "data/sample.txt") ],
+//!     emit: [ Hf(model: "merged", dir: "out/merged") ],
+//! )
+//! ```
+//!
+//! Enums are externally tagged (`Hf("...")`, `Merge(...)`); optional fields may be written
+//! bare (`weights: [..]`) or omitted. Relative paths are resolved against the directory of
+//! the pipeline file. A malformed file is an error with its line and column.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use upmix_backends::emit::{emit_hf, HfEmitOptions};
+use upmix_backends::{load_runtime, DeviceSpec};
+use upmix_frontend::TextTokenizer;
+use upmix_ir::{Module, Runtime, RuntimeError};
+use upmix_passes::{DumpIr, PassContext, PassManager, PassSpec, RuntimeProvider};
+
+/// A whole pipeline file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// Where models run for evaluation and for passes that execute them: `"cpu"`
+    /// (default), `"wgpu"`, `"cuda:N"`.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Models to load, by the name passes refer to them with.
+    pub models: BTreeMap<String, ModelSource>,
+    /// Passes, run in the order written.
+    #[serde(default)]
+    pub passes: Vec<PassSpec>,
+    /// Evaluations, run after all passes.
+    #[serde(default)]
+    pub eval: Vec<Eval>,
+    /// Checkpoints to write, after evaluation.
+    #[serde(default)]
+    pub emit: Vec<Emit>,
+}
+
+/// Where a model comes from.
+#[derive(Clone, Debug, Deserialize)]
+pub enum ModelSource {
+    /// A Hugging Face checkpoint directory (config.json + safetensors).
+    Hf(PathBuf),
+}
+
+/// An evaluation.
+#[derive(Clone, Debug, Deserialize)]
+pub enum Eval {
+    /// Perplexity of `model` on the text file `text`, in windows of at most
+    /// `window` tokens (default: the model's max positions, capped at 1024).
+    Perplexity {
+        model: String,
+        text: PathBuf,
+        #[serde(default)]
+        window: Option<usize>,
+    },
+    /// Greedy continuation of `prompt` by `max_new_tokens` (default 20) tokens.
+    Generate {
+        model: String,
+        prompt: String,
+        #[serde(default)]
+        max_new_tokens: Option<usize>,
+    },
+}
+
+/// A checkpoint to write.
+#[derive(Clone, Debug, Deserialize)]
+pub enum Emit {
+    /// A Hugging Face checkpoint directory; shards above `max_shard_mb` (default 4096).
+    Hf {
+        model: String,
+        dir: PathBuf,
+        #[serde(default)]
+        max_shard_mb: Option<u64>,
+    },
+}
+
+/// How to run a pipeline beyond what the file says.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Overrides the file's device.
+    pub device: Option<DeviceSpec>,
+    pub dump_ir: DumpIr,
+    /// Skip verification after each pass.
+    pub no_verify: bool,
+}
+
+impl Pipeline {
+    /// Parses pipeline text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Pipeline> {
+        let options = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        options.from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}:{}: {}",
+                origin.display(),
+                e.span.start.line,
+                e.span.start.col,
+                e.code
+            )
+        })
+    }
+
+    /// Reads and parses a pipeline file.
+    pub fn read(path: &Path) -> Result<Pipeline> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading pipeline {}", path.display()))?;
+        Pipeline::parse(&text, path)
+    }
+}
+
+/// Builds runtimes on one device for passes that execute models.
+pub struct DeviceRuntimes(pub DeviceSpec);
+
+impl RuntimeProvider for DeviceRuntimes {
+    fn runtime(&mut self, m: &Module, graph: &str) -> Result<Box<dyn Runtime>, RuntimeError> {
+        load_runtime(m, graph, &self.0).map_err(RuntimeError::from)
+    }
+}
+
+/// Runs the pipeline file at `path`, returning the module and a report of what it did.
+pub fn run_file(path: &Path, opts: &RunOptions) -> Result<(Module, String)> {
+    let pipeline = Pipeline::read(path)?;
+    let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+    run(&pipeline, &base, opts)
+}
+
+/// Runs `p`, resolving relative paths against `base`.
+pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, String)> {
+    let resolve = |path: &Path| -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            base.join(path)
+        }
+    };
+    let device = match (&opts.device, &p.device) {
+        (Some(d), _) => d.clone(),
+        (None, Some(s)) => s.parse::<DeviceSpec>()?,
+        (None, None) => DeviceSpec::Cpu,
+    };
+    let mut out = String::new();
+    let mut m = Module::new();
+    for (name, source) in &p.models {
+        let start = Instant::now();
+        let ModelSource::Hf(dir) = source;
+        let dir = resolve(dir);
+        upmix_frontend::load(&dir, name, &mut m)
+            .with_context(|| format!("loading model `{name}`"))?;
+        let g = m.graph(name).expect("just loaded");
+        writeln!(
+            out,
+            "loaded {name:<12} {} ({} nodes, {} weights, {:.2} MB) in {:.2}s",
+            dir.display(),
+            g.node_count(),
+            g.weight_ids().len(),
+            m.graph_weight_bytes(name) as f64 / 1e6,
+            start.elapsed().as_secs_f64()
+        )?;
+    }
+
+    let mut manager = PassManager::new();
+    manager.verify = !opts.no_verify;
+    manager.dump_ir = opts.dump_ir.clone();
+    for spec in &p.passes {
+        manager.add(spec.clone().into_pass());
+    }
+    let mut provider = DeviceRuntimes(device.clone());
+    let mut cx = PassContext {
+        runtimes: Some(&mut provider),
+        notes: Vec::new(),
+    };
+    let reports = manager.run(&mut m, &mut cx)?;
+    for r in &reports {
+        writeln!(
+            out,
+            "pass   {:<12} -> {} ({:.2} MB of weights) in {:.3}s",
+            r.pass,
+            r.graphs.join(", "),
+            r.weight_bytes as f64 / 1e6,
+            r.seconds
+        )?;
+        for (graph, text) in &r.dumps {
+            writeln!(out, "--- IR of `{graph}` after {} ---\n{text}", r.pass)?;
+        }
+    }
+    for note in &cx.notes {
+        writeln!(out, "note: {note}")?;
+    }
+
+    for e in &p.eval {
+        match e {
+            Eval::Perplexity {
+                model,
+                text,
+                window,
+            } => {
+                let text_path = resolve(text);
+                let content = std::fs::read_to_string(&text_path)
+                    .with_context(|| format!("reading {}", text_path.display()))?;
+                let (ppl, tokens) = perplexity(&m, model, &content, *window, &device)?;
+                writeln!(
+                    out,
+                    "eval   perplexity of {model} on {}: {ppl:.4} ({tokens} tokens)",
+                    text_path.display()
+                )?;
+            }
+            Eval::Generate {
+                model,
+                prompt,
+                max_new_tokens,
+            } => {
+                let text = generate(&m, model, prompt, max_new_tokens.unwrap_or(20), &device)?;
+                writeln!(out, "eval   {model} continues {prompt:?}: {text:?}")?;
+            }
+        }
+    }
+
+    for e in &p.emit {
+        let Emit::Hf {
+            model,
+            dir,
+            max_shard_mb,
+        } = e;
+        let dir = resolve(dir);
+        let opts = HfEmitOptions {
+            max_shard_bytes: max_shard_mb
+                .map_or(HfEmitOptions::default().max_shard_bytes, |mb| mb << 20),
+        };
+        let start = Instant::now();
+        let r = emit_hf(&m, model, &dir, &opts).with_context(|| format!("writing `{model}`"))?;
+        writeln!(
+            out,
+            "emit   {model} -> {} ({}, {} tensors, {:.2} MB in {} shard(s)) in {:.2}s",
+            dir.display(),
+            r.architecture,
+            r.tensors,
+            r.bytes as f64 / 1e6,
+            r.shards,
+            start.elapsed().as_secs_f64()
+        )?;
+    }
+    Ok((m, out))
+}
+
+/// The tokenizer shipped with a model's checkpoint.
+pub fn tokenizer_of(m: &Module, model: &str) -> Result<TextTokenizer> {
+    let g = m
+        .graph(model)
+        .with_context(|| format!("no model named `{model}`"))?;
+    let Some(path) = g
+        .meta
+        .aux_files
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "tokenizer.json"))
+    else {
+        bail!("model `{model}` has no tokenizer.json");
+    };
+    Ok(TextTokenizer::load(path)?)
+}
+
+/// Perplexity of `model` on `text`, in non-overlapping windows; returns (ppl, tokens).
+pub fn perplexity(
+    m: &Module,
+    model: &str,
+    text: &str,
+    window: Option<usize>,
+    device: &DeviceSpec,
+) -> Result<(f64, usize)> {
+    let ids = tokenizer_of(m, model)?.encode(text, true)?;
+    let max = m
+        .graph(model)
+        .map_or(1024, |g| g.meta.max_position_embeddings);
+    let window = window.unwrap_or(max.min(1024)).max(2);
+    let mut rt = load_runtime(m, model, device)?;
+    let (mut nll, mut count) = (0.0, 0);
+    for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
+        let ll = rt.log_likelihood(chunk)?;
+        nll += ll.nll;
+        count += ll.count;
+    }
+    if count == 0 {
+        bail!("the text has fewer than two tokens");
+    }
+    Ok(((nll / count as f64).exp(), ids.len()))
+}
+
+/// Greedy continuation of `prompt` as text.
+pub fn generate(
+    m: &Module,
+    model: &str,
+    prompt: &str,
+    max_new: usize,
+    device: &DeviceSpec,
+) -> Result<String> {
+    let tok = tokenizer_of(m, model)?;
+    let ids = tok.encode(prompt, true)?;
+    let eos = m.graph(model).and_then(|g| g.meta.eos_token_id);
+    let mut rt = load_runtime(m, model, device)?;
+    let new = rt.generate(&ids, max_new, eos)?;
+    Ok(tok.decode(&new)?)
+}
