@@ -101,8 +101,10 @@ pub struct RunOptions {
 impl Pipeline {
     /// Parses pipeline text; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Pipeline> {
-        let options = ron::Options::default()
-            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        let options = ron::Options::default().with_default_extension(
+            ron::extensions::Extensions::IMPLICIT_SOME
+                | ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES,
+        );
         options.from_str(text).map_err(|e| {
             anyhow::anyhow!(
                 "{}:{}:{}: {}",

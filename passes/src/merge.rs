@@ -86,12 +86,12 @@ impl Pass for Merge {
                 let (na, nb) = (base.node(*a), other.node(*b));
                 if na.name != nb.name || !same_settings(&na.op, &nb.op) {
                     return Err(self.mismatch(format!(
-                        "node `{}` ({}) of `{}` differs from node `{}` ({}) of `{other_name}`",
+                        "node `{}` of `{}` is {}; node `{}` of `{other_name}` is {}",
                         na.name,
-                        na.op.kind(),
                         self.models[0],
+                        settings(&na.op),
                         nb.name,
-                        nb.op.kind()
+                        settings(&nb.op)
                     )));
                 }
                 for ((_, wa), (_, wb)) in na.op.weights().iter().zip(nb.op.weights()) {
@@ -165,4 +165,27 @@ fn same_settings(a: &Op, b: &Op) -> bool {
         op
     };
     strip(a) == strip(b)
+}
+
+/// An op's kind and settings (not its weights), for mismatch messages.
+fn settings(op: &Op) -> String {
+    match op {
+        Op::Attention(a) => format!(
+            "Attention(heads={}, kv_heads={}, head_dim={}, rope_theta={}, rope_scaling={:?}, bias={})",
+            a.n_heads,
+            a.n_kv_heads,
+            a.head_dim,
+            a.rope.theta,
+            a.rope.scaling,
+            a.q_bias.is_some()
+        ),
+        Op::RmsNorm { eps, .. } => format!("RmsNorm(eps={eps})"),
+        Op::MixtureOfExperts(moe) => format!(
+            "MixtureOfExperts(experts={}, top_k={}, shared_expert={})",
+            moe.experts.len(),
+            moe.top_k,
+            moe.shared_expert.is_some()
+        ),
+        other => other.kind().to_string(),
+    }
 }

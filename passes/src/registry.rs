@@ -58,8 +58,13 @@ pub fn create(name: &str, ron_args: &str) -> Result<Box<dyn Pass>, PassError> {
             valid: pass_names(),
         });
     }
-    let spec: PassSpec =
-        ron::from_str(&format!("{name}{ron_args}")).map_err(|e| PassError::Invalid {
+    let options = ron::Options::default().with_default_extension(
+        ron::extensions::Extensions::IMPLICIT_SOME
+            | ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES,
+    );
+    let spec: PassSpec = options
+        .from_str(&format!("{name}{ron_args}"))
+        .map_err(|e| PassError::Invalid {
             pass: name.to_string(),
             message: e.to_string(),
         })?;

@@ -1,0 +1,153 @@
+//! `Merge` against a torch golden (mergekit's linear method, computed in the fixture
+//! script), and the invariant that merging copies of one model returns that model.
+
+mod common;
+
+use common::{golden, model_dir};
+use upmix::frontend::SafetensorsFile;
+use upmix::ir::{HostTensor, Module, Op, WeightExpr};
+use upmix::passes::{Merge, PassContext, PassManager};
+
+fn merge(m: &mut Module, models: &[&str], weights: Vec<f32>) {
+    let mut pm = PassManager::new();
+    pm.add(Box::new(Merge {
+        into: "merged".into(),
+        models: models.iter().map(|s| s.to_string()).collect(),
+        weights: Some(weights),
+        normalize: true,
+    }));
+    pm.run(m, &mut PassContext::default()).unwrap();
+}
+
+#[test]
+fn linear_merge_matches_torch() {
+    let g = golden("merge/golden.json");
+    let mut m = Module::new();
+    for name in ["llama", "llama_b"] {
+        upmix::frontend::load(&model_dir(name), name, &mut m).unwrap();
+    }
+    let weights: Vec<f32> = g["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_f64().unwrap() as f32)
+        .collect();
+    merge(&mut m, &["llama", "llama_b"], weights);
+
+    // The merged graph is the template's graph with weighted sums for weights; read the
+    // expected tensors through a freshly loaded copy of the template so names line up.
+    let mut expected = Module::new();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(model_dir("llama").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(
+        common::golden_dir().join("merge/expected.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    upmix::frontend::load(dir.path(), "expected", &mut expected).unwrap();
+    assert!(
+        !SafetensorsFile::open(&dir.path().join("model.safetensors"))
+            .unwrap()
+            .tensors
+            .is_empty()
+    );
+
+    let got_ids = m.graphs["merged"].weight_ids();
+    let want_ids = expected.graphs["expected"].weight_ids();
+    assert_eq!(got_ids.len(), want_ids.len());
+    let mut worst = 0f32;
+    for (a, b) in got_ids.iter().zip(&want_ids) {
+        assert!(matches!(
+            m.weights.get(*a).unwrap().expr,
+            WeightExpr::WeightedSum { .. }
+        ));
+        let (ta, tb) = (
+            m.weights.materialize(*a).unwrap(),
+            expected.weights.materialize(*b).unwrap(),
+        );
+        worst = worst.max(ta.max_abs_diff(&tb));
+    }
+    println!("merge: max abs difference {worst:e}");
+    assert!(worst <= 1e-6, "max abs difference {worst}");
+}
+
+#[test]
+fn merging_copies_of_one_model_returns_it() {
+    let mut m = Module::new();
+    for name in ["a", "b", "c"] {
+        upmix::frontend::load(&model_dir("llama_tied"), name, &mut m).unwrap();
+    }
+    merge(&mut m, &["a", "b", "c"], vec![0.2, 0.5, 0.3]);
+    let tokens = [5u32, 17, 42, 99, 3];
+    let mut rt_a = upmix::backends::load_runtime(&m, "a", &common::device()).unwrap();
+    let mut rt_m = upmix::backends::load_runtime(&m, "merged", &common::device()).unwrap();
+    let (la, lm) = (rt_a.logits(&tokens).unwrap(), rt_m.logits(&tokens).unwrap());
+    let diff = la.max_abs_diff(&lm);
+    assert!(diff <= 1e-5, "max abs difference {diff}");
+    // Tied embeddings stay tied: one weight serves both the table and the lm head.
+    let g = &m.graphs["merged"];
+    assert_eq!(g.weight_ids().len(), m.graphs["a"].weight_ids().len());
+}
+
+#[test]
+fn mismatched_shapes_name_the_tensor() {
+    let mut m = Module::new();
+    for name in ["a", "b"] {
+        upmix::frontend::load(&model_dir("llama"), name, &mut m).unwrap();
+    }
+    // Give `b` a wider FFN gate in layer 1.
+    let wide = m
+        .weights
+        .literal(
+            "layers.1.ffn.gate",
+            HostTensor::new(vec![97, 64], vec![0.0; 97 * 64]),
+        )
+        .unwrap();
+    let g = m.graph_mut("b").unwrap();
+    let ffn = g.find("layers.1.ffn").unwrap();
+    if let Op::FeedForward(f) = &mut g.node_mut(ffn).op {
+        f.gate = wide;
+    }
+    let mut pm = PassManager::new();
+    pm.add(Box::new(Merge {
+        into: "merged".into(),
+        models: vec!["a".into(), "b".into()],
+        weights: None,
+        normalize: true,
+    }));
+    let err = pm
+        .run(&mut m, &mut PassContext::default())
+        .err()
+        .expect("mismatch")
+        .to_string();
+    assert!(err.contains("`layers.1.ffn.gate`"), "{err}");
+    assert!(
+        err.contains("[96, 64]") && err.contains("[97, 64]"),
+        "{err}"
+    );
+    assert!(m.graph("merged").is_none());
+}
+
+#[test]
+fn mismatched_architectures_name_the_node() {
+    let mut m = Module::new();
+    upmix::frontend::load(&model_dir("llama"), "llama", &mut m).unwrap();
+    upmix::frontend::load(&model_dir("mixtral"), "mixtral", &mut m).unwrap();
+    let mut pm = PassManager::new();
+    pm.add(Box::new(Merge {
+        into: "merged".into(),
+        models: vec!["llama".into(), "mixtral".into()],
+        weights: None,
+        normalize: true,
+    }));
+    let err = pm
+        .run(&mut m, &mut PassContext::default())
+        .err()
+        .expect("mismatch")
+        .to_string();
+    assert!(err.contains("layers.0.attn"), "{err}");
+    assert!(err.contains("rope_theta"), "{err}");
+    assert!(m.graph("merged").is_none());
+}
