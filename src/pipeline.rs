@@ -150,7 +150,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
         }
     };
     let device = match (&opts.device, &p.device) {
-        (Some(d), _) => d.clone(),
+        (Some(d), _) => *d,
         (None, Some(s)) => s.parse::<DeviceSpec>()?,
         (None, None) => DeviceSpec::Cpu,
     };
@@ -180,7 +180,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
     for spec in &p.passes {
         manager.add(spec.clone().into_pass());
     }
-    let mut provider = DeviceRuntimes(device.clone());
+    let mut provider = DeviceRuntimes(device);
     let mut cx = PassContext {
         runtimes: Some(&mut provider),
         notes: Vec::new(),

@@ -119,8 +119,7 @@ fn mismatched_shapes_name_the_tensor() {
     }));
     let err = pm
         .run(&mut m, &mut PassContext::default())
-        .err()
-        .expect("mismatch")
+        .expect_err("mismatch")
         .to_string();
     assert!(err.contains("`layers.1.ffn.gate`"), "{err}");
     assert!(
@@ -144,8 +143,7 @@ fn mismatched_architectures_name_the_node() {
     }));
     let err = pm
         .run(&mut m, &mut PassContext::default())
-        .err()
-        .expect("mismatch")
+        .expect_err("mismatch")
         .to_string();
     assert!(err.contains("layers.0.attn"), "{err}");
     assert!(err.contains("rope_theta"), "{err}");

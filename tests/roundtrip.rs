@@ -29,11 +29,17 @@ fn load_emit_load_is_bit_identical() {
 
         let mut back = Module::new();
         upmix::frontend::load(&out, "back", &mut back).unwrap();
-        let (a, b) = (m.graphs[*name].weight_ids(), back.graphs["back"].weight_ids());
+        let (a, b) = (
+            m.graphs[*name].weight_ids(),
+            back.graphs["back"].weight_ids(),
+        );
         assert_eq!(a.len(), b.len(), "{name}");
         for (x, y) in a.iter().zip(&b) {
             let (wx, wy) = (m.weights.get(*x).unwrap(), back.weights.get(*y).unwrap());
-            assert_eq!((&wx.name, &wx.shape, wx.dtype), (&wy.name, &wy.shape, wy.dtype));
+            assert_eq!(
+                (&wx.name, &wx.shape, wx.dtype),
+                (&wy.name, &wy.shape, wy.dtype)
+            );
             assert_eq!(
                 m.weights.materialize_bytes(*x).unwrap(),
                 back.weights.materialize_bytes(*y).unwrap(),

@@ -247,7 +247,7 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
         Op::Input | Op::Embedding { .. } => unreachable!("handled above"),
         Op::Output => true,
         Op::RmsNorm { weight, eps } => {
-            if !(*eps > 0.0) {
+            if eps.is_nan() || *eps <= 0.0 {
                 c.err(format!("eps must be positive, is {eps}"));
             }
             c.shape("weight", *weight, &[hidden])

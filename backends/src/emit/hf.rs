@@ -167,7 +167,7 @@ fn read_stack(g: &Graph) -> Result<Stack<'_>, EmitError> {
         .map_err(|c| bad(format!("cycle through {c:?}")))?;
     let ops: Vec<&Op> = order.iter().map(|id| &g.node(*id).op).collect();
     let n = ops.len();
-    if n < 5 || (n - 5) % 6 != 0 {
+    if n < 5 || !(n - 5).is_multiple_of(6) {
         return Err(bad(format!("{n} nodes")));
     }
     let expect = |i: usize, kind: &str| -> Result<&Op, EmitError> {

@@ -32,7 +32,7 @@ pub fn write_safetensors(
     }
     let mut json = serde_json::to_vec(&header).expect("header serialises");
     // Pad the header with spaces so the data starts 8-byte aligned.
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let file = std::fs::File::create(path).map_err(io(path))?;
