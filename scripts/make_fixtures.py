@@ -361,17 +361,223 @@ def check_emitted(directory, name):
     return 0 if ok else 1
 
 
+# --- GGUF block-quantization goldens -----------------------------------------
+
+GGUF_GOLDEN = GOLDEN / "gguf"
+GGUF_SEED = 20240611
+GGUF_ROWS, GGUF_COLS = 4, 512
+# ggml type name -> byte offsets of the f16 fields in one block, as (offset, low, high):
+# each is written as a random f16 uniform in [low, high] (finite by construction).
+GGUF_SCALE_FIELDS = {
+    "Q8_0": [(0, -0.1, 0.1)],
+    "Q4_0": [(0, -0.1, 0.1)],
+    "Q4_1": [(0, -0.1, 0.1), (2, -0.1, 0.1)],
+    "Q4_K": [(0, -0.1, 0.1), (2, 0.0, 0.1)],
+    "Q5_K": [(0, -0.1, 0.1), (2, 0.0, 0.1)],
+    "Q6_K": [(208, -0.1, 0.1)],
+}
+GGUF_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
+SMOLLM2_GGUF = Path("/root/.cache/upmix/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_TENSORS = {
+    "token_embd.weight": "Q8_0",
+    "blk.0.attn_q.weight": "Q4_1",
+    "blk.0.attn_k.weight": "Q4_1",
+    "blk.0.ffn_down.weight": "Q4_1",
+    "blk.29.ffn_gate.weight": "Q4_1",
+    "blk.0.attn_norm.weight": "F32",
+}
+
+
+def f32_exact_list(values):
+    """Floats of a float32 array as Python floats (repr round-trips the exact f32 value)."""
+    return np.asarray(values, dtype=np.float32).astype(np.float64).ravel().tolist()
+
+
+def exact_sum(values):
+    """Correctly rounded f64 sum of the (f64-widened) values, independent of order."""
+    import itertools
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    chunks = (flat[i:i + (1 << 20)].tolist() for i in range(0, flat.size, 1 << 20))
+    return math.fsum(itertools.chain.from_iterable(chunks))
+
+
+def random_gguf_bytes(rng, qtype):
+    """Random but valid raw bytes [GGUF_ROWS, row bytes] of one GGUF tensor type.
+
+    Plain floats are standard normal values (bf16 by truncating f32 bits). For block
+    types every byte is random except the f16 scale fields of GGUF_SCALE_FIELDS.
+    """
+    import gguf
+    shape = (GGUF_ROWS, GGUF_COLS)
+    if qtype == "F32":
+        return rng.standard_normal(shape, dtype=np.float32).view(np.uint8)
+    if qtype == "F16":
+        return rng.standard_normal(shape, dtype=np.float32).astype(np.float16).view(np.uint8)
+    if qtype == "BF16":
+        bits = rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16
+        return bits.astype(np.uint16).view(np.uint8)
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    n_blocks = GGUF_ROWS * GGUF_COLS // block_elems
+    blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    for offset, low, high in GGUF_SCALE_FIELDS[qtype]:
+        scale = rng.uniform(low, high, size=n_blocks).astype(np.float16)
+        assert np.isfinite(scale).all()
+        blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(GGUF_ROWS, -1)
+
+
+def make_gguf_quant_goldens():
+    """Write tests/golden/gguf/{quants.gguf, quants_expected.safetensors, blocks.json}.
+
+    quants.gguf holds one [4, 512] tensor per type of GGUF_TYPES, named
+    "quant.<type>" (lower case), with random valid block bytes, plus metadata
+    of several value types. quants_expected.safetensors holds gguf-py's f32
+    dequantization of each tensor (same names, shape [4, 512]); blocks.json one
+    block per quantized type: its raw bytes (hex) and gguf-py's values.
+    """
+    import gguf
+    from safetensors.numpy import save_file as save_numpy
+
+    rng = np.random.default_rng(GGUF_SEED)
+    GGUF_GOLDEN.mkdir(parents=True, exist_ok=True)
+    path = GGUF_GOLDEN / "quants.gguf"
+    raw = {f"quant.{t.lower()}": (t, random_gguf_bytes(rng, t)) for t in GGUF_TYPES}
+    metadata = {
+        "general.name": "upmix quant fixture",
+        "upmix.fixture.u32": 4096,
+        "upmix.fixture.f32": 0.125,
+        "upmix.fixture.bool": True,
+        "upmix.fixture.strings": ["alpha", "", "naïve ✓"],
+        "upmix.fixture.i32s": [-3, 0, 7, 2147483647, -2147483648],
+    }
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", metadata["general.name"])
+    writer.add_uint32("upmix.fixture.u32", metadata["upmix.fixture.u32"])
+    writer.add_float32("upmix.fixture.f32", metadata["upmix.fixture.f32"])
+    writer.add_bool("upmix.fixture.bool", metadata["upmix.fixture.bool"])
+    writer.add_array("upmix.fixture.strings", metadata["upmix.fixture.strings"])
+    writer.add_array("upmix.fixture.i32s", metadata["upmix.fixture.i32s"])
+    for name, (qtype, data) in raw.items():
+        # For a uint8 tensor with raw_dtype, gguf-py reads raw_shape as a byte shape
+        # and stores the element shape [4, 512] (GGUF order: ne = [512, 4]).
+        writer.add_tensor(name, data, raw_shape=data.shape,
+                          raw_dtype=gguf.GGMLQuantizationType[qtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama"
+    for key, value in metadata.items():
+        assert fields[key].contents() == value, key
+    assert fields["upmix.fixture.u32"].types == [gguf.GGUFValueType.UINT32]
+    assert fields["upmix.fixture.i32s"].types == [gguf.GGUFValueType.ARRAY,
+                                                  gguf.GGUFValueType.INT32]
+
+    expected, blocks = {}, {}
+    for tensor in reader.tensors:
+        qtype, data = raw[tensor.name]
+        assert tensor.tensor_type.name == qtype, tensor.name
+        assert tensor.shape.tolist() == [GGUF_COLS, GGUF_ROWS], tensor.shape
+        assert np.array_equal(np.asarray(tensor.data).view(np.uint8).reshape(data.shape), data)
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        assert values.shape == (GGUF_ROWS, GGUF_COLS), values.shape
+        assert np.isfinite(values).all(), tensor.name
+        expected[tensor.name] = values
+        if qtype in GGUF_SCALE_FIELDS:
+            block_elems, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+            per_block = values.reshape(-1, block_elems)
+            # The first block whose values take both signs (a stronger test of signs).
+            index = next(i for i, v in enumerate(per_block) if v.min() < 0 < v.max())
+            blocks[qtype] = {
+                "tensor": tensor.name,
+                "block": index,
+                "hex": data.reshape(-1, block_bytes)[index].tobytes().hex(),
+                "values": f32_exact_list(per_block[index]),
+            }
+    assert sorted(expected) == sorted(raw)
+    save_numpy(expected, str(GGUF_GOLDEN / "quants_expected.safetensors"))
+    write_json(GGUF_GOLDEN / "blocks.json", {
+        "gguf_py_version": gguf_py_version(),
+        "blocks": blocks,
+    })
+
+
+def gguf_py_version():
+    """Installed gguf-py version string."""
+    from importlib.metadata import version
+    return version("gguf")
+
+
+def make_smollm2_dequant_goldens(path=SMOLLM2_GGUF):
+    """Write tests/golden/gguf/smollm2_dequant.json from a real Q4_1 GGUF, if present.
+
+    For each tensor of SMOLLM2_TENSORS: gguf-py's dequantization in raw GGUF
+    order (no un-permutation of q/k), shaped as numpy row-major [rows, cols]
+    (GGUF dims reversed). Records the ggml type, shape, the first 64 values,
+    row 7 cols 0..16 (null for 1-D tensors), and the correctly rounded f64 sum
+    and sum of squares of all values (squares of f32 values are exact in f64).
+    """
+    import gguf
+    path = Path(path)
+    if not path.exists():
+        print(f"skipped smollm2 dequant goldens: {path} not found")
+        return
+    reader = gguf.GGUFReader(str(path))
+    by_name = {t.name: t for t in reader.tensors}
+    tensors = {}
+    for name, qtype in SMOLLM2_TENSORS.items():
+        tensor = by_name[name]
+        assert tensor.tensor_type.name == qtype, (name, tensor.tensor_type.name)
+        values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                            dtype=np.float32)
+        shape = list(reversed(tensor.shape.tolist()))
+        assert list(values.shape) == shape, (values.shape, shape)
+        assert np.isfinite(values).all(), name
+        wide = values.astype(np.float64)
+        tensors[name] = {
+            "type": qtype,
+            "shape": shape,
+            "first64": f32_exact_list(values.ravel()[:64]),
+            "row7_cols0_16": f32_exact_list(values[7, :16]) if values.ndim == 2 else None,
+            "sum": exact_sum(wide),
+            "sum_sq": exact_sum(wide * wide),
+        }
+    write_json(GGUF_GOLDEN / "smollm2_dequant.json", {
+        "file": path.name,
+        "file_bytes": path.stat().st_size,
+        "gguf_py_version": gguf_py_version(),
+        "tensors": tensors,
+    })
+
+
+def generate_gguf():
+    """Write every fixture under tests/golden/gguf/."""
+    make_gguf_quant_goldens()
+    print("wrote gguf quants")
+    make_smollm2_dequant_goldens()
+    print("wrote gguf smollm2 dequant")
+
+
 def main(argv):
     """Command-line entry point."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     if len(argv) == 0:
         generate()
+        generate_gguf()
+        return 0
+    if argv == ["gguf"]:
+        generate_gguf()
         return 0
     if len(argv) == 3 and argv[0] == "check-emitted":
         return check_emitted(argv[1], argv[2])
     print(__doc__, file=sys.stderr)
-    print("usage: make_fixtures.py [check-emitted DIR NAME]", file=sys.stderr)
+    print("usage: make_fixtures.py [gguf | check-emitted DIR NAME]", file=sys.stderr)
     return 2
 
 

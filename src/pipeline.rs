@@ -263,13 +263,8 @@ pub fn tokenizer_of(m: &Module, model: &str) -> Result<TextTokenizer> {
     let g = m
         .graph(model)
         .with_context(|| format!("no model named `{model}`"))?;
-    let Some(path) = g
-        .meta
-        .aux_files
-        .iter()
-        .find(|p| p.file_name().is_some_and(|n| n == "tokenizer.json"))
-    else {
-        bail!("model `{model}` has no tokenizer.json");
+    let Some(path) = &g.meta.tokenizer else {
+        bail!("model `{model}` has no tokenizer");
     };
     Ok(TextTokenizer::load(path)?)
 }

@@ -20,6 +20,8 @@ pub enum FrontendError {
         tensor: String,
         message: String,
     },
+    #[error("{}: not a valid GGUF file: {message}", path.display())]
+    Gguf { path: PathBuf, message: String },
     #[error("{}: {message}", path.display())]
     Config { path: PathBuf, message: String },
     #[error("{}: unknown architecture `{arch}`; supported: {}", path.display(), supported.join(", "))]
@@ -39,7 +41,7 @@ pub enum FrontendError {
     },
     #[error("{}: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
-    #[error("{}: not a checkpoint: expected a directory with config.json and model.safetensors (or model.safetensors.index.json)", path.display())]
+    #[error("{}: not a checkpoint: expected a .gguf file or a directory with config.json and model.safetensors (or model.safetensors.index.json)", path.display())]
     NotACheckpoint { path: PathBuf },
     #[error(transparent)]
     Weight(#[from] upmix_ir::WeightError),

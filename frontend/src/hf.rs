@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use upmix_ir::{
-    Attention, DecoderBlock, FeedForward, Graph, GraphBuilder, MappedFile, MixtureOfExperts,
-    ModelMeta, Module, Op, Weight, WeightExpr, WeightId,
+    FeedForward, MappedFile, MixtureOfExperts, ModelMeta, Module, Op, Weight, WeightExpr, WeightId,
 };
 
 use crate::config::HfConfig;
+use crate::decoder::{build_decoder, dense_mlp, Hyper, Role, TensorSource};
 use crate::error::{io, FrontendError};
 use crate::names::{self, Family};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
@@ -70,20 +70,30 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
     }
     let rope = config.rope(&config_path)?;
 
-    let mut l = Loader {
-        dir: dir.to_path_buf(),
-        shards: open_shards(dir)?,
-        module,
-    };
     let (d, f) = (config.hidden_size, config.intermediate_size);
-    let (h, kv, hd) = (
-        config.num_attention_heads,
-        config.n_kv_heads(),
-        config.head_dim(),
-    );
-    let eps = config.rms_norm_eps as f32;
-    let has_bias = family == Family::Qwen2 || config.attention_bias == Some(true);
-
+    let hyper = Hyper {
+        layers: config.num_hidden_layers,
+        hidden: d,
+        ffn: f,
+        heads: config.num_attention_heads,
+        kv_heads: config.n_kv_heads(),
+        head_dim: config.head_dim(),
+        vocab: config.vocab_size,
+        eps: config.rms_norm_eps as f32,
+        rope,
+        attn_bias: family == Family::Qwen2 || config.attention_bias == Some(true),
+    };
+    let moe = match family {
+        Family::Mixtral => Some((
+            config
+                .num_local_experts
+                .ok_or_else(|| bad_config("missing field `num_local_experts`".into()))?,
+            config
+                .num_experts_per_tok
+                .ok_or_else(|| bad_config("missing field `num_experts_per_tok`".into()))?,
+        )),
+        _ => None,
+    };
     let meta = ModelMeta {
         vocab_size: config.vocab_size,
         hidden_size: d,
@@ -95,83 +105,17 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             .map(|f| dir.join(f))
             .filter(|p| p.is_file())
             .collect(),
+        tokenizer: Some(dir.join("tokenizer.json")).filter(|p| p.is_file()),
     };
-    let mut b = GraphBuilder::new(name, meta);
-    let embed = l.weight(names::EMBED, 0, &[config.vocab_size, d])?;
-    let input = b.input();
-    let mut x = b.embedding(input, embed);
-    for layer in 0..config.num_hidden_layers {
-        let w = |l: &mut Loader, (canon, suffix): (&str, &str), shape: &[usize]| {
-            l.weight(
-                (canon, &names::layer_tensor(suffix, layer, 0)),
-                layer,
-                shape,
-            )
-        };
-        let [q, k, v, o] = names::ATTN;
-        let attn = Attention {
-            q: w(&mut l, q, &[h * hd, d])?,
-            k: w(&mut l, k, &[kv * hd, d])?,
-            v: w(&mut l, v, &[kv * hd, d])?,
-            o: w(&mut l, o, &[d, h * hd])?,
-            q_bias: None,
-            k_bias: None,
-            v_bias: None,
-            n_heads: h,
-            n_kv_heads: kv,
-            head_dim: hd,
-            rope: rope.clone(),
-        };
-        let attn = if has_bias {
-            let [qb, kb, vb] = names::ATTN_BIAS;
-            Attention {
-                q_bias: Some(w(&mut l, qb, &[h * hd])?),
-                k_bias: Some(w(&mut l, kb, &[kv * hd])?),
-                v_bias: Some(w(&mut l, vb, &[kv * hd])?),
-                ..attn
-            }
-        } else {
-            attn
-        };
-        let mlp = match family {
-            Family::Llama | Family::Qwen2 => {
-                let [g, u, dn] = names::MLP;
-                Op::FeedForward(FeedForward {
-                    gate: w(&mut l, g, &[f, d])?,
-                    up: w(&mut l, u, &[f, d])?,
-                    down: w(&mut l, dn, &[d, f])?,
-                })
-            }
-            Family::Mixtral => {
-                let n = config
-                    .num_local_experts
-                    .ok_or_else(|| bad_config("missing field `num_local_experts`".into()))?;
-                let top_k = config
-                    .num_experts_per_tok
-                    .ok_or_else(|| bad_config("missing field `num_experts_per_tok`".into()))?;
-                l.mixtral_moe(layer, n, top_k, d, f)?
-            }
-        };
-        let block = DecoderBlock {
-            attn_norm: w(&mut l, names::ATTN_NORM, &[d])?,
-            attn,
-            ffn_norm: w(&mut l, names::FFN_NORM, &[d])?,
-            mlp,
-            eps,
-        };
-        x = b.decoder_block(layer, x, block);
-    }
-    let final_norm = l.weight(names::FINAL_NORM, 0, &[d])?;
-    x = b.rms_norm("final_norm", x, final_norm, eps);
+    let mut loader = Loader {
+        dir: dir.to_path_buf(),
+        shards: open_shards(dir)?,
+        module,
+        moe,
+    };
     // Tied when the config says so, or when the checkpoint simply has no lm head.
-    let tied = config.tie_word_embeddings.unwrap_or(false) || !l.has(names::LM_HEAD.1);
-    let head = if tied {
-        embed
-    } else {
-        l.weight(names::LM_HEAD, 0, &[config.vocab_size, d])?
-    };
-    x = b.linear("lm_head", x, head);
-    let graph: Graph = b.output(x);
+    let tied = config.tie_word_embeddings.unwrap_or(false);
+    let graph = build_decoder(name, meta, &hyper, tied, &mut loader)?;
     module.insert(graph);
     Ok(())
 }
@@ -236,6 +180,44 @@ struct Loader<'a> {
     dir: PathBuf,
     shards: HashMap<String, Tensor>,
     module: &'a mut Module,
+    /// `(experts, top_k)` for Mixtral.
+    moe: Option<(usize, usize)>,
+}
+
+impl TensorSource for Loader<'_> {
+    fn tensor(
+        &mut self,
+        role: Role,
+        layer: usize,
+        shape: &[usize],
+    ) -> Result<WeightId, FrontendError> {
+        let names = match role {
+            Role::Embed => names::EMBED,
+            Role::FinalNorm => names::FINAL_NORM,
+            Role::LmHead => names::LM_HEAD,
+            Role::AttnNorm => names::ATTN_NORM,
+            Role::FfnNorm => names::FFN_NORM,
+            Role::Attn(i) => names::ATTN[i],
+            Role::AttnBias(i) => names::ATTN_BIAS[i],
+            Role::Mlp(i) => names::MLP[i],
+        };
+        let hf = match role {
+            Role::Embed | Role::FinalNorm | Role::LmHead => names.1.to_string(),
+            _ => names::layer_tensor(names.1, layer, 0),
+        };
+        self.weight((names.0, &hf), layer, shape)
+    }
+
+    fn has_lm_head(&self) -> bool {
+        self.has(names::LM_HEAD.1)
+    }
+
+    fn mlp(&mut self, layer: usize, h: &Hyper) -> Result<Op, FrontendError> {
+        match self.moe {
+            Some((n, top_k)) => self.mixtral_moe(layer, n, top_k, h.hidden, h.ffn),
+            None => dense_mlp(self, layer, h),
+        }
+    }
 }
 
 impl Loader<'_> {

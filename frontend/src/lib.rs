@@ -1,12 +1,17 @@
 //! upmix-frontend: checkpoints into the IR.
 //!
-//! Hugging Face checkpoint directories (config.json + safetensors, sharded or not) load
-//! into a [`upmix_ir::Module`] as graphs whose weights point into memory-mapped files;
+//! Hugging Face checkpoint directories (config.json + safetensors, sharded or not) and GGUF
+//! files load into a [`upmix_ir::Module`] as graphs whose weights point into memory-mapped
+//! files;
 //! tensor bytes are read only when a weight is materialised. Tensor names of each format
 //! live in [`names`] and nowhere else.
 
 mod config;
+mod decoder;
 mod error;
+pub mod gguf;
+mod gguf_model;
+mod gguf_tokenizer;
 mod hf;
 pub mod names;
 mod safetensors;
@@ -14,6 +19,8 @@ mod tokenizer;
 
 pub use config::{HfConfig, RopeParams};
 pub use error::FrontendError;
+pub use gguf::{GgufFile, GgufTensor, GgufValue};
+pub use gguf_model::load_gguf;
 pub use hf::load_hf;
 pub use safetensors::{SafetensorsFile, TensorInfo};
 pub use tokenizer::TextTokenizer;
@@ -23,5 +30,9 @@ use std::path::Path;
 /// Loads the checkpoint at `path` into `module` as the graph `name`, picking the format
 /// from what is on disk.
 pub fn load(path: &Path, name: &str, module: &mut upmix_ir::Module) -> Result<(), FrontendError> {
-    load_hf(path, name, module)
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        load_gguf(path, name, module)
+    } else {
+        load_hf(path, name, module)
+    }
 }

@@ -1,8 +1,10 @@
-//! Name tables: Hugging Face tensor names <-> canonical IR weight names.
+//! Name tables: Hugging Face and GGUF tensor names <-> canonical IR weight names.
 //!
 //! This file (and the emitters) is the only place that knows a format's tensor names.
 //! Canonical names are `node.field` (`layers.3.attn.q`, `layers.3.ffn.experts.2.gate`);
 //! `{L}` stands for the layer index and `{E}` for the expert index.
+
+use upmix_ir::DType;
 
 /// Supported `architectures[0]` values and the family each loads as.
 pub const ARCHITECTURES: &[(&str, Family)] = &[
@@ -78,6 +80,73 @@ pub const MIXTRAL_EXPERT: [(&str, &str); 3] = [
 pub const MIXTRAL_FUSED_ROUTER: (&str, &str) = ("layers.{L}.ffn.router", "mlp.gate.weight");
 pub const MIXTRAL_FUSED_GATE_UP: &str = "mlp.experts.gate_up_proj";
 pub const MIXTRAL_FUSED_DOWN: &str = "mlp.experts.down_proj";
+
+/// GGUF (llama.cpp) architectures upmix loads, and the family each loads as.
+pub const GGUF_ARCHITECTURES: &[(&str, Family)] =
+    &[("llama", Family::Llama), ("qwen2", Family::Qwen2)];
+
+/// ggml tensor type ids, their names, and the dtype upmix decodes them as (`None`: known
+/// but not supported).
+pub const GGML_TYPES: &[(u32, &str, Option<DType>)] = &[
+    (0, "F32", Some(DType::F32)),
+    (1, "F16", Some(DType::F16)),
+    (2, "Q4_0", Some(DType::Q4_0)),
+    (3, "Q4_1", Some(DType::Q4_1)),
+    (6, "Q5_0", None),
+    (7, "Q5_1", None),
+    (8, "Q8_0", Some(DType::Q8_0)),
+    (9, "Q8_1", None),
+    (10, "Q2_K", None),
+    (11, "Q3_K", None),
+    (12, "Q4_K", Some(DType::Q4K)),
+    (13, "Q5_K", Some(DType::Q5K)),
+    (14, "Q6_K", Some(DType::Q6K)),
+    (15, "Q8_K", None),
+    (16, "IQ2_XXS", None),
+    (17, "IQ2_XS", None),
+    (18, "IQ3_XXS", None),
+    (19, "IQ1_S", None),
+    (20, "IQ4_NL", None),
+    (21, "IQ3_S", None),
+    (22, "IQ2_S", None),
+    (23, "IQ4_XS", None),
+    (24, "I8", None),
+    (25, "I16", None),
+    (26, "I32", None),
+    (27, "I64", None),
+    (28, "F64", None),
+    (29, "IQ1_M", None),
+    (30, "BF16", Some(DType::BF16)),
+    (34, "TQ1_0", None),
+    (35, "TQ2_0", None),
+    (39, "MXFP4", None),
+];
+
+/// GGUF tensor names: model-level tensors.
+pub const GGUF_EMBED: (&str, &str) = ("embed.table", "token_embd.weight");
+pub const GGUF_FINAL_NORM: (&str, &str) = ("final_norm.weight", "output_norm.weight");
+pub const GGUF_LM_HEAD: (&str, &str) = ("lm_head.weight", "output.weight");
+
+/// GGUF per-layer tensors (full names, `{L}` = layer).
+pub const GGUF_ATTN_NORM: (&str, &str) =
+    ("layers.{L}.attn_norm.weight", "blk.{L}.attn_norm.weight");
+pub const GGUF_FFN_NORM: (&str, &str) = ("layers.{L}.ffn_norm.weight", "blk.{L}.ffn_norm.weight");
+pub const GGUF_ATTN: [(&str, &str); 4] = [
+    ("layers.{L}.attn.q", "blk.{L}.attn_q.weight"),
+    ("layers.{L}.attn.k", "blk.{L}.attn_k.weight"),
+    ("layers.{L}.attn.v", "blk.{L}.attn_v.weight"),
+    ("layers.{L}.attn.o", "blk.{L}.attn_output.weight"),
+];
+pub const GGUF_ATTN_BIAS: [(&str, &str); 3] = [
+    ("layers.{L}.attn.q_bias", "blk.{L}.attn_q.bias"),
+    ("layers.{L}.attn.k_bias", "blk.{L}.attn_k.bias"),
+    ("layers.{L}.attn.v_bias", "blk.{L}.attn_v.bias"),
+];
+pub const GGUF_MLP: [(&str, &str); 3] = [
+    ("layers.{L}.ffn.gate", "blk.{L}.ffn_gate.weight"),
+    ("layers.{L}.ffn.up", "blk.{L}.ffn_up.weight"),
+    ("layers.{L}.ffn.down", "blk.{L}.ffn_down.weight"),
+];
 
 /// Fills `{L}` and `{E}` in a name pattern.
 pub fn fill(pattern: &str, layer: usize, expert: usize) -> String {

@@ -1,18 +1,27 @@
-//! Text <-> token ids through a checkpoint's `tokenizer.json` (Hugging Face `tokenizers`).
+//! Text <-> token ids: a checkpoint's `tokenizer.json`, or the tokenizer a GGUF file
+//! embeds, through Hugging Face's `tokenizers`; chat templates rendered with minijinja.
 
 use std::path::{Path, PathBuf};
 
 use crate::error::FrontendError;
+use crate::gguf::GgufFile;
 
 /// A loaded tokenizer.
 pub struct TextTokenizer {
     path: PathBuf,
     inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos: Option<String>,
+    eos: Option<String>,
 }
 
 impl TextTokenizer {
-    /// Loads `tokenizer.json` from a file, or from a checkpoint directory.
+    /// Loads a tokenizer from a `tokenizer.json`, a checkpoint directory holding one, or a
+    /// GGUF file.
     pub fn load(path: &Path) -> Result<TextTokenizer, FrontendError> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            return Self::from_gguf(&GgufFile::open(path)?);
+        }
         let file = if path.is_dir() {
             path.join("tokenizer.json")
         } else {
@@ -23,7 +32,49 @@ impl TextTokenizer {
                 path: file.clone(),
                 message: e.to_string(),
             })?;
-        Ok(TextTokenizer { path: file, inner })
+        // transformers keeps the chat template and special tokens beside tokenizer.json.
+        let config: serde_json::Value = file
+            .parent()
+            .map(|d| d.join("tokenizer_config.json"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let text = |k: &str| match &config[k] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            v => v["content"].as_str().map(str::to_string),
+        };
+        Ok(TextTokenizer {
+            path: file,
+            inner,
+            chat_template: text("chat_template"),
+            bos: text("bos_token"),
+            eos: text("eos_token"),
+        })
+    }
+
+    /// The tokenizer embedded in a GGUF file's metadata.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<TextTokenizer, FrontendError> {
+        let json = crate::gguf_tokenizer::tokenizer_json(gguf)?;
+        let inner: tokenizers::Tokenizer =
+            json.parse()
+                .map_err(|e: tokenizers::Error| FrontendError::Tokenizer {
+                    path: gguf.path().to_path_buf(),
+                    message: e.to_string(),
+                })?;
+        let token = |k: &str| {
+            let id = gguf.get(k)?.as_u64()?;
+            inner.id_to_token(id as u32)
+        };
+        Ok(TextTokenizer {
+            path: gguf.path().to_path_buf(),
+            chat_template: gguf
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            bos: token("tokenizer.ggml.bos_token_id"),
+            eos: token("tokenizer.ggml.eos_token_id"),
+            inner,
+        })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor
@@ -32,19 +83,56 @@ impl TextTokenizer {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
-            .map_err(|e| self.error(e))?;
+            .map_err(|e| self.error(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Text of `ids`.
+    /// Text of `ids` (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> Result<String, FrontendError> {
-        self.inner.decode(ids, false).map_err(|e| self.error(e))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| self.error(e.to_string()))
     }
 
-    fn error(&self, e: tokenizers::Error) -> FrontendError {
+    /// The model's chat template (Jinja), if it has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Renders `messages` (role, content) with the chat template, ending with the
+    /// assistant's turn opened when `add_generation_prompt`.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[(&str, &str)],
+        add_generation_prompt: bool,
+    ) -> Result<String, FrontendError> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| self.error("the tokenizer has no chat template".into()))?;
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", template)
+            .map_err(|e| self.error(format!("chat template: {e}")))?;
+        let messages: Vec<_> = messages
+            .iter()
+            .map(|(role, content)| minijinja::context! { role => role, content => content })
+            .collect();
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos.clone().unwrap_or_default(),
+                    eos_token => self.eos.clone().unwrap_or_default(),
+                })
+            })
+            .map_err(|e| self.error(format!("chat template: {e}")))
+    }
+
+    fn error(&self, message: String) -> FrontendError {
         FrontendError::Tokenizer {
             path: self.path.clone(),
-            message: e.to_string(),
+            message,
         }
     }
 }

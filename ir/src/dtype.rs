@@ -4,19 +4,66 @@ use half::{bf16, f16};
 
 /// The element type a weight is stored in (in a checkpoint file, or when emitted).
 /// Computation always happens in f32; a weight's dtype says how it is stored.
+///
+/// Besides plain floats, the block-quantized formats of ggml (as found in GGUF files):
+/// values are stored in blocks of 32 or 256 with per-block scales (see [`crate::quant`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// `(elements, bytes)` of one storage block (1 element for plain floats).
+    pub fn block(self) -> (usize, usize) {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F32 => (1, 4),
+            DType::F16 | DType::BF16 => (1, 2),
+            DType::Q8_0 => (32, 34),
+            DType::Q4_0 => (32, 18),
+            DType::Q4_1 => (32, 20),
+            DType::Q4K => (256, 144),
+            DType::Q5K => (256, 176),
+            DType::Q6K => (256, 210),
+        }
+    }
+
+    /// Bytes per element of a plain float type.
+    ///
+    /// # Panics
+    /// On block-quantized types, whose size is per block: use [`DType::nbytes`].
+    pub fn size(self) -> usize {
+        assert!(!self.is_quantized(), "{self} has no per-element size");
+        self.block().1
+    }
+
+    /// Bytes that `numel` elements take, or `None` when `numel` is not a whole number of
+    /// blocks (or overflows).
+    pub fn nbytes(self, numel: usize) -> Option<usize> {
+        let (elems, bytes) = self.block();
+        (numel % elems == 0).then(|| (numel / elems).checked_mul(bytes))?
+    }
+
+    /// Whether this is a block-quantized type.
+    pub fn is_quantized(self) -> bool {
+        self.block().0 > 1
+    }
+
+    /// The plain float type computed results of this type are stored in: itself for plain
+    /// floats, f32 for quantized types (a new value is not representable in a block format
+    /// without a quantization pass).
+    pub fn plain(self) -> DType {
+        if self.is_quantized() {
+            DType::F32
+        } else {
+            self
         }
     }
 
@@ -26,10 +73,16 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Q4K => "q4_k",
+            DType::Q5K => "q5_k",
+            DType::Q6K => "q6_k",
         }
     }
 
-    /// Parses the short name (`f32`, `f16`, `bf16`).
+    /// Parses a plain float type's short name (`f32`, `f16`, `bf16`).
     pub fn parse(s: &str) -> Option<DType> {
         match s {
             "f32" => Some(DType::F32),
@@ -39,10 +92,11 @@ impl DType {
         }
     }
 
-    /// Decodes little-endian `bytes` of this dtype into f32 values.
-    /// `bytes.len()` must be a multiple of [`DType::size`].
+    /// Decodes little-endian `bytes` of this dtype into f32 values (dequantizing block
+    /// formats). `bytes.len()` must be a whole number of blocks.
     pub fn decode(self, bytes: &[u8], out: &mut Vec<f32>) {
-        out.reserve(bytes.len() / self.size());
+        let (elems, block) = self.block();
+        out.reserve(bytes.len() / block * elems);
         match self {
             DType::F32 => out.extend(
                 bytes
@@ -59,10 +113,15 @@ impl DType {
                     .chunks_exact(2)
                     .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
             ),
+            quantized => crate::quant::dequantize(quantized, bytes, out),
         }
     }
 
-    /// Encodes f32 values as little-endian bytes of this dtype (round to nearest even).
+    /// Encodes f32 values as little-endian bytes of a plain float type (round to nearest
+    /// even).
+    ///
+    /// # Panics
+    /// On block-quantized types (quantizing is a pass's job, not an encoding's).
     pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(values.len() * self.size());
         match self {
@@ -73,10 +132,12 @@ impl DType {
             DType::BF16 => values
                 .iter()
                 .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
+            q => unreachable!("size() rejects {q}"),
         }
     }
 
-    /// Rounds f32 values in place to the nearest value representable in this dtype.
+    /// Rounds f32 values in place to the nearest value representable in this plain float
+    /// type; a no-op for f32 and for quantized types (whose decoded values are exact).
     pub fn round_in_place(self, values: &mut [f32]) {
         match self {
             DType::F32 => {}
@@ -86,6 +147,7 @@ impl DType {
             DType::BF16 => values
                 .iter_mut()
                 .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+            _ => {}
         }
     }
 }

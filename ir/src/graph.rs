@@ -37,6 +37,9 @@ pub struct ModelMeta {
     pub eos_token_id: Option<u32>,
     /// Files to copy verbatim into an emitted checkpoint (e.g. `tokenizer.json`).
     pub aux_files: Vec<PathBuf>,
+    /// Where the model's tokenizer comes from (a `tokenizer.json`, or a GGUF file that
+    /// embeds one), if it has one.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// A model as a DAG from one `Input` node to one `Output` node.

@@ -11,6 +11,7 @@ mod graph;
 mod module;
 mod op;
 mod print;
+pub mod quant;
 mod runtime;
 mod tensor;
 mod verify;

@@ -144,6 +144,7 @@ impl Printer<'_> {
                 format!("source({name} @{offset} {dtype})")
             }
             WeightExpr::Literal(_) => "literal".to_string(),
+            WeightExpr::Rows(x, rows) => format!("rows({}, {} rows)", self.num(*x), rows.len()),
             WeightExpr::Scale(f, x) => format!("scale({f:?}, {})", self.num(*x)),
             WeightExpr::Mean(xs) => {
                 let args: Vec<String> = xs.iter().map(|x| self.num(*x)).collect();

@@ -56,7 +56,7 @@ impl std::fmt::Debug for MappedFile {
 /// How a weight's values are obtained.
 #[derive(Clone, Debug)]
 pub enum WeightExpr {
-    /// `shape.product() * dtype.size()` bytes at `offset` in `file`, stored as `dtype`.
+    /// `dtype.nbytes(shape.product())` bytes at `offset` in `file`, stored as `dtype`.
     Source {
         file: Arc<MappedFile>,
         offset: usize,
@@ -74,6 +74,9 @@ pub enum WeightExpr {
     Scale(f32, WeightId),
     /// Values held in memory.
     Literal(Arc<HostTensor>),
+    /// Rows of a 2-D weight, reordered: row `i` of the result is row `rows[i]` of the
+    /// operand (e.g. undoing a checkpoint format's permutation of attention heads).
+    Rows(WeightId, Arc<[u32]>),
 }
 
 /// One entry of the weight table.
@@ -93,9 +96,10 @@ impl Weight {
         self.shape.iter().product()
     }
 
-    /// Bytes the weight takes when stored in its dtype.
+    /// Bytes the weight takes when stored in its dtype (a whole number of blocks: checked
+    /// when the weight is added to a table).
     pub fn nbytes(&self) -> usize {
-        self.numel() * self.dtype.size()
+        self.dtype.nbytes(self.numel()).unwrap_or(0)
     }
 }
 
@@ -166,13 +170,25 @@ impl WeightTable {
 
     /// Checks that an expression fits the weight's shape and that its operands exist.
     pub fn check(&self, weight: &Weight) -> Result<(), WeightError> {
+        if weight.dtype.nbytes(weight.numel()).is_none() {
+            return Err(Self::invalid(
+                weight,
+                format!(
+                    "{} elements are not a whole number of {} blocks",
+                    weight.numel(),
+                    weight.dtype
+                ),
+            ));
+        }
         let operand_ids: Vec<WeightId> = match &weight.expr {
             WeightExpr::Source {
                 file,
                 offset,
                 dtype,
             } => {
-                let len = weight.numel() * dtype.size();
+                let len = dtype.nbytes(weight.numel()).ok_or_else(|| {
+                    Self::invalid(weight, format!("not a whole number of {dtype} blocks"))
+                })?;
                 let end = offset.checked_add(len);
                 if end.is_none_or(|end| end > file.bytes().len()) {
                     return Err(Self::invalid(
@@ -201,6 +217,26 @@ impl WeightTable {
             WeightExpr::Mean(ids) => ids.clone(),
             WeightExpr::WeightedSum { terms, .. } => terms.iter().map(|(_, id)| *id).collect(),
             WeightExpr::Scale(_, id) => vec![*id],
+            WeightExpr::Rows(id, rows) => {
+                let operand = self.get(*id)?;
+                let bad = operand.shape.len() != 2
+                    || weight.shape.len() != 2
+                    || weight.shape != [rows.len(), operand.shape[1]]
+                    || rows.iter().any(|r| *r as usize >= operand.shape[0]);
+                if bad {
+                    return Err(Self::invalid(
+                        weight,
+                        format!(
+                            "cannot take {} rows of `{}` {:?} as shape {:?}",
+                            rows.len(),
+                            operand.name,
+                            operand.shape,
+                            weight.shape
+                        ),
+                    ));
+                }
+                return Ok(());
+            }
         };
         if matches!(
             weight.expr,
@@ -237,7 +273,8 @@ impl WeightTable {
         Ok(())
     }
 
-    /// Computes a weight's values in f32, rounded to the weight's dtype.
+    /// Computes a weight's values in f32, rounded to the weight's dtype (a quantized
+    /// source is dequantized).
     pub fn materialize(&self, id: WeightId) -> Result<HostTensor, WeightError> {
         let weight = self.get(id)?;
         let mut data = self.eval(weight)?;
@@ -248,20 +285,32 @@ impl WeightTable {
     /// The weight's bytes in its stored dtype. A source read in its own dtype is copied
     /// byte for byte, so a load -> emit round trip is bit-identical.
     pub fn materialize_bytes(&self, id: WeightId) -> Result<Vec<u8>, WeightError> {
+        self.materialize_bytes_as(id, self.get(id)?.dtype)
+    }
+
+    /// The weight's bytes encoded as `dtype`; copied byte for byte from a source already
+    /// stored as `dtype`. Block-quantized output is possible only from such a source.
+    pub fn materialize_bytes_as(&self, id: WeightId, dtype: DType) -> Result<Vec<u8>, WeightError> {
         let weight = self.get(id)?;
         if let WeightExpr::Source {
             file,
             offset,
-            dtype,
+            dtype: stored,
         } = &weight.expr
         {
-            if *dtype == weight.dtype {
+            if *stored == dtype && weight.dtype == dtype {
                 return Ok(file.bytes()[*offset..*offset + weight.nbytes()].to_vec());
             }
         }
+        if dtype.is_quantized() {
+            return Err(Self::invalid(
+                weight,
+                format!("cannot encode computed values as {dtype}; quantize them with a pass"),
+            ));
+        }
         let values = self.materialize(id)?;
         let mut out = Vec::new();
-        weight.dtype.encode(&values.data, &mut out);
+        dtype.encode(&values.data, &mut out);
         Ok(out)
     }
 
@@ -273,12 +322,21 @@ impl WeightTable {
                 offset,
                 dtype,
             } => {
-                let len = weight.numel() * dtype.size();
+                let len = dtype.nbytes(weight.numel()).unwrap_or(0);
                 let mut out = Vec::new();
                 dtype.decode(&file.bytes()[*offset..*offset + len], &mut out);
                 out
             }
             WeightExpr::Literal(t) => t.data.clone(),
+            WeightExpr::Rows(id, rows) => {
+                let src = self.materialize(*id)?;
+                let cols = src.shape[1];
+                let mut out = Vec::with_capacity(rows.len() * cols);
+                for r in rows.iter() {
+                    out.extend_from_slice(src.row(*r as usize));
+                }
+                out
+            }
             WeightExpr::Scale(factor, id) => {
                 let mut v = self.materialize(*id)?.data;
                 v.iter_mut().for_each(|x| *x *= factor);

@@ -128,7 +128,7 @@ impl Pass for Merge {
             let new = Weight {
                 name: template.name.clone(),
                 shape: template.shape.clone(),
-                dtype: template.dtype,
+                dtype: template.dtype.plain(),
                 expr: WeightExpr::WeightedSum {
                     terms: weights.iter().copied().zip(ops.iter().copied()).collect(),
                     normalize: self.normalize,

@@ -104,7 +104,8 @@ pub fn emit_hf(
     let mut shards: Vec<Vec<(String, WeightId)>> = vec![Vec::new()];
     let mut size = 0u64;
     for (name, id) in tensors.iter().cloned() {
-        let n = m.weights.get(id)?.nbytes() as u64;
+        let w = m.weights.get(id)?;
+        let n = (w.numel() * w.dtype.plain().size()) as u64;
         if size > 0 && size + n > opts.max_shard_bytes {
             shards.push(Vec::new());
             size = 0;
@@ -396,7 +397,7 @@ fn dominant_dtype(w: &WeightTable, g: &Graph) -> DType {
     let mut bytes = std::collections::BTreeMap::new();
     for id in g.weight_ids() {
         if let Ok(t) = w.get(id) {
-            *bytes.entry(t.dtype).or_insert(0usize) += t.nbytes();
+            *bytes.entry(t.dtype.plain()).or_insert(0usize) += t.numel() * t.dtype.plain().size();
         }
     }
     bytes
@@ -410,5 +411,6 @@ fn torch_dtype(d: DType) -> &'static str {
         DType::F32 => "float32",
         DType::F16 => "float16",
         DType::BF16 => "bfloat16",
+        _ => "float32",
     }
 }

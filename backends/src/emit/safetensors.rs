@@ -8,7 +8,8 @@ use upmix_ir::{DType, WeightId, WeightTable};
 
 use super::{io, EmitError};
 
-/// Writes `tensors` (file name, weight) to `path` in order.
+/// Writes `tensors` (file name, weight) to `path` in order. Block-quantized weights are
+/// written dequantized, as f32 (safetensors has no block formats).
 pub fn write_safetensors(
     path: &Path,
     weights: &WeightTable,
@@ -19,11 +20,12 @@ pub fn write_safetensors(
     let mut offset = 0u64;
     for (name, id) in tensors {
         let w = weights.get(*id)?;
-        let len = w.nbytes() as u64;
+        let dtype = w.dtype.plain();
+        let len = dtype.nbytes(w.numel()).unwrap_or(0) as u64;
         header.insert(
             name.clone(),
             serde_json::json!({
-                "dtype": dtype_name(w.dtype),
+                "dtype": dtype_name(dtype),
                 "shape": w.shape,
                 "data_offsets": [offset, offset + len],
             }),
@@ -41,7 +43,7 @@ pub fn write_safetensors(
         .and_then(|_| out.write_all(&json))
         .map_err(io(path))?;
     for (_, id) in tensors {
-        let bytes = weights.materialize_bytes(*id)?;
+        let bytes = weights.materialize_bytes_as(*id, weights.get(*id)?.dtype.plain())?;
         out.write_all(&bytes).map_err(io(path))?;
     }
     out.flush().map_err(io(path))?;
@@ -54,5 +56,6 @@ fn dtype_name(d: DType) -> &'static str {
         DType::F32 => "F32",
         DType::F16 => "F16",
         DType::BF16 => "BF16",
+        q => unreachable!("{q} is written as f32"),
     }
 }

@@ -1,0 +1,126 @@
+//! Builds the IR graph of a pre-norm decoder from hyper-parameters and a source of
+//! tensors; every checkpoint format supplies the tensors through [`TensorSource`].
+
+use upmix_ir::{
+    Attention, DecoderBlock, FeedForward, Graph, GraphBuilder, ModelMeta, Op, Rope, WeightId,
+};
+
+use crate::error::FrontendError;
+
+/// The shape-determining settings of a decoder.
+#[derive(Clone, Debug)]
+pub(crate) struct Hyper {
+    pub layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub rope: Rope,
+    /// q/k/v projections carry biases.
+    pub attn_bias: bool,
+}
+
+/// The role of a tensor in a decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    Embed,
+    FinalNorm,
+    LmHead,
+    AttnNorm,
+    FfnNorm,
+    /// Attention projections q, k, v, o (index 0..4).
+    Attn(usize),
+    /// Attention biases q, k, v (index 0..3).
+    AttnBias(usize),
+    /// Dense SwiGLU gate, up, down (index 0..3).
+    Mlp(usize),
+}
+
+/// Where a format's tensors come from.
+pub(crate) trait TensorSource {
+    /// The tensor for `role` in `layer`, checked to have `shape`, as a new weight.
+    fn tensor(
+        &mut self,
+        role: Role,
+        layer: usize,
+        shape: &[usize],
+    ) -> Result<WeightId, FrontendError>;
+
+    /// Whether the checkpoint has a separate lm head (otherwise it is tied).
+    fn has_lm_head(&self) -> bool;
+
+    /// The FFN op of `layer`; dense SwiGLU unless the format overrides it.
+    fn mlp(&mut self, layer: usize, h: &Hyper) -> Result<Op, FrontendError> {
+        dense_mlp(self, layer, h)
+    }
+}
+
+/// The dense SwiGLU FFN of `layer`.
+pub(crate) fn dense_mlp<S: TensorSource + ?Sized>(
+    src: &mut S,
+    layer: usize,
+    h: &Hyper,
+) -> Result<Op, FrontendError> {
+    Ok(Op::FeedForward(FeedForward {
+        gate: src.tensor(Role::Mlp(0), layer, &[h.ffn, h.hidden])?,
+        up: src.tensor(Role::Mlp(1), layer, &[h.ffn, h.hidden])?,
+        down: src.tensor(Role::Mlp(2), layer, &[h.hidden, h.ffn])?,
+    }))
+}
+
+/// Builds the graph `name`: embedding, `h.layers` pre-norm blocks, final norm, lm head
+/// (the embedding table when `tied`).
+pub(crate) fn build_decoder(
+    name: &str,
+    meta: ModelMeta,
+    h: &Hyper,
+    tied: bool,
+    src: &mut dyn TensorSource,
+) -> Result<Graph, FrontendError> {
+    let (d, q, kv) = (h.hidden, h.heads * h.head_dim, h.kv_heads * h.head_dim);
+    let mut b = GraphBuilder::new(name, meta);
+    let embed = src.tensor(Role::Embed, 0, &[h.vocab, d])?;
+    let input = b.input();
+    let mut x = b.embedding(input, embed);
+    for layer in 0..h.layers {
+        let mut bias = |i: usize, n: usize| -> Result<Option<WeightId>, FrontendError> {
+            h.attn_bias
+                .then(|| src.tensor(Role::AttnBias(i), layer, &[n]))
+                .transpose()
+        };
+        let (q_bias, k_bias, v_bias) = (bias(0, q)?, bias(1, kv)?, bias(2, kv)?);
+        let attn = Attention {
+            q: src.tensor(Role::Attn(0), layer, &[q, d])?,
+            k: src.tensor(Role::Attn(1), layer, &[kv, d])?,
+            v: src.tensor(Role::Attn(2), layer, &[kv, d])?,
+            o: src.tensor(Role::Attn(3), layer, &[d, q])?,
+            q_bias,
+            k_bias,
+            v_bias,
+            n_heads: h.heads,
+            n_kv_heads: h.kv_heads,
+            head_dim: h.head_dim,
+            rope: h.rope.clone(),
+        };
+        let block = DecoderBlock {
+            attn_norm: src.tensor(Role::AttnNorm, layer, &[d])?,
+            attn,
+            ffn_norm: src.tensor(Role::FfnNorm, layer, &[d])?,
+            mlp: src.mlp(layer, h)?,
+            eps: h.eps,
+        };
+        x = b.decoder_block(layer, x, block);
+    }
+    let final_norm = src.tensor(Role::FinalNorm, 0, &[d])?;
+    x = b.rms_norm("final_norm", x, final_norm, h.eps);
+    let head = if tied || !src.has_lm_head() {
+        embed
+    } else {
+        src.tensor(Role::LmHead, 0, &[h.vocab, d])?
+    };
+    x = b.linear("lm_head", x, head);
+    Ok(b.output(x))
+}

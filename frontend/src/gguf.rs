@@ -1,0 +1,409 @@
+//! A GGUF reader (versions 2 and 3): metadata of every value type and tensor infos,
+//! parsed from a memory-mapped file with every count and length checked against the bytes
+//! that are actually there, so a truncated or lying file is an error naming the file (and
+//! tensor or key), never a panic or a huge allocation. Tensor data is not read here.
+//!
+//! Layout: magic `GGUF`, u32 version, u64 tensor count, u64 metadata count; metadata as
+//! (string key, u32 value type, value); tensor infos as (string name, u32 n_dims, u64 dims
+//! (innermost first), u32 ggml type, u64 offset); then, aligned to `general.alignment`
+//! (default 32), the data section that tensor offsets are relative to. Strings are a u64
+//! length and UTF-8 bytes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use upmix_ir::{DType, MappedFile};
+
+use crate::error::{io, FrontendError};
+use crate::names::GGML_TYPES;
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GgufValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<GgufValue>),
+}
+
+impl GgufValue {
+    /// The value as an unsigned integer, if it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            GgufValue::U8(v) => Some(v as u64),
+            GgufValue::U16(v) => Some(v as u64),
+            GgufValue::U32(v) => Some(v as u64),
+            GgufValue::U64(v) => Some(v),
+            GgufValue::I8(v) => u64::try_from(v).ok(),
+            GgufValue::I16(v) => u64::try_from(v).ok(),
+            GgufValue::I32(v) => u64::try_from(v).ok(),
+            GgufValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a float, if it is a number.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            GgufValue::F32(v) => Some(v as f64),
+            GgufValue::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            GgufValue::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[GgufValue]> {
+        match self {
+            GgufValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Where one tensor lives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgufTensor {
+    pub dtype: DType,
+    /// Row-major shape (outermost first, the reverse of GGUF's order).
+    pub shape: Vec<usize>,
+    /// Absolute byte offset in the file.
+    pub offset: usize,
+}
+
+/// A mapped GGUF file with its metadata and tensor infos.
+pub struct GgufFile {
+    pub file: Arc<MappedFile>,
+    pub version: u32,
+    pub metadata: BTreeMap<String, GgufValue>,
+    pub tensors: BTreeMap<String, GgufTensor>,
+}
+
+impl GgufFile {
+    /// Maps `path` and parses its header.
+    pub fn open(path: &Path) -> Result<GgufFile, FrontendError> {
+        let file = MappedFile::open(path).map_err(io(path))?;
+        let (version, metadata, tensors) = parse(path, file.bytes())?;
+        Ok(GgufFile {
+            file,
+            version,
+            metadata,
+            tensors,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+
+    /// A required metadata key, or an error naming it and the file.
+    pub fn require(&self, key: &str) -> Result<&GgufValue, FrontendError> {
+        self.get(key).ok_or_else(|| FrontendError::Config {
+            path: self.path().to_path_buf(),
+            message: format!("metadata key `{key}` is missing"),
+        })
+    }
+
+    /// A required unsigned integer.
+    pub fn require_u64(&self, key: &str) -> Result<u64, FrontendError> {
+        let v = self.require(key)?;
+        v.as_u64()
+            .ok_or_else(|| self.bad_key(key, "an unsigned integer", v))
+    }
+
+    /// A required number.
+    pub fn require_f64(&self, key: &str) -> Result<f64, FrontendError> {
+        let v = self.require(key)?;
+        v.as_f64().ok_or_else(|| self.bad_key(key, "a number", v))
+    }
+
+    fn bad_key(&self, key: &str, what: &str, v: &GgufValue) -> FrontendError {
+        FrontendError::Config {
+            path: self.path().to_path_buf(),
+            message: format!("metadata key `{key}` should be {what}, is {v:?}"),
+        }
+    }
+
+    /// A string-array metadata value.
+    pub fn strings(&self, key: &str) -> Result<Vec<&str>, FrontendError> {
+        let v = self.require(key)?;
+        v.as_array()
+            .and_then(|a| a.iter().map(|s| s.as_str()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| self.bad_key(key, "an array of strings", &GgufValue::Bool(false)))
+    }
+}
+
+/// Value type ids of GGUF metadata.
+const T_U8: u32 = 0;
+const T_I8: u32 = 1;
+const T_U16: u32 = 2;
+const T_I16: u32 = 3;
+const T_U32: u32 = 4;
+const T_I32: u32 = 5;
+const T_F32: u32 = 6;
+const T_BOOL: u32 = 7;
+const T_STRING: u32 = 8;
+const T_ARRAY: u32 = 9;
+const T_U64: u32 = 10;
+const T_I64: u32 = 11;
+const T_F64: u32 = 12;
+
+/// Deepest nesting of arrays accepted.
+const MAX_DEPTH: usize = 4;
+
+struct Reader<'a> {
+    path: &'a Path,
+    bytes: &'a [u8],
+    pos: usize,
+    /// What is being read, for error messages.
+    context: String,
+}
+
+type Parsed = (
+    u32,
+    BTreeMap<String, GgufValue>,
+    BTreeMap<String, GgufTensor>,
+);
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FrontendError> {
+    let mut r = Reader {
+        path,
+        bytes,
+        pos: 0,
+        context: "the header".into(),
+    };
+    if r.take(4)? != b"GGUF" {
+        return Err(r.error("bad magic: not a GGUF file".into()));
+    }
+    let version = r.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(r.error(format!(
+            "GGUF version {version} is not supported (2 and 3 are)"
+        )));
+    }
+    let n_tensors = r.u64()?;
+    let n_kv = r.u64()?;
+    // Each tensor info takes at least 8 (name) + 4 + 4 + 8 bytes, each pair at least 8 + 4 + 1.
+    r.check_count(n_tensors, 24, "tensor count")?;
+    r.check_count(n_kv, 13, "metadata count")?;
+
+    let mut metadata = BTreeMap::new();
+    for i in 0..n_kv {
+        r.context = format!("metadata entry {i}");
+        let key = r.string()?;
+        r.context = format!("metadata key `{key}`");
+        let ty = r.u32()?;
+        let value = r.value(ty, 0)?;
+        metadata.insert(key, value);
+    }
+    let alignment = match metadata.get("general.alignment") {
+        None => 32,
+        Some(v) => match v.as_u64() {
+            Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
+            _ => return Err(r.error(format!("general.alignment {v:?} is not a power of two"))),
+        },
+    };
+
+    let mut infos = Vec::with_capacity(n_tensors as usize);
+    for i in 0..n_tensors {
+        r.context = format!("tensor info {i}");
+        let name = r.string()?;
+        r.context = format!("tensor `{name}`");
+        let n_dims = r.u32()?;
+        if n_dims == 0 || n_dims > 4 {
+            return Err(r.error(format!("{n_dims} dimensions (1 to 4 are valid)")));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(r.u64()?);
+        }
+        let ty = r.u32()?;
+        let offset = r.u64()?;
+        infos.push((name, dims, ty, offset));
+    }
+    let data_start = r.pos.div_ceil(alignment) * alignment;
+    let data_len = bytes.len().saturating_sub(data_start) as u64;
+
+    let mut tensors = BTreeMap::new();
+    for (name, dims, ty, offset) in infos {
+        let bad = |message: String| FrontendError::BadTensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            message,
+        };
+        let Some((_, type_name, dtype)) = GGML_TYPES.iter().find(|(id, _, _)| *id == ty) else {
+            return Err(bad(format!("unknown ggml type id {ty}")));
+        };
+        let Some(dtype) = dtype else {
+            return Err(bad(format!(
+                "ggml type {type_name} is not supported (supported: {})",
+                GGML_TYPES
+                    .iter()
+                    .filter(|t| t.2.is_some())
+                    .map(|t| t.1)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        let numel = dims
+            .iter()
+            .try_fold(1u64, |acc, d| acc.checked_mul(*d))
+            .filter(|n| *n <= usize::MAX as u64)
+            .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
+        if dims[0] % dtype.block().0 as u64 != 0 {
+            return Err(bad(format!(
+                "row length {} is not a multiple of the {type_name} block size {}",
+                dims[0],
+                dtype.block().0
+            )));
+        }
+        let nbytes = dtype
+            .nbytes(numel as usize)
+            .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?
+            as u64;
+        if offset % alignment as u64 != 0 {
+            return Err(bad(format!(
+                "offset {offset} is not aligned to {alignment}"
+            )));
+        }
+        if offset.checked_add(nbytes).is_none_or(|end| end > data_len) {
+            return Err(bad(format!(
+                "data at offset {offset} ({nbytes} bytes) runs past the end of the file (data section has {data_len} bytes): the file is truncated or the header lies"
+            )));
+        }
+        tensors.insert(
+            name.clone(),
+            GgufTensor {
+                dtype: *dtype,
+                shape: dims.iter().rev().map(|d| *d as usize).collect(),
+                offset: data_start + offset as usize,
+            },
+        );
+    }
+    Ok((version, metadata, tensors))
+}
+
+impl Reader<'_> {
+    fn error(&self, message: String) -> FrontendError {
+        FrontendError::Gguf {
+            path: self.path.to_path_buf(),
+            message: format!("{}: {message}", self.context),
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8], FrontendError> {
+        if n > self.remaining() {
+            return Err(self.error(format!(
+                "needs {n} bytes at offset {}, the file ends after {}: truncated",
+                self.pos,
+                self.remaining()
+            )));
+        }
+        let s = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    /// Rejects a count whose items (at least `min_size` bytes each) cannot fit in the rest
+    /// of the file, before anything is allocated for them.
+    fn check_count(&self, count: u64, min_size: u64, what: &str) -> Result<(), FrontendError> {
+        if count.saturating_mul(min_size) > self.remaining() as u64 {
+            return Err(self.error(format!(
+                "{what} {count} cannot fit in the {} bytes left in the file: truncated, or the header lies",
+                self.remaining()
+            )));
+        }
+        Ok(())
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrontendError> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
+
+    fn u32(&mut self) -> Result<u32, FrontendError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, FrontendError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn string(&mut self) -> Result<String, FrontendError> {
+        let len = self.u64()?;
+        self.check_count(len, 1, "string length")?;
+        let bytes = self.take(len as usize)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.error("string is not UTF-8".into()))
+    }
+
+    fn value(&mut self, ty: u32, depth: usize) -> Result<GgufValue, FrontendError> {
+        Ok(match ty {
+            T_U8 => GgufValue::U8(self.array::<1>()?[0]),
+            T_I8 => GgufValue::I8(self.array::<1>()?[0] as i8),
+            T_U16 => GgufValue::U16(u16::from_le_bytes(self.array()?)),
+            T_I16 => GgufValue::I16(i16::from_le_bytes(self.array()?)),
+            T_U32 => GgufValue::U32(self.u32()?),
+            T_I32 => GgufValue::I32(i32::from_le_bytes(self.array()?)),
+            T_U64 => GgufValue::U64(self.u64()?),
+            T_I64 => GgufValue::I64(i64::from_le_bytes(self.array()?)),
+            T_F32 => GgufValue::F32(f32::from_le_bytes(self.array()?)),
+            T_F64 => GgufValue::F64(f64::from_le_bytes(self.array()?)),
+            T_BOOL => match self.array::<1>()?[0] {
+                0 => GgufValue::Bool(false),
+                1 => GgufValue::Bool(true),
+                b => return Err(self.error(format!("bool byte {b} is neither 0 nor 1"))),
+            },
+            T_STRING => GgufValue::String(self.string()?),
+            T_ARRAY => {
+                if depth >= MAX_DEPTH {
+                    return Err(self.error("arrays nested too deeply".into()));
+                }
+                let item = self.u32()?;
+                let len = self.u64()?;
+                let min = match item {
+                    T_U8 | T_I8 | T_BOOL => 1,
+                    T_U16 | T_I16 => 2,
+                    T_U32 | T_I32 | T_F32 => 4,
+                    T_ARRAY => 12,
+                    _ => 8,
+                };
+                self.check_count(len, min, "array length")?;
+                let mut items = Vec::with_capacity(len as usize);
+                for _ in 0..len {
+                    items.push(self.value(item, depth + 1)?);
+                }
+                GgufValue::Array(items)
+            }
+            other => return Err(self.error(format!("unknown value type {other}"))),
+        })
+    }
+}

@@ -1,0 +1,225 @@
+//! GGUF files -> IR: hyper-parameters from the `{arch}.*` metadata, tensors as lazy
+//! `Source` weights in their stored (possibly block-quantized) dtype.
+//!
+//! llama.cpp's converter reorders the rows of the Q and K projections of `llama` models
+//! (each head's two rotary halves interleaved); the loader undoes that with a `Rows`
+//! expression, so the IR holds the Hugging Face layout whatever the source format.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use upmix_ir::{ModelMeta, Module, Rope, RopeScaling, Weight, WeightExpr, WeightId};
+
+use crate::decoder::{build_decoder, Hyper, Role, TensorSource};
+use crate::error::FrontendError;
+use crate::gguf::GgufFile;
+use crate::names::{self, Family};
+
+/// Loads the GGUF file at `path` into `module` as a graph called `name`.
+pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), FrontendError> {
+    let gguf = GgufFile::open(path)?;
+    let arch = gguf
+        .require("general.architecture")?
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let family = names::GGUF_ARCHITECTURES
+        .iter()
+        .find(|(a, _)| *a == arch)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| FrontendError::UnknownArchitecture {
+            path: path.to_path_buf(),
+            arch: arch.clone(),
+            supported: names::GGUF_ARCHITECTURES
+                .iter()
+                .map(|(a, _)| a.to_string())
+                .collect(),
+        })?;
+    if gguf.get(&format!("{arch}.expert_count")).is_some() {
+        return Err(FrontendError::Config {
+            path: path.to_path_buf(),
+            message: "mixture-of-experts GGUF files are not supported yet".into(),
+        });
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let heads = gguf.require_u64(&key("attention.head_count"))? as usize;
+    let hidden = gguf.require_u64(&key("embedding_length"))? as usize;
+    if heads == 0 || hidden % heads != 0 {
+        return Err(FrontendError::Config {
+            path: path.to_path_buf(),
+            message: format!("embedding_length {hidden} is not divisible by head_count {heads}"),
+        });
+    }
+    let head_dim = match gguf.get(&key("attention.key_length")) {
+        Some(v) => v.as_u64().unwrap_or(0) as usize,
+        None => hidden / heads,
+    };
+    let embed_shape = gguf
+        .tensors
+        .get(names::GGUF_EMBED.1)
+        .map(|t| t.shape.clone())
+        .ok_or_else(|| FrontendError::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: names::GGUF_EMBED.1.to_string(),
+        })?;
+    let hyper = Hyper {
+        layers: gguf.require_u64(&key("block_count"))? as usize,
+        hidden,
+        ffn: gguf.require_u64(&key("feed_forward_length"))? as usize,
+        heads,
+        kv_heads: match gguf.get(&key("attention.head_count_kv")) {
+            Some(v) => v.as_u64().unwrap_or(0) as usize,
+            None => heads,
+        },
+        head_dim,
+        vocab: embed_shape[0],
+        eps: gguf.require_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
+        rope: rope(&gguf, &arch)?,
+        attn_bias: family == Family::Qwen2,
+    };
+    let token = |k: &str| gguf.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let meta = ModelMeta {
+        vocab_size: hyper.vocab,
+        hidden_size: hidden,
+        max_position_embeddings: gguf
+            .get(&key("context_length"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(4096) as usize,
+        bos_token_id: token("tokenizer.ggml.bos_token_id"),
+        eos_token_id: token("tokenizer.ggml.eos_token_id"),
+        aux_files: Vec::new(),
+        tokenizer: gguf
+            .get("tokenizer.ggml.tokens")
+            .map(|_| path.to_path_buf()),
+    };
+    let mut loader = Loader {
+        gguf: &gguf,
+        module,
+        unpermute_qk: family == Family::Llama,
+        hyper: hyper.clone(),
+    };
+    let graph = build_decoder(name, meta, &hyper, false, &mut loader)?;
+    module.insert(graph);
+    Ok(())
+}
+
+/// RoPE settings from `{arch}.rope.*`.
+fn rope(gguf: &GgufFile, arch: &str) -> Result<Rope, FrontendError> {
+    let get = |k: &str| gguf.get(&format!("{arch}.rope.{k}"));
+    let theta = get("freq_base")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(10_000.0) as f32;
+    let scaling = match get("scaling.type").and_then(|v| v.as_str()) {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: get("scaling.factor")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1.0) as f32,
+        },
+        Some(other) => {
+            return Err(FrontendError::Config {
+                path: gguf.path().to_path_buf(),
+                message: format!("rope scaling type `{other}` is not supported (none, linear)"),
+            })
+        }
+    };
+    Ok(Rope { theta, scaling })
+}
+
+struct Loader<'a> {
+    gguf: &'a GgufFile,
+    module: &'a mut Module,
+    /// Undo llama.cpp's Q/K row permutation.
+    unpermute_qk: bool,
+    hyper: Hyper,
+}
+
+impl TensorSource for Loader<'_> {
+    fn tensor(
+        &mut self,
+        role: Role,
+        layer: usize,
+        shape: &[usize],
+    ) -> Result<WeightId, FrontendError> {
+        let (canonical, pattern) = match role {
+            Role::Embed => names::GGUF_EMBED,
+            Role::FinalNorm => names::GGUF_FINAL_NORM,
+            Role::LmHead => names::GGUF_LM_HEAD,
+            Role::AttnNorm => names::GGUF_ATTN_NORM,
+            Role::FfnNorm => names::GGUF_FFN_NORM,
+            Role::Attn(i) => names::GGUF_ATTN[i],
+            Role::AttnBias(i) => names::GGUF_ATTN_BIAS[i],
+            Role::Mlp(i) => names::GGUF_MLP[i],
+        };
+        let (canonical, gguf_name) = (
+            names::fill(canonical, layer, 0),
+            names::fill(pattern, layer, 0),
+        );
+        let t = self
+            .gguf
+            .tensors
+            .get(&gguf_name)
+            .ok_or_else(|| FrontendError::MissingTensor {
+                path: self.gguf.path().to_path_buf(),
+                tensor: gguf_name.clone(),
+            })?;
+        if t.shape != shape {
+            return Err(FrontendError::TensorShape {
+                path: self.gguf.path().to_path_buf(),
+                tensor: gguf_name,
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        let permuted = match role {
+            Role::Attn(0) => Some(self.hyper.heads),
+            Role::Attn(1) => Some(self.hyper.kv_heads),
+            _ => None,
+        }
+        .filter(|_| self.unpermute_qk);
+        let source = Weight {
+            name: if permuted.is_some() {
+                format!("{canonical}.gguf_rows")
+            } else {
+                canonical.clone()
+            },
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+            expr: WeightExpr::Source {
+                file: self.gguf.file.clone(),
+                offset: t.offset,
+                dtype: t.dtype,
+            },
+        };
+        let id = self.module.weights.add(source)?;
+        let Some(n_heads) = permuted else {
+            return Ok(id);
+        };
+        let rows = unpermute_rows(shape[0], n_heads);
+        Ok(self.module.weights.add(Weight {
+            name: canonical,
+            shape: shape.to_vec(),
+            dtype: t.dtype.plain(),
+            expr: WeightExpr::Rows(id, rows),
+        })?)
+    }
+
+    fn has_lm_head(&self) -> bool {
+        self.gguf.tensors.contains_key(names::GGUF_LM_HEAD.1)
+    }
+}
+
+/// Row order that undoes llama.cpp's Q/K permutation: within each head of `head_dim`
+/// rows, the GGUF file stores the rotary halves interleaved (row `2b + a` holds the
+/// Hugging Face row `a * head_dim / 2 + b`).
+fn unpermute_rows(rows: usize, n_heads: usize) -> Arc<[u32]> {
+    let head_dim = rows / n_heads;
+    let half = head_dim / 2;
+    (0..rows)
+        .map(|r| {
+            let (h, i) = (r / head_dim, r % head_dim);
+            let (a, b) = (i / half, i % half);
+            (h * head_dim + 2 * b + a) as u32
+        })
+        .collect()
+}

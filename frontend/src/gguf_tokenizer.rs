@@ -1,0 +1,107 @@
+//! A tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata.
+//!
+//! `gpt2` models (byte-level BPE: SmolLM, Qwen2, ...) become a `tokenizers` BPE model with
+//! the file's vocabulary and merges, the byte-level pre-tokenizer and decoder, and the
+//! control tokens (token type 3) as special added tokens; a leading BOS is added when
+//! `tokenizer.ggml.add_bos_token` says so. This is the pipeline Hugging Face transformers
+//! builds from the same metadata, so token ids agree.
+
+use serde_json::{json, Value};
+
+use crate::error::FrontendError;
+use crate::gguf::GgufFile;
+
+/// GGUF token type of control tokens.
+const CONTROL: u64 = 3;
+/// GGUF token type of user-defined tokens.
+const USER_DEFINED: u64 = 4;
+
+/// The `tokenizer.json` text equivalent to the GGUF's embedded tokenizer.
+pub(crate) fn tokenizer_json(gguf: &GgufFile) -> Result<String, FrontendError> {
+    let bad = |message: String| FrontendError::Tokenizer {
+        path: gguf.path().to_path_buf(),
+        message,
+    };
+    let model = gguf
+        .require("tokenizer.ggml.model")?
+        .as_str()
+        .unwrap_or_default();
+    if model != "gpt2" {
+        return Err(bad(format!(
+            "tokenizer model `{model}` is not supported (supported: gpt2 byte-level BPE)"
+        )));
+    }
+    let tokens = gguf.strings("tokenizer.ggml.tokens")?;
+    let merges = gguf.strings("tokenizer.ggml.merges")?;
+    let types: Vec<u64> = match gguf.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .as_array()
+            .map(|a| a.iter().map(|t| t.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default(),
+        None => vec![1; tokens.len()],
+    };
+    let flag = |k: &str| gguf.get(k).and_then(|v| v.as_bool());
+    let id = |k: &str| gguf.get(k).and_then(|v| v.as_u64());
+
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok(json!([a, b])),
+            None => Err(bad(format!(
+                "merge `{m}` is not two space-separated tokens"
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let added: Vec<Value> = tokens
+        .iter()
+        .zip(types.iter().chain(std::iter::repeat(&1)))
+        .enumerate()
+        .filter(|(_, (_, ty))| **ty == CONTROL || **ty == USER_DEFINED)
+        .map(|(i, (t, ty))| {
+            json!({
+                "id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": *ty != CONTROL, "special": *ty == CONTROL,
+            })
+        })
+        .collect();
+    let add_prefix_space = flag("tokenizer.ggml.add_space_prefix").unwrap_or(false);
+    let post_processor = match (
+        flag("tokenizer.ggml.add_bos_token"),
+        id("tokenizer.ggml.bos_token_id"),
+    ) {
+        (Some(true), Some(bos)) => {
+            let bos_text = tokens.get(bos as usize).copied().unwrap_or_default();
+            json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos_text, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos_text: {"id": bos_text, "ids": [bos], "tokens": [bos_text]}},
+            })
+        }
+        _ => {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        }
+    };
+    let doc = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": true, "use_regex": true},
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        },
+    });
+    Ok(doc.to_string())
+}
