@@ -162,7 +162,10 @@ def convert(gguf_path, out_dir):
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    umask = os.umask(0)
+    os.umask(umask)
     for path in tmp.iterdir():
+        os.chmod(path, 0o666 & ~umask)  # safetensors creates its file 0600
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
 

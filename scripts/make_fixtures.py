@@ -13,6 +13,9 @@ What it makes:
 * tests/golden/merge/  a linear merge of llama (0.3) and llama_b (0.7),
   computed in mergekit's `linear` operation order.
 * tests/golden/tokenizer.json  sample texts and their token ids.
+* tests/golden/smollm2/  reference tokens, logits, greedy ids and perplexity
+  of the real SmolLM2-135M-Instruct Q4_1 GGUF (`make_fixtures.py smollm2`; the
+  default run skips it when scripts/fetch-models.sh has not fetched the model).
 
 A second mode checks a checkpoint directory written by upmix against the
 goldens and records the result in tests/golden/emitted/<NAME>.json:
@@ -563,6 +566,207 @@ def generate_gguf():
     print("wrote gguf smollm2 dequant")
 
 
+# --- SmolLM2-135M-Instruct goldens (transformers reference) -------------------
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GOLDEN = GOLDEN / "smollm2"
+SMOLLM2_TOP_K = 10
+SMOLLM2_GREEDY_STEPS = 20
+SMOLLM2_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Photosynthesis is the process by which green plants, algae and some bacteria use the "
+    "energy of sunlight to turn water and carbon dioxide into glucose and oxygen, and it "
+    "takes place mainly inside the chloroplasts of leaf cells, where",
+]
+SMOLLM2_PARAGRAPH = (
+    "The Eiffel Tower was built in Paris between 1887 and 1889 as the entrance to the World's "
+    "Fair that marked a century since the French Revolution. It was designed and put up by the "
+    "engineering company of Gustave Eiffel. The tower is made of wrought iron held together by "
+    "millions of rivets, and at about 300 metres it remained the tallest structure on Earth for "
+    "four decades. Many artists and writers first attacked it as a useless and ugly eyesore. It "
+    "was saved from being torn down because it proved valuable as a mast for radio antennas. "
+    "Today it is one of the most visited monuments in the world, with around six million people "
+    "going up it each year."
+)
+SMOLLM2_TOKENIZER_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "In 2024 there were 1234567 visitors, up 3.5% from 2023.",
+    "def add(a, b):\n    return a + b\n\nif x:\n\tprint(x)\t# tab\n",
+    "Café naïve résumé — 東京タワー, 你好世界 😀🚀👍🏽",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "   leading and trailing spaces   ",
+    "first line\n\n\nsecond line\n\n\n\nthird\n",
+    "Don't stop! It's 9:30 a.m.; they'll say \"hello\" (maybe) <|endoftext|>",
+]
+SMOLLM2_CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def upmix_model_cache():
+    """The real-model cache directory, by the same rule as scripts/fetch-models.sh."""
+    cache = os.environ.get("UPMIX_MODEL_CACHE")
+    if not cache:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache = os.path.join(base, "upmix")
+    return Path(cache)
+
+
+def load_smollm2(cache):
+    """Tokenizer and float32 model from the GGUF, through transformers' GGUF loader.
+
+    dequantize=True keeps every weight a dense float32 tensor even where the
+    optional `kernels` package would keep them packed, and eager attention
+    matches load_model(), which the converter check compares against.
+    """
+    from transformers import AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(cache, gguf_file=SMOLLM2_GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(
+        cache, gguf_file=SMOLLM2_GGUF_NAME, dtype=torch.float32, attn_implementation="eager",
+        quantization_config=GgufConfig(dequantize=True))
+    return tokenizer, model.eval()
+
+
+def smollm2_ids(tokenizer, text):
+    """Token ids of text with the tokenizer's own special-token rule (no BOS here)."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+@torch.no_grad()
+def smollm2_greedy(model, ids):
+    """SMOLLM2_GREEDY_STEPS argmax tokens, a full forward pass each (no cache, no EOS stop).
+
+    Also returns the smallest gap between the two best logits over the steps.
+    """
+    seq, gaps = list(ids), []
+    for _ in range(SMOLLM2_GREEDY_STEPS):
+        last = forward_logits(model, seq)[-1]
+        top = torch.topk(last, 2).values
+        gaps.append(float(top[0] - top[1]))
+        seq.append(int(torch.argmax(last)))
+    return seq[len(ids):], min(gaps)
+
+
+@torch.no_grad()
+def smollm2_perplexity(model, ids):
+    """exp of the mean negative log-likelihood of ids[1:], each given its prefix."""
+    logits = forward_logits(model, ids)
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    nll = -logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    mean = float(nll.to(torch.float64).mean())
+    return math.exp(mean), mean
+
+
+def smollm2_converter_check(gguf_path, model, prompt_ids):
+    """Run scripts/gguf_to_hf.py and check its output against the GGUF-loaded model.
+
+    The converted checkpoint must hold the very same tensors (exact) and give
+    the very same logits on the prompts.
+    """
+    import subprocess
+    import tempfile
+
+    script = Path(__file__).resolve().parent / "gguf_to_hf.py"
+    with tempfile.TemporaryDirectory(prefix="upmix-smollm2-") as tmp:
+        out = Path(tmp) / "hf"
+        subprocess.run([sys.executable, str(script), str(gguf_path), str(out)], check=True)
+        converted = load_model(out)
+        ours, theirs = model.state_dict(), converted.state_dict()
+        assert sorted(ours) == sorted(theirs), set(ours) ^ set(theirs)
+        for key, t in ours.items():
+            assert t.dtype == theirs[key].dtype and torch.equal(t, theirs[key]), key
+        diff = max(float((forward_logits(model, ids) - forward_logits(converted, ids)).abs().max())
+                   for ids in prompt_ids)
+    print(f"smollm2: converter state dict equal, max abs logit diff {diff}")
+    assert diff == 0.0, diff
+    return {"max_abs_logit_diff": diff, "state_dict_equal": True}
+
+
+def make_smollm2_goldens():
+    """Write tests/golden/smollm2/ from the real SmolLM2-135M-Instruct Q4_1 GGUF.
+
+    Reference values are computed by transformers (GGUF loader, float32, eager):
+    paragraph.txt (the perplexity text, no trailing newline), last_logits.safetensors
+    (float32 [vocab] last-position logits of each prompt, "prompt0".."prompt2") and
+    golden.json with, per prompt, its ids, the top SMOLLM2_TOP_K ids and logits at
+    every position and SMOLLM2_GREEDY_STEPS greedy ids; the paragraph's perplexity
+    ("tokens" is the number of scored tokens, len(ids) - 1); tokenizer samples; the
+    chat template rendered for SMOLLM2_CHAT with its ids; and the check of
+    scripts/gguf_to_hf.py against the GGUF-loaded model.
+    """
+    import time
+    from safetensors.numpy import save_file as save_numpy
+
+    start = time.monotonic()
+    cache = upmix_model_cache()
+    gguf_path = cache / SMOLLM2_GGUF_NAME
+    if not gguf_path.exists():
+        raise SystemExit(f"{gguf_path} not found; run scripts/fetch-models.sh first")
+    tokenizer, model = load_smollm2(cache)
+
+    prompts, last_logits, prompt_ids = [], {}, []
+    for i, text in enumerate(SMOLLM2_PROMPTS):
+        ids = smollm2_ids(tokenizer, text)
+        logits = forward_logits(model, ids)
+        values, top_ids = torch.topk(logits, SMOLLM2_TOP_K, dim=-1)
+        new_ids, min_gap = smollm2_greedy(model, ids)
+        prompts.append({
+            "text": text,
+            "ids": ids,
+            "top_k": {"ids": top_ids.tolist(), "logits": [f32_list(row) for row in values]},
+            "greedy": new_ids,
+            "greedy_text": tokenizer.decode(new_ids),
+            "greedy_min_gap": float(str(np.float32(min_gap))),
+        })
+        last_logits[f"prompt{i}"] = np.ascontiguousarray(logits[-1].numpy(), dtype=np.float32)
+        prompt_ids.append(ids)
+    assert len(prompt_ids[2]) >= 40, len(prompt_ids[2])
+
+    para_ids = smollm2_ids(tokenizer, SMOLLM2_PARAGRAPH)
+    ppl, mean_nll = smollm2_perplexity(model, para_ids)
+
+    samples = []
+    for text in SMOLLM2_TOKENIZER_TEXTS:
+        ids = smollm2_ids(tokenizer, text)
+        assert tokenizer.decode(ids) == text, (text, ids)
+        samples.append({"text": text, "ids": ids})
+
+    chat_text = tokenizer.apply_chat_template(SMOLLM2_CHAT, tokenize=False, add_generation_prompt=True)
+    chat_ids = tokenizer.apply_chat_template(SMOLLM2_CHAT, tokenize=True, add_generation_prompt=True)
+    if not isinstance(chat_ids, list):
+        chat_ids = chat_ids["input_ids"]
+    assert chat_ids == tokenizer(chat_text, add_special_tokens=False)["input_ids"]
+
+    converter = smollm2_converter_check(gguf_path, model, prompt_ids)
+
+    SMOLLM2_GOLDEN.mkdir(parents=True, exist_ok=True)
+    (SMOLLM2_GOLDEN / "paragraph.txt").write_text(SMOLLM2_PARAGRAPH, encoding="utf-8")
+    save_numpy(last_logits, str(SMOLLM2_GOLDEN / "last_logits.safetensors"))
+    write_json(SMOLLM2_GOLDEN / "golden.json", {
+        "model": {"file": SMOLLM2_GGUF_NAME, "bytes": gguf_path.stat().st_size,
+                  "sha256": sha256(gguf_path)},
+        "prompts": prompts,
+        "perplexity": {"text_file": "paragraph.txt", "ids": para_ids, "ppl": ppl,
+                       "mean_nll": mean_nll, "tokens": len(para_ids) - 1},
+        "tokenizer": samples,
+        "chat": {"messages": SMOLLM2_CHAT, "text": chat_text, "ids": chat_ids},
+        "converter_check": converter,
+    })
+    print(f"wrote smollm2 (ppl {ppl:.4f} over {len(para_ids) - 1} tokens, "
+          f"{time.monotonic() - start:.1f}s)")
+
+
+def make_smollm2_goldens_if_present():
+    """make_smollm2_goldens() when the GGUF is in the model cache, else say it was skipped."""
+    path = upmix_model_cache() / SMOLLM2_GGUF_NAME
+    if not path.exists():
+        print(f"skipped smollm2 goldens: {path} not found (run scripts/fetch-models.sh)")
+        return
+    make_smollm2_goldens()
+
+
 def main(argv):
     """Command-line entry point."""
     torch.set_num_threads(1)
@@ -570,6 +774,10 @@ def main(argv):
     if len(argv) == 0:
         generate()
         generate_gguf()
+        make_smollm2_goldens_if_present()
+        return 0
+    if argv == ["smollm2"]:
+        make_smollm2_goldens()
         return 0
     if argv == ["gguf"]:
         generate_gguf()
@@ -577,7 +785,7 @@ def main(argv):
     if len(argv) == 3 and argv[0] == "check-emitted":
         return check_emitted(argv[1], argv[2])
     print(__doc__, file=sys.stderr)
-    print("usage: make_fixtures.py [gguf | check-emitted DIR NAME]", file=sys.stderr)
+    print("usage: make_fixtures.py [gguf | smollm2 | check-emitted DIR NAME]", file=sys.stderr)
     return 2
 
 

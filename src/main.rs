@@ -35,7 +35,7 @@ enum Command {
         #[arg(long)]
         no_verify: bool,
     },
-    /// Print a checkpoint's IR.
+    /// Print a checkpoint's IR (a Hugging Face directory or a .gguf file).
     Inspect { checkpoint: PathBuf },
     /// Greedy generation from a prompt.
     Generate {
@@ -45,6 +45,9 @@ enum Command {
         /// Number of new tokens.
         #[arg(short = 'n', long, default_value_t = 20)]
         max_new_tokens: usize,
+        /// Treat the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -99,11 +102,16 @@ fn main() -> Result<()> {
             checkpoint,
             prompt,
             max_new_tokens,
+            chat,
             device,
         } => {
             let m = load(&checkpoint)?;
-            let text = pipeline::generate(&m, "model", &prompt, max_new_tokens, &device)?;
-            println!("{prompt}{text}");
+            let text = pipeline::generate(&m, "model", &prompt, max_new_tokens, chat, &device)?;
+            if chat {
+                println!("{text}");
+            } else {
+                println!("{prompt}{text}");
+            }
         }
         Command::Ppl {
             checkpoint,

@@ -54,6 +54,8 @@ pub struct Pipeline {
 pub enum ModelSource {
     /// A Hugging Face checkpoint directory (config.json + safetensors).
     Hf(PathBuf),
+    /// A GGUF file (llama.cpp).
+    Gguf(PathBuf),
 }
 
 /// An evaluation.
@@ -158,7 +160,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
     let mut m = Module::new();
     for (name, source) in &p.models {
         let start = Instant::now();
-        let ModelSource::Hf(dir) = source;
+        let (ModelSource::Hf(dir) | ModelSource::Gguf(dir)) = source;
         let dir = resolve(dir);
         upmix_frontend::load(&dir, name, &mut m)
             .with_context(|| format!("loading model `{name}`"))?;
@@ -225,7 +227,14 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                 prompt,
                 max_new_tokens,
             } => {
-                let text = generate(&m, model, prompt, max_new_tokens.unwrap_or(20), &device)?;
+                let text = generate(
+                    &m,
+                    model,
+                    prompt,
+                    max_new_tokens.unwrap_or(20),
+                    false,
+                    &device,
+                )?;
                 writeln!(out, "eval   {model} continues {prompt:?}: {text:?}")?;
             }
         }
@@ -295,18 +304,28 @@ pub fn perplexity(
     Ok(((nll / count as f64).exp(), ids.len()))
 }
 
-/// Greedy continuation of `prompt` as text.
+/// Greedy continuation of `prompt` as text; with `chat`, `prompt` is a user message
+/// wrapped in the model's chat template and the reply is returned.
 pub fn generate(
     m: &Module,
     model: &str,
     prompt: &str,
     max_new: usize,
+    chat: bool,
     device: &DeviceSpec,
 ) -> Result<String> {
     let tok = tokenizer_of(m, model)?;
-    let ids = tok.encode(prompt, true)?;
+    let ids = if chat {
+        let text = tok.apply_chat_template(&[("user", prompt)], true)?;
+        tok.encode(&text, false)?
+    } else {
+        tok.encode(prompt, true)?
+    };
     let eos = m.graph(model).and_then(|g| g.meta.eos_token_id);
     let mut rt = load_runtime(m, model, device)?;
-    let new = rt.generate(&ids, max_new, eos)?;
+    let mut new = rt.generate(&ids, max_new, eos)?;
+    if new.last().is_some_and(|t| Some(*t) == eos) {
+        new.pop();
+    }
     Ok(tok.decode(&new)?)
 }

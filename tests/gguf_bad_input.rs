@@ -142,7 +142,10 @@ fn absurd_string_length_is_rejected_before_allocating() {
         }
         .bytes(),
     );
-    assert!(e.contains("string length") && e.contains("general.architecture"), "{e}");
+    assert!(
+        e.contains("string length") && e.contains("general.architecture"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! A tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata.
 //!
-//! `gpt2` models (byte-level BPE: SmolLM, Qwen2, ...) become a `tokenizers` BPE model with
-//! the file's vocabulary and merges, the byte-level pre-tokenizer and decoder, and the
-//! control tokens (token type 3) as special added tokens; a leading BOS is added when
-//! `tokenizer.ggml.add_bos_token` says so. This is the pipeline Hugging Face transformers
-//! builds from the same metadata, so token ids agree.
+//! `gpt2` models (byte-level BPE) become a `tokenizers` BPE model with the file's
+//! vocabulary and merges, the byte-level decoder, and the control tokens (token type 3) as
+//! special added tokens; a leading BOS is added when `tokenizer.ggml.add_bos_token` says
+//! so. The pre-tokenizer follows `tokenizer.ggml.pre` as llama.cpp does: `smollm` splits
+//! every digit before the GPT-2 regex. (Hugging Face transformers' GGUF converter skips
+//! that digit split, so the two differ on whitespace directly before a digit, e.g.
+//! `"a  9"`; they agree on ordinary text.)
 
 use serde_json::{json, Value};
 
@@ -70,6 +72,22 @@ pub(crate) fn tokenizer_json(gguf: &GgufFile) -> Result<String, FrontendError> {
         })
         .collect();
     let add_prefix_space = flag("tokenizer.ggml.add_space_prefix").unwrap_or(false);
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": true, "use_regex": true});
+    let pre = gguf
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let pre_tokenizer = match pre {
+        "default" | "gpt2" | "gpt-2" => byte_level,
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level,
+        ]}),
+        other => {
+            return Err(bad(format!(
+                "pre-tokenizer `{other}` is not supported (supported: default, gpt2, smollm)"
+            )))
+        }
+    };
     let post_processor = match (
         flag("tokenizer.ggml.add_bos_token"),
         id("tokenizer.ggml.bos_token_id"),
@@ -94,7 +112,7 @@ pub(crate) fn tokenizer_json(gguf: &GgufFile) -> Result<String, FrontendError> {
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": true, "use_regex": true},
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {

@@ -48,7 +48,9 @@ impl DType {
     /// blocks (or overflows).
     pub fn nbytes(self, numel: usize) -> Option<usize> {
         let (elems, bytes) = self.block();
-        (numel % elems == 0).then(|| (numel / elems).checked_mul(bytes))?
+        numel
+            .is_multiple_of(elems)
+            .then(|| (numel / elems).checked_mul(bytes))?
     }
 
     /// Whether this is a block-quantized type.

@@ -42,7 +42,7 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
         "{dtype} is not a block-quantized type"
     );
     assert!(
-        bytes.len() % block == 0,
+        bytes.len().is_multiple_of(block),
         "{} bytes is not a whole number of {dtype} blocks ({block} bytes each)",
         bytes.len()
     );

@@ -28,7 +28,7 @@ fn dtype_of(ggml_name: &str) -> DType {
 }
 
 fn hex_bytes(hex: &str) -> Vec<u8> {
-    assert!(hex.len() % 2 == 0, "odd-length hex string");
+    assert!(hex.len().is_multiple_of(2), "odd-length hex string");
     (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))
@@ -86,8 +86,18 @@ fn blocks_match_gguf_py() {
 
     for block in &blocks {
         let (elems, size) = block.dtype.block();
-        assert_eq!(block.bytes.len(), size, "{}: one block of bytes", block.dtype);
-        assert_eq!(block.expected.len(), elems, "{}: one block of values", block.dtype);
+        assert_eq!(
+            block.bytes.len(),
+            size,
+            "{}: one block of bytes",
+            block.dtype
+        );
+        assert_eq!(
+            block.expected.len(),
+            elems,
+            "{}: one block of values",
+            block.dtype
+        );
         let got = decode(block);
         assert_eq!(got.len(), elems, "{}", block.dtype);
         let tol = tolerance(block.dtype);
@@ -129,16 +139,32 @@ fn golden_blocks_are_informative() {
         let got = decode(&block);
         let expect_pos = block.expected.iter().any(|v| *v > 0.0);
         let expect_neg = block.expected.iter().any(|v| *v < 0.0);
-        assert!(expect_pos && expect_neg, "{}: golden spans both signs", block.dtype);
-        assert!(got.iter().any(|v| *v > 0.0), "{}: decoded positives", block.dtype);
-        assert!(got.iter().any(|v| *v < 0.0), "{}: decoded negatives", block.dtype);
+        assert!(
+            expect_pos && expect_neg,
+            "{}: golden spans both signs",
+            block.dtype
+        );
+        assert!(
+            got.iter().any(|v| *v > 0.0),
+            "{}: decoded positives",
+            block.dtype
+        );
+        assert!(
+            got.iter().any(|v| *v < 0.0),
+            "{}: decoded negatives",
+            block.dtype
+        );
         let distinct = {
             let mut bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
             bits.sort_unstable();
             bits.dedup();
             bits.len()
         };
-        assert!(distinct >= 8, "{}: only {distinct} distinct values", block.dtype);
+        assert!(
+            distinct >= 8,
+            "{}: only {distinct} distinct values",
+            block.dtype
+        );
     }
 
     let q4k = golden_blocks()

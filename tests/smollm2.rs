@@ -1,0 +1,204 @@
+//! A real pretrained model end to end: SmolLM2-135M-Instruct (GGUF, Q4_1) against Hugging
+//! Face transformers' own GGUF loader (goldens in tests/golden/smollm2, made by
+//! scripts/make_fixtures.py), and its dequantized Hugging Face checkpoint against the GGUF.
+//!
+//! The model comes from `scripts/fetch-models.sh` (`.ci/run` calls it); these tests fail
+//! with instructions when it is missing rather than skip.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use common::{device, golden, ids};
+use upmix::backends::load_runtime;
+use upmix::frontend::{SafetensorsFile, TextTokenizer};
+use upmix::ir::{Module, Runtime};
+
+fn cache_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("UPMIX_MODEL_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+    base.join("upmix")
+}
+
+fn gguf_path() -> PathBuf {
+    let path = std::env::var("UPMIX_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh (or set UPMIX_SMOLLM2_GGUF)",
+        path.display()
+    );
+    path
+}
+
+/// The dequantized Hugging Face checkpoint written by scripts/gguf_to_hf.py.
+fn hf_dir() -> PathBuf {
+    let dir = std::env::var("UPMIX_SMOLLM2_HF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("SmolLM2-135M-Instruct-f32"));
+    assert!(
+        dir.join("config.json").is_file(),
+        "{} is missing: run scripts/fetch-models.sh (or set UPMIX_SMOLLM2_HF)",
+        dir.display()
+    );
+    dir
+}
+
+/// The GGUF model, loaded once per test binary.
+fn model() -> &'static Module {
+    static MODEL: OnceLock<Module> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let mut m = Module::new();
+        upmix::frontend::load(&gguf_path(), "smollm2", &mut m).unwrap();
+        m
+    })
+}
+
+fn runtime() -> Box<dyn Runtime> {
+    load_runtime(model(), "smollm2", &device()).unwrap()
+}
+
+fn tokenizer() -> TextTokenizer {
+    TextTokenizer::load(&gguf_path()).unwrap()
+}
+
+#[test]
+fn token_ids_match_transformers() {
+    let g = golden("smollm2/golden.json");
+    let tok = tokenizer();
+    let mut texts = Vec::new();
+    for case in g["tokenizer"].as_array().unwrap() {
+        texts.push((
+            case["text"].as_str().unwrap().to_string(),
+            ids(&case["ids"]),
+        ));
+    }
+    for p in g["prompts"].as_array().unwrap() {
+        texts.push((p["text"].as_str().unwrap().to_string(), ids(&p["ids"])));
+    }
+    let paragraph =
+        std::fs::read_to_string(common::golden_dir().join("smollm2/paragraph.txt")).unwrap();
+    texts.push((paragraph, ids(&g["perplexity"]["ids"])));
+    assert!(texts.len() >= 10);
+    for (text, expected) in texts {
+        assert_eq!(tok.encode(&text, true).unwrap(), expected, "{text:?}");
+    }
+}
+
+#[test]
+fn chat_template_matches_transformers() {
+    let g = golden("smollm2/golden.json");
+    let chat = &g["chat"];
+    let tok = tokenizer();
+    let messages: Vec<(&str, &str)> = chat["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    let text = tok.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(text, chat["text"].as_str().unwrap());
+    assert_eq!(tok.encode(&text, false).unwrap(), ids(&chat["ids"]));
+}
+
+#[test]
+fn top1_agrees_with_transformers_and_logits_are_close() {
+    let g = golden("smollm2/golden.json");
+    let last = SafetensorsFile::open(&common::golden_dir().join("smollm2/last_logits.safetensors"))
+        .unwrap();
+    let mut rt = runtime();
+    let (mut positions, mut agree) = (0, 0);
+    let mut worst_topk = 0f32;
+    for (i, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
+        let logits = rt.logits(&ids(&p["ids"])).unwrap();
+        let top_ids = p["top_k"]["ids"].as_array().unwrap();
+        let top_values = p["top_k"]["logits"].as_array().unwrap();
+        for (t, (want_ids, want_values)) in top_ids.iter().zip(top_values).enumerate() {
+            let row = logits.row(t);
+            let argmax = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32;
+            positions += 1;
+            agree += usize::from(argmax == ids(want_ids)[0]);
+            for (id, v) in ids(want_ids).iter().zip(want_values.as_array().unwrap()) {
+                worst_topk = worst_topk.max((row[*id as usize] - v.as_f64().unwrap() as f32).abs());
+            }
+        }
+        // The full last-position logits.
+        let info = &last.tensors[&format!("prompt{i}")];
+        let mut want = Vec::new();
+        info.dtype.decode(
+            &last.file.bytes()[info.offset..info.offset + info.shape[0] * 4],
+            &mut want,
+        );
+        let got = logits.row(logits.shape[0] - 1);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        println!("prompt {i}: max abs difference of the last position's logits {diff:e}");
+        assert!(
+            diff < 1e-2,
+            "prompt {i}: last-position logits differ by {diff}"
+        );
+    }
+    println!(
+        "top-1 agreement {agree}/{positions}; max abs difference on top-10 logits {worst_topk:e}"
+    );
+    assert!(
+        agree as f64 >= 0.99 * positions as f64,
+        "top-1 agreement {agree}/{positions}"
+    );
+    assert!(worst_topk < 1e-2, "top-10 logits differ by {worst_topk}");
+}
+
+#[test]
+fn greedy_continuations_match_transformers() {
+    let g = golden("smollm2/golden.json");
+    let mut rt = runtime();
+    for p in g["prompts"].as_array().unwrap() {
+        let got = rt.generate(&ids(&p["ids"]), 20, None).unwrap();
+        assert_eq!(got, ids(&p["greedy"]), "{}", p["text"]);
+    }
+}
+
+#[test]
+fn perplexity_is_within_half_a_percent_of_transformers() {
+    let g = golden("smollm2/golden.json");
+    let want = g["perplexity"]["ppl"].as_f64().unwrap();
+    let tokens = ids(&g["perplexity"]["ids"]);
+    let ppl = runtime().log_likelihood(&tokens).unwrap().perplexity();
+    println!(
+        "perplexity: upmix {ppl:.4}, transformers {want:.4} over {} tokens",
+        tokens.len()
+    );
+    assert!(
+        (ppl - want).abs() / want < 0.005,
+        "upmix {ppl}, transformers {want}"
+    );
+}
+
+#[test]
+fn dequantized_hf_checkpoint_gives_the_gguf_logits() {
+    let mut m = Module::new();
+    upmix::frontend::load(&hf_dir(), "hf", &mut m).unwrap();
+    let tokens = ids(&golden("smollm2/golden.json")["prompts"][2]["ids"]);
+    let a = runtime().logits(&tokens).unwrap();
+    let b = load_runtime(&m, "hf", &device())
+        .unwrap()
+        .logits(&tokens)
+        .unwrap();
+    let diff = a.max_abs_diff(&b);
+    println!("GGUF vs dequantized HF checkpoint: max abs logit difference {diff:e}");
+    assert!(diff <= 1e-4, "{diff}");
+}
