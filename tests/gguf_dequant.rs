@@ -49,30 +49,26 @@ fn every_type_matches_gguf_py() {
 
 #[test]
 fn metadata_of_every_value_type_reads_back() {
+    // The values scripts/make_fixtures.py gave gguf-py's writer.
+    use upmix::frontend::GgufValue as V;
     let file = GgufFile::open(&golden_dir().join("gguf/quants.gguf")).unwrap();
-    assert!(file
-        .get("upmix.fixture.u32")
-        .and_then(|v| v.as_u64())
-        .is_some());
-    assert!(file
-        .get("upmix.fixture.f32")
-        .and_then(|v| v.as_f64())
-        .is_some());
-    assert!(file
-        .get("upmix.fixture.bool")
-        .and_then(|v| v.as_bool())
-        .is_some());
-    assert!(!file.strings("upmix.fixture.strings").unwrap().is_empty());
-    let ints = file.get("upmix.fixture.i32s").unwrap().as_array().unwrap();
-    assert!(ints
-        .iter()
-        .any(|v| *v == upmix::frontend::GgufValue::I32(i32::MIN)));
-    assert!(!file
-        .get("general.name")
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .is_ascii());
+    assert_eq!(file.version, 3);
+    assert_eq!(file.get("upmix.fixture.u32"), Some(&V::U32(4096)));
+    assert_eq!(file.get("upmix.fixture.f32"), Some(&V::F32(0.125)));
+    assert_eq!(file.get("upmix.fixture.bool"), Some(&V::Bool(true)));
+    assert_eq!(
+        file.strings("upmix.fixture.strings").unwrap(),
+        ["alpha", "", "naïve ✓"]
+    );
+    let ints: Vec<V> = [-3, 0, 7, i32::MAX, i32::MIN]
+        .into_iter()
+        .map(V::I32)
+        .collect();
+    assert_eq!(file.get("upmix.fixture.i32s"), Some(&V::Array(ints)));
+    assert_eq!(
+        file.get("general.name").and_then(|v| v.as_str()),
+        Some("upmix quant fixture")
+    );
 }
 
 #[test]
