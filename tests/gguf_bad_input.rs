@@ -69,7 +69,7 @@ fn open(bytes: &[u8]) -> (tempfile::TempDir, Result<GgufFile, FrontendError>) {
 
 fn error(bytes: &[u8]) -> String {
     let (_dir, r) = open(bytes);
-    let e = r.err().expect("an error").to_string();
+    let e = r.expect_err("an error").to_string();
     assert!(e.contains("model.gguf"), "names the file: {e}");
     e
 }
@@ -188,8 +188,7 @@ fn loading_a_gguf_without_the_model_tensors_names_what_is_missing() {
     std::fs::write(&path, Gguf::default().bytes()).unwrap();
     let mut m = upmix::ir::Module::new();
     let e = upmix::frontend::load(&path, "m", &mut m)
-        .err()
-        .expect("an error")
+        .expect_err("an error")
         .to_string();
     assert!(e.contains("model.gguf"), "{e}");
     assert!(m.graphs.is_empty());

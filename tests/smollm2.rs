@@ -202,3 +202,72 @@ fn dequantized_hf_checkpoint_gives_the_gguf_logits() {
     println!("GGUF vs dequantized HF checkpoint: max abs logit difference {diff:e}");
     assert!(diff <= 1e-4, "{diff}");
 }
+
+/// Runs the `upmix` binary; returns stdout, asserting success.
+fn upmix(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_upmix"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "upmix {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn cli_inspect_shows_each_tensors_stored_type() {
+    let text = upmix(&["inspect", gguf_path().to_str().unwrap()]);
+    assert!(
+        text.contains("graph model (vocab 49152, hidden 576"),
+        "{text}"
+    );
+    assert!(text.contains("heads=9 kv_heads=3 head_dim=64 rope_theta=100000.0"));
+    assert!(text.contains("embed.table q8_0[49152, 576] = source(SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(text.contains("layers.0.ffn.gate q4_1[1536, 576]"));
+    // Q and K are read through the row permutation that undoes llama.cpp's.
+    assert!(text.contains("layers.0.attn.q f32[576, 576] = rows("));
+    assert_eq!(text.matches(" = Attention(").count(), 30);
+}
+
+#[test]
+fn cli_ppl_on_gguf_and_hf_matches_transformers() {
+    let g = golden("smollm2/golden.json");
+    let want = g["perplexity"]["ppl"].as_f64().unwrap();
+    let text = common::golden_dir().join("smollm2/paragraph.txt");
+    // The dequantized checkpoint has no tokenizer.json of its own: take the GGUF's.
+    let gguf = gguf_path();
+    for model in [gguf.clone(), hf_dir()] {
+        let out = upmix(&[
+            "ppl",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--tokenizer",
+            gguf.to_str().unwrap(),
+        ]);
+        let ppl: f64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(
+            (ppl - want).abs() / want < 0.005,
+            "{}: {out}",
+            model.display()
+        );
+    }
+}
+
+#[test]
+fn cli_chat_generation_answers() {
+    let out = upmix(&[
+        "generate",
+        gguf_path().to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "-n",
+        "12",
+    ]);
+    assert!(out.contains("Paris"), "{out}");
+    assert!(!out.contains("<|im_end|>"), "{out}");
+}

@@ -101,6 +101,17 @@ pub struct GgufFile {
     pub tensors: BTreeMap<String, GgufTensor>,
 }
 
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path())
+            .field("version", &self.version)
+            .field("metadata", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
 impl GgufFile {
     /// Maps `path` and parses its header.
     pub fn open(path: &Path) -> Result<GgufFile, FrontendError> {

@@ -44,7 +44,7 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
     let key = |k: &str| format!("{arch}.{k}");
     let heads = gguf.require_u64(&key("attention.head_count"))? as usize;
     let hidden = gguf.require_u64(&key("embedding_length"))? as usize;
-    if heads == 0 || hidden % heads != 0 {
+    if heads == 0 || !hidden.is_multiple_of(heads) {
         return Err(FrontendError::Config {
             path: path.to_path_buf(),
             message: format!("embedding_length {hidden} is not divisible by head_count {heads}"),

@@ -15,7 +15,7 @@ results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 for threads in 1 2; do
   RAYON_NUM_THREADS=$threads ./target/release/examples/bench_forward "$model" --device "$device" >> "$results"
-  OMP_NUM_THREADS=$threads "$venv/bin/python" scripts/bench/forward_torch.py "$model" --threads "$threads" >> "$results"
+  OMP_NUM_THREADS=$threads "$venv/bin/python" scripts/bench/forward_torch.py "$model" --threads "$threads" 2>/dev/null >> "$results"
 done
 python3 - "$results" <<'PY'
 import json, sys

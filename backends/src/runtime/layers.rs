@@ -5,8 +5,8 @@
 //! - [`Projection`]: `x W^T (+ b)`, with `W^T` prepared once at load;
 //! - [`rms_norm`]: `x * 1/sqrt(mean(x^2) + eps) * w`;
 //! - [`AttentionLayer`]: q/k/v projections, rotary embeddings in the rotate-half
-//!   convention, grouped-query heads repeated to the query heads, `softmax(q k^T /
-//!   sqrt(d) + causal mask) v`, output projection; with an optional per-layer KV cache;
+//!   convention, grouped-query heads sharing their KV head, `softmax(q k^T / sqrt(d) +
+//!   causal mask) v`, output projection; with an optional per-layer KV cache;
 //! - [`SwiGlu`]: `down(silu(gate x) * up x)`;
 //! - [`MoeLayer`]: softmax router, top-k (optionally renormalised) mixing weights scattered
 //!   into a dense `[tokens, experts]` matrix, weighted sum of expert outputs, plus the
@@ -75,6 +75,73 @@ pub(crate) struct KvCache<B: Backend> {
     pub v: Tensor<B, 3>,
 }
 
+/// Rotary `(cos, sin)` tables.
+type CosSin<B> = (Tensor<B, 3>, Tensor<B, 3>);
+
+/// Tensors that every attention layer of one forward call shares, built once per call
+/// instead of once per layer: the rotary `cos`/`sin` tables of each distinct RoPE setting
+/// and the causal masks.
+pub(crate) struct Positions<B: Backend> {
+    /// Position of the first token of the call.
+    pub start: usize,
+    pub tokens: usize,
+    /// `(cos, sin)`, each `[tokens, heads, head_dim]`, by RoPE slot and head count.
+    /// Expanded over heads so that applying them is a contiguous element-wise op.
+    rotary: Vec<((usize, usize), CosSin<B>)>,
+    /// Additive causal masks `[kv_heads, repeats * tokens, start + tokens]`, by
+    /// `(kv_heads, repeats)`; expanded for the same reason.
+    masks: Vec<((usize, usize), Tensor<B, 3>)>,
+}
+
+impl<B: Backend> Positions<B> {
+    pub fn new(start: usize, tokens: usize) -> Self {
+        Positions {
+            start,
+            tokens,
+            rotary: Vec::new(),
+            masks: Vec::new(),
+        }
+    }
+
+    /// `cos` and `sin` of `position * inv_freq`, duplicated over both halves of the head
+    /// (`emb = cat(freqs, freqs)`), for `heads` heads: `[tokens, heads, head_dim]`.
+    fn rotary(&mut self, slot: usize, heads: usize, inv_freq: &Tensor<B, 2>) -> CosSin<B> {
+        if let Some((_, t)) = self.rotary.iter().find(|(k, _)| *k == (slot, heads)) {
+            return t.clone();
+        }
+        let device = inv_freq.device();
+        let (start, tokens) = (self.start, self.tokens);
+        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + tokens) as i64, &device)
+            .float()
+            .reshape([tokens, 1]);
+        let freqs = positions * inv_freq.clone();
+        let emb = Tensor::cat(vec![freqs.clone(), freqs], 1)
+            .unsqueeze_dim::<3>(1)
+            .repeat_dim(1, heads);
+        let t = (emb.clone().cos(), emb.sin());
+        self.rotary.push(((slot, heads), t.clone()));
+        t
+    }
+
+    /// The additive causal mask for `repeats` query heads stacked per KV head: row
+    /// `r * tokens + i` (query position `start + i`) may see keys `0..=start + i`.
+    fn mask(&mut self, kv_heads: usize, repeats: usize, device: &B::Device) -> Tensor<B, 3> {
+        if let Some((_, m)) = self.masks.iter().find(|(k, _)| *k == (kv_heads, repeats)) {
+            return m.clone();
+        }
+        let keys = self.start + self.tokens;
+        let future =
+            Tensor::<B, 2, Bool>::tril_mask([self.tokens, keys], self.start as i64, device);
+        let mask = Tensor::<B, 2>::zeros([self.tokens, keys], device)
+            .mask_fill(future, f32::MIN)
+            .repeat_dim(0, repeats)
+            .unsqueeze_dim::<3>(0)
+            .repeat_dim(0, kv_heads);
+        self.masks.push(((kv_heads, repeats), mask.clone()));
+        mask
+    }
+}
+
 /// Causal self-attention with rotary position embeddings.
 pub(crate) struct AttentionLayer<B: Backend> {
     pub q: Projection<B>,
@@ -86,28 +153,38 @@ pub(crate) struct AttentionLayer<B: Backend> {
     pub head_dim: usize,
     /// Rotary inverse frequencies, `[1, head_dim / 2]`.
     pub inv_freq: Tensor<B, 2>,
+    /// Index of this layer's RoPE setting in a call's [`Positions`].
+    pub rope_slot: usize,
+    /// `rotate_half` as a `[head_dim, head_dim]` signed permutation matrix, so that it runs
+    /// as one contiguous matmul (exact: every output is one input times +-1).
+    pub rotate_half: Tensor<B, 2>,
     /// Index of this layer's slot in the runtime's KV caches.
     pub cache_slot: usize,
 }
 
 impl<B: Backend> AttentionLayer<B> {
-    /// Attends the `tokens` rows of `x` (at positions `start..start + tokens`) to themselves
-    /// and, when `cache` is given, to the positions cached before them; the new keys and
-    /// values are appended to the cache.
+    /// Attends the rows of `x` (at positions `pos.start..`) to themselves and, when
+    /// `cache` is given, to the positions cached before them; the new keys and values are
+    /// appended to the cache.
+    ///
+    /// Grouped-query attention without copying KV heads: the `n_heads / n_kv_heads` query
+    /// heads that share a KV head are stacked along the query axis, so each KV head does
+    /// one `[repeats * tokens, keys]` score matmul.
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
-        start: usize,
+        pos: &mut Positions<B>,
         cache: Option<&mut Option<KvCache<B>>>,
     ) -> Tensor<B, 2> {
         let [tokens, _] = x.dims();
-        let (cos, sin) = self.rotary(start, tokens, &x.device());
-
-        let q = self.split_heads(self.q.forward(x.clone()), self.n_heads);
-        let k = self.split_heads(self.k.forward(x.clone()), self.n_kv_heads);
-        let v = self.split_heads(self.v.forward(x), self.n_kv_heads);
-        let q = apply_rope(q, &cos, &sin);
-        let k = apply_rope(k, &cos, &sin);
+        let (heads, kv_heads, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (cos, sin) = pos.rotary(self.rope_slot, heads, &self.inv_freq);
+        let q = self.rope(self.q.forward(x.clone()), heads, &cos, &sin);
+        let (cos, sin) = pos.rotary(self.rope_slot, kv_heads, &self.inv_freq);
+        let k = self.rope(self.k.forward(x.clone()), kv_heads, &cos, &sin);
+        let v = self.v.forward(x).reshape([tokens, kv_heads, d]);
+        // [kv_heads, tokens, head_dim]
+        let (k, v) = (k.swap_dims(0, 1), v.swap_dims(0, 1));
 
         let (k, v) = match cache {
             None => (k, v),
@@ -126,83 +203,55 @@ impl<B: Backend> AttentionLayer<B> {
                 (k, v)
             }
         };
-        let keys = k.dims()[1];
-        let repeats = self.n_heads / self.n_kv_heads;
-        let k = repeat_kv(k, repeats);
-        let v = repeat_kv(v, repeats);
-
-        let scale = (self.head_dim as f64).powf(-0.5) as f32;
+        let repeats = heads / kv_heads;
+        // Head h = g * repeats + r reads KV head g: stack its queries as rows r * tokens + i.
+        let q = q.swap_dims(0, 1).reshape([kv_heads, repeats * tokens, d]);
+        let scale = (d as f64).powf(-0.5) as f32;
+        let q_device = q.device();
         let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(scale);
         let scores = if tokens > 1 {
-            let mask = causal_mask::<B>(tokens, keys, start, &scores.device());
-            scores + mask.unsqueeze_dim(0)
+            scores + pos.mask(kv_heads, repeats, &q_device)
         } else {
             // A single query at the newest position sees every cached key.
             scores
         };
-        let probs = softmax(scores, 2);
-        let context = probs
+        let context = softmax(scores, 2)
             .matmul(v)
+            .reshape([heads, tokens, d])
             .swap_dims(0, 1)
-            .reshape([tokens, self.n_heads * self.head_dim]);
+            .reshape([tokens, heads * d]);
         self.o.forward(context)
     }
 
-    /// `[tokens, heads * head_dim]` -> `[heads, tokens, head_dim]`.
-    fn split_heads(&self, x: Tensor<B, 2>, heads: usize) -> Tensor<B, 3> {
-        let [tokens, _] = x.dims();
-        x.reshape([tokens, heads, self.head_dim]).swap_dims(0, 1)
-    }
-
-    /// `cos` and `sin` of `position * inv_freq`, duplicated to `[tokens, head_dim]`
-    /// (`emb = cat(freqs, freqs)`).
-    fn rotary(
+    /// `x * cos + rotate_half(x) * sin` on `[tokens, n * head_dim]`, returning
+    /// `[tokens, n, head_dim]`.
+    fn rope(
         &self,
-        start: usize,
-        tokens: usize,
-        device: &B::Device,
-    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + tokens) as i64, device)
-            .float()
-            .reshape([tokens, 1]);
-        let freqs = positions * self.inv_freq.clone();
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 1);
-        (emb.clone().cos(), emb.sin())
+        x: Tensor<B, 2>,
+        n: usize,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let [tokens, _] = x.dims();
+        let d = self.head_dim;
+        let rotated = x
+            .clone()
+            .reshape([tokens * n, d])
+            .matmul(self.rotate_half.clone())
+            .reshape([tokens, n, d]);
+        x.reshape([tokens, n, d]) * cos.clone() + rotated * sin.clone()
     }
 }
 
-/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)` over the two
-/// halves of the head dimension; `x` is `[heads, tokens, head_dim]`.
-fn apply_rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
-    let half = x.dims()[2] / 2;
-    let x1 = x.clone().narrow(2, 0, half);
-    let x2 = x.clone().narrow(2, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
-    x * cos.clone().unsqueeze_dim(0) + rotated * sin.clone().unsqueeze_dim(0)
-}
-
-/// Repeats each KV head `repeats` times in place (`[kv, s, d]` -> `[kv * repeats, s, d]`),
-/// so query head `h` reads KV head `h / repeats`.
-fn repeat_kv<B: Backend>(x: Tensor<B, 3>, repeats: usize) -> Tensor<B, 3> {
-    if repeats == 1 {
-        return x;
+/// The matrix `R` with `x R = rotate_half(x) = cat(-x2, x1)` for rows `x` of `head_dim`.
+pub(crate) fn rotate_half_matrix(head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut r = vec![0f32; head_dim * head_dim];
+    for j in 0..half {
+        r[(j + half) * head_dim + j] = -1.0; // output j takes -x[j + half]
+        r[j * head_dim + j + half] = 1.0; // output j + half takes x[j]
     }
-    let [kv, s, d] = x.dims();
-    x.unsqueeze_dim::<4>(1)
-        .repeat_dim(1, repeats)
-        .reshape([kv * repeats, s, d])
-}
-
-/// Additive mask `[queries, keys]`: 0 where query `i` (at position `start + i`) may see key
-/// `j`, the lowest f32 where `j > start + i`.
-fn causal_mask<B: Backend>(
-    queries: usize,
-    keys: usize,
-    start: usize,
-    device: &B::Device,
-) -> Tensor<B, 2> {
-    let future = Tensor::<B, 2, Bool>::tril_mask([queries, keys], start as i64, device);
-    Tensor::<B, 2>::zeros([queries, keys], device).mask_fill(future, f32::MIN)
+    r
 }
 
 /// A shared expert: `sigmoid(x gate^T) * ffn(x)`, or `ffn(x)` without gate.

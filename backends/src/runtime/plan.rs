@@ -13,7 +13,8 @@ use burn_tensor::{DType, Int, Tensor, TensorData};
 use upmix_ir::{FeedForward, Graph, Op, WeightId, WeightTable};
 
 use super::layers::{
-    embed, rms_norm, AttentionLayer, KvCache, MoeLayer, Projection, SharedExpertLayer, SwiGlu,
+    embed, rms_norm, rotate_half_matrix, AttentionLayer, KvCache, MoeLayer, Positions, Projection,
+    SharedExpertLayer, SwiGlu,
 };
 use crate::BackendError;
 
@@ -104,6 +105,7 @@ impl<B: Backend> Plan<B> {
         let mut steps = Vec::with_capacity(order.len());
         let mut last_read = vec![None; order.len()];
         let (mut output, mut vocab, mut attention_layers) = (0, usize::MAX, 0);
+        let mut ropes: Vec<Vec<f32>> = Vec::new();
         for (i, id) in order.iter().enumerate() {
             let node = graph.node(*id);
             let inputs: Vec<usize> = graph.inputs(*id).iter().map(|n| slot_of[n]).collect();
@@ -131,6 +133,14 @@ impl<B: Backend> Plan<B> {
                 Op::Attention(a) => {
                     let inv_freq = a.rope.inv_freq(a.head_dim);
                     let half = inv_freq.len();
+                    let rope_slot = match ropes.iter().position(|r| *r == inv_freq) {
+                        Some(slot) => slot,
+                        None => {
+                            ropes.push(inv_freq.clone());
+                            ropes.len() - 1
+                        }
+                    };
+                    let hd = a.head_dim;
                     let layer = AttentionLayer {
                         q: uploader.projection(a.q, a.q_bias)?,
                         k: uploader.projection(a.k, a.k_bias)?,
@@ -140,6 +150,8 @@ impl<B: Backend> Plan<B> {
                         n_kv_heads: a.n_kv_heads,
                         head_dim: a.head_dim,
                         inv_freq: upload(inv_freq, [1, half], device),
+                        rope_slot,
+                        rotate_half: upload(rotate_half_matrix(hd), [hd, hd], device),
                         cache_slot: attention_layers,
                     };
                     attention_layers += 1;
@@ -202,6 +214,7 @@ impl<B: Backend> Plan<B> {
         until: usize,
     ) -> Value<B> {
         let mut slots: Vec<Option<Value<B>>> = vec![None; self.steps.len()];
+        let mut positions = Positions::new(start, tokens.dims()[0]);
         let mut tokens = Some(tokens);
         for (i, step) in self.steps.iter().enumerate().take(until + 1) {
             let mut ins = step
@@ -219,7 +232,7 @@ impl<B: Backend> Plan<B> {
                 }
                 Layer::Attention(a) => {
                     let cache = caches.as_deref_mut().map(|c| &mut c[a.cache_slot]);
-                    Value::Hidden(a.forward(next_hidden(&mut ins, name), start, cache))
+                    Value::Hidden(a.forward(next_hidden(&mut ins, name), &mut positions, cache))
                 }
                 Layer::FeedForward(f) => Value::Hidden(f.forward(next_hidden(&mut ins, name))),
                 Layer::MixtureOfExperts(m) => Value::Hidden(m.forward(next_hidden(&mut ins, name))),
@@ -279,6 +292,32 @@ impl<B: Backend> Uploader<'_, B> {
         Ok(t)
     }
 
+    /// An `[out, in]` weight as a contiguous `[in, out]` device tensor: the layout gemm
+    /// multiplies without repacking the weight on every call.
+    fn get_transposed(&mut self, id: WeightId) -> Result<Tensor<B, 2>, BackendError> {
+        let host = self.weights.materialize(id)?;
+        let [rows, cols] = host.shape[..] else {
+            return Err(upmix_ir::WeightError::Invalid {
+                name: self.weights.get(id)?.name.clone(),
+                message: format!("expected a 2-D weight, got shape {:?}", host.shape),
+            }
+            .into());
+        };
+        // Transpose in 32 x 32 tiles so both sides stay in cache.
+        const TILE: usize = 32;
+        let mut t = vec![0f32; rows * cols];
+        for r0 in (0..rows).step_by(TILE) {
+            for c0 in (0..cols).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in c0..(c0 + TILE).min(cols) {
+                        t[c * rows + r] = host.data[r * cols + c];
+                    }
+                }
+            }
+        }
+        Ok(upload(t, [cols, rows], self.device))
+    }
+
     /// A projection from an `[out, in]` weight and optional `[out]` bias.
     fn projection(
         &mut self,
@@ -286,7 +325,7 @@ impl<B: Backend> Uploader<'_, B> {
         bias: Option<WeightId>,
     ) -> Result<Projection<B>, BackendError> {
         Ok(Projection {
-            weight_t: self.get(weight)?.transpose(),
+            weight_t: self.get_transposed(weight)?,
             bias: bias.map(|b| self.get(b)).transpose()?,
         })
     }
