@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{device, golden, ids, load, logits_tolerance, FIXTURES};
+use common::{device, golden, ids, load, tolerance, FIXTURES};
 use upmix::backends::load_runtime;
 use upmix::frontend::TextTokenizer;
 
@@ -23,9 +23,9 @@ fn logits_match_transformers() {
                 worst = worst.max((logits.row(t)[v] - x.as_f64().unwrap() as f32).abs());
             }
         }
-        println!("{name}: max abs logit difference {worst:e}");
+        println!("{name} on {}: max abs logit difference {worst:e}", device());
         assert!(
-            worst <= logits_tolerance(),
+            worst <= tolerance().tiny_logits,
             "{name}: max abs difference {worst}"
         );
     }

@@ -19,6 +19,20 @@ fn merge(m: &mut Module, models: &[&str], weights: Vec<f32>) {
     pm.run(m, &mut PassContext::default()).unwrap();
 }
 
+/// The error of a uniform merge that must fail.
+fn merge_error(m: &mut Module, models: &[&str]) -> String {
+    let mut pm = PassManager::new();
+    pm.add(Box::new(Merge {
+        into: "merged".into(),
+        models: models.iter().map(|s| s.to_string()).collect(),
+        weights: None,
+        normalize: true,
+    }));
+    pm.run(m, &mut PassContext::default())
+        .expect_err("mismatch")
+        .to_string()
+}
+
 #[test]
 fn linear_merge_matches_torch() {
     let g = golden("merge/golden.json");
@@ -110,17 +124,7 @@ fn mismatched_shapes_name_the_tensor() {
     if let Op::FeedForward(f) = &mut g.node_mut(ffn).op {
         f.gate = wide;
     }
-    let mut pm = PassManager::new();
-    pm.add(Box::new(Merge {
-        into: "merged".into(),
-        models: vec!["a".into(), "b".into()],
-        weights: None,
-        normalize: true,
-    }));
-    let err = pm
-        .run(&mut m, &mut PassContext::default())
-        .expect_err("mismatch")
-        .to_string();
+    let err = merge_error(&mut m, &["a", "b"]);
     assert!(err.contains("`layers.1.ffn.gate`"), "{err}");
     assert!(
         err.contains("[96, 64]") && err.contains("[97, 64]"),
@@ -134,17 +138,7 @@ fn mismatched_architectures_name_the_node() {
     let mut m = Module::new();
     upmix::frontend::load(&model_dir("llama"), "llama", &mut m).unwrap();
     upmix::frontend::load(&model_dir("mixtral"), "mixtral", &mut m).unwrap();
-    let mut pm = PassManager::new();
-    pm.add(Box::new(Merge {
-        into: "merged".into(),
-        models: vec!["llama".into(), "mixtral".into()],
-        weights: None,
-        normalize: true,
-    }));
-    let err = pm
-        .run(&mut m, &mut PassContext::default())
-        .expect_err("mismatch")
-        .to_string();
+    let err = merge_error(&mut m, &["llama", "mixtral"]);
     assert!(err.contains("layers.0.attn"), "{err}");
     assert!(err.contains("rope_theta"), "{err}");
     assert!(m.graph("merged").is_none());

@@ -2,7 +2,8 @@
 //!
 //! `cpu` runs on burn's portable CPU backend (`burn_flex::Flex`) and is always built.
 //! `wgpu` and `cuda[:N]` name GPU backends that are compiled in only with the matching
-//! cargo feature; without it they fail with [`BackendError::DeviceNotCompiled`].
+//! cargo feature; without it they fail with [`BackendError::DeviceNotCompiled`], and
+//! without a usable driver or device with [`BackendError::DeviceUnavailable`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -69,10 +70,8 @@ pub fn load_runtime(
     }
 }
 
-// The GPU seams: one function per backend, compiled for real when its cargo feature (and
-// its burn backend dependency) exists. The `unexpected_cfgs` allowance goes away once the
-// features are declared in Cargo.toml.
-#[allow(unexpected_cfgs)]
+// The GPU backends: one function per backend, compiled for real when its cargo feature
+// is on and otherwise an error saying which feature to build with.
 mod gpu {
     use super::*;
 
@@ -86,9 +85,10 @@ mod gpu {
         graph: &str,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         let device = burn_wgpu::WgpuDevice::default();
-        Ok(Box::new(BurnRuntime::<burn_wgpu::Wgpu>::new(
-            module, graph, &device,
-        )?))
+        let runtime = catch_backend_panic(DeviceSpec::Wgpu, || {
+            BurnRuntime::<burn_wgpu::Wgpu>::new(module, graph, &device)
+        })?;
+        Ok(Box::new(runtime))
     }
 
     #[cfg(not(feature = "wgpu"))]
@@ -106,9 +106,10 @@ mod gpu {
         index: usize,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         let device = burn_cuda::CudaDevice::new(index);
-        Ok(Box::new(BurnRuntime::<burn_cuda::Cuda>::new(
-            module, graph, &device,
-        )?))
+        let runtime = catch_backend_panic(DeviceSpec::Cuda(index), || {
+            BurnRuntime::<burn_cuda::Cuda>::new(module, graph, &device)
+        })?;
+        Ok(Box::new(runtime))
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -118,6 +119,35 @@ mod gpu {
         index: usize,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         Err(not_compiled(DeviceSpec::Cuda(index), "cuda"))
+    }
+
+    /// Runs a backend's first use, turning the panic GPU runtimes raise when no driver or
+    /// adapter is present into a [`BackendError::DeviceUnavailable`] (and keeping the
+    /// default panic message off the terminal).
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    fn catch_backend_panic<T>(
+        device: DeviceSpec,
+        init: impl FnOnce() -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(init));
+        std::panic::set_hook(hook);
+        result.unwrap_or_else(|panic| {
+            let reason = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the backend panicked while starting");
+            Err(BackendError::DeviceUnavailable {
+                device: device.to_string(),
+                hint: match device {
+                    DeviceSpec::Wgpu => "needs a Vulkan, Metal or DX12 driver; on Linux without a GPU, install Mesa's software Vulkan (Debian: mesa-vulkan-drivers libvulkan1)",
+                    _ => "needs an NVIDIA GPU with its driver (libcuda.so) and a valid device index",
+                },
+                reason: reason.lines().next().unwrap_or_default().to_string(),
+            })
+        })
     }
 }
 use gpu::{cuda_runtime, wgpu_runtime};

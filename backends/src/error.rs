@@ -20,6 +20,14 @@ pub enum BackendError {
         "device `{device}` is not compiled into this build; rebuild with `--features {feature}`"
     )]
     DeviceNotCompiled { device: String, feature: String },
+    /// The backend is compiled in but the device cannot be used here (no driver, no
+    /// adapter, no such device index).
+    #[error("device `{device}` is not available: {reason} ({hint})")]
+    DeviceUnavailable {
+        device: String,
+        reason: String,
+        hint: &'static str,
+    },
     /// A device string that does not parse.
     #[error("{0}")]
     BadDevice(String),

@@ -6,6 +6,25 @@ use upmix_ir::{
 };
 
 use crate::error::FrontendError;
+use crate::names::Family;
+
+/// The family of architecture `arch` in a format's `table`, or an error listing the
+/// supported ones.
+pub(crate) fn family(
+    table: &[(&str, Family)],
+    arch: &str,
+    path: &std::path::Path,
+) -> Result<Family, FrontendError> {
+    table
+        .iter()
+        .find(|(a, _)| *a == arch)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| FrontendError::UnknownArchitecture {
+            path: path.to_path_buf(),
+            arch: arch.to_string(),
+            supported: table.iter().map(|(a, _)| a.to_string()).collect(),
+        })
+}
 
 /// The shape-determining settings of a decoder.
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use upmix_ir::{ModelMeta, Module, Rope, RopeScaling, Weight, WeightExpr, WeightId};
 
-use crate::decoder::{build_decoder, Hyper, Role, TensorSource};
+use crate::decoder::{build_decoder, family, Hyper, Role, TensorSource};
 use crate::error::FrontendError;
 use crate::gguf::GgufFile;
 use crate::names::{self, Family};
@@ -23,18 +23,7 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let family = names::GGUF_ARCHITECTURES
-        .iter()
-        .find(|(a, _)| *a == arch)
-        .map(|(_, f)| *f)
-        .ok_or_else(|| FrontendError::UnknownArchitecture {
-            path: path.to_path_buf(),
-            arch: arch.clone(),
-            supported: names::GGUF_ARCHITECTURES
-                .iter()
-                .map(|(a, _)| a.to_string())
-                .collect(),
-        })?;
+    let family = family(names::GGUF_ARCHITECTURES, &arch, path)?;
     if gguf.get(&format!("{arch}.expert_count")).is_some() {
         return Err(FrontendError::Config {
             path: path.to_path_buf(),

@@ -13,7 +13,7 @@ use upmix_ir::{
 };
 
 use crate::config::HfConfig;
-use crate::decoder::{build_decoder, dense_mlp, Hyper, Role, TensorSource};
+use crate::decoder::{build_decoder, dense_mlp, family, Hyper, Role, TensorSource};
 use crate::error::{io, FrontendError};
 use crate::names::{self, Family};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
@@ -39,18 +39,7 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
     }
     let config = HfConfig::read(&config_path)?;
     let arch = config.architectures.first().cloned().unwrap_or_default();
-    let family = names::ARCHITECTURES
-        .iter()
-        .find(|(a, _)| *a == arch)
-        .map(|(_, f)| *f)
-        .ok_or_else(|| FrontendError::UnknownArchitecture {
-            path: config_path.clone(),
-            arch: arch.clone(),
-            supported: names::ARCHITECTURES
-                .iter()
-                .map(|(a, _)| a.to_string())
-                .collect(),
-        })?;
+    let family = family(names::ARCHITECTURES, &arch, &config_path)?;
     let bad_config = |message: String| FrontendError::Config {
         path: config_path.clone(),
         message,
