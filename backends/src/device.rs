@@ -129,16 +129,32 @@ mod gpu {
         device: DeviceSpec,
         init: impl FnOnce() -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
+        use std::sync::{Arc, Mutex};
+        // GPU runtimes often fail on a worker thread and the caller only sees a closed
+        // channel; the first panic message, from whichever thread, says why.
+        let first: Arc<Mutex<Option<String>>> = Arc::default();
+        let seen = first.clone();
         let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let text = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the backend panicked while starting".into());
+            if let Ok(mut s) = seen.lock() {
+                s.get_or_insert(text);
+            }
+        }));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(init));
         std::panic::set_hook(hook);
-        result.unwrap_or_else(|panic| {
-            let reason = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("the backend panicked while starting");
+        result.unwrap_or_else(|_| {
+            let reason = first.lock().ok().and_then(|s| s.clone()).unwrap_or_default();
+            // Loader errors list every library name they tried; the first sentence says it.
+            let reason = match reason.split_once(" - ") {
+                Some((head, _)) if reason.len() > 200 => head.to_string(),
+                _ => reason,
+            };
             Err(BackendError::DeviceUnavailable {
                 device: device.to_string(),
                 hint: match device {
