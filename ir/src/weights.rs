@@ -77,6 +77,9 @@ pub enum WeightExpr {
     /// Rows of a 2-D weight, reordered: row `i` of the result is row `rows[i]` of the
     /// operand (e.g. undoing a checkpoint format's permutation of attention heads).
     Rows(WeightId, Arc<[u32]>),
+    /// Normal samples `N(0, std^2)` from a generator seeded with `seed` (SplitMix64 bits,
+    /// Box-Muller), so the same seed always gives the same tensor.
+    Random { seed: u64, std: f32 },
 }
 
 /// One entry of the weight table.
@@ -214,6 +217,15 @@ impl WeightTable {
                 }
                 vec![]
             }
+            WeightExpr::Random { std, .. } => {
+                if !std.is_finite() || *std < 0.0 {
+                    return Err(Self::invalid(
+                        weight,
+                        format!("std {std} must be finite and >= 0"),
+                    ));
+                }
+                vec![]
+            }
             WeightExpr::Mean(ids) => ids.clone(),
             WeightExpr::WeightedSum { terms, .. } => terms.iter().map(|(_, id)| *id).collect(),
             WeightExpr::Scale(_, id) => vec![*id],
@@ -328,6 +340,7 @@ impl WeightTable {
                 out
             }
             WeightExpr::Literal(t) => t.data.clone(),
+            WeightExpr::Random { seed, std } => normal_samples(*seed, *std, weight.numel()),
             WeightExpr::Rows(id, rows) => {
                 let src = self.materialize(*id)?;
                 let cols = src.shape[1];
@@ -369,4 +382,29 @@ impl WeightTable {
         }
         Ok(acc)
     }
+}
+
+/// `n` samples of `N(0, std^2)`: SplitMix64 supplies uniform bits, Box-Muller turns each
+/// pair into two normals.
+fn normal_samples(seed: u64, std: f32, n: usize) -> Vec<f32> {
+    let mut state = seed;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // 53 random bits in (0, 1]: never 0, so the logarithm below is finite.
+        ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let (u1, u2) = (uniform(), uniform());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * theta.cos()) as f32 * std);
+        out.push((r * theta.sin()) as f32 * std);
+    }
+    out.truncate(n);
+    out
 }

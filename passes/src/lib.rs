@@ -6,14 +6,17 @@
 //! after each. Passes that must execute a model ask the [`PassContext`] for a runtime;
 //! this crate never depends on a tensor backend.
 
+mod align;
 mod cast;
 mod manager;
 mod merge;
 mod pass;
 pub mod registry;
+mod upcycle;
 
 pub use cast::Cast;
 pub use manager::{DumpIr, PassManager, PassReport};
 pub use merge::Merge;
 pub use pass::{Pass, PassContext, PassError, RuntimeProvider};
 pub use registry::{create, pass_names, PassInfo, PassSpec, REGISTRY};
+pub use upcycle::{RouterInit, Upcycle};

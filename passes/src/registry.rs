@@ -7,13 +7,14 @@
 use serde::Deserialize;
 
 use crate::pass::{Pass, PassError};
-use crate::{Cast, Merge};
+use crate::{Cast, Merge, Upcycle};
 
 /// One pass as written in a pipeline file.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub enum PassSpec {
     Cast(Cast),
     Merge(Merge),
+    Upcycle(Upcycle),
 }
 
 impl PassSpec {
@@ -22,6 +23,7 @@ impl PassSpec {
         match self {
             PassSpec::Cast(p) => Box::new(p),
             PassSpec::Merge(p) => Box::new(p),
+            PassSpec::Upcycle(p) => Box::new(p),
         }
     }
 }
@@ -41,6 +43,10 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "Merge",
         doc: "weighted average of same-architecture models into a new model (mergekit linear)",
+    },
+    PassInfo {
+        name: "Upcycle",
+        doc: "dense models into a mixture of experts: each model's FFN becomes an expert (BTX / sparse upcycling)",
     },
 ];
 

@@ -60,7 +60,7 @@ fn input_files(m: &Module, g: &Graph) -> Vec<PathBuf> {
             WeightExpr::Mean(ids) => stack.extend(ids),
             WeightExpr::WeightedSum { terms, .. } => stack.extend(terms.iter().map(|(_, i)| *i)),
             WeightExpr::Scale(_, i) | WeightExpr::Rows(i, _) => stack.push(*i),
-            WeightExpr::Literal(_) => {}
+            WeightExpr::Literal(_) | WeightExpr::Random { .. } => {}
         }
     }
     files.sort();

@@ -1,0 +1,142 @@
+//! `Upcycle`: invariants (upcycling copies of one model preserves its function, with any
+//! router and top_k), partial layer ranges, the Mixtral round trip, and clear errors.
+
+mod common;
+
+use common::{device, model_dir};
+use upmix::backends::emit::{emit_hf, HfEmitOptions};
+use upmix::backends::load_runtime;
+use upmix::ir::{HostTensor, Module, Op};
+use upmix::passes::{PassContext, PassManager, RouterInit, Upcycle};
+
+const TOKENS: [u32; 8] = [5, 17, 42, 99, 3, 250, 7, 64];
+
+fn load(models: &[(&str, &str)]) -> Module {
+    let mut m = Module::new();
+    for (name, fixture) in models {
+        upmix::frontend::load(&model_dir(fixture), name, &mut m).unwrap();
+    }
+    m
+}
+
+fn upcycle(experts: &[&str], top_k: usize, router: RouterInit) -> Upcycle {
+    Upcycle {
+        into: "moe".into(),
+        experts: experts.iter().map(|s| s.to_string()).collect(),
+        top_k,
+        router,
+        base: None,
+        weights: None,
+        shared_expert: None,
+        layers: None,
+    }
+}
+
+fn run(m: &mut Module, pass: Upcycle) -> Result<(), String> {
+    let mut pm = PassManager::new();
+    pm.add(Box::new(pass));
+    pm.run(m, &mut PassContext::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn logits(m: &Module, graph: &str) -> HostTensor {
+    load_runtime(m, graph, &device())
+        .unwrap()
+        .logits(&TOKENS)
+        .unwrap()
+}
+
+fn moe_layers(m: &Module) -> usize {
+    let g = &m.graphs["moe"];
+    g.node_ids()
+        .into_iter()
+        .filter(|n| matches!(g.node(*n).op, Op::MixtureOfExperts(_)))
+        .count()
+}
+
+#[test]
+fn copies_of_one_model_keep_its_logits_for_any_router_and_top_k() {
+    let routers = [
+        RouterInit::Random { seed: 7, std: 1.0 },
+        RouterInit::Random { seed: 1, std: 0.02 },
+        RouterInit::Zeros,
+    ];
+    for router in routers {
+        for top_k in 1..=3 {
+            let mut m = load(&[("a", "llama"), ("b", "llama"), ("c", "llama")]);
+            run(&mut m, upcycle(&["a", "b", "c"], top_k, router.clone())).unwrap();
+            assert_eq!(moe_layers(&m), 2);
+            let diff = logits(&m, "a").max_abs_diff(&logits(&m, "moe"));
+            assert!(diff <= 1e-5, "{router:?} top_k {top_k}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn layers_outside_the_range_stay_dense() {
+    let mut m = load(&[("a", "llama_tied"), ("b", "llama_tied")]);
+    let mut pass = upcycle(&["a", "b"], 1, RouterInit::default());
+    pass.layers = Some("1..2".into());
+    run(&mut m, pass).unwrap();
+    assert_eq!(moe_layers(&m), 1);
+    let g = &m.graphs["moe"];
+    assert!(matches!(
+        g.node(g.find("layers.0.ffn").unwrap()).op,
+        Op::FeedForward(_)
+    ));
+    assert!(matches!(
+        g.node(g.find("layers.1.ffn").unwrap()).op,
+        Op::MixtureOfExperts(_)
+    ));
+    let diff = logits(&m, "a").max_abs_diff(&logits(&m, "moe"));
+    assert!(diff <= 1e-5, "{diff}");
+}
+
+#[test]
+fn distinct_experts_round_trip_through_a_mixtral_checkpoint() {
+    let mut m = load(&[("a", "llama"), ("b", "llama_b")]);
+    let mut pass = upcycle(&["a", "b"], 1, RouterInit::Random { seed: 3, std: 0.5 });
+    pass.base = Some("a".into());
+    run(&mut m, pass).unwrap();
+    // With a base model, shared parameters are the base's own weights.
+    let (a, moe) = (&m.graphs["a"], &m.graphs["moe"]);
+    let attn = |g: &upmix::ir::Graph| g.node(g.find("layers.0.attn").unwrap()).op.weights();
+    assert_eq!(attn(a), attn(moe));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("moe");
+    let report = emit_hf(&m, "moe", &out, &HfEmitOptions::default()).unwrap();
+    assert_eq!(report.architecture, "MixtralForCausalLM");
+    let mut back = Module::new();
+    upmix::frontend::load(&out, "moe", &mut back).unwrap();
+    let diff = logits(&m, "moe").max_abs_diff(&logits(&back, "moe"));
+    assert!(diff <= 1e-5, "{diff}");
+    // Real routing between distinct experts: not the dense model of either.
+    assert!(logits(&m, "a").max_abs_diff(&logits(&m, "moe")) > 1e-3);
+}
+
+#[test]
+fn bad_requests_are_clear_errors_and_create_nothing() {
+    let cases: [(Upcycle, &str); 4] = [
+        (upcycle(&["a", "b"], 3, RouterInit::Zeros), "top_k 3"),
+        (
+            upcycle(&["a", "nope"], 1, RouterInit::Zeros),
+            "no model named `nope`",
+        ),
+        (upcycle(&["a", "q"], 1, RouterInit::Zeros), "layers.0.attn"),
+        (
+            Upcycle {
+                layers: Some("5..2".into()),
+                ..upcycle(&["a", "b"], 1, RouterInit::Zeros)
+            },
+            "5..2",
+        ),
+    ];
+    for (pass, expected) in cases {
+        let mut m = load(&[("a", "llama"), ("b", "llama_b"), ("q", "qwen2")]);
+        let err = run(&mut m, pass).expect_err("an error");
+        assert!(err.contains(expected), "{err}");
+        assert!(m.graph("moe").is_none());
+    }
+}
