@@ -2,7 +2,9 @@
 # Emits every fixture model with upmix (load -> emit, no passes), loads each emitted
 # directory in transformers and records the result, with the sha256 of the files that
 # transformers loaded, in tests/golden/emitted/<name>.json. tests/roundtrip.rs checks
-# that upmix still writes exactly those bytes.
+# that upmix still writes exactly those bytes. Then upcycles two fixtures into a Mixtral
+# MoE and records transformers' logits for it (tests/golden/emitted/upcycle_mixtral.json,
+# checked by tests/upcycle.rs).
 #
 # Usage: scripts/setup-fixture-env.sh && scripts/check-emitted.sh
 set -euo pipefail
@@ -21,3 +23,17 @@ RON
   ./target/debug/upmix run "$work/$name.ron"
   HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py check-emitted "$work/out/$name" "$name"
 done
+
+# Two distinct Llamas upcycled into a Mixtral (the same pass settings as tests/upcycle.rs).
+cat > "$work/upcycle.ron" <<RON
+Pipeline(
+    models: {
+        "a": Hf("$PWD/tests/golden/models/llama"),
+        "b": Hf("$PWD/tests/golden/models/llama_b"),
+    },
+    passes: [ Upcycle(into: "moe", experts: ["a", "b"], top_k: 1, router: Random(seed: 3, std: 0.5), base: "a") ],
+    emit: [ Hf(model: "moe", dir: "$work/out/upcycle_mixtral") ],
+)
+RON
+./target/debug/upmix run "$work/upcycle.ron"
+HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/upcycle_mixtral" upcycle_mixtral

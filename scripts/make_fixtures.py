@@ -22,6 +22,12 @@ goldens and records the result in tests/golden/emitted/<NAME>.json:
 
     make_fixtures.py check-emitted DIR NAME
 
+A third records what transformers computes with a checkpoint that only upmix
+can make (e.g. an upcycled MoE) in tests/golden/emitted/<NAME>.json: logits
+for the fixed input ids, a 16-token greedy continuation and the files' hashes:
+
+    make_fixtures.py record-emitted DIR NAME
+
 How to run (from the repository root):
 
     scripts/setup-fixture-env.sh && .venv-fixtures/bin/python scripts/make_fixtures.py
@@ -362,6 +368,27 @@ def check_emitted(directory, name):
     ok = diff <= EMITTED_TOLERANCE
     print(f"{name}: max_abs_diff {diff:.3g} ({'ok' if ok else 'FAIL'})")
     return 0 if ok else 1
+
+
+def record_emitted(directory, name):
+    """Record transformers' logits and greedy ids for an upmix-made checkpoint."""
+    directory = Path(directory)
+    model = load_model(directory)
+    logits = forward_logits(model, INPUT_IDS)
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
+    report = {
+        "name": name,
+        "architecture": model.config.architectures[0],
+        "input_ids": INPUT_IDS,
+        "logits": [[float(v) for v in row] for row in logits],
+        "prompt": PROMPT,
+        "greedy": greedy(model, PROMPT, 16),
+        "files": {p.name: sha256(p) for p in files},
+    }
+    write_json(GOLDEN / "emitted" / f"{name}.json", report)
+    print(f"{name}: recorded {report['architecture']} logits and greedy ids")
+    return 0
 
 
 # --- GGUF block-quantization goldens -----------------------------------------
@@ -784,8 +811,11 @@ def main(argv):
         return 0
     if len(argv) == 3 and argv[0] == "check-emitted":
         return check_emitted(argv[1], argv[2])
+    if len(argv) == 3 and argv[0] == "record-emitted":
+        return record_emitted(argv[1], argv[2])
     print(__doc__, file=sys.stderr)
-    print("usage: make_fixtures.py [gguf | smollm2 | check-emitted DIR NAME]", file=sys.stderr)
+    print("usage: make_fixtures.py [gguf | smollm2 | check-emitted DIR NAME | record-emitted DIR NAME]",
+          file=sys.stderr)
     return 2
 
 

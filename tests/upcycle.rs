@@ -4,6 +4,7 @@
 mod common;
 
 use common::{device, model_dir};
+use sha2::Digest;
 use upmix::backends::emit::{emit_hf, HfEmitOptions};
 use upmix::backends::load_runtime;
 use upmix::ir::{HostTensor, Module, Op};
@@ -139,4 +140,51 @@ fn bad_requests_are_clear_errors_and_create_nothing() {
         assert!(err.contains(expected), "{err}");
         assert!(m.graph("moe").is_none());
     }
+}
+
+#[test]
+fn upcycled_mixtral_matches_transformers() {
+    // tests/golden/emitted/upcycle_mixtral.json: transformers' MixtralForCausalLM run on
+    // the checkpoint upmix wrote for these settings (scripts/check-emitted.sh).
+    let golden = common::golden("emitted/upcycle_mixtral.json");
+    assert_eq!(golden["architecture"], "MixtralForCausalLM");
+    let mut m = load(&[("a", "llama"), ("b", "llama_b")]);
+    let mut pass = upcycle(&["a", "b"], 1, RouterInit::Random { seed: 3, std: 0.5 });
+    pass.base = Some("a".into());
+    run(&mut m, pass).unwrap();
+
+    // The same bytes transformers loaded.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("moe");
+    emit_hf(&m, "moe", &out, &HfEmitOptions::default()).unwrap();
+    for (file, hash) in golden["files"].as_object().unwrap() {
+        let bytes = std::fs::read(out.join(file)).unwrap();
+        let got: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            &got,
+            hash.as_str().unwrap(),
+            "{file}; rerun scripts/check-emitted.sh"
+        );
+    }
+
+    let mut rt = load_runtime(&m, "moe", &device()).unwrap();
+    let got = rt.logits(&common::ids(&golden["input_ids"])).unwrap();
+    let mut worst = 0f32;
+    for (t, row) in golden["logits"].as_array().unwrap().iter().enumerate() {
+        for (v, x) in row.as_array().unwrap().iter().enumerate() {
+            worst = worst.max((got.row(t)[v] - x.as_f64().unwrap() as f32).abs());
+        }
+    }
+    println!(
+        "upcycled Mixtral on {}: max abs logit difference {worst:e}",
+        device()
+    );
+    assert!(worst <= common::tolerance().tiny_logits, "{worst}");
+    let greedy = rt
+        .generate(&common::ids(&golden["prompt"]), 16, None)
+        .unwrap();
+    assert_eq!(greedy, common::ids(&golden["greedy"]));
 }
