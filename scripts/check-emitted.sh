@@ -3,8 +3,8 @@
 # directory in transformers and records the result, with the sha256 of the files that
 # transformers loaded, in tests/golden/emitted/<name>.json. tests/roundtrip.rs checks
 # that upmix still writes exactly those bytes. Then upcycles two fixtures into a Mixtral
-# MoE and records transformers' logits for it (tests/golden/emitted/upcycle_mixtral.json,
-# checked by tests/upcycle.rs).
+# MoE and, with a shared expert, a Qwen2-MoE, and records transformers' logits for each
+# (tests/golden/emitted/upcycle_*.json, checked by tests/upcycle.rs).
 #
 # Usage: scripts/setup-fixture-env.sh && scripts/check-emitted.sh
 set -euo pipefail
@@ -37,3 +37,17 @@ Pipeline(
 RON
 ./target/debug/upmix run "$work/upcycle.ron"
 HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/upcycle_mixtral" upcycle_mixtral
+
+# The same with a shared expert: a Qwen2-MoE checkpoint.
+cat > "$work/upcycle_qwen2_moe.ron" <<RON
+Pipeline(
+    models: {
+        "a": Hf("$PWD/tests/golden/models/llama"),
+        "b": Hf("$PWD/tests/golden/models/llama_b"),
+    },
+    passes: [ Upcycle(into: "moe", experts: ["a", "b"], top_k: 1, router: Random(seed: 3, std: 0.5), shared_expert: "b") ],
+    emit: [ Hf(model: "moe", dir: "$work/out/upcycle_qwen2_moe") ],
+)
+RON
+./target/debug/upmix run "$work/upcycle_qwen2_moe.ron"
+HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/upcycle_qwen2_moe" upcycle_qwen2_moe

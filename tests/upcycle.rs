@@ -142,18 +142,15 @@ fn bad_requests_are_clear_errors_and_create_nothing() {
     }
 }
 
-#[test]
-fn upcycled_mixtral_matches_transformers() {
-    // tests/golden/emitted/upcycle_mixtral.json: transformers' MixtralForCausalLM run on
-    // the checkpoint upmix wrote for these settings (scripts/check-emitted.sh).
-    let golden = common::golden("emitted/upcycle_mixtral.json");
-    assert_eq!(golden["architecture"], "MixtralForCausalLM");
+/// Upcycles the fixture Llamas as scripts/check-emitted.sh does and compares with what
+/// transformers computed on upmix's checkpoint (tests/golden/emitted/NAME.json): the
+/// same bytes, the same logits, the same greedy ids.
+fn check_against_transformers(name: &str, architecture: &str, pass: Upcycle) {
+    let golden = common::golden(&format!("emitted/{name}.json"));
+    assert_eq!(golden["architecture"], architecture);
     let mut m = load(&[("a", "llama"), ("b", "llama_b")]);
-    let mut pass = upcycle(&["a", "b"], 1, RouterInit::Random { seed: 3, std: 0.5 });
-    pass.base = Some("a".into());
     run(&mut m, pass).unwrap();
 
-    // The same bytes transformers loaded.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("moe");
     emit_hf(&m, "moe", &out, &HfEmitOptions::default()).unwrap();
@@ -178,13 +175,24 @@ fn upcycled_mixtral_matches_transformers() {
             worst = worst.max((got.row(t)[v] - x.as_f64().unwrap() as f32).abs());
         }
     }
-    println!(
-        "upcycled Mixtral on {}: max abs logit difference {worst:e}",
-        device()
-    );
-    assert!(worst <= common::tolerance().tiny_logits, "{worst}");
+    println!("{name} on {}: max abs logit difference {worst:e}", device());
+    assert!(worst <= common::tolerance().tiny_logits, "{name}: {worst}");
     let greedy = rt
         .generate(&common::ids(&golden["prompt"]), 16, None)
         .unwrap();
-    assert_eq!(greedy, common::ids(&golden["greedy"]));
+    assert_eq!(greedy, common::ids(&golden["greedy"]), "{name}");
+}
+
+#[test]
+fn upcycled_mixtral_matches_transformers() {
+    let mut pass = upcycle(&["a", "b"], 1, RouterInit::Random { seed: 3, std: 0.5 });
+    pass.base = Some("a".into());
+    check_against_transformers("upcycle_mixtral", "MixtralForCausalLM", pass);
+}
+
+#[test]
+fn upcycled_qwen2_moe_with_a_shared_expert_matches_transformers() {
+    let mut pass = upcycle(&["a", "b"], 1, RouterInit::Random { seed: 3, std: 0.5 });
+    pass.shared_expert = Some("b".into());
+    check_against_transformers("upcycle_qwen2_moe", "Qwen2MoeForCausalLM", pass);
 }

@@ -5,8 +5,9 @@
 //! (softmax over experts, top-k, renormalised, as Mixtral routes). Every other parameter
 //! (embeddings, norms, attention, lm head) is averaged over the experts (uniformly, or
 //! with `weights`), or taken from one `base` model, as mergekit-moe does. A `shared_expert`
-//! model's FFN is added to every token's output (Qwen2-MoE style). Layers outside `layers`
-//! stay dense (averaged FFN).
+//! model's FFN is added to every token's output through a sigmoid gate initialised to
+//! zero, i.e. with weight 1/2 until trained (Qwen2-MoE's layout, which always has that
+//! gate). Layers outside `layers` stay dense (averaged FFN).
 //!
 //! Router initialisation: `Random { seed, std }` rows, or `Zeros` (uniform routing).
 //!
@@ -183,12 +184,12 @@ impl Pass for Upcycle {
                 down: aligned[&ffn.down][i],
             };
             let gate = m.weights.get(ffn.gate).map_err(weight_err(self.name()))?;
-            let hidden = gate.shape[1];
+            let (hidden, router_dtype) = (gate.shape[1], gate.dtype.plain());
             let router_name = format!("{}.router", moe.node(node).name);
             let router = Weight {
                 name: router_name,
                 shape: vec![n, hidden],
-                dtype: gate.dtype.plain(),
+                dtype: router_dtype,
                 expr: match &self.router {
                     RouterInit::Random { seed, std } => WeightExpr::Random {
                         seed: seed.wrapping_add(index as u64),
@@ -201,6 +202,22 @@ impl Pass for Upcycle {
                 },
             };
             let router = m.weights.add(router).map_err(weight_err(self.name()))?;
+            let shared_gate = match shared {
+                None => None,
+                Some(_) => Some(
+                    m.weights
+                        .add(Weight {
+                            name: format!("{}.shared.gate_proj", moe.node(node).name),
+                            shape: vec![1, hidden],
+                            dtype: router_dtype,
+                            expr: WeightExpr::Literal(Arc::new(HostTensor::new(
+                                vec![1, hidden],
+                                vec![0.0; hidden],
+                            ))),
+                        })
+                        .map_err(weight_err(self.name()))?,
+                ),
+            };
             moe.node_mut(node).op = Op::MixtureOfExperts(MixtureOfExperts {
                 router,
                 experts: (0..n).map(expert).collect(),
@@ -208,7 +225,7 @@ impl Pass for Upcycle {
                 normalize_top_k: true,
                 shared_expert: shared.map(|s| SharedExpert {
                     ffn: expert(s),
-                    gate: None,
+                    gate: shared_gate,
                 }),
             });
             upcycled += 1;

@@ -4,14 +4,16 @@
 //! The architecture follows from the graph: a dense stack is `LlamaForCausalLM`, or
 //! `Qwen2ForCausalLM` when attention has q/k/v biases; a stack whose FFNs are all routed
 //! MoEs without a shared expert is `MixtralForCausalLM` (classic per-expert layout, which
-//! every Mixtral loader reads). Tensor names of the format live here and in the frontend's
+//! every Mixtral loader reads), with a gated shared expert in every layer
+//! `Qwen2MoeForCausalLM`. Tensor names of the format live here and in the frontend's
 //! name tables only.
 
 use std::path::Path;
 
 use serde_json::{json, Value};
 use upmix_ir::{
-    Attention, DType, FeedForward, Graph, Module, Op, RopeScaling, WeightId, WeightTable,
+    Attention, DType, FeedForward, Graph, MixtureOfExperts, Module, Op, RopeScaling, WeightId,
+    WeightTable,
 };
 
 use super::safetensors::write_safetensors;
@@ -74,29 +76,7 @@ pub fn emit_hf(
         format: "a Hugging Face checkpoint",
         message,
     };
-    let moe = stack
-        .layers
-        .iter()
-        .filter(|l| matches!(l.mlp, Op::MixtureOfExperts(_)))
-        .count();
-    let biased = stack
-        .layers
-        .iter()
-        .filter(|l| l.attn.q_bias.is_some())
-        .count();
-    let arch = match (moe, biased) {
-        (0, 0) => "LlamaForCausalLM",
-        (0, b) if b == stack.layers.len() => "Qwen2ForCausalLM",
-        (n, 0) if n == stack.layers.len() => "MixtralForCausalLM",
-        (0, _) => return Err(unsupported("only some layers have attention biases".into())),
-        (n, _) if n < stack.layers.len() => {
-            return Err(unsupported(
-                "mixes dense and MoE layers, which no Hugging Face architecture here expresses"
-                    .into(),
-            ))
-        }
-        _ => return Err(unsupported("MoE layers with attention biases".into())),
-    };
+    let arch = architecture(&stack, &unsupported)?;
     let tensors = tensor_list(&stack, arch, &unsupported)?;
     let config = config_json(m, g, &stack, arch, &unsupported)?;
 
@@ -153,6 +133,58 @@ pub fn emit_hf(
 fn write_json(path: &Path, value: &Value) -> Result<(), EmitError> {
     let text = serde_json::to_string_pretty(value).expect("json serialises");
     std::fs::write(path, text + "\n").map_err(io(path))
+}
+
+/// The Hugging Face architecture that expresses the stack: dense layers are Llama (or
+/// Qwen2 with q/k/v biases); routed MoE layers are Mixtral, or Qwen2-MoE when every layer
+/// has a gated shared expert.
+fn architecture(
+    s: &Stack,
+    unsupported: &dyn Fn(String) -> EmitError,
+) -> Result<&'static str, EmitError> {
+    let n = s.layers.len();
+    let moes: Vec<&MixtureOfExperts> = s
+        .layers
+        .iter()
+        .filter_map(|l| match l.mlp {
+            Op::MixtureOfExperts(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    let biased = s.layers.iter().filter(|l| l.attn.q_bias.is_some()).count();
+    if biased != 0 && biased != n {
+        return Err(unsupported("only some layers have attention biases".into()));
+    }
+    if moes.is_empty() {
+        return Ok(if biased == 0 {
+            "LlamaForCausalLM"
+        } else {
+            "Qwen2ForCausalLM"
+        });
+    }
+    if moes.len() < n {
+        return Err(unsupported(
+            "mixes dense and MoE layers, which no Hugging Face architecture here expresses".into(),
+        ));
+    }
+    if moes.iter().any(|m| !m.normalize_top_k) {
+        return Err(unsupported(
+            "MoE layers without renormalised top-k weights are not supported yet".into(),
+        ));
+    }
+    let shared = moes.iter().filter(|m| m.shared_expert.is_some()).count();
+    let gated = moes
+        .iter()
+        .filter(|m| m.shared_expert.as_ref().is_some_and(|s| s.gate.is_some()))
+        .count();
+    match (shared, gated, biased) {
+        (0, _, 0) => Ok("MixtralForCausalLM"),
+        (0, _, _) => Err(unsupported("Mixtral has no attention biases".into())),
+        (s, g, _) if s == n && g == n => Ok("Qwen2MoeForCausalLM"),
+        _ => Err(unsupported(
+            "Qwen2-MoE needs a gated shared expert in every layer".into(),
+        )),
+    }
 }
 
 /// Reads `g` as `Input, Embedding, (RmsNorm, Attention, Add, RmsNorm, FFN|MoE, Add)*,
@@ -275,12 +307,32 @@ fn tensor_list(
                 f,
                 ["gate_proj", "up_proj", "down_proj"],
             ),
-            Op::MixtureOfExperts(moe) => {
-                if moe.shared_expert.is_some() || !moe.normalize_top_k {
-                    return Err(unsupported(format!(
-                        "layer {i}: {arch} needs routed experts with renormalised top-k and no shared expert"
-                    )));
+            Op::MixtureOfExperts(moe) if arch == "Qwen2MoeForCausalLM" => {
+                t.push((format!("{p}mlp.gate.weight"), moe.router));
+                for (e, f) in moe.experts.iter().enumerate() {
+                    push_ffn(
+                        &mut t,
+                        &format!("{p}mlp.experts.{e}."),
+                        f,
+                        ["gate_proj", "up_proj", "down_proj"],
+                    );
                 }
+                let shared = moe
+                    .shared_expert
+                    .as_ref()
+                    .ok_or_else(|| unsupported(format!("layer {i} has no shared expert")))?;
+                push_ffn(
+                    &mut t,
+                    &format!("{p}mlp.shared_expert."),
+                    &shared.ffn,
+                    ["gate_proj", "up_proj", "down_proj"],
+                );
+                let gate = shared
+                    .gate
+                    .ok_or_else(|| unsupported(format!("layer {i}: shared expert without gate")))?;
+                t.push((format!("{p}mlp.shared_expert_gate.weight"), gate));
+            }
+            Op::MixtureOfExperts(moe) => {
                 t.push((format!("{p}block_sparse_moe.gate.weight"), moe.router));
                 for (e, f) in moe.experts.iter().enumerate() {
                     push_ffn(
@@ -357,6 +409,7 @@ fn config_json(
     let model_type = match arch {
         "LlamaForCausalLM" => "llama",
         "Qwen2ForCausalLM" => "qwen2",
+        "Qwen2MoeForCausalLM" => "qwen2_moe",
         _ => "mixtral",
     };
     let mut c = json!({
@@ -382,12 +435,29 @@ fn config_json(
         "mlp_bias": false,
         "use_cache": true,
     });
-    if let Some(moe) = experts {
-        c["num_local_experts"] = json!(moe.experts.len());
-        c["num_experts_per_tok"] = json!(moe.top_k);
-    }
-    if arch == "Qwen2ForCausalLM" {
-        c["use_sliding_window"] = json!(false);
+    match (arch, experts) {
+        ("Qwen2MoeForCausalLM", Some(moe)) => {
+            let shared = match &moe.shared_expert {
+                Some(s) => w.get(s.ffn.gate)?.shape[0],
+                None => unreachable!("architecture() requires shared experts"),
+            };
+            c["num_experts"] = json!(moe.experts.len());
+            c["num_experts_per_tok"] = json!(moe.top_k);
+            c["moe_intermediate_size"] = json!(ffn);
+            c["shared_expert_intermediate_size"] = json!(shared);
+            c["intermediate_size"] = json!(shared);
+            c["norm_topk_prob"] = json!(moe.normalize_top_k);
+            c["decoder_sparse_step"] = json!(1);
+            c["mlp_only_layers"] = json!([]);
+            c["qkv_bias"] = json!(a.q_bias.is_some());
+            c["use_sliding_window"] = json!(false);
+        }
+        (_, Some(moe)) => {
+            c["num_local_experts"] = json!(moe.experts.len());
+            c["num_experts_per_tok"] = json!(moe.top_k);
+        }
+        ("Qwen2ForCausalLM", None) => c["use_sliding_window"] = json!(false),
+        _ => {}
     }
     Ok(c)
 }
