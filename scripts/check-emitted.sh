@@ -37,6 +37,10 @@ Pipeline(
 RON
 ./target/debug/upmix run "$work/upcycle.ron"
 HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/upcycle_mixtral" upcycle_mixtral
+# The same model with its experts in the fused layout.
+sed -e 's/upcycle_mixtral")/upcycle_mixtral_fused", moe_layout: "fused")/' "$work/upcycle.ron" > "$work/upcycle_fused.ron"
+./target/debug/upmix run "$work/upcycle_fused.ron"
+HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/upcycle_mixtral_fused" upcycle_mixtral_fused
 
 # The same with a shared expert: a Qwen2-MoE checkpoint.
 cat > "$work/upcycle_qwen2_moe.ron" <<RON

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use upmix_backends::emit::{emit_hf, HfEmitOptions};
+use upmix_backends::emit::{emit_hf, HfEmitOptions, MoeLayout};
 use upmix_backends::{load_runtime, DeviceSpec};
 use upmix_frontend::TextTokenizer;
 use upmix_ir::{Module, Runtime, RuntimeError};
@@ -81,12 +81,15 @@ pub enum Eval {
 /// A checkpoint to write.
 #[derive(Clone, Debug, Deserialize)]
 pub enum Emit {
-    /// A Hugging Face checkpoint directory; shards above `max_shard_mb` (default 4096).
+    /// A Hugging Face checkpoint directory; shards above `max_shard_mb` (default 4096);
+    /// Mixtral experts in the `classic` (default) or `fused` layout.
     Hf {
         model: String,
         dir: PathBuf,
         #[serde(default)]
         max_shard_mb: Option<u64>,
+        #[serde(default)]
+        moe_layout: Option<String>,
     },
 }
 
@@ -245,11 +248,20 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             model,
             dir,
             max_shard_mb,
+            moe_layout,
         } = e;
+        let moe_layout = match moe_layout.as_deref() {
+            None | Some("classic") => MoeLayout::Classic,
+            Some("fused") => MoeLayout::Fused,
+            Some(other) => {
+                bail!("emit `{model}`: moe_layout `{other}` is not `classic` or `fused`")
+            }
+        };
         let dir = resolve(dir);
         let opts = HfEmitOptions {
             max_shard_bytes: max_shard_mb
                 .map_or(HfEmitOptions::default().max_shard_bytes, |mb| mb << 20),
+            moe_layout,
         };
         let start = Instant::now();
         let r = emit_hf(&m, model, &dir, &opts).with_context(|| format!("writing `{model}`"))?;

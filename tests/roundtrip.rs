@@ -92,6 +92,7 @@ fn sharded_output_loads_back() {
     let out = tmp.path().join("sharded");
     let opts = HfEmitOptions {
         max_shard_bytes: 100_000,
+        ..Default::default()
     };
     let r = emit_hf(&m, "llama", &out, &opts).unwrap();
     assert!(r.shards > 1, "{} shards", r.shards);

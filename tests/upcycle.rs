@@ -5,7 +5,7 @@ mod common;
 
 use common::{device, model_dir};
 use sha2::Digest;
-use upmix::backends::emit::{emit_hf, HfEmitOptions};
+use upmix::backends::emit::{emit_hf, HfEmitOptions, MoeLayout};
 use upmix::backends::load_runtime;
 use upmix::ir::{HostTensor, Module, Op};
 use upmix::passes::{PassContext, PassManager, RouterInit, Upcycle};
@@ -145,7 +145,7 @@ fn bad_requests_are_clear_errors_and_create_nothing() {
 /// Upcycles the fixture Llamas as scripts/check-emitted.sh does and compares with what
 /// transformers computed on upmix's checkpoint (tests/golden/emitted/NAME.json): the
 /// same bytes, the same logits, the same greedy ids.
-fn check_against_transformers(name: &str, architecture: &str, pass: Upcycle) {
+fn check_against_transformers(name: &str, architecture: &str, pass: Upcycle, layout: MoeLayout) {
     let golden = common::golden(&format!("emitted/{name}.json"));
     assert_eq!(golden["architecture"], architecture);
     let mut m = load(&[("a", "llama"), ("b", "llama_b")]);
@@ -153,7 +153,19 @@ fn check_against_transformers(name: &str, architecture: &str, pass: Upcycle) {
 
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("moe");
-    emit_hf(&m, "moe", &out, &HfEmitOptions::default()).unwrap();
+    let opts = HfEmitOptions {
+        moe_layout: layout,
+        ..Default::default()
+    };
+    emit_hf(&m, "moe", &out, &opts).unwrap();
+    // upmix reads back the Mixtral it wrote, in either layout (its frontend does not
+    // read Qwen2-MoE checkpoints yet).
+    if architecture == "MixtralForCausalLM" {
+        let mut back = Module::new();
+        upmix::frontend::load(&out, "moe", &mut back).unwrap();
+        let diff = logits(&m, "moe").max_abs_diff(&logits(&back, "moe"));
+        assert!(diff <= 1e-5, "{name}: reloaded logits differ by {diff}");
+    }
     for (file, hash) in golden["files"].as_object().unwrap() {
         let bytes = std::fs::read(out.join(file)).unwrap();
         let got: String = sha2::Sha256::digest(&bytes)
@@ -187,12 +199,28 @@ fn check_against_transformers(name: &str, architecture: &str, pass: Upcycle) {
 fn upcycled_mixtral_matches_transformers() {
     let mut pass = upcycle(&["a", "b"], 1, RouterInit::Random { seed: 3, std: 0.5 });
     pass.base = Some("a".into());
-    check_against_transformers("upcycle_mixtral", "MixtralForCausalLM", pass);
+    check_against_transformers(
+        "upcycle_mixtral",
+        "MixtralForCausalLM",
+        pass.clone(),
+        MoeLayout::Classic,
+    );
+    check_against_transformers(
+        "upcycle_mixtral_fused",
+        "MixtralForCausalLM",
+        pass,
+        MoeLayout::Fused,
+    );
 }
 
 #[test]
 fn upcycled_qwen2_moe_with_a_shared_expert_matches_transformers() {
     let mut pass = upcycle(&["a", "b"], 1, RouterInit::Random { seed: 3, std: 0.5 });
     pass.shared_expert = Some("b".into());
-    check_against_transformers("upcycle_qwen2_moe", "Qwen2MoeForCausalLM", pass);
+    check_against_transformers(
+        "upcycle_qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        pass,
+        MoeLayout::Classic,
+    );
 }

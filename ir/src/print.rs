@@ -146,6 +146,10 @@ impl Printer<'_> {
             WeightExpr::Literal(_) => "literal".to_string(),
             WeightExpr::Rows(x, rows) => format!("rows({}, {} rows)", self.num(*x), rows.len()),
             WeightExpr::Random { seed, std } => format!("random(seed={seed}, std={std:?})"),
+            WeightExpr::Concat(xs) => {
+                let args: Vec<String> = xs.iter().map(|x| self.num(*x)).collect();
+                format!("concat({})", args.join(", "))
+            }
             WeightExpr::Scale(f, x) => format!("scale({f:?}, {})", self.num(*x)),
             WeightExpr::Mean(xs) => {
                 let args: Vec<String> = xs.iter().map(|x| self.num(*x)).collect();

@@ -80,6 +80,9 @@ pub enum WeightExpr {
     /// Normal samples `N(0, std^2)` from a generator seeded with `seed` (SplitMix64 bits,
     /// Box-Muller), so the same seed always gives the same tensor.
     Random { seed: u64, std: f32 },
+    /// The operands' values one after another (row-major), e.g. per-expert matrices
+    /// stacked into one `[experts, rows, cols]` tensor; the element counts must add up.
+    Concat(Vec<WeightId>),
 }
 
 /// One entry of the weight table.
@@ -226,6 +229,24 @@ impl WeightTable {
                 }
                 vec![]
             }
+            WeightExpr::Concat(ids) => {
+                let mut total = 0usize;
+                for id in ids {
+                    total += self.get(*id)?.numel();
+                }
+                if ids.is_empty() || total != weight.numel() {
+                    return Err(Self::invalid(
+                        weight,
+                        format!(
+                            "concatenates {} elements into shape {:?} ({} elements)",
+                            total,
+                            weight.shape,
+                            weight.numel()
+                        ),
+                    ));
+                }
+                return Ok(());
+            }
             WeightExpr::Mean(ids) => ids.clone(),
             WeightExpr::WeightedSum { terms, .. } => terms.iter().map(|(_, id)| *id).collect(),
             WeightExpr::Scale(_, id) => vec![*id],
@@ -341,6 +362,13 @@ impl WeightTable {
             }
             WeightExpr::Literal(t) => t.data.clone(),
             WeightExpr::Random { seed, std } => normal_samples(*seed, *std, weight.numel()),
+            WeightExpr::Concat(ids) => {
+                let mut out = Vec::with_capacity(weight.numel());
+                for id in ids {
+                    out.extend(self.materialize(*id)?.data);
+                }
+                out
+            }
             WeightExpr::Rows(id, rows) => {
                 let src = self.materialize(*id)?;
                 let cols = src.shape[1];

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 use upmix_ir::{
-    Attention, DType, FeedForward, Graph, MixtureOfExperts, Module, Op, RopeScaling, WeightId,
-    WeightTable,
+    Attention, DType, FeedForward, Graph, MixtureOfExperts, Module, Op, RopeScaling, Weight,
+    WeightExpr, WeightId, WeightTable,
 };
 
 use super::safetensors::write_safetensors;
@@ -24,14 +24,29 @@ use super::{io, write_dir_atomically, EmitError};
 pub struct HfEmitOptions {
     /// Start a new shard when the current one would pass this many bytes.
     pub max_shard_bytes: u64,
+    /// How Mixtral experts are laid out on disk.
+    pub moe_layout: MoeLayout,
 }
 
 impl Default for HfEmitOptions {
     fn default() -> Self {
         HfEmitOptions {
             max_shard_bytes: 4 << 30,
+            moe_layout: MoeLayout::Classic,
         }
     }
+}
+
+/// On-disk layout of Mixtral experts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MoeLayout {
+    /// One tensor per expert projection (`block_sparse_moe.experts.E.w1/w3/w2`): what
+    /// every Mixtral loader reads (vLLM, llama.cpp's converter, transformers).
+    #[default]
+    Classic,
+    /// Stacked expert tensors (`mlp.experts.gate_up_proj` `[E, 2F, D]`, gate rows then up
+    /// rows, and `mlp.experts.down_proj` `[E, D, F]`): transformers 5's in-memory layout.
+    Fused,
 }
 
 /// What was written.
@@ -77,14 +92,16 @@ pub fn emit_hf(
         message,
     };
     let arch = architecture(&stack, &unsupported)?;
-    let tensors = tensor_list(&stack, arch, &unsupported)?;
+    // Fused experts are new (concatenated) tensors: add them to a copy of the table.
+    let mut table = m.weights.clone();
+    let tensors = tensor_list(&stack, arch, opts.moe_layout, &mut table, &unsupported)?;
     let config = config_json(m, g, &stack, arch, &unsupported)?;
 
     // Split into shards by size, keeping the tensor order.
     let mut shards: Vec<Vec<(String, WeightId)>> = vec![Vec::new()];
     let mut size = 0u64;
     for (name, id) in tensors.iter().cloned() {
-        let w = m.weights.get(id)?;
+        let w = table.get(id)?;
         let n = (w.numel() * w.dtype.plain().size()) as u64;
         if size > 0 && size + n > opts.max_shard_bytes {
             shards.push(Vec::new());
@@ -105,7 +122,7 @@ pub fn emit_hf(
     write_dir_atomically(m, g, dir, |tmp| {
         let mut weight_map = serde_json::Map::new();
         for (i, shard) in shards.iter().enumerate() {
-            total += write_safetensors(&tmp.join(file_name(i)), &m.weights, shard)?;
+            total += write_safetensors(&tmp.join(file_name(i)), &table, shard)?;
             for (name, _) in shard {
                 weight_map.insert(name.clone(), Value::String(file_name(i)));
             }
@@ -284,6 +301,8 @@ fn read_stack(g: &Graph) -> Result<Stack<'_>, EmitError> {
 fn tensor_list(
     s: &Stack,
     arch: &str,
+    layout: MoeLayout,
+    table: &mut WeightTable,
     unsupported: &dyn Fn(String) -> EmitError,
 ) -> Result<Vec<(String, WeightId)>, EmitError> {
     let mut t = vec![("model.embed_tokens.weight".to_string(), s.embed)];
@@ -332,6 +351,29 @@ fn tensor_list(
                     .ok_or_else(|| unsupported(format!("layer {i}: shared expert without gate")))?;
                 t.push((format!("{p}mlp.shared_expert_gate.weight"), gate));
             }
+            Op::MixtureOfExperts(moe) if layout == MoeLayout::Fused => {
+                t.push((format!("{p}mlp.gate.weight"), moe.router));
+                let [f, d] = table.get(moe.experts[0].gate)?.shape[..] else {
+                    return Err(unsupported(format!("layer {i}: experts are not 2-D")));
+                };
+                let n = moe.experts.len();
+                let gate_up = moe.experts.iter().flat_map(|x| [x.gate, x.up]).collect();
+                let down = moe.experts.iter().map(|x| x.down).collect();
+                let canonical = format!("layers.{i}.ffn.experts");
+                t.push((
+                    format!("{p}mlp.experts.gate_up_proj"),
+                    concat(
+                        table,
+                        format!("{canonical}.gate_up"),
+                        vec![n, 2 * f, d],
+                        gate_up,
+                    )?,
+                ));
+                t.push((
+                    format!("{p}mlp.experts.down_proj"),
+                    concat(table, format!("{canonical}.down"), vec![n, d, f], down)?,
+                ));
+            }
             Op::MixtureOfExperts(moe) => {
                 t.push((format!("{p}block_sparse_moe.gate.weight"), moe.router));
                 for (e, f) in moe.experts.iter().enumerate() {
@@ -351,6 +393,22 @@ fn tensor_list(
         t.push(("lm_head.weight".to_string(), s.lm_head));
     }
     Ok(t)
+}
+
+/// A new weight holding `parts` one after another, shaped `shape`.
+fn concat(
+    table: &mut WeightTable,
+    name: String,
+    shape: Vec<usize>,
+    parts: Vec<WeightId>,
+) -> Result<WeightId, EmitError> {
+    let dtype = table.get(parts[0])?.dtype.plain();
+    Ok(table.add(Weight {
+        name,
+        shape,
+        dtype,
+        expr: WeightExpr::Concat(parts),
+    })?)
 }
 
 fn push_ffn(t: &mut Vec<(String, WeightId)>, prefix: &str, f: &FeedForward, names: [&str; 3]) {

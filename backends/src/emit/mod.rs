@@ -8,7 +8,7 @@
 mod hf;
 mod safetensors;
 
-pub use hf::{emit_hf, HfEmitOptions};
+pub use hf::{emit_hf, HfEmitOptions, MoeLayout};
 
 use std::path::{Path, PathBuf};
 
@@ -57,7 +57,7 @@ fn input_files(m: &Module, g: &Graph) -> Vec<PathBuf> {
         let Ok(w) = m.weights.get(id) else { continue };
         match &w.expr {
             WeightExpr::Source { file, .. } => files.push(file.path().to_path_buf()),
-            WeightExpr::Mean(ids) => stack.extend(ids),
+            WeightExpr::Mean(ids) | WeightExpr::Concat(ids) => stack.extend(ids),
             WeightExpr::WeightedSum { terms, .. } => stack.extend(terms.iter().map(|(_, i)| *i)),
             WeightExpr::Scale(_, i) | WeightExpr::Rows(i, _) => stack.push(*i),
             WeightExpr::Literal(_) | WeightExpr::Random { .. } => {}
