@@ -158,14 +158,11 @@ fn check_against_transformers(name: &str, architecture: &str, pass: Upcycle, lay
         ..Default::default()
     };
     emit_hf(&m, "moe", &out, &opts).unwrap();
-    // upmix reads back the Mixtral it wrote, in either layout (its frontend does not
-    // read Qwen2-MoE checkpoints yet).
-    if architecture == "MixtralForCausalLM" {
-        let mut back = Module::new();
-        upmix::frontend::load(&out, "moe", &mut back).unwrap();
-        let diff = logits(&m, "moe").max_abs_diff(&logits(&back, "moe"));
-        assert!(diff <= 1e-5, "{name}: reloaded logits differ by {diff}");
-    }
+    // upmix reads back what it wrote (Mixtral in either layout, Qwen2-MoE).
+    let mut back = Module::new();
+    upmix::frontend::load(&out, "moe", &mut back).unwrap();
+    let diff = logits(&m, "moe").max_abs_diff(&logits(&back, "moe"));
+    assert!(diff <= 1e-5, "{name}: reloaded logits differ by {diff}");
     for (file, hash) in golden["files"].as_object().unwrap() {
         let bytes = std::fs::read(out.join(file)).unwrap();
         let got: String = sha2::Sha256::digest(&bytes)

@@ -48,6 +48,22 @@ pub struct HfConfig {
     pub num_local_experts: Option<usize>,
     #[serde(default)]
     pub num_experts_per_tok: Option<usize>,
+    /// Qwen2-MoE: routed experts, their FFN size, the shared expert's FFN size.
+    #[serde(default)]
+    pub num_experts: Option<usize>,
+    #[serde(default)]
+    pub moe_intermediate_size: Option<usize>,
+    #[serde(default)]
+    pub shared_expert_intermediate_size: Option<usize>,
+    #[serde(default)]
+    pub norm_topk_prob: Option<bool>,
+    #[serde(default)]
+    pub qkv_bias: Option<bool>,
+    /// Qwen2-MoE: every `decoder_sparse_step`-th layer is sparse, except `mlp_only_layers`.
+    #[serde(default)]
+    pub decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    pub mlp_only_layers: Option<Vec<usize>>,
 }
 
 /// RoPE settings as transformers writes them (`rope_scaling` or `rope_parameters`).

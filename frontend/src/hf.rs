@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use upmix_ir::{
-    FeedForward, MappedFile, MixtureOfExperts, ModelMeta, Module, Op, Weight, WeightExpr, WeightId,
+    FeedForward, MappedFile, MixtureOfExperts, ModelMeta, Module, Op, SharedExpert, Weight,
+    WeightExpr, WeightId,
 };
 
 use crate::config::HfConfig;
@@ -70,17 +71,41 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
         vocab: config.vocab_size,
         eps: config.rms_norm_eps as f32,
         rope,
-        attn_bias: family == Family::Qwen2 || config.attention_bias == Some(true),
+        attn_bias: match family {
+            Family::Qwen2 => true,
+            Family::Qwen2Moe => config.qkv_bias.unwrap_or(true),
+            _ => config.attention_bias == Some(true),
+        },
+    };
+    let need = |v: Option<usize>, field: &str| {
+        v.ok_or_else(|| bad_config(format!("missing field `{field}`")))
     };
     let moe = match family {
-        Family::Mixtral => Some((
-            config
-                .num_local_experts
-                .ok_or_else(|| bad_config("missing field `num_local_experts`".into()))?,
-            config
-                .num_experts_per_tok
-                .ok_or_else(|| bad_config("missing field `num_experts_per_tok`".into()))?,
-        )),
+        Family::Mixtral => Some(MoeSpec {
+            experts: need(config.num_local_experts, "num_local_experts")?,
+            top_k: need(config.num_experts_per_tok, "num_experts_per_tok")?,
+            ffn: config.intermediate_size,
+            normalize_top_k: true,
+            shared_ffn: None,
+            sparse: vec![true; config.num_hidden_layers],
+        }),
+        Family::Qwen2Moe => {
+            let step = config.decoder_sparse_step.unwrap_or(1).max(1);
+            let dense = config.mlp_only_layers.clone().unwrap_or_default();
+            Some(MoeSpec {
+                experts: need(config.num_experts, "num_experts")?,
+                top_k: need(config.num_experts_per_tok, "num_experts_per_tok")?,
+                ffn: need(config.moe_intermediate_size, "moe_intermediate_size")?,
+                normalize_top_k: config.norm_topk_prob.unwrap_or(false),
+                shared_ffn: Some(need(
+                    config.shared_expert_intermediate_size,
+                    "shared_expert_intermediate_size",
+                )?),
+                sparse: (0..config.num_hidden_layers)
+                    .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
+                    .collect(),
+            })
+        }
         _ => None,
     };
     let meta = ModelMeta {
@@ -169,8 +194,21 @@ struct Loader<'a> {
     dir: PathBuf,
     shards: HashMap<String, Tensor>,
     module: &'a mut Module,
-    /// `(experts, top_k)` for Mixtral.
-    moe: Option<(usize, usize)>,
+    /// The MoE settings of Mixtral and Qwen2-MoE checkpoints.
+    moe: Option<MoeSpec>,
+}
+
+/// How a checkpoint's sparse layers are shaped.
+struct MoeSpec {
+    experts: usize,
+    top_k: usize,
+    /// FFN size of each routed expert.
+    ffn: usize,
+    normalize_top_k: bool,
+    /// FFN size of the gated shared expert (Qwen2-MoE).
+    shared_ffn: Option<usize>,
+    /// Per layer: sparse (MoE) or dense.
+    sparse: Vec<bool>,
 }
 
 impl TensorSource for Loader<'_> {
@@ -202,9 +240,16 @@ impl TensorSource for Loader<'_> {
     }
 
     fn mlp(&mut self, layer: usize, h: &Hyper) -> Result<Op, FrontendError> {
-        match self.moe {
-            Some((n, top_k)) => self.mixtral_moe(layer, n, top_k, h.hidden, h.ffn),
-            None => dense_mlp(self, layer, h),
+        match self.moe.take() {
+            Some(spec) if spec.sparse.get(layer).copied().unwrap_or(false) => {
+                let op = self.sparse_moe(layer, &spec, h.hidden);
+                self.moe = Some(spec);
+                op
+            }
+            spec => {
+                self.moe = spec;
+                dense_mlp(self, layer, h)
+            }
         }
     }
 }
@@ -271,47 +316,27 @@ impl Loader<'_> {
         )
     }
 
-    /// The Mixtral MoE of `layer`, from whichever layout the checkpoint uses.
-    fn mixtral_moe(
-        &mut self,
-        layer: usize,
-        n: usize,
-        top_k: usize,
-        d: usize,
-        f: usize,
-    ) -> Result<Op, FrontendError> {
+    /// The MoE of `layer`, from whichever layout the checkpoint uses: Mixtral's classic
+    /// per-expert tensors, Qwen2-MoE's per-expert tensors, or the fused stacks.
+    fn sparse_moe(&mut self, layer: usize, spec: &MoeSpec, d: usize) -> Result<Op, FrontendError> {
+        let (n, f) = (spec.experts, spec.ffn);
         let classic_router = names::layer_tensor(names::MIXTRAL_ROUTER.1, layer, 0);
+        let gate_up = names::layer_tensor(names::MIXTRAL_FUSED_GATE_UP, layer, 0);
         let mut experts = Vec::with_capacity(n);
-        let router;
-        if self.has(&classic_router) {
-            router = self.weight((names::MIXTRAL_ROUTER.0, &classic_router), layer, &[n, d])?;
-            for e in 0..n {
-                let [g, u, dn] = names::MIXTRAL_EXPERT.map(|(canon, suffix)| {
-                    (
-                        names::fill(canon, layer, e),
-                        names::layer_tensor(suffix, layer, e),
-                    )
-                });
-                let mut one = |(c, h): (String, String),
-                               shape: &[usize]|
-                 -> Result<WeightId, FrontendError> {
-                    let t = self.info(&h, shape)?;
-                    self.source(c, &t, t.info.offset, shape.to_vec())
-                };
-                experts.push(FeedForward {
-                    gate: one(g, &[f, d])?,
-                    up: one(u, &[f, d])?,
-                    down: one(dn, &[d, f])?,
-                });
-            }
+        let router_names = if self.has(&classic_router) {
+            names::MIXTRAL_ROUTER
         } else {
-            let fused_router = names::layer_tensor(names::MIXTRAL_FUSED_ROUTER.1, layer, 0);
-            router = self.weight(
-                (names::MIXTRAL_FUSED_ROUTER.0, &fused_router),
-                layer,
-                &[n, d],
-            )?;
-            let gate_up = names::layer_tensor(names::MIXTRAL_FUSED_GATE_UP, layer, 0);
+            names::MIXTRAL_FUSED_ROUTER
+        };
+        let router = self.weight(
+            (
+                router_names.0,
+                &names::layer_tensor(router_names.1, layer, 0),
+            ),
+            layer,
+            &[n, d],
+        )?;
+        if self.has(&gate_up) {
             let down = names::layer_tensor(names::MIXTRAL_FUSED_DOWN, layer, 0);
             let gu = self.info(&gate_up, &[n, 2 * f, d])?;
             let dn = self.info(&down, &[n, d, f])?;
@@ -327,13 +352,61 @@ impl Loader<'_> {
                     down: self.source(name("down"), &dn, down_at, vec![d, f])?,
                 });
             }
+        } else {
+            let table = if self.has(&classic_router) {
+                names::MIXTRAL_EXPERT
+            } else {
+                names::QWEN2_MOE_EXPERT
+            };
+            for e in 0..n {
+                experts.push(self.ffn(table, layer, e, f, d)?);
+            }
         }
+        let shared_expert = match spec.shared_ffn {
+            None => None,
+            Some(fs) => {
+                let (canon, hf) = names::QWEN2_MOE_SHARED_GATE;
+                Some(SharedExpert {
+                    ffn: self.ffn(names::QWEN2_MOE_SHARED, layer, 0, fs, d)?,
+                    gate: Some(self.weight(
+                        (canon, &names::layer_tensor(hf, layer, 0)),
+                        layer,
+                        &[1, d],
+                    )?),
+                })
+            }
+        };
         Ok(Op::MixtureOfExperts(MixtureOfExperts {
             router,
             experts,
-            top_k,
-            normalize_top_k: true,
-            shared_expert: None,
+            top_k: spec.top_k,
+            normalize_top_k: spec.normalize_top_k,
+            shared_expert,
         }))
+    }
+
+    /// A SwiGLU FFN of size `f` from a (gate, up, down) name table, for expert `e`.
+    fn ffn(
+        &mut self,
+        table: [(&str, &str); 3],
+        layer: usize,
+        e: usize,
+        f: usize,
+        d: usize,
+    ) -> Result<FeedForward, FrontendError> {
+        let mut one = |(canon, suffix): (&str, &str), shape: &[usize]| {
+            let t = self.info(&names::layer_tensor(suffix, layer, e), shape)?;
+            self.source(
+                names::fill(canon, layer, e),
+                &t,
+                t.info.offset,
+                shape.to_vec(),
+            )
+        };
+        Ok(FeedForward {
+            gate: one(table[0], &[f, d])?,
+            up: one(table[1], &[f, d])?,
+            down: one(table[2], &[d, f])?,
+        })
     }
 }

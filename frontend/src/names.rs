@@ -12,6 +12,7 @@ pub const ARCHITECTURES: &[(&str, Family)] = &[
     ("MistralForCausalLM", Family::Llama),
     ("Qwen2ForCausalLM", Family::Qwen2),
     ("MixtralForCausalLM", Family::Mixtral),
+    ("Qwen2MoeForCausalLM", Family::Qwen2Moe),
 ];
 
 /// How an architecture's layers are laid out.
@@ -23,6 +24,8 @@ pub enum Family {
     Qwen2,
     /// Sparse MoE FFN in one of two on-disk layouts.
     Mixtral,
+    /// Sparse MoE FFN with a gated shared expert; q/k/v bias per `qkv_bias`.
+    Qwen2Moe,
 }
 
 pub const EMBED: (&str, &str) = ("embed.table", "model.embed_tokens.weight");
@@ -74,6 +77,41 @@ pub const MIXTRAL_EXPERT: [(&str, &str); 3] = [
         "block_sparse_moe.experts.{E}.w2.weight",
     ),
 ];
+
+/// Qwen2-MoE: per-expert projections, the shared expert and its sigmoid gate (the router
+/// is `mlp.gate.weight`, as in Mixtral's fused layout).
+pub const QWEN2_MOE_EXPERT: [(&str, &str); 3] = [
+    (
+        "layers.{L}.ffn.experts.{E}.gate",
+        "mlp.experts.{E}.gate_proj.weight",
+    ),
+    (
+        "layers.{L}.ffn.experts.{E}.up",
+        "mlp.experts.{E}.up_proj.weight",
+    ),
+    (
+        "layers.{L}.ffn.experts.{E}.down",
+        "mlp.experts.{E}.down_proj.weight",
+    ),
+];
+pub const QWEN2_MOE_SHARED: [(&str, &str); 3] = [
+    (
+        "layers.{L}.ffn.shared.gate",
+        "mlp.shared_expert.gate_proj.weight",
+    ),
+    (
+        "layers.{L}.ffn.shared.up",
+        "mlp.shared_expert.up_proj.weight",
+    ),
+    (
+        "layers.{L}.ffn.shared.down",
+        "mlp.shared_expert.down_proj.weight",
+    ),
+];
+pub const QWEN2_MOE_SHARED_GATE: (&str, &str) = (
+    "layers.{L}.ffn.shared.gate_proj",
+    "mlp.shared_expert_gate.weight",
+);
 
 /// Mixtral, fused layout: `gate_up_proj` is `[E, 2F, D]` (gate rows, then up rows),
 /// `down_proj` is `[E, D, F]`.

@@ -184,18 +184,17 @@ fn architecture(
             "mixes dense and MoE layers, which no Hugging Face architecture here expresses".into(),
         ));
     }
-    if moes.iter().any(|m| !m.normalize_top_k) {
-        return Err(unsupported(
-            "MoE layers without renormalised top-k weights are not supported yet".into(),
-        ));
-    }
     let shared = moes.iter().filter(|m| m.shared_expert.is_some()).count();
     let gated = moes
         .iter()
         .filter(|m| m.shared_expert.as_ref().is_some_and(|s| s.gate.is_some()))
         .count();
+    let renormalised = moes.iter().all(|m| m.normalize_top_k);
     match (shared, gated, biased) {
-        (0, _, 0) => Ok("MixtralForCausalLM"),
+        (0, _, 0) if renormalised => Ok("MixtralForCausalLM"),
+        (0, _, 0) => Err(unsupported(
+            "Mixtral renormalises the top-k routing weights; these layers do not".into(),
+        )),
         (0, _, _) => Err(unsupported("Mixtral has no attention biases".into())),
         (s, g, _) if s == n && g == n => Ok("Qwen2MoeForCausalLM"),
         _ => Err(unsupported(
