@@ -262,9 +262,28 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             max_shard_bytes: max_shard_mb
                 .map_or(HfEmitOptions::default().max_shard_bytes, |mb| mb << 20),
             moe_layout,
+            progress: None,
+        };
+        // A progress bar with bytes/s on stderr (hidden when stderr is not a terminal).
+        let bar = indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "emit {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(model.clone());
+        let progress_bar = bar.clone();
+        let opts = HfEmitOptions {
+            progress: Some(std::sync::Arc::new(move |done, total| {
+                progress_bar.set_length(total);
+                progress_bar.set_position(done);
+            })),
+            ..opts
         };
         let start = Instant::now();
         let r = emit_hf(&m, model, &dir, &opts).with_context(|| format!("writing `{model}`"))?;
+        bar.finish_and_clear();
         writeln!(
             out,
             "emit   {model} -> {} ({}, {} tensors, {:.2} MB in {} shard(s)) in {:.2}s",

@@ -90,11 +90,23 @@ fn sharded_output_loads_back() {
     let m = load("llama");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("sharded");
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = calls.clone();
     let opts = HfEmitOptions {
         max_shard_bytes: 100_000,
+        progress: Some(std::sync::Arc::new(move |done, total| {
+            seen.lock().unwrap().push((done, total))
+        })),
         ..Default::default()
     };
     let r = emit_hf(&m, "llama", &out, &opts).unwrap();
+    // Progress: one call per tensor, rising to the total number of bytes written.
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), r.tensors);
+    assert!(calls
+        .windows(2)
+        .all(|w| w[0].0 < w[1].0 && w[0].1 == w[1].1));
+    assert_eq!(calls.last().copied(), Some((r.bytes, r.bytes)));
     assert!(r.shards > 1, "{} shards", r.shards);
     assert!(out.join("model.safetensors.index.json").is_file());
     let mut back = Module::new();

@@ -9,6 +9,7 @@
 //! name tables only.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use upmix_ir::{
@@ -20,12 +21,28 @@ use super::safetensors::write_safetensors;
 use super::{io, write_dir_atomically, EmitError};
 
 /// Options of [`emit_hf`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HfEmitOptions {
     /// Start a new shard when the current one would pass this many bytes.
     pub max_shard_bytes: u64,
     /// How Mixtral experts are laid out on disk.
     pub moe_layout: MoeLayout,
+    /// Called after each tensor is written with `(bytes written, total bytes)`, e.g. to
+    /// drive a progress bar.
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// A progress callback: `(bytes written so far, total bytes)`.
+pub type Progress = dyn Fn(u64, u64) + Send + Sync;
+
+impl std::fmt::Debug for HfEmitOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfEmitOptions")
+            .field("max_shard_bytes", &self.max_shard_bytes)
+            .field("moe_layout", &self.moe_layout)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
 }
 
 impl Default for HfEmitOptions {
@@ -33,6 +50,7 @@ impl Default for HfEmitOptions {
         HfEmitOptions {
             max_shard_bytes: 4 << 30,
             moe_layout: MoeLayout::Classic,
+            progress: None,
         }
     }
 }
@@ -99,7 +117,7 @@ pub fn emit_hf(
 
     // Split into shards by size, keeping the tensor order.
     let mut shards: Vec<Vec<(String, WeightId)>> = vec![Vec::new()];
-    let mut size = 0u64;
+    let (mut size, mut all_bytes) = (0u64, 0u64);
     for (name, id) in tensors.iter().cloned() {
         let w = table.get(id)?;
         let n = (w.numel() * w.dtype.plain().size()) as u64;
@@ -108,8 +126,16 @@ pub fn emit_hf(
             size = 0;
         }
         size += n;
+        all_bytes += n;
         shards.last_mut().expect("one shard").push((name, id));
     }
+    let mut written = 0u64;
+    let mut report = |n: u64| {
+        written += n;
+        if let Some(progress) = &opts.progress {
+            progress(written, all_bytes);
+        }
+    };
     let count = shards.len();
     let file_name = |i: usize| {
         if count == 1 {
@@ -122,7 +148,7 @@ pub fn emit_hf(
     write_dir_atomically(m, g, dir, |tmp| {
         let mut weight_map = serde_json::Map::new();
         for (i, shard) in shards.iter().enumerate() {
-            total += write_safetensors(&tmp.join(file_name(i)), &table, shard)?;
+            total += write_safetensors(&tmp.join(file_name(i)), &table, shard, &mut report)?;
             for (name, _) in shard {
                 weight_map.insert(name.clone(), Value::String(file_name(i)));
             }

@@ -8,7 +8,7 @@
 mod hf;
 mod safetensors;
 
-pub use hf::{emit_hf, HfEmitOptions, MoeLayout};
+pub use hf::{emit_hf, HfEmitOptions, MoeLayout, Progress};
 
 use std::path::{Path, PathBuf};
 

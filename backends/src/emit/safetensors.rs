@@ -8,12 +8,14 @@ use upmix_ir::{DType, WeightId, WeightTable};
 
 use super::{io, EmitError};
 
-/// Writes `tensors` (file name, weight) to `path` in order. Block-quantized weights are
-/// written dequantized, as f32 (safetensors has no block formats).
+/// Writes `tensors` (file name, weight) to `path` in order, calling `written` with each
+/// tensor's byte count once it is out. Block-quantized weights are written dequantized,
+/// as f32 (safetensors has no block formats).
 pub fn write_safetensors(
     path: &Path,
     weights: &WeightTable,
     tensors: &[(String, WeightId)],
+    written: &mut dyn FnMut(u64),
 ) -> Result<u64, EmitError> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
@@ -45,6 +47,7 @@ pub fn write_safetensors(
     for (_, id) in tensors {
         let bytes = weights.materialize_bytes_as(*id, weights.get(*id)?.dtype.plain())?;
         out.write_all(&bytes).map_err(io(path))?;
+        written(bytes.len() as u64);
     }
     out.flush().map_err(io(path))?;
     out.get_ref().sync_all().map_err(io(path))?;
