@@ -348,6 +348,13 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def weight_file_hashes(directory):
+    """sha256 of an emitted directory's config.json and safetensors files, by name."""
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
+    return {p.name: sha256(p) for p in files}
+
+
 def check_emitted(directory, name):
     """Compare an emitted checkpoint against tests/golden/NAME; return the exit code."""
     directory = Path(directory)
@@ -356,13 +363,11 @@ def check_emitted(directory, name):
     logits = forward_logits(model, golden["input_ids"])
     expected = torch.tensor(golden["logits"], dtype=torch.float32)
     diff = float((logits - expected).abs().max())
-    files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
     report = {
         "name": name,
         "architecture": model.config.architectures[0],
         "max_abs_diff": diff,
-        "files": {p.name: sha256(p) for p in files},
+        "files": weight_file_hashes(directory),
     }
     write_json(GOLDEN / "emitted" / f"{name}.json", report)
     ok = diff <= EMITTED_TOLERANCE
@@ -375,8 +380,6 @@ def record_emitted(directory, name):
     directory = Path(directory)
     model = load_model(directory)
     logits = forward_logits(model, INPUT_IDS)
-    files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
     report = {
         "name": name,
         "architecture": model.config.architectures[0],
@@ -384,7 +387,7 @@ def record_emitted(directory, name):
         "logits": [[float(v) for v in row] for row in logits],
         "prompt": PROMPT,
         "greedy": greedy(model, PROMPT, 16),
-        "files": {p.name: sha256(p) for p in files},
+        "files": weight_file_hashes(directory),
     }
     write_json(GOLDEN / "emitted" / f"{name}.json", report)
     print(f"{name}: recorded {report['architecture']} logits and greedy ids")
