@@ -26,7 +26,7 @@ use upmix_backends::emit::{emit_hf, HfEmitOptions, MoeLayout};
 use upmix_backends::{load_runtime, DeviceSpec};
 use upmix_frontend::TextTokenizer;
 use upmix_ir::{Module, Runtime, RuntimeError};
-use upmix_passes::{DumpIr, PassContext, PassManager, PassSpec, RuntimeProvider};
+use upmix_passes::{DumpIr, PassContext, PassManager, PassSpec, RouterInit, RuntimeProvider};
 
 /// A whole pipeline file.
 #[derive(Clone, Debug, Deserialize)]
@@ -66,6 +66,14 @@ pub enum Eval {
     Perplexity {
         model: String,
         text: PathBuf,
+        #[serde(default)]
+        window: Option<usize>,
+    },
+    /// Perplexity of each of `models` on each text of `texts` (a name per text, e.g. a
+    /// domain), printed as one table; `window` as for `Perplexity`.
+    PerplexityTable {
+        models: Vec<String>,
+        texts: BTreeMap<String, PathBuf>,
         #[serde(default)]
         window: Option<usize>,
     },
@@ -136,6 +144,11 @@ impl RuntimeProvider for DeviceRuntimes {
     fn runtime(&mut self, m: &Module, graph: &str) -> Result<Box<dyn Runtime>, RuntimeError> {
         load_runtime(m, graph, &self.0).map_err(RuntimeError::from)
     }
+
+    fn tokenize(&mut self, m: &Module, graph: &str, text: &str) -> Result<Vec<u32>, RuntimeError> {
+        let encode = || -> Result<Vec<u32>> { Ok(tokenizer_of(m, graph)?.encode(text, false)?) };
+        encode().map_err(|e| RuntimeError::Backend(format!("{e:#}")))
+    }
 }
 
 /// Runs the pipeline file at `path`, returning the module and a report of what it did.
@@ -183,7 +196,13 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
     manager.verify = !opts.no_verify;
     manager.dump_ir = opts.dump_ir.clone();
     for spec in &p.passes {
-        manager.add(spec.clone().into_pass());
+        let mut spec = spec.clone();
+        if let PassSpec::Upcycle(u) = &mut spec {
+            if let RouterInit::DomainCentroid { texts, .. } = &mut u.router {
+                texts.values_mut().for_each(|t| *t = resolve(t));
+            }
+        }
+        manager.add(spec.into_pass());
     }
     let mut provider = DeviceRuntimes(device);
     let mut cx = PassContext {
@@ -224,6 +243,32 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                     "eval   perplexity of {model} on {}: {ppl:.4} ({tokens} tokens)",
                     text_path.display()
                 )?;
+            }
+            Eval::PerplexityTable {
+                models,
+                texts,
+                window,
+            } => {
+                let mut contents = Vec::new();
+                for (name, path) in texts {
+                    let path = resolve(path);
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    contents.push((name, text));
+                }
+                write!(out, "eval   perplexity  {:<10}", "model")?;
+                for (name, _) in &contents {
+                    write!(out, " {name:>10}")?;
+                }
+                writeln!(out)?;
+                for model in models {
+                    write!(out, "eval   perplexity  {model:<10}")?;
+                    for (_, text) in &contents {
+                        let (ppl, _) = perplexity(&m, model, text, *window, &device)?;
+                        write!(out, " {ppl:>10.3}")?;
+                    }
+                    writeln!(out)?;
+                }
             }
             Eval::Generate {
                 model,

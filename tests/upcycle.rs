@@ -30,6 +30,8 @@ fn upcycle(experts: &[&str], top_k: usize, router: RouterInit) -> Upcycle {
         weights: None,
         shared_expert: None,
         layers: None,
+        granularity: None,
+        normalize_top_k: None,
     }
 }
 
@@ -71,6 +73,42 @@ fn copies_of_one_model_keep_its_logits_for_any_router_and_top_k() {
             let diff = logits(&m, "a").max_abs_diff(&logits(&m, "moe"));
             assert!(diff <= 1e-5, "{router:?} top_k {top_k}: {diff}");
         }
+    }
+}
+
+#[test]
+fn fine_grained_copies_keep_the_dense_logits() {
+    // Renormalised top-k: any router (shards of a model share a router row); softmax over
+    // all experts (He et al.): the uniform router.
+    let cases = [
+        (2, 2, true, RouterInit::Random { seed: 5, std: 1.0 }),
+        (2, 4, true, RouterInit::Zeros),
+        (4, 4, true, RouterInit::Random { seed: 9, std: 0.5 }),
+        (4, 8, true, RouterInit::Zeros),
+        (2, 2, false, RouterInit::Zeros),
+        (4, 4, false, RouterInit::Zeros),
+        (4, 8, false, RouterInit::Zeros),
+    ];
+    for (g, top_k, normalize, router) in cases {
+        let mut m = load(&[("a", "llama"), ("b", "llama")]);
+        let pass = Upcycle {
+            granularity: Some(g),
+            normalize_top_k: Some(normalize),
+            ..upcycle(&["a", "b"], top_k, router.clone())
+        };
+        run(&mut m, pass).unwrap();
+        let g_moe = &m.graphs["moe"];
+        let Op::MixtureOfExperts(moe) = &g_moe.node(g_moe.find("layers.0.ffn").unwrap()).op else {
+            panic!("layer 0 is not a MoE layer");
+        };
+        assert_eq!(moe.experts.len(), 2 * g);
+        let up = m.weights.get(moe.experts[0].up).unwrap();
+        assert_eq!(up.shape[0], 96 / g);
+        let diff = logits(&m, "a").max_abs_diff(&logits(&m, "moe"));
+        assert!(
+            diff <= 1e-5,
+            "G {g} top_k {top_k} normalize {normalize} {router:?}: {diff}"
+        );
     }
 }
 
@@ -119,7 +157,7 @@ fn distinct_experts_round_trip_through_a_mixtral_checkpoint() {
 
 #[test]
 fn bad_requests_are_clear_errors_and_create_nothing() {
-    let cases: [(Upcycle, &str); 4] = [
+    let cases: [(Upcycle, &str); 6] = [
         (upcycle(&["a", "b"], 3, RouterInit::Zeros), "top_k 3"),
         (
             upcycle(&["a", "nope"], 1, RouterInit::Zeros),
@@ -132,6 +170,25 @@ fn bad_requests_are_clear_errors_and_create_nothing() {
                 ..upcycle(&["a", "b"], 1, RouterInit::Zeros)
             },
             "5..2",
+        ),
+        (
+            Upcycle {
+                granularity: Some(5),
+                ..upcycle(&["a", "b"], 1, RouterInit::Zeros)
+            },
+            "granularity 5 does not divide the intermediate size 96",
+        ),
+        (
+            upcycle(
+                &["a", "b"],
+                1,
+                RouterInit::Hidden {
+                    prompts: [("a".to_string(), vec!["x".to_string()])].into(),
+                    negative_prompts: Default::default(),
+                    model: None,
+                },
+            ),
+            "no prompts for expert `b`",
         ),
     ];
     for (pass, expected) in cases {

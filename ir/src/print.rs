@@ -145,6 +145,9 @@ impl Printer<'_> {
             }
             WeightExpr::Literal(_) => "literal".to_string(),
             WeightExpr::Rows(x, rows) => format!("rows({}, {} rows)", self.num(*x), rows.len()),
+            WeightExpr::Columns { of, start } => {
+                format!("columns({}, from {start})", self.num(*of))
+            }
             WeightExpr::Random { seed, std } => format!("random(seed={seed}, std={std:?})"),
             WeightExpr::Concat(xs) => {
                 let args: Vec<String> = xs.iter().map(|x| self.num(*x)).collect();

@@ -45,6 +45,23 @@ impl MappedFile {
     pub fn bytes(&self) -> &[u8] {
         &self.map
     }
+
+    /// Tells the kernel this process is done with `len` bytes at `offset` for now, so their
+    /// pages leave its resident set (they stay in the page cache and are re-read on the next
+    /// access). Streaming a model through memory this way keeps resident memory bounded.
+    pub fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            // SAFETY: the map is shared, file-backed and read-only, so dropped pages are
+            // re-read from the file on the next access; no data can be lost or changed.
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
 }
 
 impl std::fmt::Debug for MappedFile {
@@ -77,6 +94,9 @@ pub enum WeightExpr {
     /// Rows of a 2-D weight, reordered: row `i` of the result is row `rows[i]` of the
     /// operand (e.g. undoing a checkpoint format's permutation of attention heads).
     Rows(WeightId, Arc<[u32]>),
+    /// Columns `start..start + width` of a 2-D weight, `width` being the result's second
+    /// dimension (e.g. one shard of a down projection split along its input dimension).
+    Columns { of: WeightId, start: usize },
     /// Normal samples `N(0, std^2)` from a generator seeded with `seed` (SplitMix64 bits,
     /// Box-Muller), so the same seed always gives the same tensor.
     Random { seed: u64, std: f32 },
@@ -250,6 +270,26 @@ impl WeightTable {
             WeightExpr::Mean(ids) => ids.clone(),
             WeightExpr::WeightedSum { terms, .. } => terms.iter().map(|(_, id)| *id).collect(),
             WeightExpr::Scale(_, id) => vec![*id],
+            WeightExpr::Columns { of, start } => {
+                let operand = self.get(*of)?;
+                let bad = operand.shape.len() != 2
+                    || weight.shape.len() != 2
+                    || weight.shape[0] != operand.shape[0]
+                    || start + weight.shape[1] > operand.shape[1];
+                if bad {
+                    return Err(Self::invalid(
+                        weight,
+                        format!(
+                            "cannot take columns {start}..{} of `{}` {:?} as shape {:?}",
+                            start + weight.shape.get(1).copied().unwrap_or(0),
+                            operand.name,
+                            operand.shape,
+                            weight.shape
+                        ),
+                    ));
+                }
+                return Ok(());
+            }
             WeightExpr::Rows(id, rows) => {
                 let operand = self.get(*id)?;
                 let bad = operand.shape.len() != 2
@@ -332,7 +372,9 @@ impl WeightTable {
         } = &weight.expr
         {
             if *stored == dtype && weight.dtype == dtype {
-                return Ok(file.bytes()[*offset..*offset + weight.nbytes()].to_vec());
+                let bytes = file.bytes()[*offset..*offset + weight.nbytes()].to_vec();
+                file.release(*offset, bytes.len());
+                return Ok(bytes);
             }
         }
         if dtype.is_quantized() {
@@ -358,6 +400,7 @@ impl WeightTable {
                 let len = dtype.nbytes(weight.numel()).unwrap_or(0);
                 let mut out = Vec::new();
                 dtype.decode(&file.bytes()[*offset..*offset + len], &mut out);
+                file.release(*offset, len);
                 out
             }
             WeightExpr::Literal(t) => t.data.clone(),
@@ -375,6 +418,15 @@ impl WeightTable {
                 let mut out = Vec::with_capacity(rows.len() * cols);
                 for r in rows.iter() {
                     out.extend_from_slice(src.row(*r as usize));
+                }
+                out
+            }
+            WeightExpr::Columns { of, start } => {
+                let src = self.materialize(*of)?;
+                let width = weight.shape[1];
+                let mut out = Vec::with_capacity(weight.numel());
+                for r in 0..src.shape[0] {
+                    out.extend_from_slice(&src.row(r)[*start..*start + width]);
                 }
                 out
             }

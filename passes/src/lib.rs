@@ -12,6 +12,7 @@ mod manager;
 mod merge;
 mod pass;
 pub mod registry;
+mod router_init;
 mod upcycle;
 
 pub use cast::Cast;
@@ -19,4 +20,5 @@ pub use manager::{DumpIr, PassManager, PassReport};
 pub use merge::Merge;
 pub use pass::{Pass, PassContext, PassError, RuntimeProvider};
 pub use registry::{create, pass_names, PassInfo, PassSpec, REGISTRY};
-pub use upcycle::{RouterInit, Upcycle};
+pub use router_init::{layer_inputs, RouterInit, COLLINEAR_COSINE};
+pub use upcycle::Upcycle;

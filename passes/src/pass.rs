@@ -16,6 +16,9 @@ pub trait Pass {
 /// which knows the backend and device).
 pub trait RuntimeProvider {
     fn runtime(&mut self, m: &Module, graph: &str) -> Result<Box<dyn Runtime>, RuntimeError>;
+
+    /// Token ids of `text` under the tokenizer of model `graph`, without special tokens.
+    fn tokenize(&mut self, m: &Module, graph: &str, text: &str) -> Result<Vec<u32>, RuntimeError>;
 }
 
 /// What a pass may use besides the module.

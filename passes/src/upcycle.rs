@@ -9,10 +9,24 @@
 //! zero, i.e. with weight 1/2 until trained (Qwen2-MoE's layout, which always has that
 //! gate). Layers outside `layers` stay dense (averaged FFN).
 //!
-//! Router initialisation: `Random { seed, std }` rows, or `Zeros` (uniform routing).
+//! Router initialisation (see [`RouterInit`]): `Random { seed, std }` rows, `Zeros`
+//! (uniform routing), or rows from the base model's hidden states on each expert's prompts
+//! (`Hidden`, mergekit-moe's hidden mode) or corpus (`DomainCentroid`).
 //!
-//! Function-preserving when the experts are copies of one model (any router, any top_k):
-//! the renormalised routing weights sum to one over identical experts.
+//! Fine-grained upcycling (`granularity: G`, He et al. 2024, "Upcycling Large Language
+//! Models into Mixture of Experts"): each expert FFN is split into G experts along the
+//! intermediate dimension (gate and up rows with the matching down columns), so a layer has
+//! E = G x models experts; each model's router row is repeated for its G shards (a
+//! "virtual group" that is routed together), and the shards are scaled so that a uniform
+//! router gives back the dense FFN: by s = G when the top-k weights are renormalised, by
+//! s = E*G/k with the softmax taken over all experts before top-k (the paper's setting).
+//! The paper multiplies all three matrices by s^(1/3), which is exact only for a
+//! homogeneous activation; SiLU is not, so here `up` and `down` each take sqrt(s), which
+//! is exact because the unit is linear in both.
+//!
+//! Function-preserving when the experts are copies of one model (any router, any top_k;
+//! with G > 1, top_k a multiple of G, and a uniform router unless the top-k weights are
+//! renormalised): the routing weights then sum to one over identical experts.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -26,6 +40,7 @@ use upmix_ir::{
 
 use crate::align::align;
 use crate::pass::{graph, weight_err, Pass, PassContext, PassError};
+use crate::router_init::RouterInit;
 
 /// Pipeline spec:
 /// `Upcycle(into: "moe", experts: ["code", "law", "math"], top_k: 2, router: Random(seed: 0, std: 0.02))`.
@@ -38,7 +53,7 @@ pub struct Upcycle {
     pub experts: Vec<String>,
     /// Experts each token is routed to.
     pub top_k: usize,
-    /// Router initialisation (default: `Random(seed: 0, std: 0.02)`).
+    /// Router initialisation (default: `Random(seed: 0, std: 0.02)`); see [`RouterInit`].
     #[serde(default)]
     pub router: RouterInit,
     /// Take every non-FFN parameter from this model instead of averaging.
@@ -53,21 +68,15 @@ pub struct Upcycle {
     /// Layers that become MoE, e.g. `"0..8"` (default: all).
     #[serde(default)]
     pub layers: Option<String>,
-}
-
-/// How the router rows start.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub enum RouterInit {
-    /// Rows drawn from `N(0, std^2)` with a fixed seed (different per layer).
-    Random { seed: u64, std: f32 },
-    /// All zero: every expert equally likely until trained.
-    Zeros,
-}
-
-impl Default for RouterInit {
-    fn default() -> Self {
-        RouterInit::Random { seed: 0, std: 0.02 }
-    }
+    /// Fine-grained upcycling: split every expert FFN into this many experts along its
+    /// intermediate dimension (default 1, no split). Must divide the intermediate size.
+    #[serde(default)]
+    pub granularity: Option<usize>,
+    /// Renormalise the top-k routing weights to sum to one, as Mixtral does (default
+    /// `true`). `false` keeps the softmax over all experts (He et al. 2024; Qwen1.5-MoE's
+    /// `norm_topk_prob: false`), which only the Qwen2-MoE output can express.
+    #[serde(default)]
+    pub normalize_top_k: Option<bool>,
 }
 
 impl Upcycle {
@@ -100,17 +109,38 @@ impl Pass for Upcycle {
         "Upcycle"
     }
 
-    fn run(&self, m: &mut Module, _cx: &mut PassContext) -> Result<Vec<String>, PassError> {
+    fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
         let n = self.experts.len();
         if n == 0 {
             return Err(self.invalid("needs at least one expert model".into()));
         }
-        if self.top_k == 0 || self.top_k > n {
+        let granularity = self.granularity.unwrap_or(1);
+        if granularity == 0 {
+            return Err(self.invalid("granularity must be at least 1".into()));
+        }
+        let total = n * granularity;
+        if self.top_k == 0 || self.top_k > total {
             return Err(self.invalid(format!(
-                "top_k {} must be between 1 and the number of experts ({n})",
+                "top_k {} must be between 1 and the number of experts ({total})",
                 self.top_k
             )));
         }
+        if !self.top_k.is_multiple_of(granularity) {
+            cx.notes.push(format!(
+                "{}: top_k {} is not a multiple of granularity {granularity}, so a token \
+                 cannot take whole virtual groups and the upcycled model does not start \
+                 from the dense models' function",
+                self.name(),
+                self.top_k
+            ));
+        }
+        let normalize_top_k = self.normalize_top_k.unwrap_or(true);
+        // Output scale of each shard; see the module doc.
+        let shard_scale = if normalize_top_k {
+            granularity as f32
+        } else {
+            (total * granularity) as f32 / self.top_k as f32
+        };
         if m.graph(&self.into).is_some() {
             return Err(self.invalid(format!("a model named `{}` already exists", self.into)));
         }
@@ -119,6 +149,53 @@ impl Pass for Upcycle {
             return Err(self.invalid(format!("{} weights given for {n} experts", weights.len())));
         }
         let layers = self.layer_range()?;
+        self.router.check(self.name(), &self.experts)?;
+        for name in self
+            .experts
+            .iter()
+            .chain(&self.base)
+            .chain(&self.shared_expert)
+        {
+            graph(m, self.name(), name)?;
+        }
+
+        // Indices of the FFN layers that become MoE layers.
+        let first = graph(m, self.name(), &self.experts[0])?;
+        let ffn_count = first
+            .node_ids()
+            .into_iter()
+            .filter(|&n| matches!(first.node(n).op, Op::FeedForward(_)))
+            .count();
+        let moe_layers: Vec<usize> = (0..ffn_count)
+            .filter(|i| layers.as_ref().is_none_or(|r| r.contains(i)))
+            .collect();
+        if moe_layers.is_empty() {
+            return Err(self.invalid(format!(
+                "no FFN layer of `{}` lies in layers {:?} (it has {ffn_count})",
+                self.experts[0], self.layers
+            )));
+        }
+        // Router rows computed from activations, per MoE layer, when the mode needs them.
+        let mut activation_rows = if self.router.needs_runtime() {
+            let default_model = self.base.as_ref().unwrap_or(&self.experts[0]);
+            let rows = self.router.activation_rows(
+                m,
+                cx,
+                self.name(),
+                &self.experts,
+                &moe_layers,
+                default_model,
+            )?;
+            Some(
+                moe_layers
+                    .iter()
+                    .copied()
+                    .zip(rows)
+                    .collect::<HashMap<_, _>>(),
+            )
+        } else {
+            None
+        };
 
         // Align every model involved: experts, then base and shared expert.
         let mut models = self.experts.clone();
@@ -164,7 +241,6 @@ impl Pass for Upcycle {
         moe.name = self.into.clone();
         let order = moe.topo_order().unwrap_or_else(|_| moe.node_ids());
         let mut layer = 0;
-        let mut upcycled = 0;
         for node in order {
             let Op::FeedForward(ffn) = moe.node(node).op.clone() else {
                 let op = &mut moe.node_mut(node).op;
@@ -173,7 +249,7 @@ impl Pass for Upcycle {
             };
             let index = layer;
             layer += 1;
-            if layers.as_ref().is_some_and(|r| !r.contains(&index)) {
+            if !moe_layers.contains(&index) {
                 let op = &mut moe.node_mut(node).op;
                 op.map_weights(|id| shared_params[&id]);
                 continue;
@@ -183,23 +259,53 @@ impl Pass for Upcycle {
                 up: aligned[&ffn.up][i],
                 down: aligned[&ffn.down][i],
             };
+            let name = moe.node(node).name.clone();
+            let mut experts = Vec::with_capacity(total);
+            for i in 0..n {
+                if granularity == 1 && shard_scale == 1.0 {
+                    experts.push(expert(i));
+                } else {
+                    let shards = self.shards(m, &expert(i), granularity, shard_scale, &name)?;
+                    experts.extend(shards);
+                }
+            }
             let gate = m.weights.get(ffn.gate).map_err(weight_err(self.name()))?;
             let (hidden, router_dtype) = (gate.shape[1], gate.dtype.plain());
-            let router_name = format!("{}.router", moe.node(node).name);
-            let router = Weight {
-                name: router_name,
+            // One row per model; repeated for its shards below.
+            let rows = match &self.router {
+                RouterInit::Random { seed, std } => WeightExpr::Random {
+                    seed: seed.wrapping_add(index as u64),
+                    std: *std,
+                },
+                RouterInit::Zeros => WeightExpr::Literal(Arc::new(HostTensor::new(
+                    vec![n, hidden],
+                    vec![0.0; n * hidden],
+                ))),
+                RouterInit::Hidden { .. } | RouterInit::DomainCentroid { .. } => {
+                    let rows = activation_rows
+                        .as_mut()
+                        .and_then(|r| r.remove(&index))
+                        .expect("rows computed for every MoE layer");
+                    WeightExpr::Literal(Arc::new(HostTensor::new(vec![n, hidden], rows.concat())))
+                }
+            };
+            let per_model = Weight {
+                name: format!("{name}.router"),
                 shape: vec![n, hidden],
                 dtype: router_dtype,
-                expr: match &self.router {
-                    RouterInit::Random { seed, std } => WeightExpr::Random {
-                        seed: seed.wrapping_add(index as u64),
-                        std: *std,
-                    },
-                    RouterInit::Zeros => WeightExpr::Literal(Arc::new(HostTensor::new(
-                        vec![n, hidden],
-                        vec![0.0; n * hidden],
-                    ))),
-                },
+                expr: rows,
+            };
+            let router = if granularity == 1 {
+                per_model
+            } else {
+                let id = m.weights.add(per_model).map_err(weight_err(self.name()))?;
+                let repeat: Vec<u32> = (0..total).map(|e| (e / granularity) as u32).collect();
+                Weight {
+                    name: format!("{name}.router.grouped"),
+                    shape: vec![total, hidden],
+                    dtype: router_dtype,
+                    expr: WeightExpr::Rows(id, repeat.into()),
+                }
             };
             let router = m.weights.add(router).map_err(weight_err(self.name()))?;
             let shared_gate = match shared {
@@ -207,7 +313,7 @@ impl Pass for Upcycle {
                 Some(_) => Some(
                     m.weights
                         .add(Weight {
-                            name: format!("{}.shared.gate_proj", moe.node(node).name),
+                            name: format!("{name}.shared.gate_proj"),
                             shape: vec![1, hidden],
                             dtype: router_dtype,
                             expr: WeightExpr::Literal(Arc::new(HostTensor::new(
@@ -220,23 +326,102 @@ impl Pass for Upcycle {
             };
             moe.node_mut(node).op = Op::MixtureOfExperts(MixtureOfExperts {
                 router,
-                experts: (0..n).map(expert).collect(),
+                experts,
                 top_k: self.top_k,
-                normalize_top_k: true,
+                normalize_top_k,
                 shared_expert: shared.map(|s| SharedExpert {
                     ffn: expert(s),
                     gate: shared_gate,
                 }),
             });
-            upcycled += 1;
-        }
-        if upcycled == 0 {
-            return Err(self.invalid(format!(
-                "no FFN layer of `{}` lies in layers {:?} (it has {layer})",
-                self.experts[0], self.layers
-            )));
         }
         m.insert(moe);
         Ok(vec![self.into.clone()])
+    }
+}
+
+impl Upcycle {
+    /// `ffn` split into `g` experts along the intermediate dimension, `up` and `down` of
+    /// each multiplied by `sqrt(scale)`.
+    fn shards(
+        &self,
+        m: &mut Module,
+        ffn: &FeedForward,
+        g: usize,
+        scale: f32,
+        name: &str,
+    ) -> Result<Vec<FeedForward>, PassError> {
+        let up = m
+            .weights
+            .get(ffn.up)
+            .map_err(weight_err(self.name()))?
+            .clone();
+        let down = m
+            .weights
+            .get(ffn.down)
+            .map_err(weight_err(self.name()))?
+            .clone();
+        let gate = m
+            .weights
+            .get(ffn.gate)
+            .map_err(weight_err(self.name()))?
+            .clone();
+        let (inter, hidden) = (up.shape[0], up.shape[1]);
+        if !inter.is_multiple_of(g) {
+            return Err(self.invalid(format!(
+                "granularity {g} does not divide the intermediate size {inter} of `{name}`"
+            )));
+        }
+        let width = inter / g;
+        let factor = scale.sqrt();
+        let mut add = |w: Weight| m.weights.add(w).map_err(weight_err(self.name()));
+        let mut out = Vec::with_capacity(g);
+        for j in 0..g {
+            let rows: Arc<[u32]> = (j * width..(j + 1) * width).map(|r| r as u32).collect();
+            let part = |w: &Weight, what: &str, shape: Vec<usize>, expr: WeightExpr| Weight {
+                name: format!("{name}.shard{j}.{what}"),
+                shape,
+                dtype: w.dtype.plain(),
+                expr,
+            };
+            let gate_j = add(part(
+                &gate,
+                "gate",
+                vec![width, hidden],
+                WeightExpr::Rows(ffn.gate, rows.clone()),
+            ))?;
+            let mut up_j = add(part(
+                &up,
+                "up",
+                vec![width, hidden],
+                WeightExpr::Rows(ffn.up, rows),
+            ))?;
+            let mut down_j = add(part(
+                &down,
+                "down",
+                vec![down.shape[0], width],
+                WeightExpr::Columns {
+                    of: ffn.down,
+                    start: j * width,
+                },
+            ))?;
+            if factor != 1.0 {
+                let scale = WeightExpr::Scale(factor, up_j);
+                up_j = add(part(&up, "up.scaled", vec![width, hidden], scale))?;
+                let scale = WeightExpr::Scale(factor, down_j);
+                down_j = add(part(
+                    &down,
+                    "down.scaled",
+                    vec![down.shape[0], width],
+                    scale,
+                ))?;
+            }
+            out.push(FeedForward {
+                gate: gate_j,
+                up: up_j,
+                down: down_j,
+            });
+        }
+        Ok(out)
     }
 }

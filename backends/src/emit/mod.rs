@@ -59,7 +59,9 @@ fn input_files(m: &Module, g: &Graph) -> Vec<PathBuf> {
             WeightExpr::Source { file, .. } => files.push(file.path().to_path_buf()),
             WeightExpr::Mean(ids) | WeightExpr::Concat(ids) => stack.extend(ids),
             WeightExpr::WeightedSum { terms, .. } => stack.extend(terms.iter().map(|(_, i)| *i)),
-            WeightExpr::Scale(_, i) | WeightExpr::Rows(i, _) => stack.push(*i),
+            WeightExpr::Scale(_, i)
+            | WeightExpr::Rows(i, _)
+            | WeightExpr::Columns { of: i, .. } => stack.push(*i),
             WeightExpr::Literal(_) | WeightExpr::Random { .. } => {}
         }
     }

@@ -1,7 +1,11 @@
-//! A streaming safetensors writer: the header is computed from shapes alone, then each
-//! tensor is materialised and written in turn, so memory holds one tensor at a time.
+//! A streaming safetensors writer: the header is computed from shapes alone, then the
+//! tensors are materialised in parallel, a small window at a time, while the previous
+//! window is written out in order. Memory holds at most a few windows of tensors, never
+//! the model.
 
 use std::io::Write;
+
+use rayon::prelude::*;
 use std::path::Path;
 
 use upmix_ir::{DType, WeightId, WeightTable};
@@ -44,11 +48,33 @@ pub fn write_safetensors(
     out.write_all(&(json.len() as u64).to_le_bytes())
         .and_then(|_| out.write_all(&json))
         .map_err(io(path))?;
-    for (_, id) in tensors {
-        let bytes = weights.materialize_bytes_as(*id, weights.get(*id)?.dtype.plain())?;
-        out.write_all(&bytes).map_err(io(path))?;
-        written(bytes.len() as u64);
-    }
+    // Tensors materialised together; the writer holds one window while the next is computed.
+    let window = 2 * rayon::current_num_threads().max(1);
+    std::thread::scope(|scope| -> Result<(), EmitError> {
+        let (send, receive) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || {
+            for chunk in tensors.chunks(window) {
+                let bytes: Result<Vec<Vec<u8>>, EmitError> = chunk
+                    .par_iter()
+                    .map(|(_, id)| {
+                        let dtype = weights.get(*id)?.dtype.plain();
+                        Ok(weights.materialize_bytes_as(*id, dtype)?)
+                    })
+                    .collect();
+                let failed = bytes.is_err();
+                if send.send(bytes).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for chunk in receive {
+            for bytes in chunk? {
+                out.write_all(&bytes).map_err(io(path))?;
+                written(bytes.len() as u64);
+            }
+        }
+        Ok(())
+    })?;
     out.flush().map_err(io(path))?;
     out.get_ref().sync_all().map_err(io(path))?;
     Ok(offset)

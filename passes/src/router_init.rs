@@ -1,0 +1,373 @@
+//! Router initialisation for [`Upcycle`](crate::Upcycle): where each MoE layer's router
+//! rows (one per expert, `[experts, hidden]`) start before any training.
+//!
+//! - `Random { seed, std }` and `Zeros` need nothing but the shape.
+//! - `Hidden` is mergekit-moe's `hidden` gate mode: run one model (the base) on each
+//!   expert's prompts; per layer, take each prompt's hidden state at the *input* of that
+//!   layer (the residual stream before the attention norm) at its last token, average over
+//!   the prompts, subtract the same average over the expert's negative prompts if any, and
+//!   L2-normalise. Each prompt starts with the model's BOS token, as mergekit prepends it.
+//!   mergekit batches prompts with padding, so with prompts of different lengths its "last
+//!   token" can be a pad token; here each prompt's own last token is used.
+//! - `DomainCentroid` is the same with a corpus per expert instead of prompts: the hidden
+//!   states are mean-pooled over every token of the text (read in windows that each start
+//!   with BOS, the BOS position itself left out).
+//!
+//! Router rows of different experts that point almost the same way (cosine above
+//! [`COLLINEAR_COSINE`]) route almost identically; that is reported as a note.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use upmix_ir::{Graph, Module, Op, Runtime};
+
+use crate::pass::{graph, PassContext, PassError, RuntimeProvider};
+
+/// How the router rows start.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub enum RouterInit {
+    /// Rows drawn from `N(0, std^2)` with a fixed seed (different per layer).
+    Random { seed: u64, std: f32 },
+    /// All zero: every expert equally likely until trained.
+    Zeros,
+    /// Normalised mean last-token hidden states of each expert's prompts (mergekit-moe's
+    /// `hidden` mode). `prompts` and `negative_prompts` map expert model names to prompts;
+    /// every expert needs at least one prompt. `model` is the model run (default: the
+    /// `base` model, else the first expert).
+    Hidden {
+        prompts: BTreeMap<String, Vec<String>>,
+        #[serde(default)]
+        negative_prompts: BTreeMap<String, Vec<String>>,
+        #[serde(default)]
+        model: Option<String>,
+    },
+    /// Normalised mean hidden states over a text file per expert (`texts` maps expert
+    /// model names to files; relative paths are resolved against the pipeline file).
+    /// At most `max_tokens` tokens of each text are read (default 8192), in windows of
+    /// `window` tokens (default: the model's max positions, capped at 512).
+    DomainCentroid {
+        texts: BTreeMap<String, PathBuf>,
+        #[serde(default)]
+        model: Option<String>,
+        #[serde(default)]
+        max_tokens: Option<usize>,
+        #[serde(default)]
+        window: Option<usize>,
+    },
+}
+
+impl Default for RouterInit {
+    fn default() -> Self {
+        RouterInit::Random { seed: 0, std: 0.02 }
+    }
+}
+
+/// Router rows whose cosine similarity exceeds this are reported as nearly collinear.
+pub const COLLINEAR_COSINE: f32 = 0.95;
+
+/// How hidden states of one sequence are pooled over its positions.
+#[derive(Clone, Copy)]
+enum Pool {
+    /// The last position only.
+    Last,
+    /// The mean over every position but the first (the BOS token).
+    MeanAfterFirst,
+}
+
+impl RouterInit {
+    /// Whether the rows come from running a model.
+    pub fn needs_runtime(&self) -> bool {
+        matches!(
+            self,
+            RouterInit::Hidden { .. } | RouterInit::DomainCentroid { .. }
+        )
+    }
+
+    /// Checks the request against the expert names before anything runs: every expert
+    /// has prompts (or a text), and no prompts name a model that is not an expert.
+    pub fn check(&self, pass: &str, experts: &[String]) -> Result<(), PassError> {
+        let invalid = |message: String| PassError::Invalid {
+            pass: pass.to_string(),
+            message,
+        };
+        let (what, keys): (&str, Vec<&String>) = match self {
+            RouterInit::Hidden {
+                prompts,
+                negative_prompts,
+                ..
+            } => {
+                for e in experts {
+                    if prompts.get(e).is_none_or(|p| p.is_empty()) {
+                        return Err(invalid(format!(
+                            "router Hidden: no prompts for expert `{e}` (every expert needs \
+                             at least one; prompts are given for: {})",
+                            names(prompts.keys())
+                        )));
+                    }
+                }
+                (
+                    "prompts",
+                    prompts.keys().chain(negative_prompts.keys()).collect(),
+                )
+            }
+            RouterInit::DomainCentroid { texts, .. } => {
+                for e in experts {
+                    if !texts.contains_key(e) {
+                        return Err(invalid(format!(
+                            "router DomainCentroid: no text for expert `{e}` (texts are \
+                             given for: {})",
+                            names(texts.keys())
+                        )));
+                    }
+                }
+                ("texts", texts.keys().collect())
+            }
+            _ => return Ok(()),
+        };
+        if let Some(k) = keys.iter().find(|k| !experts.contains(k)) {
+            return Err(invalid(format!(
+                "router {what} name `{k}`, which is not an expert (experts: {})",
+                experts.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// For activation-based modes: the router rows `[experts][hidden]` of each layer in
+    /// `layers` (indices of decoder layers), computed by running the chosen model.
+    /// `default_model` is used when the mode names none.
+    pub fn activation_rows(
+        &self,
+        m: &Module,
+        cx: &mut PassContext,
+        pass: &str,
+        experts: &[String],
+        layers: &[usize],
+        default_model: &str,
+    ) -> Result<Vec<Vec<Vec<f32>>>, PassError> {
+        let invalid = |message: String| PassError::Invalid {
+            pass: pass.to_string(),
+            message,
+        };
+        let model = match self {
+            RouterInit::Hidden { model, .. } | RouterInit::DomainCentroid { model, .. } => {
+                model.as_deref().unwrap_or(default_model)
+            }
+            _ => unreachable!("only activation modes have rows to compute"),
+        };
+        let g = graph(m, pass, model)?;
+        let nodes = layer_inputs(g);
+        let nodes: Vec<String> = layers
+            .iter()
+            .map(|&l| {
+                nodes
+                    .get(l)
+                    .cloned()
+                    .ok_or_else(|| invalid(format!("model `{model}` has no decoder layer {l}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let bos = g.meta.bos_token_id;
+        let window = match self {
+            RouterInit::DomainCentroid { window, .. } => {
+                window.unwrap_or(g.meta.max_position_embeddings.min(512))
+            }
+            _ => usize::MAX,
+        }
+        .max(2);
+        let Some(provider) = cx.runtimes.as_deref_mut() else {
+            return Err(invalid(
+                "this router initialisation runs a model, but no runtime is available here".into(),
+            ));
+        };
+        let run_err = |e: upmix_ir::RuntimeError| invalid(format!("running `{model}`: {e}"));
+        let mut rt = provider.runtime(m, model).map_err(run_err)?;
+        // Token sequences, each starting with BOS when the model has one.
+        let sequences = |provider: &mut dyn RuntimeProvider,
+                         texts: &[String]|
+         -> Result<Vec<Vec<u32>>, PassError> {
+            texts
+                .iter()
+                .map(|t| {
+                    let mut ids: Vec<u32> = bos.into_iter().collect();
+                    ids.extend(provider.tokenize(m, model, t).map_err(run_err)?);
+                    Ok(ids)
+                })
+                .collect()
+        };
+
+        // rows[expert][layer][hidden]
+        let mut rows: Vec<Vec<Vec<f32>>> = Vec::with_capacity(experts.len());
+        for e in experts {
+            let per_layer = match self {
+                RouterInit::Hidden {
+                    prompts,
+                    negative_prompts,
+                    ..
+                } => {
+                    let positive = sequences(&mut *provider, &prompts[e])?;
+                    let mut v =
+                        pooled(rt.as_mut(), &nodes, &positive, Pool::Last).map_err(run_err)?;
+                    if let Some(neg) = negative_prompts.get(e).filter(|n| !n.is_empty()) {
+                        let negative = sequences(&mut *provider, neg)?;
+                        let n =
+                            pooled(rt.as_mut(), &nodes, &negative, Pool::Last).map_err(run_err)?;
+                        for (a, b) in v.iter_mut().zip(n) {
+                            a.iter_mut().zip(b).for_each(|(x, y)| *x -= y);
+                        }
+                    }
+                    v
+                }
+                RouterInit::DomainCentroid {
+                    texts, max_tokens, ..
+                } => {
+                    let path = &texts[e];
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|err| invalid(format!("reading {}: {err}", path.display())))?;
+                    let mut ids = provider.tokenize(m, model, &text).map_err(run_err)?;
+                    ids.truncate(max_tokens.unwrap_or(8192));
+                    if ids.is_empty() {
+                        return Err(invalid(format!("{} holds no tokens", path.display())));
+                    }
+                    let windows: Vec<Vec<u32>> = ids
+                        .chunks(window - 1)
+                        .map(|c| {
+                            let mut w: Vec<u32> = vec![bos.unwrap_or(c[0])];
+                            w.extend_from_slice(c);
+                            w
+                        })
+                        .collect();
+                    pooled(rt.as_mut(), &nodes, &windows, Pool::MeanAfterFirst).map_err(run_err)?
+                }
+                _ => unreachable!(),
+            };
+            rows.push(per_layer.into_iter().map(normalized).collect());
+        }
+        // Transpose to [layer][expert][hidden] and look for near-collinear rows.
+        let by_layer: Vec<Vec<Vec<f32>>> = (0..layers.len())
+            .map(|l| rows.iter().map(|r| r[l].clone()).collect())
+            .collect();
+        for (l, layer_rows) in layers.iter().zip(&by_layer) {
+            if let Some((a, b, cos)) = most_collinear(layer_rows) {
+                cx.notes.push(format!(
+                    "{pass}: layer {l}: the router rows of `{}` and `{}` are nearly collinear \
+                     (cosine {cos:.3}); routing will hardly tell these experts apart — use \
+                     more distinct prompts or texts",
+                    experts[a], experts[b]
+                ));
+            }
+        }
+        Ok(by_layer)
+    }
+}
+
+fn names<'a>(keys: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = keys.map(String::as_str).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// For each decoder layer in order, the node whose output enters it: the input of the
+/// norm in front of its attention.
+pub fn layer_inputs(g: &Graph) -> Vec<String> {
+    let order = g.topo_order().unwrap_or_else(|_| g.node_ids());
+    order
+        .into_iter()
+        .filter(|&n| matches!(g.node(n).op, Op::Attention(_)))
+        .filter_map(|attn| {
+            let norm = *g.inputs(attn).first()?;
+            let input = *g.inputs(norm).first()?;
+            Some(g.node(input).name.clone())
+        })
+        .collect()
+}
+
+/// Hidden states at each of `nodes`, pooled over positions per sequence, then averaged
+/// over sequences (each sequence counts once with `Last`; each token once with
+/// `MeanAfterFirst`): `[node][hidden]`.
+fn pooled(
+    rt: &mut dyn Runtime,
+    nodes: &[String],
+    sequences: &[Vec<u32>],
+    pool: Pool,
+) -> Result<Vec<Vec<f32>>, upmix_ir::RuntimeError> {
+    let mut out = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let mut acc: Vec<f64> = Vec::new();
+        let mut count = 0usize;
+        for seq in sequences {
+            let h = rt.hidden_states(seq, node)?;
+            let n = h.shape[0];
+            if acc.is_empty() {
+                acc = vec![0.0; h.shape[1]];
+            }
+            let positions = match pool {
+                Pool::Last => n - 1..n,
+                Pool::MeanAfterFirst => 1.min(n - 1)..n,
+            };
+            count += positions.len();
+            for p in positions {
+                acc.iter_mut()
+                    .zip(h.row(p))
+                    .for_each(|(a, x)| *a += *x as f64);
+            }
+        }
+        out.push(
+            acc.iter()
+                .map(|a| (a / count.max(1) as f64) as f32)
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+/// `v / max(|v|, 1e-8)`, as mergekit normalises.
+fn normalized(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-8);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+/// The pair of rows with the largest cosine similarity, if above [`COLLINEAR_COSINE`].
+fn most_collinear(rows: &[Vec<f32>]) -> Option<(usize, usize, f32)> {
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    let mut best: Option<(usize, usize, f32)> = None;
+    for a in 0..rows.len() {
+        for b in a + 1..rows.len() {
+            let dot: f32 = rows[a].iter().zip(&rows[b]).map(|(x, y)| x * y).sum();
+            let cos = dot / (norm(&rows[a]) * norm(&rows[b]));
+            if cos > COLLINEAR_COSINE && best.is_none_or(|(_, _, c)| cos > c) {
+                best = Some((a, b, cos));
+            }
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collinear_rows_are_found_and_distinct_ones_are_not() {
+        let rows = vec![
+            vec![1.0, 0.0, 0.0],
+            vec![0.0, 1.0, 0.0],
+            vec![1.0, 0.1, 0.0],
+        ];
+        let (a, b, cos) = most_collinear(&rows).unwrap();
+        assert_eq!((a, b), (0, 2));
+        assert!(cos > 0.99);
+        assert!(most_collinear(&rows[..2]).is_none());
+    }
+
+    #[test]
+    fn rows_are_unit_length_and_zero_stays_zero() {
+        let v = normalized(vec![3.0, 4.0]);
+        assert!((v[0] - 0.6).abs() < 1e-7 && (v[1] - 0.8).abs() < 1e-7);
+        assert_eq!(normalized(vec![0.0, 0.0]), vec![0.0, 0.0]);
+    }
+}
