@@ -26,4 +26,4 @@ pub use print::print_graph;
 pub use runtime::{LogLikelihood, Runtime, RuntimeError};
 pub use tensor::HostTensor;
 pub use verify::{verify, VerifyError, VerifyErrors};
-pub use weights::{MappedFile, Weight, WeightError, WeightExpr, WeightId, WeightTable};
+pub use weights::{FileRange, MappedFile, Weight, WeightError, WeightExpr, WeightId, WeightTable};

@@ -14,6 +14,9 @@ use thiserror::Error;
 
 use crate::{DType, HostTensor};
 
+/// `len` bytes at `offset` of a file.
+pub type FileRange = (Arc<MappedFile>, usize, usize);
+
 /// Index of a weight in a [`WeightTable`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WeightId(pub u32);
@@ -21,6 +24,7 @@ pub struct WeightId(pub u32);
 /// A read-only memory-mapped checkpoint file.
 pub struct MappedFile {
     path: PathBuf,
+    file: std::fs::File,
     map: Mmap,
 }
 
@@ -34,6 +38,7 @@ impl MappedFile {
         let map = unsafe { Mmap::map(&file)? };
         Ok(Arc::new(MappedFile {
             path: path.to_path_buf(),
+            file,
             map,
         }))
     }
@@ -46,21 +51,22 @@ impl MappedFile {
         &self.map
     }
 
-    /// Tells the kernel this process is done with `len` bytes at `offset` for now, so their
-    /// pages leave its resident set (they stay in the page cache and are re-read on the next
-    /// access). Streaming a model through memory this way keeps resident memory bounded.
-    pub fn release(&self, offset: usize, len: usize) {
+    /// The open file (e.g. for copying byte ranges file to file).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer. Weights are read this way rather
+    /// than through the map: a read copies straight from the page cache, without faulting
+    /// every page into this process, so streaming a model leaves resident memory at the
+    /// tensors in flight.
+    pub fn read(&self, offset: usize, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
         #[cfg(unix)]
-        {
-            // SAFETY: the map is shared, file-backed and read-only, so dropped pages are
-            // re-read from the file on the next access; no data can be lost or changed.
-            let _ = unsafe {
-                self.map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
-            };
-        }
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut buf, offset as u64)?;
         #[cfg(not(unix))]
-        let _ = (offset, len);
+        buf.copy_from_slice(&self.map[offset..offset + len]);
+        Ok(buf)
     }
 }
 
@@ -372,9 +378,17 @@ impl WeightTable {
         } = &weight.expr
         {
             if *stored == dtype && weight.dtype == dtype {
-                let bytes = file.bytes()[*offset..*offset + weight.nbytes()].to_vec();
-                file.release(*offset, bytes.len());
-                return Ok(bytes);
+                return Self::read(weight, file, *offset, weight.nbytes());
+            }
+        }
+        // Element-wise encodings commute with concatenation: join the operands' bytes.
+        if let WeightExpr::Concat(ids) = &weight.expr {
+            if weight.dtype == dtype && !dtype.is_quantized() {
+                let mut out = Vec::with_capacity(weight.nbytes());
+                for id in ids {
+                    out.extend(self.materialize_bytes_as(*id, dtype)?);
+                }
+                return Ok(out);
             }
         }
         if dtype.is_quantized() {
@@ -389,6 +403,48 @@ impl WeightTable {
         Ok(out)
     }
 
+    fn read(
+        weight: &Weight,
+        file: &MappedFile,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, WeightError> {
+        file.read(offset, len)
+            .map_err(|e| Self::invalid(weight, format!("reading {}: {e}", file.path().display())))
+    }
+
+    /// Where the weight's bytes encoded as `dtype` already lie in its input files: byte
+    /// ranges `(file, offset, len)` whose concatenation is exactly what
+    /// [`materialize_bytes_as`](Self::materialize_bytes_as) returns, or `None` when the
+    /// bytes must be computed. Lets an emitter copy them file to file.
+    pub fn file_ranges(
+        &self,
+        id: WeightId,
+        dtype: DType,
+    ) -> Result<Option<Vec<FileRange>>, WeightError> {
+        let weight = self.get(id)?;
+        Ok(match &weight.expr {
+            WeightExpr::Source {
+                file,
+                offset,
+                dtype: stored,
+            } if *stored == dtype && weight.dtype == dtype => {
+                Some(vec![(file.clone(), *offset, weight.nbytes())])
+            }
+            WeightExpr::Concat(ids) if weight.dtype == dtype && !dtype.is_quantized() => {
+                let mut out = Vec::new();
+                for id in ids {
+                    match self.file_ranges(*id, dtype)? {
+                        Some(r) => out.extend(r),
+                        None => return Ok(None),
+                    }
+                }
+                Some(out)
+            }
+            _ => None,
+        })
+    }
+
     /// Evaluates an expression in f32 (operands rounded to their own dtypes).
     fn eval(&self, weight: &Weight) -> Result<Vec<f32>, WeightError> {
         Ok(match &weight.expr {
@@ -399,8 +455,7 @@ impl WeightTable {
             } => {
                 let len = dtype.nbytes(weight.numel()).unwrap_or(0);
                 let mut out = Vec::new();
-                dtype.decode(&file.bytes()[*offset..*offset + len], &mut out);
-                file.release(*offset, len);
+                dtype.decode(&Self::read(weight, file, *offset, len)?, &mut out);
                 out
             }
             WeightExpr::Literal(t) => t.data.clone(),

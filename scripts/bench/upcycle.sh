@@ -4,7 +4,8 @@
 # perturbations) into one Mixtral-style MoE, random router, top-2, float32, fused expert
 # layout (what mergekit-moe writes). Reports wall time and peak RSS (/usr/bin/time -v) of
 # each tool, and `cp` of upmix's output directory as the bandwidth floor. Every tool runs
-# twice on a warm page cache; the faster run counts.
+# twice on a warm page cache; the faster run counts. Every run ends with its output on
+# disk (fsync), so all three pay for the same write-back.
 #
 # Needs: scripts/fetch-models.sh (the model and its gguf venv) and
 # scripts/setup-fixture-env.sh (mergekit-moe). Work files go to $UPMIX_BENCH_DIR
@@ -21,12 +22,20 @@ seed_model="$cache/SmolLM2-135M-Instruct-f32"
 [ -x "$venv/bin/mergekit-moe" ] || { echo "missing mergekit-moe in $venv: run scripts/setup-fixture-env.sh" >&2; exit 1; }
 mkdir -p "$work"
 
-# The experts: the model itself and three perturbations (made once).
-models=("$seed_model")
+# The experts: the model itself (linked, plus the tokenizer mergekit needs, written from
+# the GGUF by transformers) and three perturbations (made once).
+if [ ! -f "$work/m0/tokenizer.json" ]; then
+  mkdir -p "$work/m0"
+  ln -sf "$seed_model/config.json" "$seed_model/model.safetensors" "$work/m0/"
+  "$venv/bin/python" -c 'import sys, transformers
+t = transformers.AutoTokenizer.from_pretrained(sys.argv[1], gguf_file=sys.argv[2])
+t.save_pretrained(sys.argv[3])' "$cache" "SmolLM2-135M-Instruct.Q4_1.gguf" "$work/m0" 2>/dev/null
+fi
+models=("$work/m0")
 for i in 1 2 3; do
   if [ ! -d "$work/m$i" ]; then
     echo "making perturbed expert m$i"
-    "$cache/gguf-venv/bin/python" scripts/bench/perturb.py "$seed_model" "$work/m$i" "$i"
+    "$cache/gguf-venv/bin/python" scripts/bench/perturb.py "$work/m0" "$work/m$i" "$i"
   fi
   models+=("$work/m$i")
 done
@@ -61,9 +70,13 @@ RON
 cargo build --quiet --release
 results="$work/results.txt"
 : > "$results"
-measure() { # name, command...
-  local name="$1"; shift
+# Each tool writes a fresh directory (removed, and the disk synced, before each timed
+# run) and its run ends when its files are on disk: upmix fsyncs what it writes; for
+# mergekit-moe and cp, `sync` of the written files is part of the timed command.
+measure() { # name, output dir, command...
+  local name="$1" out="$2"; shift 2
   for run in 1 2; do
+    rm -rf "$out"; sync; sleep 1
     /usr/bin/time -v -o "$work/time.txt" "$@" > "$work/$name.log" 2>&1 \
       || { cat "$work/$name.log" >&2; exit 1; }
     local wall rss
@@ -72,11 +85,11 @@ measure() { # name, command...
     echo "$name $run $wall $rss" >> "$results"
   done
 }
-rm -rf "$work/out-upmix" "$work/out-mergekit" "$work/out-cp"
-measure upmix "$root/target/release/upmix" run "$work/upmix.ron"
-measure mergekit "$venv/bin/mergekit-moe" "$work/mergekit.yml" "$work/out-mergekit" --quiet \
-  --i-understand-this-is-not-useful-without-training
-measure cp bash -c "rm -rf '$work/out-cp' && cp -r '$work/out-upmix' '$work/out-cp' && sync '$work/out-cp'"
+measure upmix "$work/out-upmix" "$root/target/release/upmix" run "$work/upmix.ron"
+measure mergekit "$work/out-mergekit" bash -c "'$venv/bin/mergekit-moe' '$work/mergekit.yml' \
+  '$work/out-mergekit' --quiet --i-understand-this-is-not-useful-without-training \
+  && sync '$work/out-mergekit'/* '$work/out-mergekit'"
+measure cp "$work/out-cp" bash -c "cp -r '$work/out-upmix' '$work/out-cp' && sync '$work/out-cp'/* '$work/out-cp'"
 du -sb "$work/out-upmix" "$work/out-mergekit" | sed 's/^/output bytes: /'
 
 python3 - "$results" <<'PY'

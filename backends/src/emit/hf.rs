@@ -129,11 +129,11 @@ pub fn emit_hf(
         all_bytes += n;
         shards.last_mut().expect("one shard").push((name, id));
     }
-    let mut written = 0u64;
-    let mut report = |n: u64| {
-        written += n;
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let report = |n: u64| {
+        let so_far = written.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         if let Some(progress) = &opts.progress {
-            progress(written, all_bytes);
+            progress(so_far, all_bytes);
         }
     };
     let count = shards.len();
@@ -148,7 +148,7 @@ pub fn emit_hf(
     write_dir_atomically(m, g, dir, |tmp| {
         let mut weight_map = serde_json::Map::new();
         for (i, shard) in shards.iter().enumerate() {
-            total += write_safetensors(&tmp.join(file_name(i)), &table, shard, &mut report)?;
+            total += write_safetensors(&tmp.join(file_name(i)), &table, shard, &report)?;
             for (name, _) in shard {
                 weight_map.insert(name.clone(), Value::String(file_name(i)));
             }

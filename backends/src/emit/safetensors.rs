@@ -1,25 +1,25 @@
-//! A streaming safetensors writer: the header is computed from shapes alone, then the
-//! tensors are materialised in parallel, a small window at a time, while the previous
-//! window is written out in order. Memory holds at most a few windows of tensors, never
-//! the model.
+//! A streaming safetensors writer. The header is computed from shapes alone; then the
+//! tensors are written in file order while workers materialise the next window of
+//! computed tensors in parallel, so memory holds a few windows of tensors, never the
+//! model. Bytes that already lie in an input file (a tensor taken unchanged, or
+//! concatenated from such tensors) are copied file to file by the kernel.
 
-use std::io::Write;
-
-use rayon::prelude::*;
+use std::fs::File;
 use std::path::Path;
 
-use upmix_ir::{DType, WeightId, WeightTable};
+use rayon::prelude::*;
+use upmix_ir::{DType, MappedFile, WeightId, WeightTable};
 
 use super::{io, EmitError};
 
-/// Writes `tensors` (file name, weight) to `path` in order, calling `written` with each
-/// tensor's byte count once it is out. Block-quantized weights are written dequantized,
-/// as f32 (safetensors has no block formats).
+/// Writes `tensors` (file name, weight) to `path`, calling `written` with each tensor's
+/// byte count once it is out. Block-quantized weights are
+/// written dequantized, as f32 (safetensors has no block formats).
 pub fn write_safetensors(
     path: &Path,
     weights: &WeightTable,
     tensors: &[(String, WeightId)],
-    written: &mut dyn FnMut(u64),
+    written: &dyn Fn(u64),
 ) -> Result<u64, EmitError> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
@@ -43,41 +43,116 @@ pub fn write_safetensors(
     while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
-    let file = std::fs::File::create(path).map_err(io(path))?;
-    let mut out = std::io::BufWriter::new(file);
-    out.write_all(&(json.len() as u64).to_le_bytes())
-        .and_then(|_| out.write_all(&json))
-        .map_err(io(path))?;
-    // Tensors materialised together; the writer holds one window while the next is computed.
+    let file = File::create(path).map_err(io(path))?;
+    write_at(&file, &(json.len() as u64).to_le_bytes(), 0).map_err(io(path))?;
+    write_at(&file, &json, 8).map_err(io(path))?;
+    let mut at = 8 + json.len() as u64;
+
+    // Computed tensors are materialised in parallel, a window at a time, ahead of the
+    // writer; tensors whose bytes lie in an input file are left to the writer (`None`).
     let window = 2 * rayon::current_num_threads().max(1);
     std::thread::scope(|scope| -> Result<(), EmitError> {
         let (send, receive) = std::sync::mpsc::sync_channel(1);
         scope.spawn(move || {
             for chunk in tensors.chunks(window) {
-                let bytes: Result<Vec<Vec<u8>>, EmitError> = chunk
+                let computed: Result<Vec<Option<Vec<u8>>>, EmitError> = chunk
                     .par_iter()
                     .map(|(_, id)| {
                         let dtype = weights.get(*id)?.dtype.plain();
-                        Ok(weights.materialize_bytes_as(*id, dtype)?)
+                        if weights.file_ranges(*id, dtype)?.is_some() {
+                            return Ok(None);
+                        }
+                        Ok(Some(weights.materialize_bytes_as(*id, dtype)?))
                     })
                     .collect();
-                let failed = bytes.is_err();
-                if send.send(bytes).is_err() || failed {
+                let failed = computed.is_err();
+                if send.send(computed).is_err() || failed {
                     break;
                 }
             }
         });
-        for chunk in receive {
-            for bytes in chunk? {
-                out.write_all(&bytes).map_err(io(path))?;
-                written(bytes.len() as u64);
+        // The writer goes through the file in order.
+        let mut next = tensors.iter();
+        for computed in receive {
+            for bytes in computed? {
+                let (_, id) = next.next().expect("one result per tensor");
+                match bytes {
+                    Some(bytes) => {
+                        write_at(&file, &bytes, at).map_err(io(path))?;
+                        at += bytes.len() as u64;
+                        written(bytes.len() as u64);
+                    }
+                    None => {
+                        let dtype = weights.get(*id)?.dtype.plain();
+                        for (src, offset, len) in
+                            weights.file_ranges(*id, dtype)?.unwrap_or_default()
+                        {
+                            copy_range(&src, offset as u64, &file, at, len).map_err(io(path))?;
+                            at += len as u64;
+                            written(len as u64);
+                        }
+                    }
+                }
             }
         }
         Ok(())
     })?;
-    out.flush().map_err(io(path))?;
-    out.get_ref().sync_all().map_err(io(path))?;
+    file.sync_all().map_err(io(path))?;
     Ok(offset)
+}
+
+/// Copies `len` bytes at `offset` of `src` to `at` in `dst`: with `copy_file_range` on
+/// Linux (page cache to page cache, no copy through this process), else read and write.
+fn copy_range(
+    src: &MappedFile,
+    mut offset: u64,
+    dst: &File,
+    mut at: u64,
+    mut len: usize,
+) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        while len > 0 {
+            let (mut from, mut to) = (offset as libc::loff_t, at as libc::loff_t);
+            // SAFETY: both descriptors are open for the duration of the call, and the
+            // offsets are plain integers the kernel updates.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.file().as_raw_fd(),
+                    &mut from,
+                    dst.as_raw_fd(),
+                    &mut to,
+                    len,
+                    0,
+                )
+            };
+            if n <= 0 {
+                break; // unsupported here, or the source ended: fall back to read/write
+            }
+            let n = n as usize;
+            (offset, at, len) = (offset + n as u64, at + n as u64, len - n);
+        }
+    }
+    if len > 0 {
+        write_at(dst, &src.read(offset as usize, len)?, at)?;
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn write_at(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
+}
+
+#[cfg(windows)]
+fn write_at(file: &File, mut bytes: &[u8], mut offset: u64) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(file, bytes, offset)?;
+        bytes = &bytes[n..];
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 fn dtype_name(d: DType) -> &'static str {
