@@ -11,7 +11,7 @@ cargo build --release --features cuda,wgpu --example bench_forward
 for device in cuda:0 wgpu; do
   echo "=== golden suite on $device ==="
   UPMIX_TEST_DEVICE=$device cargo test --release --features cuda,wgpu \
-    --test golden --test merge --test upcycle --test smollm2
+    --test golden --test merge --test upcycle --test upcycle_hidden --test smollm2
 done
 cache="${UPMIX_MODEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/upmix}"
 model="${UPMIX_SMOLLM2_GGUF:-$cache/SmolLM2-135M-Instruct.Q4_1.gguf}"

@@ -29,6 +29,6 @@ echo "=== tests on cpu ==="
 cargo test --workspace --features wgpu
 echo "=== golden suite on wgpu ==="
 UPMIX_TEST_DEVICE=wgpu cargo test --features wgpu \
-  --test golden --test merge --test upcycle --test smollm2 --test devices
+  --test golden --test merge --test upcycle --test upcycle_hidden --test smollm2 --test devices
 echo "=== cargo check --features cuda ==="
 cargo check --features cuda

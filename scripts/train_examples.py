@@ -25,7 +25,8 @@ The recipe, top to bottom:
 1. Corpora. Each domain has train text and held-out eval text (other files, or
    another random seed, never the same content):
    * code: Rust sources of MIT/Apache-2.0 crates in the local cargo registry
-     (~/.cargo/registry/src/*/, or $CARGO_HOME); eval is other files of those crates.
+     (~/.cargo/registry/src/*/, or $CARGO_HOME), comment lines dropped; eval is
+     other files of those crates.
    * law: licence texts in /usr/share/common-licenses, whole texts held out.
    * math: generated arithmetic lines ("347 + 58 = 405"); eval uses another seed
      and drops lines that occur in train.
@@ -39,8 +40,8 @@ The recipe, top to bottom:
    random 128-token windows that each start with the bos token. It is trained
    briefly on purpose: the corpora are small, and a seed trained until it fits
    them (1500 steps, say) leaves its branches little to gain on held-out text.
-4. Branches: one copy of the seed per domain, trained on that domain only, with
-   only the MLP weights (gate_proj, up_proj, down_proj) trainable. Embeddings,
+4. Branches: one copy of the seed per domain, trained mostly on that domain (with a
+   little replay of the others, see BRANCH_OWN_SHARE), with only the MLP weights (gate_proj, up_proj, down_proj) trainable. Embeddings,
    attention and norms stay bit-identical to the seed's, so an upcycled MoE can
    share them unchanged; the script checks this after saving.
 5. Perplexity of every model on every domain's eval text: the text is split into
@@ -122,8 +123,12 @@ def code_text(crates):
     files = crate_files(crates)
     if files is None:
         return None
-    # Each file is preceded by a comment naming it.
-    return "".join(f"// {name}\n{path.read_text()}\n" for name, path in files)
+    # Comment lines are dropped: they are English prose, which is the law domain's
+    # material, and keeping them would blur the two domains token by token.
+    def code_only(text):
+        return "".join(l for l in text.splitlines(keepends=True) if not l.lstrip().startswith("//"))
+
+    return "".join(f"{code_only(path.read_text())}\n" for _, path in files)
 
 
 def law_text(names):
@@ -190,8 +195,8 @@ Made by `scripts/train_examples.py`; each domain has `train.txt` and held-out `e
 
 ## code
 
-Rust source files from crates.io, unmodified, each preceded by a `// crate-version/path`
-comment. The crates are dual-licensed MIT OR Apache-2.0; their copyright notices and licence
+Rust source files from crates.io with their comment lines (`//`, `///`, `//!`) removed,
+one after another. The crates are dual-licensed MIT OR Apache-2.0; their copyright notices and licence
 texts are in the crates' packages on crates.io.
 
 `train.txt`:
@@ -258,6 +263,11 @@ WINDOW = 128  # positions per training / eval window, bos included
 BATCH = 16
 SEED_STEPS, SEED_LR = 600, 3e-3
 BRANCH_STEPS, BRANCH_LR = 800, 3e-3
+# A branch's batch rows cycle through its own domain BRANCH_OWN_SHARE times for every
+# row of each other domain (6:1:1, i.e. 75% own domain): the small replay of the other
+# domains keeps a branch from forgetting them, so a token the MoE routes to the "wrong"
+# expert still gets a usable FFN.
+BRANCH_OWN_SHARE = 6
 MLP = ("mlp.gate_proj.", "mlp.up_proj.", "mlp.down_proj.")
 
 
@@ -373,7 +383,9 @@ def main():
         branch.load_state_dict(seed.state_dict())
         for name, p in branch.named_parameters():
             p.requires_grad_(any(m in name for m in MLP))
-        train(branch, [ids[d]["train"]], BRANCH_STEPS, BRANCH_LR, 1 + i, d)
+        others = [ids[o]["train"] for o in DOMAINS if o != d]
+        streams = [ids[d]["train"]] * BRANCH_OWN_SHARE + others
+        train(branch, streams, BRANCH_STEPS, BRANCH_LR, 1 + i, d)
         save(branch, tok, d)
         trained[d] = branch
     check_shared_weights()
