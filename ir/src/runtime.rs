@@ -55,4 +55,17 @@ pub trait Runtime {
 
     /// The output of the node called `node` for every position: `[tokens.len(), width]`.
     fn hidden_states(&mut self, tokens: &[u32], node: &str) -> Result<HostTensor, RuntimeError>;
+
+    /// The outputs of several nodes, in the order asked; a runtime that can should compute
+    /// them in one forward pass (this default runs one pass per node).
+    fn hidden_states_at(
+        &mut self,
+        tokens: &[u32],
+        nodes: &[&str],
+    ) -> Result<Vec<HostTensor>, RuntimeError> {
+        nodes
+            .iter()
+            .map(|node| self.hidden_states(tokens, node))
+            .collect()
+    }
 }

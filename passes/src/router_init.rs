@@ -287,41 +287,39 @@ pub fn layer_inputs(g: &Graph) -> Vec<String> {
 
 /// Hidden states at each of `nodes`, pooled over positions per sequence, then averaged
 /// over sequences (each sequence counts once with `Last`; each token once with
-/// `MeanAfterFirst`): `[node][hidden]`.
+/// `MeanAfterFirst`): `[node][hidden]`. One forward pass per sequence.
 fn pooled(
     rt: &mut dyn Runtime,
     nodes: &[String],
     sequences: &[Vec<u32>],
     pool: Pool,
 ) -> Result<Vec<Vec<f32>>, upmix_ir::RuntimeError> {
-    let mut out = Vec::with_capacity(nodes.len());
-    for node in nodes {
-        let mut acc: Vec<f64> = Vec::new();
-        let mut count = 0usize;
-        for seq in sequences {
-            let h = rt.hidden_states(seq, node)?;
-            let n = h.shape[0];
-            if acc.is_empty() {
-                acc = vec![0.0; h.shape[1]];
+    let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let mut acc: Vec<Vec<f64>> = vec![Vec::new(); nodes.len()];
+    let mut count = 0usize;
+    for seq in sequences {
+        let states = rt.hidden_states_at(seq, &names)?;
+        let n = seq.len();
+        let positions = match pool {
+            Pool::Last => n - 1..n,
+            Pool::MeanAfterFirst => 1.min(n - 1)..n,
+        };
+        count += positions.len();
+        for (a, h) in acc.iter_mut().zip(&states) {
+            if a.is_empty() {
+                *a = vec![0.0; h.shape[1]];
             }
-            let positions = match pool {
-                Pool::Last => n - 1..n,
-                Pool::MeanAfterFirst => 1.min(n - 1)..n,
-            };
-            count += positions.len();
-            for p in positions {
-                acc.iter_mut()
+            for p in positions.clone() {
+                a.iter_mut()
                     .zip(h.row(p))
                     .for_each(|(a, x)| *a += *x as f64);
             }
         }
-        out.push(
-            acc.iter()
-                .map(|a| (a / count.max(1) as f64) as f32)
-                .collect(),
-        );
     }
-    Ok(out)
+    Ok(acc
+        .into_iter()
+        .map(|a| a.iter().map(|v| (v / count.max(1) as f64) as f32).collect())
+        .collect())
 }
 
 /// `v / max(|v|, 1e-8)`, as mergekit normalises.

@@ -225,16 +225,36 @@ impl<B: Backend> Runtime for BurnRuntime<B> {
     }
 
     fn hidden_states(&mut self, tokens: &[u32], node: &str) -> Result<HostTensor, RuntimeError> {
-        let slot = self
-            .plan
-            .slot(node)
-            .ok_or_else(|| RuntimeError::UnknownNode(node.to_string()))?;
+        let mut states = self.hidden_states_at(tokens, &[node])?;
+        Ok(states.pop().expect("one node asked, one returned"))
+    }
+
+    fn hidden_states_at(
+        &mut self,
+        tokens: &[u32],
+        nodes: &[&str],
+    ) -> Result<Vec<HostTensor>, RuntimeError> {
+        let slots = nodes
+            .iter()
+            .map(|node| {
+                self.plan
+                    .slot(node)
+                    .ok_or_else(|| RuntimeError::UnknownNode(node.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         self.check_tokens(tokens)?;
-        match self.plan.run(self.upload_tokens(tokens), 0, None, slot) {
-            Value::Hidden(t) => to_host(t),
-            Value::Tokens(_) => Err(RuntimeError::Backend(format!(
-                "node `{node}` carries token ids, not hidden states"
-            ))),
-        }
+        let values = self
+            .plan
+            .run_keeping(self.upload_tokens(tokens), 0, None, &slots);
+        values
+            .into_iter()
+            .zip(nodes)
+            .map(|(value, node)| match value {
+                Value::Hidden(t) => to_host(t),
+                Value::Tokens(_) => Err(RuntimeError::Backend(format!(
+                    "node `{node}` carries token ids, not hidden states"
+                ))),
+            })
+            .collect()
     }
 }

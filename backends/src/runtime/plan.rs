@@ -210,9 +210,24 @@ impl<B: Backend> Plan<B> {
         &self,
         tokens: Tensor<B, 1, Int>,
         start: usize,
-        mut caches: Option<&mut [Option<KvCache<B>>]>,
+        caches: Option<&mut [Option<KvCache<B>>]>,
         until: usize,
     ) -> Value<B> {
+        let mut kept = self.run_keeping(tokens, start, caches, &[until]);
+        kept.pop().expect("the requested step ran")
+    }
+
+    /// Like [`run`](Self::run), up to the last of `keep`, returning the value of every slot
+    /// in `keep`, in that order, from one pass.
+    pub fn run_keeping(
+        &self,
+        tokens: Tensor<B, 1, Int>,
+        start: usize,
+        mut caches: Option<&mut [Option<KvCache<B>>]>,
+        keep: &[usize],
+    ) -> Vec<Value<B>> {
+        let until = keep.iter().copied().max().unwrap_or(0);
+        let mut kept: Vec<Option<Value<B>>> = vec![None; keep.len()];
         let mut slots: Vec<Option<Value<B>>> = vec![None; self.steps.len()];
         let mut positions = Positions::new(start, tokens.dims()[0]);
         let mut tokens = Some(tokens);
@@ -243,12 +258,17 @@ impl<B: Backend> Plan<B> {
                 Layer::Linear(p) => Value::Hidden(p.forward(next_hidden(&mut ins, name))),
                 Layer::Output => Value::Hidden(next_hidden(&mut ins, name)),
             };
+            for (k, _) in keep.iter().enumerate().filter(|(_, &s)| s == i) {
+                kept[k] = Some(out.clone());
+            }
             slots[i] = Some(out);
             for &s in &step.release {
                 slots[s] = None;
             }
         }
-        slots[until].take().expect("the requested step ran")
+        kept.into_iter()
+            .map(|v| v.expect("every kept step ran"))
+            .collect()
     }
 }
 

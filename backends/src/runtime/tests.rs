@@ -515,10 +515,17 @@ fn norm_and_attention_match_naive_reference() {
     );
     let mut rt = model.runtime();
     let want = reference(&model, &PROMPT);
-    for node in ["layers.0.attn_norm", "layers.0.attn", "layers.1.attn"] {
+    let nodes = ["layers.1.attn", "layers.0.attn_norm", "layers.0.attn"];
+    for node in nodes {
         let got = rt.hidden_states(&PROMPT, node).unwrap();
         let diff = max_diff(&got, &want[node]);
         assert!(diff < 1e-5, "{node}: max diff {diff}");
+    }
+    // Several nodes from one pass, in the order asked.
+    let all = rt.hidden_states_at(&PROMPT, &nodes).unwrap();
+    for (got, node) in all.iter().zip(nodes) {
+        let diff = max_diff(got, &want[node]);
+        assert!(diff < 1e-5, "{node} (one pass): max diff {diff}");
     }
     let logits = rt.logits(&PROMPT).unwrap();
     let diff = max_diff(&logits, &want["lm_head"]);
