@@ -261,10 +261,10 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                     write!(out, " {name:>10}")?;
                 }
                 writeln!(out)?;
+                let texts: Vec<&str> = contents.iter().map(|(_, t)| t.as_str()).collect();
                 for model in models {
                     write!(out, "eval   perplexity  {model:<10}")?;
-                    for (_, text) in &contents {
-                        let (ppl, _) = perplexity(&m, model, text, *window, &device)?;
+                    for (ppl, _) in perplexities(&m, model, &texts, *window, &device)? {
                         write!(out, " {ppl:>10.3}")?;
                     }
                     writeln!(out)?;
@@ -362,22 +362,39 @@ pub fn perplexity(
     window: Option<usize>,
     device: &DeviceSpec,
 ) -> Result<(f64, usize)> {
-    let ids = tokenizer_of(m, model)?.encode(text, true)?;
+    let mut one = perplexities(m, model, &[text], window, device)?;
+    Ok(one.pop().expect("one text, one result"))
+}
+
+/// [`perplexity`] of `model` on each of `texts`, loading the model and tokenizer once.
+pub fn perplexities(
+    m: &Module,
+    model: &str,
+    texts: &[&str],
+    window: Option<usize>,
+    device: &DeviceSpec,
+) -> Result<Vec<(f64, usize)>> {
+    let tokenizer = tokenizer_of(m, model)?;
     let max = m
         .graph(model)
         .map_or(1024, |g| g.meta.max_position_embeddings);
     let window = window.unwrap_or(max.min(1024)).max(2);
     let mut rt = load_runtime(m, model, device)?;
-    let (mut nll, mut count) = (0.0, 0);
-    for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
-        let ll = rt.log_likelihood(chunk)?;
-        nll += ll.nll;
-        count += ll.count;
+    let mut out = Vec::with_capacity(texts.len());
+    for text in texts {
+        let ids = tokenizer.encode(text, true)?;
+        let (mut nll, mut count) = (0.0, 0);
+        for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
+            let ll = rt.log_likelihood(chunk)?;
+            nll += ll.nll;
+            count += ll.count;
+        }
+        if count == 0 {
+            bail!("the text has fewer than two tokens");
+        }
+        out.push(((nll / count as f64).exp(), ids.len()));
     }
-    if count == 0 {
-        bail!("the text has fewer than two tokens");
-    }
-    Ok(((nll / count as f64).exp(), ids.len()))
+    Ok(out)
 }
 
 /// Greedy continuation of `prompt` as text; with `chat`, `prompt` is a user message

@@ -20,5 +20,5 @@ pub use manager::{DumpIr, PassManager, PassReport};
 pub use merge::Merge;
 pub use pass::{Pass, PassContext, PassError, RuntimeProvider};
 pub use registry::{create, pass_names, PassInfo, PassSpec, REGISTRY};
-pub use router_init::{layer_inputs, RouterInit, COLLINEAR_COSINE};
+pub use router_init::RouterInit;
 pub use upcycle::Upcycle;

@@ -64,7 +64,7 @@ impl Default for RouterInit {
 }
 
 /// Router rows whose cosine similarity exceeds this are reported as nearly collinear.
-pub const COLLINEAR_COSINE: f32 = 0.95;
+const COLLINEAR_COSINE: f32 = 0.95;
 
 /// How hidden states of one sequence are pooled over its positions.
 #[derive(Clone, Copy)]
@@ -167,14 +167,7 @@ impl RouterInit {
                     .ok_or_else(|| invalid(format!("model `{model}` has no decoder layer {l}")))
             })
             .collect::<Result<_, _>>()?;
-        let bos = g.meta.bos_token_id;
-        let window = match self {
-            RouterInit::DomainCentroid { window, .. } => {
-                window.unwrap_or(g.meta.max_position_embeddings.min(512))
-            }
-            _ => usize::MAX,
-        }
-        .max(2);
+        let (bos, max_positions) = (g.meta.bos_token_id, g.meta.max_position_embeddings);
         let Some(provider) = cx.runtimes.as_deref_mut() else {
             return Err(invalid(
                 "this router initialisation runs a model, but no runtime is available here".into(),
@@ -219,8 +212,12 @@ impl RouterInit {
                     v
                 }
                 RouterInit::DomainCentroid {
-                    texts, max_tokens, ..
+                    texts,
+                    max_tokens,
+                    window,
+                    ..
                 } => {
+                    let window = window.unwrap_or(max_positions.min(512)).max(2);
                     let path = &texts[e];
                     let text = std::fs::read_to_string(path)
                         .map_err(|err| invalid(format!("reading {}: {err}", path.display())))?;
@@ -272,7 +269,7 @@ fn names<'a>(keys: impl Iterator<Item = &'a String>) -> String {
 
 /// For each decoder layer in order, the node whose output enters it: the input of the
 /// norm in front of its attention.
-pub fn layer_inputs(g: &Graph) -> Vec<String> {
+fn layer_inputs(g: &Graph) -> Vec<String> {
     let order = g.topo_order().unwrap_or_else(|_| g.node_ids());
     order
         .into_iter()

@@ -262,12 +262,7 @@ impl Pass for Upcycle {
             let name = moe.node(node).name.clone();
             let mut experts = Vec::with_capacity(total);
             for i in 0..n {
-                if granularity == 1 && shard_scale == 1.0 {
-                    experts.push(expert(i));
-                } else {
-                    let shards = self.shards(m, &expert(i), granularity, shard_scale, &name)?;
-                    experts.extend(shards);
-                }
+                experts.extend(self.shards(m, &expert(i), granularity, shard_scale, &name)?);
             }
             let gate = m.weights.get(ffn.gate).map_err(weight_err(self.name()))?;
             let (hidden, router_dtype) = (gate.shape[1], gate.dtype.plain());
@@ -342,7 +337,7 @@ impl Pass for Upcycle {
 
 impl Upcycle {
     /// `ffn` split into `g` experts along the intermediate dimension, `up` and `down` of
-    /// each multiplied by `sqrt(scale)`.
+    /// each multiplied by `sqrt(scale)`; with `g == 1` and `scale == 1`, `ffn` itself.
     fn shards(
         &self,
         m: &mut Module,
@@ -377,34 +372,36 @@ impl Upcycle {
         let mut add = |w: Weight| m.weights.add(w).map_err(weight_err(self.name()));
         let mut out = Vec::with_capacity(g);
         for j in 0..g {
-            let rows: Arc<[u32]> = (j * width..(j + 1) * width).map(|r| r as u32).collect();
             let part = |w: &Weight, what: &str, shape: Vec<usize>, expr: WeightExpr| Weight {
                 name: format!("{name}.shard{j}.{what}"),
                 shape,
                 dtype: w.dtype.plain(),
                 expr,
             };
-            let gate_j = add(part(
-                &gate,
-                "gate",
-                vec![width, hidden],
-                WeightExpr::Rows(ffn.gate, rows.clone()),
-            ))?;
-            let mut up_j = add(part(
-                &up,
-                "up",
-                vec![width, hidden],
-                WeightExpr::Rows(ffn.up, rows),
-            ))?;
-            let mut down_j = add(part(
-                &down,
-                "down",
-                vec![down.shape[0], width],
-                WeightExpr::Columns {
+            let (gate_j, mut up_j, mut down_j) = if g == 1 {
+                (ffn.gate, ffn.up, ffn.down)
+            } else {
+                let rows: Arc<[u32]> = (j * width..(j + 1) * width).map(|r| r as u32).collect();
+                let columns = WeightExpr::Columns {
                     of: ffn.down,
                     start: j * width,
-                },
-            ))?;
+                };
+                (
+                    add(part(
+                        &gate,
+                        "gate",
+                        vec![width, hidden],
+                        WeightExpr::Rows(ffn.gate, rows.clone()),
+                    ))?,
+                    add(part(
+                        &up,
+                        "up",
+                        vec![width, hidden],
+                        WeightExpr::Rows(ffn.up, rows),
+                    ))?,
+                    add(part(&down, "down", vec![down.shape[0], width], columns))?,
+                )
+            };
             if factor != 1.0 {
                 let scale = WeightExpr::Scale(factor, up_j);
                 up_j = add(part(&up, "up.scaled", vec![width, hidden], scale))?;

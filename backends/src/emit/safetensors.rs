@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::Path;
 
 use rayon::prelude::*;
-use upmix_ir::{DType, MappedFile, WeightId, WeightTable};
+use upmix_ir::{DType, FileRange, MappedFile, WeightId, WeightTable};
 
 use super::{io, EmitError};
 
@@ -48,45 +48,40 @@ pub fn write_safetensors(
     write_at(&file, &json, 8).map_err(io(path))?;
     let mut at = 8 + json.len() as u64;
 
-    // Computed tensors are materialised in parallel, a window at a time, ahead of the
-    // writer; tensors whose bytes lie in an input file are left to the writer (`None`).
+    // Tensors are prepared in parallel, a window at a time, ahead of the writer: computed
+    // ones materialised, the others resolved to the input byte ranges that hold them.
     let window = 2 * rayon::current_num_threads().max(1);
     std::thread::scope(|scope| -> Result<(), EmitError> {
         let (send, receive) = std::sync::mpsc::sync_channel(1);
         scope.spawn(move || {
             for chunk in tensors.chunks(window) {
-                let computed: Result<Vec<Option<Vec<u8>>>, EmitError> = chunk
+                let prepared: Result<Vec<Prepared>, EmitError> = chunk
                     .par_iter()
                     .map(|(_, id)| {
                         let dtype = weights.get(*id)?.dtype.plain();
-                        if weights.file_ranges(*id, dtype)?.is_some() {
-                            return Ok(None);
-                        }
-                        Ok(Some(weights.materialize_bytes_as(*id, dtype)?))
+                        Ok(match weights.file_ranges(*id, dtype)? {
+                            Some(ranges) => Prepared::InFiles(ranges),
+                            None => Prepared::Bytes(weights.materialize_bytes_as(*id, dtype)?),
+                        })
                     })
                     .collect();
-                let failed = computed.is_err();
-                if send.send(computed).is_err() || failed {
+                let failed = prepared.is_err();
+                if send.send(prepared).is_err() || failed {
                     break;
                 }
             }
         });
         // The writer goes through the file in order.
-        let mut next = tensors.iter();
-        for computed in receive {
-            for bytes in computed? {
-                let (_, id) = next.next().expect("one result per tensor");
-                match bytes {
-                    Some(bytes) => {
+        for prepared in receive {
+            for tensor in prepared? {
+                match tensor {
+                    Prepared::Bytes(bytes) => {
                         write_at(&file, &bytes, at).map_err(io(path))?;
                         at += bytes.len() as u64;
                         written(bytes.len() as u64);
                     }
-                    None => {
-                        let dtype = weights.get(*id)?.dtype.plain();
-                        for (src, offset, len) in
-                            weights.file_ranges(*id, dtype)?.unwrap_or_default()
-                        {
+                    Prepared::InFiles(ranges) => {
+                        for (src, offset, len) in ranges {
                             copy_range(&src, offset as u64, &file, at, len).map_err(io(path))?;
                             at += len as u64;
                             written(len as u64);
@@ -99,6 +94,14 @@ pub fn write_safetensors(
     })?;
     file.sync_all().map_err(io(path))?;
     Ok(offset)
+}
+
+/// A tensor ready for the writer.
+enum Prepared {
+    /// Computed bytes.
+    Bytes(Vec<u8>),
+    /// Byte ranges of input files that hold it, in order.
+    InFiles(Vec<FileRange>),
 }
 
 /// Copies `len` bytes at `offset` of `src` to `at` in `dst`: with `copy_file_range` on
