@@ -15,7 +15,7 @@
 //! bare (`weights: [..]`) or omitted. Relative paths are resolved against the directory of
 //! the pipeline file. A malformed file is an error with its line and column.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -137,17 +137,39 @@ impl Pipeline {
     }
 }
 
-/// Builds runtimes on one device for passes that execute models.
-pub struct DeviceRuntimes(pub DeviceSpec);
+/// Builds runtimes on one device for passes that execute models, and tokenizes text for
+/// them (each tokenizer file is loaded once, however many texts it encodes).
+pub struct DeviceRuntimes {
+    device: DeviceSpec,
+    tokenizers: HashMap<PathBuf, TextTokenizer>,
+}
+
+impl DeviceRuntimes {
+    pub fn new(device: DeviceSpec) -> Self {
+        DeviceRuntimes {
+            device,
+            tokenizers: HashMap::new(),
+        }
+    }
+
+    fn encode(&mut self, m: &Module, graph: &str, text: &str) -> Result<Vec<u32>> {
+        let path = tokenizer_path(m, graph)?;
+        if !self.tokenizers.contains_key(path) {
+            let tokenizer = TextTokenizer::load(path)?;
+            self.tokenizers.insert(path.to_path_buf(), tokenizer);
+        }
+        Ok(self.tokenizers[path].encode(text, false)?)
+    }
+}
 
 impl RuntimeProvider for DeviceRuntimes {
     fn runtime(&mut self, m: &Module, graph: &str) -> Result<Box<dyn Runtime>, RuntimeError> {
-        load_runtime(m, graph, &self.0).map_err(RuntimeError::from)
+        load_runtime(m, graph, &self.device).map_err(RuntimeError::from)
     }
 
     fn tokenize(&mut self, m: &Module, graph: &str, text: &str) -> Result<Vec<u32>, RuntimeError> {
-        let encode = || -> Result<Vec<u32>> { Ok(tokenizer_of(m, graph)?.encode(text, false)?) };
-        encode().map_err(|e| RuntimeError::Backend(format!("{e:#}")))
+        self.encode(m, graph, text)
+            .map_err(|e| RuntimeError::Backend(format!("{e:#}")))
     }
 }
 
@@ -204,7 +226,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
         }
         manager.add(spec.into_pass());
     }
-    let mut provider = DeviceRuntimes(device);
+    let mut provider = DeviceRuntimes::new(device);
     let mut cx = PassContext {
         runtimes: Some(&mut provider),
         notes: Vec::new(),
@@ -345,13 +367,18 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
 
 /// The tokenizer shipped with a model's checkpoint.
 pub fn tokenizer_of(m: &Module, model: &str) -> Result<TextTokenizer> {
+    Ok(TextTokenizer::load(tokenizer_path(m, model)?)?)
+}
+
+/// Where the tokenizer shipped with a model's checkpoint lies.
+fn tokenizer_path<'m>(m: &'m Module, model: &str) -> Result<&'m Path> {
     let g = m
         .graph(model)
         .with_context(|| format!("no model named `{model}`"))?;
-    let Some(path) = &g.meta.tokenizer else {
-        bail!("model `{model}` has no tokenizer");
-    };
-    Ok(TextTokenizer::load(path)?)
+    match &g.meta.tokenizer {
+        Some(path) => Ok(path),
+        None => bail!("model `{model}` has no tokenizer"),
+    }
 }
 
 /// Perplexity of `model` on `text`, in non-overlapping windows; returns (ppl, tokens).

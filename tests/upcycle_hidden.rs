@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use common::device;
-use upmix::ir::{Module, Op};
+use upmix::ir::{HostTensor, Module, Op};
 use upmix::passes::{PassContext, PassManager, RouterInit, Upcycle};
 use upmix::pipeline::DeviceRuntimes;
 
@@ -43,7 +43,7 @@ fn upcycle(experts: &[&str], router: RouterInit) -> Upcycle {
 
 /// Runs `pass` with runtimes on the test device; returns the notes.
 fn run(m: &mut Module, pass: Upcycle) -> Result<Vec<String>, String> {
-    let mut provider = DeviceRuntimes(device());
+    let mut provider = DeviceRuntimes::new(device());
     let mut cx = PassContext {
         runtimes: Some(&mut provider),
         notes: Vec::new(),
@@ -54,14 +54,14 @@ fn run(m: &mut Module, pass: Upcycle) -> Result<Vec<String>, String> {
     Ok(cx.notes)
 }
 
-/// The router matrix of every MoE layer, `[layer][expert * hidden]`.
-fn routers(m: &Module) -> Vec<Vec<f32>> {
+/// The router matrix `[experts, hidden]` of every MoE layer.
+fn routers(m: &Module) -> Vec<HostTensor> {
     let g = &m.graphs["moe"];
     let order = g.topo_order().unwrap();
     order
         .into_iter()
         .filter_map(|n| match &g.node(n).op {
-            Op::MixtureOfExperts(moe) => Some(m.weights.materialize(moe.router).unwrap().data),
+            Op::MixtureOfExperts(moe) => Some(m.weights.materialize(moe.router).unwrap()),
             _ => None,
         })
         .collect()
@@ -85,19 +85,16 @@ fn hidden_router_rows_match_mergekit_moe() {
     let theirs = golden["routers"].as_array().unwrap();
     assert_eq!(ours.len(), theirs.len());
     for (layer, (a, b)) in ours.iter().zip(theirs).enumerate() {
-        let b: Vec<f32> = b
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|row| row.as_array().unwrap())
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        assert_eq!(a.len(), b.len());
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let rows = b.as_array().unwrap();
+        let b = HostTensor::new(
+            vec![rows.len(), rows[0].as_array().unwrap().len()],
+            rows.iter()
+                .flat_map(|row| row.as_array().unwrap())
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect(),
+        );
+        assert_eq!(a.shape, b.shape);
+        let diff = a.max_abs_diff(&b);
         eprintln!("layer {layer}: router rows within {diff:.2e} of mergekit-moe's");
         assert!(diff <= 1e-4, "layer {layer}: max difference {diff}");
     }
@@ -118,7 +115,7 @@ fn domain_centroid_rows_are_unit_length_and_tell_domains_apart() {
     };
     run(&mut m, upcycle(&["code", "law", "math"], router)).unwrap();
     for (layer, r) in routers(&m).iter().enumerate() {
-        let rows: Vec<&[f32]> = r.chunks(r.len() / 3).collect();
+        let rows: Vec<&[f32]> = (0..r.shape[0]).map(|e| r.row(e)).collect();
         for row in &rows {
             let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-5, "layer {layer}: norm {norm}");
