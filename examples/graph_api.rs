@@ -49,6 +49,7 @@ fn build(m: &mut Module, name: &str, mut seed: u64) {
         bos_token_id: None,
         eos_token_id: None,
         aux_files: vec![],
+        config_file: None,
         tokenizer: None,
     };
     let s = &mut seed;

@@ -4,13 +4,15 @@
 # transformers loaded, in tests/golden/emitted/<name>.json. tests/roundtrip.rs checks
 # that upmix still writes exactly those bytes. Then upcycles two fixtures into a Mixtral
 # MoE and, with a shared expert, a Qwen2-MoE, and records transformers' logits for each
-# (tests/golden/emitted/upcycle_*.json, checked by tests/upcycle.rs).
+# (tests/golden/emitted/upcycle_*.json, checked by tests/upcycle.rs). Last, SmolLM2 as
+# transformers 5 saves it goes through a Cast, and transformers checks what it needs of it.
 #
 # Usage: scripts/setup-fixture-env.sh && scripts/check-emitted.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${UPMIX_FIXTURE_VENV:-.venv-fixtures}"
 cargo build --quiet --bin upmix
+upmix="${CARGO_TARGET_DIR:-target}/debug/upmix"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 for name in llama llama_tied qwen2 mixtral mixtral_fused; do
@@ -20,7 +22,7 @@ Pipeline(
     emit: [ Hf(model: "$name", dir: "$work/out/$name") ],
 )
 RON
-  ./target/debug/upmix run "$work/$name.ron"
+  "$upmix" run "$work/$name.ron"
   HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py check-emitted "$work/out/$name" "$name"
 done
 
@@ -35,11 +37,11 @@ Pipeline(
     emit: [ Hf(model: "moe", dir: "$work/out/upcycle_mixtral") ],
 )
 RON
-./target/debug/upmix run "$work/upcycle.ron"
+"$upmix" run "$work/upcycle.ron"
 HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/upcycle_mixtral" upcycle_mixtral
 # The same model with its experts in the fused layout.
 sed -e 's/upcycle_mixtral")/upcycle_mixtral_fused", moe_layout: "fused")/' "$work/upcycle.ron" > "$work/upcycle_fused.ron"
-./target/debug/upmix run "$work/upcycle_fused.ron"
+"$upmix" run "$work/upcycle_fused.ron"
 HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/upcycle_mixtral_fused" upcycle_mixtral_fused
 
 # The same with a shared expert: a Qwen2-MoE checkpoint.
@@ -53,5 +55,24 @@ Pipeline(
     emit: [ Hf(model: "moe", dir: "$work/out/upcycle_qwen2_moe") ],
 )
 RON
-./target/debug/upmix run "$work/upcycle_qwen2_moe.ron"
+"$upmix" run "$work/upcycle_qwen2_moe.ron"
 HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/upcycle_qwen2_moe" upcycle_qwen2_moe
+
+# SmolLM2 as transformers 5 saves it (tests/golden/smollm2_hf plus the weights that
+# scripts/fetch-models.sh converted), through a bf16 Cast: transformers checks that the
+# output keeps every saved file, the token ids and the chat template.
+cache="${UPMIX_MODEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/upmix}"
+mkdir -p "$work/smollm2"
+for f in tests/golden/smollm2_hf/*; do
+  [ "$(basename "$f")" = chat.json ] || ln -s "$PWD/$f" "$work/smollm2/"
+done
+ln -s "$cache/SmolLM2-135M-Instruct-f32/model.safetensors" "$work/smollm2/model.safetensors"
+cat > "$work/smollm2.ron" <<RON
+Pipeline(
+    models: { "s": Hf("$work/smollm2") },
+    passes: [ Cast(model: "s", dtype: "bf16") ],
+    emit: [ Hf(model: "s", dir: "$work/out/smollm2") ],
+)
+RON
+"$upmix" run "$work/smollm2.ron"
+HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py check-smollm2-hf "$work/out/smollm2"

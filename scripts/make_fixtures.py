@@ -16,11 +16,23 @@ What it makes:
 * tests/golden/smollm2/  reference tokens, logits, greedy ids and perplexity
   of the real SmolLM2-135M-Instruct Q4_1 GGUF (`make_fixtures.py smollm2`; the
   default run skips it when scripts/fetch-models.sh has not fetched the model).
+* tests/golden/smollm2_hf/  every file transformers saves with SmolLM2 (model
+  and tokenizer save_pretrained) except the weights, and chat.json: chats
+  rendered by the saved tokenizer's apply_chat_template
+  (`make_fixtures.py smollm2-hf`). With the weights of scripts/gguf_to_hf.py
+  (identical to transformers' own, checked by `smollm2`) they make SmolLM2 as
+  a transformers 5 user has it on disk.
 
 A second mode checks a checkpoint directory written by upmix against the
 goldens and records the result in tests/golden/emitted/<NAME>.json:
 
     make_fixtures.py check-emitted DIR NAME
+
+Another checks that a SmolLM2 checkpoint written by upmix still carries what
+transformers needs: every saved file but the weights and config.json byte for
+byte, config.json's pad/bos/eos ids, and apply_chat_template as in chat.json:
+
+    make_fixtures.py check-smollm2-hf DIR
 
 A third records what transformers computes with a checkpoint that only upmix
 can make (e.g. an upcycled MoE) in tests/golden/emitted/<NAME>.json: logits
@@ -788,6 +800,71 @@ def make_smollm2_goldens():
           f"{time.monotonic() - start:.1f}s)")
 
 
+SMOLLM2_HF = GOLDEN / "smollm2_hf"
+SMOLLM2_CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+    ],
+]
+SMOLLM2_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def smollm2_chats(tokenizer):
+    """SMOLLM2_CHATS rendered by tokenizer.apply_chat_template, with a generation prompt."""
+    return [{"messages": chat,
+             "text": tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)}
+            for chat in SMOLLM2_CHATS]
+
+
+def make_smollm2_hf_files():
+    """Write tests/golden/smollm2_hf/ (see the module doc)."""
+    import tempfile
+
+    tokenizer, model = load_smollm2(upmix_model_cache())
+    if SMOLLM2_HF.exists():
+        shutil.rmtree(SMOLLM2_HF)
+    SMOLLM2_HF.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="upmix-smollm2-hf-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        saved = sorted(p.name for p in Path(tmp).iterdir())
+        for name in saved:
+            if name not in SMOLLM2_HF_WEIGHTS:
+                src = Path(tmp) / name
+                (shutil.copytree if src.is_dir() else shutil.copy)(src, SMOLLM2_HF / name)
+    write_json(SMOLLM2_HF / "chat.json", {
+        "saved_files": saved,
+        "transformers": __import__("transformers").__version__,
+        "chats": smollm2_chats(tokenizer),
+    })
+    print(f"wrote smollm2_hf: {', '.join(saved)}")
+
+
+def check_smollm2_hf(directory):
+    """Check an upmix-written SmolLM2 directory against tests/golden/smollm2_hf/."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    directory = Path(directory)
+    golden = json.loads((SMOLLM2_HF / "chat.json").read_text(encoding="utf-8"))
+    for name in golden["saved_files"]:
+        if name in SMOLLM2_HF_WEIGHTS or name == "config.json" or (SMOLLM2_HF / name).is_dir():
+            continue
+        ours, theirs = (directory / name).read_bytes(), (SMOLLM2_HF / name).read_bytes()
+        assert ours == theirs, f"{name} differs"
+    config = AutoConfig.from_pretrained(directory)
+    base = json.loads((SMOLLM2_HF / "config.json").read_text(encoding="utf-8"))
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        assert getattr(config, key) == base[key], (key, getattr(config, key), base[key])
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert smollm2_chats(tokenizer) == golden["chats"]
+    print(f"check-smollm2-hf: {directory}: files, token ids and chat template as transformers saved them")
+    return 0
+
+
 def make_smollm2_goldens_if_present():
     """make_smollm2_goldens() when the GGUF is in the model cache, else say it was skipped."""
     path = upmix_model_cache() / SMOLLM2_GGUF_NAME
@@ -795,6 +872,7 @@ def make_smollm2_goldens_if_present():
         print(f"skipped smollm2 goldens: {path} not found (run scripts/fetch-models.sh)")
         return
     make_smollm2_goldens()
+    make_smollm2_hf_files()
 
 
 def main(argv):
@@ -809,6 +887,11 @@ def main(argv):
     if argv == ["smollm2"]:
         make_smollm2_goldens()
         return 0
+    if argv == ["smollm2-hf"]:
+        make_smollm2_hf_files()
+        return 0
+    if len(argv) == 2 and argv[0] == "check-smollm2-hf":
+        return check_smollm2_hf(argv[1])
     if argv == ["gguf"]:
         generate_gguf()
         return 0
@@ -817,7 +900,8 @@ def main(argv):
     if len(argv) == 3 and argv[0] == "record-emitted":
         return record_emitted(argv[1], argv[2])
     print(__doc__, file=sys.stderr)
-    print("usage: make_fixtures.py [gguf | smollm2 | check-emitted DIR NAME | record-emitted DIR NAME]",
+    print("usage: make_fixtures.py [gguf | smollm2 | smollm2-hf | check-smollm2-hf DIR | "
+          "check-emitted DIR NAME | record-emitted DIR NAME]",
           file=sys.stderr)
     return 2
 

@@ -39,6 +39,9 @@ enum Command {
         /// Skip IR verification after each pass.
         #[arg(long)]
         no_verify: bool,
+        /// Let emits replace output directories that hold files upmix did not write.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Print a checkpoint's IR (a Hugging Face directory or a .gguf file).
     Inspect { checkpoint: PathBuf },
@@ -112,6 +115,7 @@ fn run(cli: Cli) -> Result<()> {
             dump_ir_after,
             device,
             no_verify,
+            overwrite,
         } => {
             let dump_ir = match dump_ir_after.as_slice() {
                 [] => DumpIr::Never,
@@ -122,6 +126,7 @@ fn run(cli: Cli) -> Result<()> {
                 device,
                 dump_ir,
                 no_verify,
+                overwrite,
             };
             let (_, report) = pipeline::run_file(&path, &opts)
                 .with_context(|| format!("pipeline {} failed", path.display()))?;

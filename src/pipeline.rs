@@ -90,7 +90,8 @@ pub enum Eval {
 #[derive(Clone, Debug, Deserialize)]
 pub enum Emit {
     /// A Hugging Face checkpoint directory; shards above `max_shard_mb` (default 4096);
-    /// Mixtral experts in the `classic` (default) or `fused` layout.
+    /// Mixtral experts in the `classic` (default) or `fused` layout. An existing `dir` is
+    /// replaced only when it is empty or a previous upmix output, or with `overwrite: true`.
     Hf {
         model: String,
         dir: PathBuf,
@@ -98,6 +99,8 @@ pub enum Emit {
         max_shard_mb: Option<u64>,
         #[serde(default)]
         moe_layout: Option<String>,
+        #[serde(default)]
+        overwrite: Option<bool>,
     },
 }
 
@@ -109,6 +112,9 @@ pub struct RunOptions {
     pub dump_ir: DumpIr,
     /// Skip verification after each pass.
     pub no_verify: bool,
+    /// Let every emit replace its destination even when it holds files upmix did not
+    /// write (as `overwrite: true` on each emit).
+    pub overwrite: bool,
 }
 
 impl Pipeline {
@@ -316,6 +322,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             dir,
             max_shard_mb,
             moe_layout,
+            overwrite,
         } = e;
         let moe_layout = match moe_layout.as_deref() {
             None | Some("classic") => MoeLayout::Classic,
@@ -330,6 +337,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                 .map_or(HfEmitOptions::default().max_shard_bytes, |mb| mb << 20),
             moe_layout,
             progress: None,
+            overwrite: opts.overwrite || overwrite.unwrap_or(false),
         };
         // A progress bar with bytes/s on stderr (hidden when stderr is not a terminal).
         let bar = indicatif::ProgressBar::new(0).with_style(

@@ -274,3 +274,79 @@ fn cli_chat_generation_answers() {
     assert!(out.contains("Paris"), "{out}");
     assert!(!out.contains("<|im_end|>"), "{out}");
 }
+
+/// SmolLM2 as a transformers 5 user has it on disk (tests/golden/smollm2_hf: every file
+/// transformers' save_pretrained writes except the weights, which come from
+/// scripts/gguf_to_hf.py), through `Cast` and emit: every file except the weights and
+/// config.json comes out byte for byte, config.json keeps the token ids, and the chat
+/// template renders what transformers rendered (scripts/make_fixtures.py
+/// check-smollm2-hf runs transformers itself on such an output).
+#[test]
+fn transformers_files_survive_a_cast_and_emit() {
+    let fixture = common::golden_dir().join("smollm2_hf");
+    let chat = golden("smollm2_hf/chat.json");
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("smollm2");
+    std::fs::create_dir(&input).unwrap();
+    let saved: Vec<&str> = chat["saved_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    for file in &saved {
+        let from = match *file {
+            "model.safetensors" => hf_dir().join(file),
+            _ => fixture.join(file),
+        };
+        std::os::unix::fs::symlink(&from, input.join(file)).unwrap();
+    }
+    let out = tmp.path().join("out");
+    let pipeline = tmp.path().join("cast.ron");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "Pipeline(models: {{ \"s\": Hf(\"{}\") }}, passes: [ Cast(model: \"s\", dtype: \"bf16\") ], emit: [ Hf(model: \"s\", dir: \"{}\") ])",
+            input.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    upmix(&["run", pipeline.to_str().unwrap()]);
+    for file in saved
+        .iter()
+        .filter(|f| !["model.safetensors", "config.json"].contains(f))
+    {
+        assert!(
+            std::fs::read(out.join(file)).ok() == std::fs::read(fixture.join(file)).ok(),
+            "{file} is missing or differs"
+        );
+    }
+    let config = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+    };
+    let (ours, theirs) = (config(&out), config(&fixture));
+    for key in [
+        "pad_token_id",
+        "unk_token_id",
+        "bos_token_id",
+        "eos_token_id",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    assert_eq!(ours["pad_token_id"], 2);
+    assert_eq!(ours["dtype"], "bfloat16");
+    let tokenizer = TextTokenizer::load(&out).unwrap();
+    for c in chat["chats"].as_array().unwrap() {
+        let messages: Vec<(&str, &str)> = c["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            tokenizer.apply_chat_template(&messages, true).unwrap(),
+            c["text"].as_str().unwrap()
+        );
+    }
+}

@@ -77,6 +77,7 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         bos_token_id: token("tokenizer.ggml.bos_token_id"),
         eos_token_id: token("tokenizer.ggml.eos_token_id"),
         aux_files: Vec::new(),
+        config_file: None,
         tokenizer: gguf
             .get("tokenizer.ggml.tokens")
             .map(|_| path.to_path_buf()),

@@ -19,15 +19,22 @@ use crate::error::{io, FrontendError};
 use crate::names::{self, Family};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
 
-/// Files besides weights and config that travel with a checkpoint.
+/// Files besides weights and config that travel with a checkpoint: everything a loader
+/// needs to tokenize, render chats and generate. `additional_chat_templates` is a
+/// directory (transformers 5 saves named chat templates there).
 const AUX_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates",
     "generation_config.json",
-    "vocab.json",
-    "merges.txt",
     "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
 ];
 
 /// Loads the checkpoint in `dir` into `module` as a graph called `name`.
@@ -117,8 +124,9 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
         aux_files: AUX_FILES
             .iter()
             .map(|f| dir.join(f))
-            .filter(|p| p.is_file())
+            .filter(|p| p.is_file() || p.is_dir())
             .collect(),
+        config_file: Some(config_path.clone()),
         tokenizer: Some(dir.join("tokenizer.json")).filter(|p| p.is_file()),
     };
     let mut loader = Loader {

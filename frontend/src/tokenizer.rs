@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::FrontendError;
+use crate::error::{io, FrontendError};
 use crate::gguf::GgufFile;
 
 /// A loaded tokenizer.
@@ -33,20 +33,20 @@ impl TextTokenizer {
                 message: e.to_string(),
             })?;
         // transformers keeps the chat template and special tokens beside tokenizer.json.
-        let config: serde_json::Value = file
-            .parent()
-            .map(|d| d.join("tokenizer_config.json"))
-            .and_then(|p| std::fs::read_to_string(p).ok())
+        let dir = file.parent().unwrap_or(Path::new("")).to_path_buf();
+        let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
         let text = |k: &str| match &config[k] {
             serde_json::Value::String(s) => Some(s.clone()),
             v => v["content"].as_str().map(str::to_string),
         };
+        let chat_template = chat_template(&dir, &config)?;
         Ok(TextTokenizer {
             path: file,
             inner,
-            chat_template: text("chat_template"),
+            chat_template,
             bos: text("bos_token"),
             eos: text("eos_token"),
         })
@@ -135,4 +135,42 @@ impl TextTokenizer {
             message,
         }
     }
+}
+
+/// The chat template saved beside a `tokenizer.json`, where transformers looks for it:
+/// `chat_template.jinja` (transformers 5), then `chat_template.json`, then the
+/// `chat_template` field of `tokenizer_config.json` (a string, or a list of named templates
+/// of which `default` is used).
+fn chat_template(dir: &Path, config: &serde_json::Value) -> Result<Option<String>, FrontendError> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja)
+            .map(Some)
+            .map_err(io(&jinja));
+    }
+    let json = dir.join("chat_template.json");
+    if json.is_file() {
+        let text = std::fs::read_to_string(&json).map_err(io(&json))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| FrontendError::Tokenizer {
+                path: json.clone(),
+                message: e.to_string(),
+            })?;
+        return match value["chat_template"].as_str() {
+            Some(t) => Ok(Some(t.to_string())),
+            None => Err(FrontendError::Tokenizer {
+                path: json,
+                message: "no string field `chat_template`".into(),
+            }),
+        };
+    }
+    Ok(match &config["chat_template"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(named) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
+    })
 }

@@ -37,6 +37,9 @@ pub struct ModelMeta {
     pub eos_token_id: Option<u32>,
     /// Files to copy verbatim into an emitted checkpoint (e.g. `tokenizer.json`).
     pub aux_files: Vec<PathBuf>,
+    /// The checkpoint's own `config.json`, if it has one: emitters keep the fields of it
+    /// that upmix does not model (pad and unk token ids, model-specific extras).
+    pub config_file: Option<PathBuf>,
     /// Where the model's tokenizer comes from (a `tokenizer.json`, or a GGUF file that
     /// embeds one), if it has one.
     pub tokenizer: Option<PathBuf>,

@@ -13,12 +13,13 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use upmix_ir::{
-    Attention, DType, FeedForward, Graph, MixtureOfExperts, Module, Op, RopeScaling, Weight,
-    WeightExpr, WeightId, WeightTable,
+    Attention, FeedForward, Graph, MixtureOfExperts, Module, Op, Weight, WeightExpr, WeightId,
+    WeightTable,
 };
 
+use super::hf_config::config_json;
 use super::safetensors::write_safetensors;
-use super::{io, write_dir_atomically, EmitError};
+use super::{input_files, io, write_dir_atomically, EmitError};
 
 /// Options of [`emit_hf`].
 #[derive(Clone)]
@@ -30,6 +31,8 @@ pub struct HfEmitOptions {
     /// Called after each tensor is written with `(bytes written, total bytes)`, e.g. to
     /// drive a progress bar.
     pub progress: Option<Arc<Progress>>,
+    /// Replace an existing destination even when it holds files upmix did not write.
+    pub overwrite: bool,
 }
 
 /// A progress callback: `(bytes written so far, total bytes)`.
@@ -41,6 +44,7 @@ impl std::fmt::Debug for HfEmitOptions {
             .field("max_shard_bytes", &self.max_shard_bytes)
             .field("moe_layout", &self.moe_layout)
             .field("progress", &self.progress.is_some())
+            .field("overwrite", &self.overwrite)
             .finish()
     }
 }
@@ -51,6 +55,7 @@ impl Default for HfEmitOptions {
             max_shard_bytes: 4 << 30,
             moe_layout: MoeLayout::Classic,
             progress: None,
+            overwrite: false,
         }
     }
 }
@@ -77,20 +82,20 @@ pub struct HfEmitReport {
 }
 
 /// One decoder layer, as found in the graph.
-struct Layer<'g> {
-    attn_norm: WeightId,
-    attn: &'g Attention,
-    ffn_norm: WeightId,
-    mlp: &'g Op,
+pub(super) struct Layer<'g> {
+    pub(super) attn_norm: WeightId,
+    pub(super) attn: &'g Attention,
+    pub(super) ffn_norm: WeightId,
+    pub(super) mlp: &'g Op,
 }
 
 /// The graph read as a pre-norm decoder stack.
-struct Stack<'g> {
-    embed: WeightId,
-    layers: Vec<Layer<'g>>,
-    final_norm: WeightId,
-    eps: f32,
-    lm_head: WeightId,
+pub(super) struct Stack<'g> {
+    pub(super) embed: WeightId,
+    pub(super) layers: Vec<Layer<'g>>,
+    pub(super) final_norm: WeightId,
+    pub(super) eps: f32,
+    pub(super) lm_head: WeightId,
 }
 
 /// Writes graph `graph` of `m` to `dir` as a Hugging Face checkpoint.
@@ -145,7 +150,8 @@ pub fn emit_hf(
         }
     };
     let mut total = 0u64;
-    write_dir_atomically(m, g, dir, |tmp| {
+    let inputs = input_files(m, g);
+    write_dir_atomically(dir, &inputs, opts.overwrite, all_bytes, |tmp| {
         let mut weight_map = serde_json::Map::new();
         for (i, shard) in shards.iter().enumerate() {
             total += write_safetensors(&tmp.join(file_name(i)), &table, shard, &report)?;
@@ -159,9 +165,7 @@ pub fn emit_hf(
         }
         write_json(&tmp.join("config.json"), &config)?;
         for aux in &g.meta.aux_files {
-            if let Some(name) = aux.file_name() {
-                std::fs::copy(aux, tmp.join(name)).map_err(io(aux))?;
-            }
+            copy_aux(aux, tmp)?;
         }
         Ok(())
     })?;
@@ -171,6 +175,23 @@ pub fn emit_hf(
         bytes: total,
         shards: count,
     })
+}
+
+/// Copies an auxiliary file, or a directory of them, into `dir` under its own name.
+fn copy_aux(aux: &Path, dir: &Path) -> Result<(), EmitError> {
+    let Some(name) = aux.file_name() else {
+        return Ok(());
+    };
+    let to = dir.join(name);
+    if aux.is_dir() {
+        std::fs::create_dir(&to).map_err(io(&to))?;
+        for entry in std::fs::read_dir(aux).map_err(io(aux))? {
+            copy_aux(&entry.map_err(io(aux))?.path(), &to)?;
+        }
+        Ok(())
+    } else {
+        std::fs::copy(aux, &to).map(|_| ()).map_err(io(aux))
+    }
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), EmitError> {
@@ -439,131 +460,5 @@ fn concat(
 fn push_ffn(t: &mut Vec<(String, WeightId)>, prefix: &str, f: &FeedForward, names: [&str; 3]) {
     for (name, w) in names.iter().zip([f.gate, f.up, f.down]) {
         t.push((format!("{prefix}{name}.weight"), w));
-    }
-}
-
-fn config_json(
-    m: &Module,
-    g: &Graph,
-    s: &Stack,
-    arch: &'static str,
-    unsupported: &dyn Fn(String) -> EmitError,
-) -> Result<Value, EmitError> {
-    let w = &m.weights;
-    let first = s
-        .layers
-        .first()
-        .ok_or_else(|| unsupported("no layers".into()))?;
-    let a = first.attn;
-    if s.layers.iter().any(|l| {
-        l.attn.n_heads != a.n_heads
-            || l.attn.n_kv_heads != a.n_kv_heads
-            || l.attn.head_dim != a.head_dim
-            || l.attn.rope != a.rope
-    }) {
-        return Err(unsupported("layers differ in attention settings".into()));
-    }
-    let hidden = w.get(s.embed)?.shape[1];
-    let vocab = w.get(s.embed)?.shape[0];
-    let (ffn, experts) = match first.mlp {
-        Op::FeedForward(f) => (w.get(f.gate)?.shape[0], None),
-        Op::MixtureOfExperts(moe) => (w.get(moe.experts[0].gate)?.shape[0], Some(moe)),
-        _ => unreachable!("read_stack admits only FFN and MoE"),
-    };
-    let mut rope = json!({ "rope_type": "default", "rope_theta": a.rope.theta });
-    match &a.rope.scaling {
-        RopeScaling::None => {}
-        RopeScaling::Linear { factor } => {
-            rope = json!({ "rope_type": "linear", "rope_theta": a.rope.theta, "factor": factor });
-        }
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position,
-        } => {
-            rope = json!({
-                "rope_type": "llama3", "rope_theta": a.rope.theta, "factor": factor,
-                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position,
-            });
-        }
-    }
-    let model_type = match arch {
-        "LlamaForCausalLM" => "llama",
-        "Qwen2ForCausalLM" => "qwen2",
-        "Qwen2MoeForCausalLM" => "qwen2_moe",
-        _ => "mixtral",
-    };
-    let mut c = json!({
-        "architectures": [arch],
-        "model_type": model_type,
-        "hidden_size": hidden,
-        "intermediate_size": ffn,
-        "num_hidden_layers": s.layers.len(),
-        "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads,
-        "head_dim": a.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": s.eps,
-        "vocab_size": vocab,
-        "max_position_embeddings": g.meta.max_position_embeddings,
-        "rope_theta": a.rope.theta,
-        "rope_parameters": rope,
-        "tie_word_embeddings": s.lm_head == s.embed,
-        "bos_token_id": g.meta.bos_token_id,
-        "eos_token_id": g.meta.eos_token_id,
-        "dtype": torch_dtype(dominant_dtype(w, g)),
-        "attention_bias": false,
-        "mlp_bias": false,
-        "use_cache": true,
-    });
-    match (arch, experts) {
-        ("Qwen2MoeForCausalLM", Some(moe)) => {
-            let shared = match &moe.shared_expert {
-                Some(s) => w.get(s.ffn.gate)?.shape[0],
-                None => unreachable!("architecture() requires shared experts"),
-            };
-            c["num_experts"] = json!(moe.experts.len());
-            c["num_experts_per_tok"] = json!(moe.top_k);
-            c["moe_intermediate_size"] = json!(ffn);
-            c["shared_expert_intermediate_size"] = json!(shared);
-            c["intermediate_size"] = json!(shared);
-            c["norm_topk_prob"] = json!(moe.normalize_top_k);
-            c["decoder_sparse_step"] = json!(1);
-            c["mlp_only_layers"] = json!([]);
-            c["qkv_bias"] = json!(a.q_bias.is_some());
-            c["use_sliding_window"] = json!(false);
-        }
-        (_, Some(moe)) => {
-            c["num_local_experts"] = json!(moe.experts.len());
-            c["num_experts_per_tok"] = json!(moe.top_k);
-        }
-        ("Qwen2ForCausalLM", None) => c["use_sliding_window"] = json!(false),
-        _ => {}
-    }
-    Ok(c)
-}
-
-/// The dtype holding the most bytes.
-fn dominant_dtype(w: &WeightTable, g: &Graph) -> DType {
-    let mut bytes = std::collections::BTreeMap::new();
-    for id in g.weight_ids() {
-        if let Ok(t) = w.get(id) {
-            *bytes.entry(t.dtype.plain()).or_insert(0usize) += t.numel() * t.dtype.plain().size();
-        }
-    }
-    bytes
-        .into_iter()
-        .max_by_key(|(_, b)| *b)
-        .map_or(DType::F32, |(d, _)| d)
-}
-
-fn torch_dtype(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "float32",
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        _ => "float32",
     }
 }

@@ -1,14 +1,17 @@
 //! Checkpoint emitters: write a graph as files other tools load.
 //!
-//! Every emitter writes into a temporary directory beside the destination and renames it
-//! into place once complete, so a failed or interrupted emit leaves no partial output; it
-//! refuses a destination that holds any of the model's own input files; and it streams
-//! weights tensor by tensor from the lazy table.
+//! Every emitter writes through [`output`]: into a temporary sibling of the destination
+//! that replaces it once complete, never over the model's own inputs, never over files
+//! upmix did not write (unless told to overwrite); and it streams weights tensor by
+//! tensor from the lazy table.
 
 mod hf;
+mod hf_config;
+mod output;
 mod safetensors;
 
 pub use hf::{emit_hf, HfEmitOptions, MoeLayout, Progress};
+pub use output::{write_dir_atomically, write_file_atomically, MANIFEST};
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +29,18 @@ pub enum EmitError {
     },
     #[error("refusing to write {}: it holds an input of the model ({})", dir.display(), input.display())]
     WouldOverwriteInput { dir: PathBuf, input: PathBuf },
+    #[error("refusing to replace {}: {} ({why}); write to a new or empty directory, or say `overwrite: true` in the pipeline (`--overwrite` on the command line) to replace it", dest.display(), file.display())]
+    Foreign {
+        dest: PathBuf,
+        file: PathBuf,
+        why: &'static str,
+    },
+    #[error("no space left on the device to write {} ({}: {detail}); nothing was changed there", dest.display(), path.display())]
+    DiskFull {
+        path: PathBuf,
+        dest: PathBuf,
+        detail: String,
+    },
     #[error("graph `{graph}` cannot be written as {format}: {message}")]
     Unsupported {
         graph: String,
@@ -45,9 +60,10 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EmitError + '_ {
     }
 }
 
-/// Every file the graph reads: mapped weight sources and auxiliary files.
-fn input_files(m: &Module, g: &Graph) -> Vec<PathBuf> {
+/// Every file the graph reads: mapped weight sources, its config and auxiliary files.
+pub(crate) fn input_files(m: &Module, g: &Graph) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = g.meta.aux_files.clone();
+    files.extend(g.meta.config_file.clone());
     let mut stack = g.weight_ids();
     let mut seen = std::collections::HashSet::new();
     while let Some(id) = stack.pop() {
@@ -68,50 +84,4 @@ fn input_files(m: &Module, g: &Graph) -> Vec<PathBuf> {
     files.sort();
     files.dedup();
     files
-}
-
-/// Writes a directory atomically: `fill` populates a fresh temporary directory beside
-/// `dir`, which then replaces `dir`. Refuses when `dir` holds one of the graph's inputs.
-pub(crate) fn write_dir_atomically(
-    m: &Module,
-    g: &Graph,
-    dir: &Path,
-    fill: impl FnOnce(&Path) -> Result<(), EmitError>,
-) -> Result<(), EmitError> {
-    if dir.exists() {
-        let canon = dir.canonicalize().map_err(io(dir))?;
-        for input in input_files(m, g) {
-            if input.canonicalize().is_ok_and(|p| p.starts_with(&canon)) {
-                return Err(EmitError::WouldOverwriteInput {
-                    dir: dir.to_path_buf(),
-                    input,
-                });
-            }
-        }
-    }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let base = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = parent.join(format!(".{base}.upmix-tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if dir.exists() {
-        let old = parent.join(format!(".{base}.upmix-old-{}", std::process::id()));
-        std::fs::rename(dir, &old).map_err(io(dir))?;
-        std::fs::rename(&tmp, dir).map_err(io(dir))?;
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        std::fs::rename(&tmp, dir).map_err(io(dir))?;
-    }
-    Ok(())
 }

@@ -1,0 +1,255 @@
+//! `config.json` of an emitted Hugging Face checkpoint.
+//!
+//! The fields upmix models (architecture, sizes, attention, RoPE, experts, dtype, tied
+//! embeddings) are computed from the graph. Every other field of the model's own
+//! `config.json` (the base model's, for a merge or an upcycle) is kept: pad and unk
+//! token ids, `max_position_embeddings`, initialiser settings, model-specific extras. Kept
+//! fields are dropped only where the output contradicts them: the expert settings of
+//! another architecture family, remote-code hooks, a quantisation the output no longer
+//! has.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+use upmix_ir::{DType, Graph, Module, Op, RopeScaling, WeightTable};
+
+use super::hf::Stack;
+use super::{io, EmitError};
+
+/// Fields that belong to one architecture family (by `model_type`): dropped from a kept
+/// config when the output is of another family.
+const FAMILY_FIELDS: &[(&str, &[&str])] = &[
+    (
+        "mixtral",
+        &[
+            "num_local_experts",
+            "num_experts_per_tok",
+            "router_aux_loss_coef",
+            "output_router_logits",
+            "router_jitter_noise",
+        ],
+    ),
+    (
+        "qwen2_moe",
+        &[
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+            "norm_topk_prob",
+            "decoder_sparse_step",
+            "mlp_only_layers",
+            "router_aux_loss_coef",
+            "output_router_logits",
+            "qkv_bias",
+        ],
+    ),
+    ("llama", &["pretraining_tp"]),
+];
+
+/// Fields never kept: remote-code hooks and names that point at the base model, a
+/// quantisation the emitted (plain float) weights do not have, and the transformers 4
+/// spelling of RoPE settings (rewritten from the graph).
+const DROPPED_FIELDS: &[&str] = &[
+    "auto_map",
+    "_name_or_path",
+    "_model_name_or_path",
+    "quantization_config",
+    "rope_scaling",
+];
+
+/// Computed fields for which the base config's value wins when it has one (it may hold
+/// more than the graph does, e.g. a list of end-of-sequence ids).
+const BASE_WINS: &[&str] = &["bos_token_id", "eos_token_id", "use_cache"];
+
+/// The config of the graph's emitted checkpoint: the base config with the computed
+/// fields laid over it.
+pub(super) fn config_json(
+    m: &Module,
+    g: &Graph,
+    s: &Stack,
+    arch: &'static str,
+    unsupported: &dyn Fn(String) -> EmitError,
+) -> Result<Value, EmitError> {
+    let computed = computed_fields(m, g, s, arch, unsupported)?;
+    let base = match &g.meta.config_file {
+        Some(path) => read_base(path)?,
+        None => Map::new(),
+    };
+    Ok(Value::Object(lay_over(base, computed)))
+}
+
+/// The base model's config.json as an object.
+fn read_base(path: &Path) -> Result<Map<String, Value>, EmitError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(EmitError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the model's config.json is no longer a JSON object",
+            ),
+        }),
+    }
+}
+
+/// `computed` over `base`, minus the base fields the output contradicts.
+fn lay_over(mut base: Map<String, Value>, computed: Value) -> Map<String, Value> {
+    let Value::Object(computed) = computed else {
+        unreachable!("computed_fields builds an object")
+    };
+    let family = |c: &Map<String, Value>| {
+        c.get("model_type")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    if family(&base) != family(&computed) {
+        if let Some((_, fields)) = FAMILY_FIELDS
+            .iter()
+            .find(|(f, _)| Some(*f) == family(&base).as_deref())
+        {
+            fields.iter().for_each(|f| drop(base.remove(*f)));
+        }
+    }
+    DROPPED_FIELDS.iter().for_each(|f| drop(base.remove(*f)));
+    if base.contains_key("torch_dtype") {
+        base.insert("torch_dtype".into(), computed["dtype"].clone());
+    }
+    for (key, value) in computed {
+        if !(BASE_WINS.contains(&key.as_str()) && base.contains_key(&key)) {
+            base.insert(key, value);
+        }
+    }
+    base
+}
+
+/// The fields upmix models, from the graph.
+fn computed_fields(
+    m: &Module,
+    g: &Graph,
+    s: &Stack,
+    arch: &'static str,
+    unsupported: &dyn Fn(String) -> EmitError,
+) -> Result<Value, EmitError> {
+    let w = &m.weights;
+    let first = s
+        .layers
+        .first()
+        .ok_or_else(|| unsupported("no layers".into()))?;
+    let a = first.attn;
+    if s.layers.iter().any(|l| {
+        l.attn.n_heads != a.n_heads
+            || l.attn.n_kv_heads != a.n_kv_heads
+            || l.attn.head_dim != a.head_dim
+            || l.attn.rope != a.rope
+    }) {
+        return Err(unsupported("layers differ in attention settings".into()));
+    }
+    let hidden = w.get(s.embed)?.shape[1];
+    let vocab = w.get(s.embed)?.shape[0];
+    let (ffn, experts) = match first.mlp {
+        Op::FeedForward(f) => (w.get(f.gate)?.shape[0], None),
+        Op::MixtureOfExperts(moe) => (w.get(moe.experts[0].gate)?.shape[0], Some(moe)),
+        _ => unreachable!("read_stack admits only FFN and MoE"),
+    };
+    let mut rope = json!({ "rope_type": "default", "rope_theta": a.rope.theta });
+    match &a.rope.scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            rope = json!({ "rope_type": "linear", "rope_theta": a.rope.theta, "factor": factor });
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } => {
+            rope = json!({
+                "rope_type": "llama3", "rope_theta": a.rope.theta, "factor": factor,
+                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position,
+            });
+        }
+    }
+    let model_type = match arch {
+        "LlamaForCausalLM" => "llama",
+        "Qwen2ForCausalLM" => "qwen2",
+        "Qwen2MoeForCausalLM" => "qwen2_moe",
+        _ => "mixtral",
+    };
+    let mut c = json!({
+        "architectures": [arch],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": s.layers.len(),
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads,
+        "head_dim": a.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": s.eps,
+        "vocab_size": vocab,
+        "max_position_embeddings": g.meta.max_position_embeddings,
+        "rope_theta": a.rope.theta,
+        "rope_parameters": rope.clone(),
+        "tie_word_embeddings": s.lm_head == s.embed,
+        "bos_token_id": g.meta.bos_token_id,
+        "eos_token_id": g.meta.eos_token_id,
+        "dtype": torch_dtype(dominant_dtype(w, g)),
+        "attention_bias": false,
+        "mlp_bias": false,
+        "use_cache": true,
+    });
+    if a.rope.scaling != RopeScaling::None {
+        c["rope_scaling"] = rope; // transformers 4 reads this spelling
+    }
+    match (arch, experts) {
+        ("Qwen2MoeForCausalLM", Some(moe)) => {
+            let shared = match &moe.shared_expert {
+                Some(s) => w.get(s.ffn.gate)?.shape[0],
+                None => unreachable!("architecture() requires shared experts"),
+            };
+            c["num_experts"] = json!(moe.experts.len());
+            c["num_experts_per_tok"] = json!(moe.top_k);
+            c["moe_intermediate_size"] = json!(ffn);
+            c["shared_expert_intermediate_size"] = json!(shared);
+            c["intermediate_size"] = json!(shared);
+            c["norm_topk_prob"] = json!(moe.normalize_top_k);
+            c["decoder_sparse_step"] = json!(1);
+            c["mlp_only_layers"] = json!([]);
+            c["qkv_bias"] = json!(a.q_bias.is_some());
+            c["use_sliding_window"] = json!(false);
+        }
+        (_, Some(moe)) => {
+            c["num_local_experts"] = json!(moe.experts.len());
+            c["num_experts_per_tok"] = json!(moe.top_k);
+        }
+        ("Qwen2ForCausalLM", None) => c["use_sliding_window"] = json!(false),
+        _ => {}
+    }
+    Ok(c)
+}
+
+/// The dtype holding the most bytes.
+fn dominant_dtype(w: &WeightTable, g: &Graph) -> DType {
+    let mut bytes = std::collections::BTreeMap::new();
+    for id in g.weight_ids() {
+        if let Ok(t) = w.get(id) {
+            *bytes.entry(t.dtype.plain()).or_insert(0usize) += t.numel() * t.dtype.plain().size();
+        }
+    }
+    bytes
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map_or(DType::F32, |(d, _)| d)
+}
+
+fn torch_dtype(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
