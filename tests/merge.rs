@@ -135,11 +135,46 @@ fn mismatched_shapes_name_the_tensor() {
 
 #[test]
 fn mismatched_architectures_name_the_node() {
+    // Same hyperparameters, but Qwen2 has biases on q, k and v.
     let mut m = Module::new();
     upmix::frontend::load(&model_dir("llama"), "llama", &mut m).unwrap();
-    upmix::frontend::load(&model_dir("mixtral"), "mixtral", &mut m).unwrap();
-    let err = merge_error(&mut m, &["llama", "mixtral"]);
+    upmix::frontend::load(&model_dir("qwen2"), "qwen2", &mut m).unwrap();
+    let err = merge_error(&mut m, &["llama", "qwen2"]);
     assert!(err.contains("layers.0.attn"), "{err}");
-    assert!(err.contains("rope_theta"), "{err}");
+    assert!(err.contains("bias=true"), "{err}");
     assert!(m.graph("merged").is_none());
+}
+
+#[test]
+fn other_architectures_name_the_first_differing_hyperparameter() {
+    let mut m = Module::new();
+    for (name, dir) in [
+        ("llama", model_dir("llama")),
+        ("mixtral", model_dir("mixtral")),
+        (
+            "seed",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/seed"),
+        ),
+    ] {
+        upmix::frontend::load(&dir, name, &mut m).unwrap();
+    }
+    common::add_rewidthed_copy(&mut m, "llama", "narrow", 32);
+    let cases = [
+        (["llama", "seed"], "`llama` has 2 layers, `seed` has 4"),
+        (["seed", "llama"], "`seed` has 4 layers, `llama` has 2"),
+        (
+            ["llama", "narrow"],
+            "hidden size: `llama` has 64, `narrow` has 32",
+        ),
+        (
+            ["llama", "mixtral"],
+            "expert count: `llama` has 0 (dense), `mixtral` has 4",
+        ),
+    ];
+    for (models, expected) in cases {
+        let err = merge_error(&mut m, &models);
+        assert!(err.contains("models do not match: "), "{err}");
+        assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        assert!(m.graph("merged").is_none());
+    }
 }

@@ -8,6 +8,7 @@
 
 mod align;
 mod cast;
+mod hyperparams;
 mod manager;
 mod merge;
 mod pass;

@@ -76,3 +76,48 @@ pub fn tolerance() -> Tolerance {
         },
     }
 }
+
+/// Adds to `m` a copy of graph `src` called `dst` whose hidden width is `hidden` instead of
+/// `src`'s: every weight is replaced by seeded normal samples of the new shape (head count,
+/// head size, FFN size and vocabulary stay). Tokenizer and special tokens stay `src`'s.
+pub fn add_rewidthed_copy(m: &mut Module, src: &str, dst: &str, hidden: usize) {
+    use upmix::ir::{Op, Weight, WeightExpr};
+    let mut g = m.graphs[src].clone();
+    g.name = dst.to_string();
+    g.meta.hidden_size = hidden;
+    let mut seed = 0u64;
+    for n in g.node_ids() {
+        let labels = g.node(n).op.weights();
+        let is_norm = matches!(g.node(n).op, Op::RmsNorm { .. });
+        let mut next = 0;
+        g.node_mut(n).op.map_weights(|id| {
+            let label = &labels[next].0;
+            next += 1;
+            let old = m.weights.get(id).unwrap().clone();
+            let mut shape = old.shape.clone();
+            match shape.len() {
+                1 if is_norm => shape[0] = hidden,
+                2 if label == "o" || label.ends_with("down") => shape[0] = hidden,
+                2 => shape[1] = hidden,
+                _ => {}
+            }
+            seed += 1;
+            // Norm weights of ones, so activations keep their scale.
+            let expr = if is_norm {
+                let ones = upmix::ir::HostTensor::new(shape.clone(), vec![1.0; hidden]);
+                WeightExpr::Literal(std::sync::Arc::new(ones))
+            } else {
+                WeightExpr::Random { seed, std: 0.02 }
+            };
+            let w = Weight {
+                name: old.name.clone(),
+                shape,
+                dtype: upmix::ir::DType::F32,
+                expr,
+            };
+            m.weights.add(w).unwrap()
+        });
+    }
+    upmix::ir::verify(&g, &m.weights).unwrap();
+    m.insert(g);
+}
