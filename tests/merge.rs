@@ -178,3 +178,37 @@ fn other_architectures_name_the_first_differing_hyperparameter() {
         assert!(m.graph("merged").is_none());
     }
 }
+
+#[test]
+fn merging_a_model_with_non_finite_weights_notes_a_warning() {
+    let (_tmp, dir) = common::temp_fixture("llama");
+    let tensor = "model.layers.1.mlp.up_proj.weight";
+    common::write_f32_values(&dir, tensor, &[f32::NAN, 1.0, f32::NAN, f32::INFINITY]);
+    let mut m = Module::new();
+    upmix::frontend::load(&model_dir("llama"), "clean", &mut m).unwrap();
+    upmix::frontend::load(&dir, "bad", &mut m).unwrap();
+    let mut pm = PassManager::new();
+    pm.add(Box::new(Merge {
+        into: "merged".into(),
+        models: vec!["clean".into(), "bad".into()],
+        weights: None,
+        normalize: true,
+    }));
+    let mut cx = PassContext::default();
+    pm.run(&mut m, &mut cx).unwrap();
+    let file = dir.join("model.safetensors").display().to_string();
+    let warned: Vec<&String> = cx.notes.iter().filter(|n| n.contains("`bad`")).collect();
+    assert_eq!(warned.len(), 1, "{:?}", cx.notes);
+    for needle in ["Merge", "`layers.1.ffn.up`", &file, "2 NaN", "1 Inf"] {
+        assert!(
+            warned[0].contains(needle),
+            "expected {needle:?} in: {}",
+            warned[0]
+        );
+    }
+    assert!(
+        !cx.notes.iter().any(|n| n.contains("`clean`")),
+        "{:?}",
+        cx.notes
+    );
+}

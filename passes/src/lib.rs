@@ -11,6 +11,7 @@ mod cast;
 mod hyperparams;
 mod manager;
 mod merge;
+mod non_finite;
 mod pass;
 pub mod registry;
 mod router_init;

@@ -77,6 +77,37 @@ pub fn tolerance() -> Tolerance {
     }
 }
 
+/// The checkpoint files a copied fixture gets.
+const CHECKPOINT_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
+/// A temporary directory holding a copy of fixture `name`'s checkpoint in `<tmp>/<name>`.
+pub fn temp_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in CHECKPOINT_FILES {
+        std::fs::copy(model_dir(name).join(file), dir.join(file))
+            .unwrap_or_else(|e| panic!("copying {file} of {name}: {e}"));
+    }
+    (tmp, dir)
+}
+
+/// Overwrites the first values of the f32 tensor `tensor` in `<dir>/model.safetensors`
+/// (found through the file's header) with `values`.
+pub fn write_f32_values(dir: &std::path::Path, tensor: &str, values: &[f32]) {
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let info = &header[tensor];
+    assert_eq!(info["dtype"], "F32", "{tensor} is not an f32 tensor");
+    let begin = 8 + n + info["data_offsets"][0].as_u64().unwrap() as usize;
+    for (i, v) in values.iter().enumerate() {
+        bytes[begin + 4 * i..begin + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&path, bytes).unwrap();
+}
+
 /// Adds to `m` a copy of graph `src` called `dst` whose hidden width is `hidden` instead of
 /// `src`'s: every weight is replaced by seeded normal samples of the new shape (head count,
 /// head size, FFN size and vocabulary stay). Tokenizer and special tokens stay `src`'s.
