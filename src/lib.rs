@@ -4,6 +4,7 @@
 //! executed and written by [`backends`]. [`pipeline`] runs a RON pipeline file through all
 //! of them; the `upmix` binary is a thin CLI over this crate.
 
+pub mod check;
 pub mod pipeline;
 
 pub use upmix_backends as backends;

@@ -2,9 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use upmix::backends::DeviceSpec;
+use upmix::check::check_non_finite;
 use upmix::ir::{print_graph, Module};
 use upmix::passes::{DumpIr, REGISTRY};
 use upmix::pipeline::{self, RunOptions};
@@ -44,7 +45,12 @@ enum Command {
         overwrite: bool,
     },
     /// Print a checkpoint's IR (a Hugging Face directory or a .gguf file).
-    Inspect { checkpoint: PathBuf },
+    Inspect {
+        checkpoint: PathBuf,
+        /// Then scan every tensor for NaN and Inf values; fail if any holds some.
+        #[arg(long)]
+        check: bool,
+    },
     /// Greedy generation from a prompt.
     Generate {
         checkpoint: PathBuf,
@@ -97,6 +103,23 @@ fn load_with_tokenizer(path: &Path, tokenizer: Option<PathBuf>) -> Result<Module
     Ok(m)
 }
 
+/// Prints each tensor of the loaded checkpoint that holds NaN or Inf values and a summary;
+/// an error when there are any.
+fn check_checkpoint(m: &Module) -> Result<()> {
+    let report = check_non_finite(m, "model")?;
+    for t in &report.non_finite {
+        println!("{t}");
+    }
+    match report.bad_tensors() {
+        0 => {
+            println!("check: all {} tensors are finite", report.tensors);
+            Ok(())
+        }
+        1 => bail!("1 tensor holds non-finite values"),
+        n => bail!("{n} tensors hold non-finite values"),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -132,9 +155,12 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("pipeline {} failed", path.display()))?;
             print!("{report}");
         }
-        Command::Inspect { checkpoint } => {
+        Command::Inspect { checkpoint, check } => {
             let m = load(&checkpoint)?;
             print!("{}", print_graph(&m.graphs["model"], &m.weights));
+            if check {
+                check_checkpoint(&m)?;
+            }
         }
         Command::Generate {
             checkpoint,

@@ -5,6 +5,8 @@
 //! nothing panicked, and that nothing was written (the directory's files are byte-for-byte
 //! what they were before the failing call).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -483,4 +485,30 @@ fn unknown_pass_by_name_lists_the_valid_ones() {
         "(into: \"m\", models: [\"a\", \"b\"], weights: [0.3, 0.7])",
     )
     .unwrap();
+}
+
+#[test]
+fn cast_to_f16_of_a_value_beyond_its_range_names_the_tensor() {
+    let (tmp, dir) = temp_fixture("llama");
+    common::write_f32_values(&dir, "model.layers.0.self_attn.q_proj.weight", &[1e6, 0.5]);
+    let out = tmp.path().join("out");
+    let path = write_pipeline(
+        tmp.path(),
+        &format!(
+            "Pipeline(\n    models: {{ \"m\": Hf({}) }},\n    passes: [ Cast(model: \"m\", dtype: \"f16\") ],\n    emit: [ Hf(model: \"m\", dir: {}) ],\n)\n",
+            ron_path(&dir),
+            ron_path(&out)
+        ),
+    );
+    let msg = pipeline_err(tmp.path(), &path);
+    assert_contains(
+        &msg,
+        &[
+            "writing `m`",
+            "weight `layers.0.attn.q`",
+            "f16",
+            "0 NaN and 1 Inf",
+        ],
+    );
+    assert!(!out.exists(), "{} was created", out.display());
 }

@@ -4,6 +4,8 @@
 //! The printed form is deterministic and independent of where a checkpoint lives, so any
 //! change to the frontend's lowering, the printer or a pass shows up as a snapshot diff.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -99,4 +101,55 @@ fn cli_inspect_llama() {
         "upmix inspect wrote to stderr:\n{stderr}"
     );
     insta::assert_snapshot!(String::from_utf8(out.stdout).unwrap());
+}
+
+/// Runs `upmix inspect --check` on `dir`: (success, stdout, stderr).
+fn inspect_check(dir: &Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_upmix"))
+        .args(["inspect", "--check"])
+        .arg(dir)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn cli_inspect_check_reports_non_finite_tensors_and_fails() {
+    let (_tmp, dir) = common::temp_fixture("llama");
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    common::write_f32_values(&dir, q, &[f32::NAN, f32::INFINITY, 0.5, f32::NAN]);
+    common::write_f32_values(&dir, "model.norm.weight", &[f32::NEG_INFINITY]);
+    let (ok, stdout, stderr) = inspect_check(&dir);
+    assert!(!ok, "inspect --check succeeded:\n{stdout}");
+    let file = dir.join("model.safetensors").display().to_string();
+    for line in [
+        format!("{file}: `{q}`: 2 NaN, 1 Inf"),
+        format!("{file}: `model.norm.weight`: 0 NaN, 1 Inf"),
+    ] {
+        assert!(stdout.contains(&line), "expected {line:?} in:\n{stdout}");
+    }
+    // The IR is printed first, as without --check.
+    assert!(stdout.starts_with("graph "), "{stdout}");
+    assert_eq!(stdout.matches(" NaN, ").count(), 2, "{stdout}");
+    assert!(
+        stderr.contains("Error: 2 tensors hold non-finite values"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn cli_inspect_check_of_a_clean_checkpoint_exits_zero() {
+    let (ok, stdout, stderr) = inspect_check(&fixture("llama"));
+    assert!(ok, "inspect --check failed:\n{stderr}");
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with("check: all ") && last.ends_with(" tensors are finite"),
+        "{stdout}"
+    );
 }

@@ -135,11 +135,80 @@ fn mismatched_shapes_name_the_tensor() {
 
 #[test]
 fn mismatched_architectures_name_the_node() {
+    // Same hyperparameters, but Qwen2 has biases on q, k and v.
     let mut m = Module::new();
     upmix::frontend::load(&model_dir("llama"), "llama", &mut m).unwrap();
-    upmix::frontend::load(&model_dir("mixtral"), "mixtral", &mut m).unwrap();
-    let err = merge_error(&mut m, &["llama", "mixtral"]);
+    upmix::frontend::load(&model_dir("qwen2"), "qwen2", &mut m).unwrap();
+    let err = merge_error(&mut m, &["llama", "qwen2"]);
     assert!(err.contains("layers.0.attn"), "{err}");
-    assert!(err.contains("rope_theta"), "{err}");
+    assert!(err.contains("bias=true"), "{err}");
     assert!(m.graph("merged").is_none());
+}
+
+#[test]
+fn other_architectures_name_the_first_differing_hyperparameter() {
+    let mut m = Module::new();
+    for (name, dir) in [
+        ("llama", model_dir("llama")),
+        ("mixtral", model_dir("mixtral")),
+        (
+            "seed",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/seed"),
+        ),
+    ] {
+        upmix::frontend::load(&dir, name, &mut m).unwrap();
+    }
+    common::add_rewidthed_copy(&mut m, "llama", "narrow", 32);
+    let cases = [
+        (["llama", "seed"], "`llama` has 2 layers, `seed` has 4"),
+        (["seed", "llama"], "`seed` has 4 layers, `llama` has 2"),
+        (
+            ["llama", "narrow"],
+            "hidden size: `llama` has 64, `narrow` has 32",
+        ),
+        (
+            ["llama", "mixtral"],
+            "expert count: `llama` has 0 (dense), `mixtral` has 4",
+        ),
+    ];
+    for (models, expected) in cases {
+        let err = merge_error(&mut m, &models);
+        assert!(err.contains("models do not match: "), "{err}");
+        assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        assert!(m.graph("merged").is_none());
+    }
+}
+
+#[test]
+fn merging_a_model_with_non_finite_weights_notes_a_warning() {
+    let (_tmp, dir) = common::temp_fixture("llama");
+    let tensor = "model.layers.1.mlp.up_proj.weight";
+    common::write_f32_values(&dir, tensor, &[f32::NAN, 1.0, f32::NAN, f32::INFINITY]);
+    let mut m = Module::new();
+    upmix::frontend::load(&model_dir("llama"), "clean", &mut m).unwrap();
+    upmix::frontend::load(&dir, "bad", &mut m).unwrap();
+    let mut pm = PassManager::new();
+    pm.add(Box::new(Merge {
+        into: "merged".into(),
+        models: vec!["clean".into(), "bad".into()],
+        weights: None,
+        normalize: true,
+    }));
+    let mut cx = PassContext::default();
+    pm.run(&mut m, &mut cx).unwrap();
+    let file = dir.join("model.safetensors").display().to_string();
+    let warned: Vec<&String> = cx.notes.iter().filter(|n| n.contains("`bad`")).collect();
+    assert_eq!(warned.len(), 1, "{:?}", cx.notes);
+    for needle in ["Merge", "`layers.1.ffn.up`", &file, "2 NaN", "1 Inf"] {
+        assert!(
+            warned[0].contains(needle),
+            "expected {needle:?} in: {}",
+            warned[0]
+        );
+    }
+    assert!(
+        !cx.notes.iter().any(|n| n.contains("`clean`")),
+        "{:?}",
+        cx.notes
+    );
 }

@@ -278,3 +278,26 @@ fn upcycled_qwen2_moe_with_a_shared_expert_matches_transformers() {
         MoeLayout::Classic,
     );
 }
+
+#[test]
+fn models_of_other_depth_or_width_name_the_differing_hyperparameter() {
+    let mut m = load(&[("a", "llama")]);
+    let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/seed");
+    upmix::frontend::load(&seed, "seed", &mut m).unwrap();
+    common::add_rewidthed_copy(&mut m, "a", "narrow", 32);
+    let cases = [
+        (
+            ["a", "seed"],
+            "models do not match: `a` has 2 layers, `seed` has 4",
+        ),
+        (
+            ["a", "narrow"],
+            "models do not match: hidden size: `a` has 64, `narrow` has 32",
+        ),
+    ];
+    for (experts, expected) in cases {
+        let err = run(&mut m, upcycle(&experts, 1, RouterInit::Zeros)).expect_err("an error");
+        assert!(err.contains(expected), "{err}");
+        assert!(m.graph("moe").is_none());
+    }
+}

@@ -195,3 +195,42 @@ fn missing_prompts_or_texts_are_clear_errors_and_create_nothing() {
         assert!(m.graph("moe").is_none());
     }
 }
+
+#[test]
+fn a_router_model_of_another_width_is_an_error_naming_it() {
+    let prompts = ["code", "law", "math"]
+        .into_iter()
+        .map(|e| (e.to_string(), vec![format!("{e} text")]))
+        .collect();
+    let texts = ["code", "law", "math"]
+        .into_iter()
+        .map(|d| (d.to_string(), example(&format!("data/{d}/train.txt"))))
+        .collect();
+    let routers = [
+        RouterInit::Hidden {
+            prompts,
+            negative_prompts: BTreeMap::new(),
+            model: Some("narrow".into()),
+        },
+        RouterInit::DomainCentroid {
+            texts,
+            model: Some("narrow".into()),
+            max_tokens: Some(64),
+            window: None,
+        },
+    ];
+    for router in routers {
+        let mut m = load();
+        common::add_rewidthed_copy(&mut m, "seed", "narrow", 32);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(&mut m, upcycle(&["code", "law", "math"], router.clone()))
+        }));
+        let err = result
+            .unwrap_or_else(|_| panic!("{router:?} panicked"))
+            .expect_err("an error");
+        for needle in ["router model `narrow`", "hidden size 32", "64"] {
+            assert!(err.contains(needle), "expected {needle:?} in: {err}");
+        }
+        assert!(m.graph("moe").is_none());
+    }
+}

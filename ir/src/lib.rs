@@ -7,6 +7,7 @@
 
 mod builder;
 mod dtype;
+mod finite;
 mod graph;
 mod module;
 mod op;
@@ -19,6 +20,7 @@ mod weights;
 
 pub use builder::{DecoderBlock, GraphBuilder};
 pub use dtype::DType;
+pub use finite::NonFinite;
 pub use graph::{Edge, Graph, ModelMeta, Node, NodeId};
 pub use module::Module;
 pub use op::{Attention, FeedForward, MixtureOfExperts, Op, Rope, RopeScaling, SharedExpert};

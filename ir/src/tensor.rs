@@ -19,6 +19,12 @@ impl HostTensor {
         HostTensor { shape, data }
     }
 
+    /// Wraps `data` with `shape`, or `None` if the element count differs (for data whose
+    /// size comes from outside, e.g. a runtime or a file).
+    pub fn try_new(shape: Vec<usize>, data: Vec<f32>) -> Option<Self> {
+        (shape.iter().product::<usize>() == data.len()).then_some(HostTensor { shape, data })
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.data.len()

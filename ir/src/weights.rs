@@ -4,7 +4,8 @@
 //! [`WeightExpr`]: a byte range of a memory-mapped checkpoint, or an expression over other
 //! weights (mean, weighted sum, scale) or a literal. Passes build expressions; nothing is
 //! read or computed until a runtime or an emitter calls [`WeightTable::materialize`], one
-//! tensor at a time, so the whole model never needs to be in memory at once.
+//! tensor at a time, so the whole model never needs to be in memory at once. Computed
+//! values that overflow to NaN or Inf are an error (see [`crate::NonFinite`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -111,6 +112,22 @@ pub enum WeightExpr {
     Concat(Vec<WeightId>),
 }
 
+impl WeightExpr {
+    /// The weights this expression reads, in order (none for sources, literals and
+    /// random samples).
+    pub fn operands(&self) -> Vec<WeightId> {
+        match self {
+            WeightExpr::Source { .. } | WeightExpr::Literal(_) | WeightExpr::Random { .. } => {
+                Vec::new()
+            }
+            WeightExpr::Mean(ids) | WeightExpr::Concat(ids) => ids.clone(),
+            WeightExpr::WeightedSum { terms, .. } => terms.iter().map(|(_, id)| *id).collect(),
+            WeightExpr::Scale(_, id) | WeightExpr::Rows(id, _) => vec![*id],
+            WeightExpr::Columns { of, .. } => vec![*of],
+        }
+    }
+}
+
 /// One entry of the weight table.
 #[derive(Clone, Debug)]
 pub struct Weight {
@@ -142,6 +159,15 @@ pub enum WeightError {
     Missing(WeightId),
     #[error("weight `{name}`: {message}")]
     Invalid { name: String, message: String },
+    /// A computation turned finite inputs into NaN or Inf values.
+    #[error("weight `{name}`: {expr} turns finite values into {nan} NaN and {inf} Inf")]
+    NonFinite {
+        name: String,
+        /// What was computed, e.g. "rounding to f16".
+        expr: String,
+        nan: usize,
+        inf: usize,
+    },
 }
 
 /// All weights of a module.
@@ -353,11 +379,13 @@ impl WeightTable {
     }
 
     /// Computes a weight's values in f32, rounded to the weight's dtype (a quantized
-    /// source is dequantized).
+    /// source is dequantized). Computed values that are NaN or Inf although their inputs
+    /// are finite (an overflowing sum, a value beyond the range of f16) are an error.
     pub fn materialize(&self, id: WeightId) -> Result<HostTensor, WeightError> {
         let weight = self.get(id)?;
         let mut data = self.eval(weight)?;
         weight.dtype.round_in_place(&mut data);
+        self.check_computed(weight, &data)?;
         Ok(HostTensor::new(weight.shape.clone(), data))
     }
 
@@ -398,6 +426,7 @@ impl WeightTable {
             ));
         }
         let values = self.materialize(id)?;
+        self.check_encoding(weight, &values.data, dtype)?;
         let mut out = Vec::new();
         dtype.encode(&values.data, &mut out);
         Ok(out)
@@ -446,7 +475,7 @@ impl WeightTable {
     }
 
     /// Evaluates an expression in f32 (operands rounded to their own dtypes).
-    fn eval(&self, weight: &Weight) -> Result<Vec<f32>, WeightError> {
+    pub(crate) fn eval(&self, weight: &Weight) -> Result<Vec<f32>, WeightError> {
         Ok(match &weight.expr {
             WeightExpr::Source {
                 file,

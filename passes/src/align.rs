@@ -3,13 +3,15 @@
 //! Passes that combine models (merging, upcycling) need, for every weight of a template
 //! graph, the corresponding weight of each other model. Two graphs correspond when they
 //! have the same nodes in the same topological order, with the same op settings and
-//! weight shapes; the first difference is an error naming the node or tensor and both
-//! shapes.
+//! weight shapes. A model of another architecture is reported by the first differing
+//! hyperparameter (see [`crate::hyperparams`]); otherwise the first difference is an
+//! error naming the node or tensor and both shapes.
 
 use std::collections::HashMap;
 
 use upmix_ir::{Module, Op, WeightId};
 
+use crate::hyperparams::{first_difference, Hyperparams};
 use crate::pass::{graph, weight_err, PassError};
 
 /// For each weight of `models[0]`'s graph, the corresponding weight of every model, in
@@ -24,6 +26,7 @@ pub(crate) fn align(
         message,
     };
     let template = graph(m, pass, &models[0])?;
+    same_hyperparams(m, pass, models)?;
     let order = template
         .topo_order()
         .unwrap_or_else(|_| template.node_ids());
@@ -87,6 +90,22 @@ pub(crate) fn align(
             )
         })
         .collect())
+}
+
+/// Checks that every model has the hyperparameters of `models[0]`; the first difference
+/// is an error naming it.
+fn same_hyperparams(m: &Module, pass: &str, models: &[String]) -> Result<(), PassError> {
+    let template = Hyperparams::of(graph(m, pass, &models[0])?, &m.weights);
+    for name in &models[1..] {
+        let other = Hyperparams::of(graph(m, pass, name)?, &m.weights);
+        if let Some(message) = first_difference((&models[0], &template), (name, &other)) {
+            return Err(PassError::Mismatch {
+                pass: pass.to_string(),
+                message,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Equal ops up to the identity of their weights.

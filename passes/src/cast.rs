@@ -50,4 +50,8 @@ impl Pass for Cast {
         }
         Ok(vec![self.model.clone()])
     }
+
+    fn reads(&self) -> Vec<String> {
+        vec![self.model.clone()]
+    }
 }

@@ -8,8 +8,10 @@
 
 mod align;
 mod cast;
+mod hyperparams;
 mod manager;
 mod merge;
+mod non_finite;
 mod pass;
 pub mod registry;
 mod router_init;

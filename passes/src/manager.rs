@@ -1,10 +1,13 @@
 //! The pass manager: runs passes in the order given, verifies after each, and reports
-//! time, weight bytes and (on request) the IR text after each pass.
+//! time, weight bytes and (on request) the IR text after each pass. It also checks for
+//! NaN and Inf values (see [`crate::non_finite`]): notes for those a pass reads from
+//! checkpoints, an error for those a pass computes.
 
 use std::time::Instant;
 
 use upmix_ir::{print_graph, verify, Module};
 
+use crate::non_finite::{check_created, NonFiniteChecks};
 use crate::pass::{Pass, PassContext, PassError};
 
 /// When to print the IR.
@@ -37,6 +40,8 @@ pub struct PassManager {
     /// Verify every changed graph after each pass (on by default).
     pub verify: bool,
     pub dump_ir: DumpIr,
+    /// Check the values passes read and compute for NaN and Inf (on by default).
+    pub check_non_finite: bool,
 }
 
 impl Default for PassManager {
@@ -51,6 +56,7 @@ impl PassManager {
             passes: Vec::new(),
             verify: true,
             dump_ir: DumpIr::Never,
+            check_non_finite: true,
         }
     }
 
@@ -62,10 +68,19 @@ impl PassManager {
     /// Runs every pass in order; stops at the first error.
     pub fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<PassReport>, PassError> {
         let mut reports = Vec::with_capacity(self.passes.len());
+        let mut checks = NonFiniteChecks::default();
         for pass in &self.passes {
+            if self.check_non_finite {
+                let notes = checks.scan_inputs(m, pass.as_ref())?;
+                cx.notes.extend(notes);
+            }
             let start = Instant::now();
+            let first_new = m.weights.len();
             let graphs = pass.run(m, cx)?;
             let seconds = start.elapsed().as_secs_f64();
+            if self.check_non_finite {
+                check_created(m, pass.name(), first_new)?;
+            }
             for name in &graphs {
                 if let (true, Some(g)) = (self.verify, m.graph(name)) {
                     verify(g, &m.weights).map_err(|errors| PassError::Verify {

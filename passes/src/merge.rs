@@ -93,6 +93,10 @@ impl Pass for Merge {
         m.insert(merged);
         Ok(vec![self.into.clone()])
     }
+
+    fn reads(&self) -> Vec<String> {
+        self.models.clone()
+    }
 }
 
 fn new_weight(m: &mut Module, w: Weight, pass: &str) -> Result<WeightId, PassError> {

@@ -1,7 +1,7 @@
 //! The `Pass` trait, its context and errors.
 
 use thiserror::Error;
-use upmix_ir::{Graph, Module, Runtime, RuntimeError, VerifyErrors, WeightError};
+use upmix_ir::{Graph, Module, NonFinite, Runtime, RuntimeError, VerifyErrors, WeightError};
 
 /// A rewrite over a [`Module`].
 pub trait Pass {
@@ -10,6 +10,12 @@ pub trait Pass {
 
     /// Rewrites `m`; returns the names of the graphs it created or changed.
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError>;
+
+    /// The graphs the pass reads, whose checkpoint values the pass manager checks for
+    /// NaN and Inf before running it (default: none).
+    fn reads(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Builds runtimes for passes that need to execute a model (implemented by the caller,
@@ -50,6 +56,12 @@ pub enum PassError {
         pass: String,
         #[source]
         errors: VerifyErrors,
+    },
+    #[error("{pass}: computed weight `{weight}` holds non-finite values ({count})")]
+    NonFinite {
+        pass: String,
+        weight: String,
+        count: NonFinite,
     },
     #[error("{pass}: {source}")]
     Weight {

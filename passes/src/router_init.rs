@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use upmix_ir::{Graph, Module, Op, Runtime};
 
+use crate::hyperparams::Hyperparams;
 use crate::pass::{graph, PassContext, PassError, RuntimeProvider};
 
 /// How the router rows start.
@@ -76,6 +77,16 @@ enum Pool {
 }
 
 impl RouterInit {
+    /// For activation modes, the model run: the one named, else `default_model`.
+    pub fn model<'a>(&'a self, default_model: &'a str) -> Option<&'a str> {
+        match self {
+            RouterInit::Hidden { model, .. } | RouterInit::DomainCentroid { model, .. } => {
+                Some(model.as_deref().unwrap_or(default_model))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the rows come from running a model.
     pub fn needs_runtime(&self) -> bool {
         matches!(
@@ -150,12 +161,13 @@ impl RouterInit {
             pass: pass.to_string(),
             message,
         };
-        let model = match self {
-            RouterInit::Hidden { model, .. } | RouterInit::DomainCentroid { model, .. } => {
-                model.as_deref().unwrap_or(default_model)
-            }
-            _ => unreachable!("only activation modes have rows to compute"),
-        };
+        let model = self
+            .model(default_model)
+            .ok_or_else(|| invalid("only activation modes have router rows to compute".into()))?;
+        let expert = experts
+            .first()
+            .ok_or_else(|| invalid("router rows need at least one expert".into()))?;
+        check_width(m, pass, model, expert)?;
         let g = graph(m, pass, model)?;
         let nodes = layer_inputs(g);
         let nodes: Vec<String> = layers
@@ -236,7 +248,7 @@ impl RouterInit {
                         .collect();
                     pooled(rt.as_mut(), &nodes, &windows, Pool::MeanAfterFirst).map_err(run_err)?
                 }
-                _ => unreachable!(),
+                _ => return Err(invalid("only activation modes run a model".into())),
             };
             rows.push(per_layer.into_iter().map(normalized).collect());
         }
@@ -256,6 +268,23 @@ impl RouterInit {
         }
         Ok(by_layer)
     }
+}
+
+/// Checks that the router model's hidden states are as wide as the experts' hidden
+/// states, so that they can serve as router rows.
+fn check_width(m: &Module, pass: &str, model: &str, expert: &str) -> Result<(), PassError> {
+    let found = Hyperparams::of(graph(m, pass, model)?, &m.weights).hidden;
+    let expected = Hyperparams::of(graph(m, pass, expert)?, &m.weights).hidden;
+    if found == expected {
+        return Ok(());
+    }
+    Err(PassError::Invalid {
+        pass: pass.to_string(),
+        message: format!(
+            "router model `{model}` has hidden size {found}, but the experts (`{expert}`) \
+             have {expected}: its hidden states cannot be router rows"
+        ),
+    })
 }
 
 fn names<'a>(keys: impl Iterator<Item = &'a String>) -> String {
@@ -295,6 +324,9 @@ fn pooled(
     let mut acc: Vec<Vec<f64>> = vec![Vec::new(); nodes.len()];
     let mut count = 0usize;
     for seq in sequences {
+        if seq.is_empty() {
+            return Err(upmix_ir::RuntimeError::EmptyInput);
+        }
         let states = rt.hidden_states_at(seq, &names)?;
         let n = seq.len();
         let positions = match pool {
@@ -302,9 +334,18 @@ fn pooled(
             Pool::MeanAfterFirst => 1.min(n - 1)..n,
         };
         count += positions.len();
-        for (a, h) in acc.iter_mut().zip(&states) {
+        for ((a, h), node) in acc.iter_mut().zip(&states).zip(nodes) {
+            let width = match h.shape[..] {
+                [rows, width] if rows == n && (a.is_empty() || a.len() == width) => width,
+                _ => {
+                    return Err(upmix_ir::RuntimeError::Backend(format!(
+                        "hidden states at `{node}` have shape {:?} for {n} tokens",
+                        h.shape
+                    )))
+                }
+            };
             if a.is_empty() {
-                *a = vec![0.0; h.shape[1]];
+                *a = vec![0.0; width];
             }
             for p in positions.clone() {
                 a.iter_mut()

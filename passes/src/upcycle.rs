@@ -177,7 +177,7 @@ impl Pass for Upcycle {
         }
         // Router rows computed from activations, per MoE layer, when the mode needs them.
         let mut activation_rows = if self.router.needs_runtime() {
-            let default_model = self.base.as_ref().unwrap_or(&self.experts[0]);
+            let default_model = self.default_router_model();
             let rows = self.router.activation_rows(
                 m,
                 cx,
@@ -265,25 +265,10 @@ impl Pass for Upcycle {
                 experts.extend(self.shards(m, &expert(i), granularity, shard_scale, &name)?);
             }
             let gate = m.weights.get(ffn.gate).map_err(weight_err(self.name()))?;
-            let (hidden, router_dtype) = (gate.shape[1], gate.dtype.plain());
+            let ((_, hidden), router_dtype) = (self.matrix(gate)?, gate.dtype.plain());
             // One row per model; repeated for its shards below.
-            let rows = match &self.router {
-                RouterInit::Random { seed, std } => WeightExpr::Random {
-                    seed: seed.wrapping_add(index as u64),
-                    std: *std,
-                },
-                RouterInit::Zeros => WeightExpr::Literal(Arc::new(HostTensor::new(
-                    vec![n, hidden],
-                    vec![0.0; n * hidden],
-                ))),
-                RouterInit::Hidden { .. } | RouterInit::DomainCentroid { .. } => {
-                    let rows = activation_rows
-                        .as_mut()
-                        .and_then(|r| r.remove(&index))
-                        .expect("rows computed for every MoE layer");
-                    WeightExpr::Literal(Arc::new(HostTensor::new(vec![n, hidden], rows.concat())))
-                }
-            };
+            let computed = activation_rows.as_mut().and_then(|r| r.remove(&index));
+            let rows = self.router_rows(index, hidden, computed)?;
             let per_model = Weight {
                 name: format!("{name}.router"),
                 shape: vec![n, hidden],
@@ -333,9 +318,83 @@ impl Pass for Upcycle {
         m.insert(moe);
         Ok(vec![self.into.clone()])
     }
+
+    fn reads(&self) -> Vec<String> {
+        let mut models = self.experts.clone();
+        models.extend(self.base.iter().chain(&self.shared_expert).cloned());
+        if let Some(router) = self.router.model(self.default_router_model()) {
+            models.push(router.to_string());
+        }
+        let mut seen = std::collections::HashSet::new();
+        models.retain(|name| seen.insert(name.clone()));
+        models
+    }
 }
 
 impl Upcycle {
+    /// The `[experts, hidden]` router rows of MoE layer `index` (one per model), from
+    /// `computed` (`[expert][hidden]`) for activation modes. Rows of another width than
+    /// `hidden` are an error naming the model they come from.
+    fn router_rows(
+        &self,
+        index: usize,
+        hidden: usize,
+        computed: Option<Vec<Vec<f32>>>,
+    ) -> Result<WeightExpr, PassError> {
+        let n = self.experts.len();
+        let rows = match &self.router {
+            RouterInit::Random { seed, std } => {
+                return Ok(WeightExpr::Random {
+                    seed: seed.wrapping_add(index as u64),
+                    std: *std,
+                })
+            }
+            RouterInit::Zeros => vec![0.0; n * hidden],
+            RouterInit::Hidden { .. } | RouterInit::DomainCentroid { .. } => {
+                let model = self
+                    .router
+                    .model(self.default_router_model())
+                    .unwrap_or("?");
+                let rows = computed.ok_or_else(|| {
+                    self.invalid(format!(
+                        "router model `{model}` gave no rows for MoE layer {index}"
+                    ))
+                })?;
+                if let Some(bad) = rows.iter().find(|r| r.len() != hidden) {
+                    return Err(self.invalid(format!(
+                        "router model `{model}` gave rows of width {} for layer {index}, \
+                         but the experts have hidden size {hidden}",
+                        bad.len()
+                    )));
+                }
+                rows.concat()
+            }
+        };
+        let tensor = HostTensor::try_new(vec![n, hidden], rows).ok_or_else(|| {
+            self.invalid(format!(
+                "router rows for layer {index} do not form a [{n}, {hidden}] matrix"
+            ))
+        })?;
+        Ok(WeightExpr::Literal(Arc::new(tensor)))
+    }
+
+    /// The model activation router modes run when they name none.
+    fn default_router_model(&self) -> &str {
+        let first = self.experts.first().map(String::as_str);
+        self.base.as_deref().or(first).unwrap_or_default()
+    }
+
+    /// `(rows, columns)` of a 2-D weight; another rank is an error naming the weight.
+    fn matrix(&self, w: &Weight) -> Result<(usize, usize), PassError> {
+        match w.shape[..] {
+            [rows, cols] => Ok((rows, cols)),
+            _ => Err(self.invalid(format!(
+                "weight `{}` has shape {:?}, expected a matrix",
+                w.name, w.shape
+            ))),
+        }
+    }
+
     /// `ffn` split into `g` experts along the intermediate dimension, `up` and `down` of
     /// each multiplied by `sqrt(scale)`; with `g == 1` and `scale == 1`, `ffn` itself.
     fn shards(
@@ -361,7 +420,8 @@ impl Upcycle {
             .get(ffn.gate)
             .map_err(weight_err(self.name()))?
             .clone();
-        let (inter, hidden) = (up.shape[0], up.shape[1]);
+        let (inter, hidden) = self.matrix(&up)?;
+        let (down_rows, _) = self.matrix(&down)?;
         if !inter.is_multiple_of(g) {
             return Err(self.invalid(format!(
                 "granularity {g} does not divide the intermediate size {inter} of `{name}`"
@@ -399,19 +459,14 @@ impl Upcycle {
                         vec![width, hidden],
                         WeightExpr::Rows(ffn.up, rows),
                     ))?,
-                    add(part(&down, "down", vec![down.shape[0], width], columns))?,
+                    add(part(&down, "down", vec![down_rows, width], columns))?,
                 )
             };
             if factor != 1.0 {
                 let scale = WeightExpr::Scale(factor, up_j);
                 up_j = add(part(&up, "up.scaled", vec![width, hidden], scale))?;
                 let scale = WeightExpr::Scale(factor, down_j);
-                down_j = add(part(
-                    &down,
-                    "down.scaled",
-                    vec![down.shape[0], width],
-                    scale,
-                ))?;
+                down_j = add(part(&down, "down.scaled", vec![down_rows, width], scale))?;
             }
             out.push(FeedForward {
                 gate: gate_j,

@@ -76,3 +76,79 @@ pub fn tolerance() -> Tolerance {
         },
     }
 }
+
+/// The checkpoint files a copied fixture gets.
+const CHECKPOINT_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
+/// A temporary directory holding a copy of fixture `name`'s checkpoint in `<tmp>/<name>`.
+pub fn temp_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in CHECKPOINT_FILES {
+        std::fs::copy(model_dir(name).join(file), dir.join(file))
+            .unwrap_or_else(|e| panic!("copying {file} of {name}: {e}"));
+    }
+    (tmp, dir)
+}
+
+/// Overwrites the first values of the f32 tensor `tensor` in `<dir>/model.safetensors`
+/// (found through the file's header) with `values`.
+pub fn write_f32_values(dir: &std::path::Path, tensor: &str, values: &[f32]) {
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let info = &header[tensor];
+    assert_eq!(info["dtype"], "F32", "{tensor} is not an f32 tensor");
+    let begin = 8 + n + info["data_offsets"][0].as_u64().unwrap() as usize;
+    for (i, v) in values.iter().enumerate() {
+        bytes[begin + 4 * i..begin + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&path, bytes).unwrap();
+}
+
+/// Adds to `m` a copy of graph `src` called `dst` whose hidden width is `hidden` instead of
+/// `src`'s: every weight is replaced by seeded normal samples of the new shape (head count,
+/// head size, FFN size and vocabulary stay). Tokenizer and special tokens stay `src`'s.
+pub fn add_rewidthed_copy(m: &mut Module, src: &str, dst: &str, hidden: usize) {
+    use upmix::ir::{Op, Weight, WeightExpr};
+    let mut g = m.graphs[src].clone();
+    g.name = dst.to_string();
+    g.meta.hidden_size = hidden;
+    let mut seed = 0u64;
+    for n in g.node_ids() {
+        let labels = g.node(n).op.weights();
+        let is_norm = matches!(g.node(n).op, Op::RmsNorm { .. });
+        let mut next = 0;
+        g.node_mut(n).op.map_weights(|id| {
+            let label = &labels[next].0;
+            next += 1;
+            let old = m.weights.get(id).unwrap().clone();
+            let mut shape = old.shape.clone();
+            match shape.len() {
+                1 if is_norm => shape[0] = hidden,
+                2 if label == "o" || label.ends_with("down") => shape[0] = hidden,
+                2 => shape[1] = hidden,
+                _ => {}
+            }
+            seed += 1;
+            // Norm weights of ones, so activations keep their scale.
+            let expr = if is_norm {
+                let ones = upmix::ir::HostTensor::new(shape.clone(), vec![1.0; hidden]);
+                WeightExpr::Literal(std::sync::Arc::new(ones))
+            } else {
+                WeightExpr::Random { seed, std: 0.02 }
+            };
+            let w = Weight {
+                name: old.name.clone(),
+                shape,
+                dtype: upmix::ir::DType::F32,
+                expr,
+            };
+            m.weights.add(w).unwrap()
+        });
+    }
+    upmix::ir::verify(&g, &m.weights).unwrap();
+    m.insert(g);
+}

@@ -1,0 +1,291 @@
+//! Non-finite values (NaN, +-Inf) in weights.
+//!
+//! Two uses: counting them in a weight ([`WeightTable::count_non_finite`], for checking
+//! checkpoints), and refusing computed values that are non-finite although their inputs
+//! are finite. The latter runs whenever [`WeightTable::materialize`] computes something
+//! that can overflow: a mean, weighted sum or scale, or a rounding to a narrower dtype
+//! (f32 values above 65504 become Inf in f16). It costs one pass over the output; only
+//! when that pass finds a non-finite value are the inputs read again, to tell values
+//! that were already NaN or Inf (passed through, reported where they are read) from
+//! values the computation produced (an error naming the weight and the expression).
+//! Plain reads of a checkpoint's own values are never checked here.
+
+use crate::{DType, Weight, WeightError, WeightExpr, WeightId, WeightTable};
+
+/// Counts of NaN and infinite values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NonFinite {
+    pub nan: usize,
+    pub inf: usize,
+}
+
+impl NonFinite {
+    /// Counts the NaN and infinite values of `values` in one pass.
+    pub fn of(values: &[f32]) -> NonFinite {
+        // A branch-free count first (vectorised): almost every tensor has none.
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad == 0 {
+            return NonFinite::default();
+        }
+        let nan = values.iter().filter(|v| v.is_nan()).count();
+        NonFinite {
+            nan,
+            inf: bad - nan,
+        }
+    }
+
+    /// Whether any value is NaN or infinite.
+    pub fn any(&self) -> bool {
+        self.nan + self.inf > 0
+    }
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} NaN, {} Inf", self.nan, self.inf)
+    }
+}
+
+impl WeightTable {
+    /// NaN and infinite values of a weight: of a source, the values its file holds (before
+    /// any rounding to another dtype); of any other weight, its materialised values (a
+    /// computation that overflows is an error, as in [`materialize`](Self::materialize)).
+    pub fn count_non_finite(&self, id: WeightId) -> Result<NonFinite, WeightError> {
+        let weight = self.get(id)?;
+        let values = match &weight.expr {
+            WeightExpr::Source { .. } => self.eval(weight)?,
+            _ => self.materialize(id)?.data,
+        };
+        Ok(NonFinite::of(&values))
+    }
+
+    /// The `Source` weights that `ids` are or are computed from, each once, in the order
+    /// first reached (a checkpoint's own tensors behind a graph's weights).
+    pub fn source_weights(&self, ids: &[WeightId]) -> Vec<WeightId> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut stack: Vec<WeightId> = ids.iter().rev().copied().collect();
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            let Ok(w) = self.get(id) else { continue };
+            match &w.expr {
+                WeightExpr::Source { .. } => out.push(id),
+                expr => stack.extend(expr.operands().into_iter().rev()),
+            }
+        }
+        out
+    }
+
+    /// Checks `data`, the materialised values of `weight`, when its expression can
+    /// overflow: an error when the computation turned finite inputs into NaN or Inf.
+    pub(crate) fn check_computed(&self, weight: &Weight, data: &[f32]) -> Result<(), WeightError> {
+        if !self.can_overflow(weight)? || !NonFinite::of(data).any() {
+            return Ok(());
+        }
+        let inputs = self.inputs_of(weight)?;
+        let mut new = NonFinite::default();
+        for (i, v) in data.iter().enumerate() {
+            if !v.is_finite() && inputs.iter().all(|x| x[i].is_finite()) {
+                if v.is_nan() {
+                    new.nan += 1;
+                } else {
+                    new.inf += 1;
+                }
+            }
+        }
+        if !new.any() {
+            return Ok(());
+        }
+        Err(WeightError::NonFinite {
+            name: weight.name.clone(),
+            expr: self.describe(weight),
+            nan: new.nan,
+            inf: new.inf,
+        })
+    }
+
+    /// Checks the encoding of finite `values` of `weight` as `dtype` when that is
+    /// narrower than the weight's own dtype (rounding never makes a non-finite value
+    /// finite, so new non-finite values show as a larger count).
+    pub(crate) fn check_encoding(
+        &self,
+        weight: &Weight,
+        values: &[f32],
+        dtype: DType,
+    ) -> Result<(), WeightError> {
+        if !narrows(dtype, weight.dtype.plain()) {
+            return Ok(());
+        }
+        let mut rounded = values.to_vec();
+        dtype.round_in_place(&mut rounded);
+        let (before, after) = (NonFinite::of(values), NonFinite::of(&rounded));
+        if after == before {
+            return Ok(());
+        }
+        Err(WeightError::NonFinite {
+            name: weight.name.clone(),
+            expr: format!("encoding {} values as {}", weight.dtype, range_of(dtype)),
+            nan: after.nan - before.nan,
+            inf: after.inf - before.inf,
+        })
+    }
+
+    /// Whether materialising `weight` computes values that may overflow.
+    fn can_overflow(&self, weight: &Weight) -> Result<bool, WeightError> {
+        let to = weight.dtype;
+        Ok(match &weight.expr {
+            WeightExpr::Mean(_) | WeightExpr::WeightedSum { .. } | WeightExpr::Scale(..) => true,
+            WeightExpr::Source { dtype, .. } => narrows(to, *dtype),
+            WeightExpr::Literal(_) | WeightExpr::Random { .. } => narrows(to, DType::F32),
+            WeightExpr::Rows(id, _) | WeightExpr::Columns { of: id, .. } => {
+                narrows(to, self.get(*id)?.dtype)
+            }
+            WeightExpr::Concat(ids) => {
+                let mut any = false;
+                for id in ids {
+                    any |= narrows(to, self.get(*id)?.dtype);
+                }
+                any
+            }
+        })
+    }
+
+    /// The values `weight` is computed from, each as long as the weight: its operands for
+    /// arithmetic, else its own values before rounding to its dtype.
+    fn inputs_of(&self, weight: &Weight) -> Result<Vec<Vec<f32>>, WeightError> {
+        let operands: Vec<WeightId> = match &weight.expr {
+            WeightExpr::Mean(ids) => ids.clone(),
+            WeightExpr::WeightedSum { terms, .. } => terms.iter().map(|(_, id)| *id).collect(),
+            WeightExpr::Scale(_, id) => vec![*id],
+            _ => return Ok(vec![self.eval(weight)?]),
+        };
+        operands
+            .into_iter()
+            .map(|id| Ok(self.materialize(id)?.data))
+            .collect()
+    }
+
+    /// The computation of `weight`, for error messages: operands by name, with their
+    /// file when read from one (operands of different models often share a name).
+    fn describe(&self, weight: &Weight) -> String {
+        let name = |id: &WeightId| match self.get(*id) {
+            Ok(w) => match &w.expr {
+                WeightExpr::Source { file, .. } => {
+                    format!("`{}` ({})", w.name, file.path().display())
+                }
+                _ => format!("`{}`", w.name),
+            },
+            Err(_) => format!("{id:?}"),
+        };
+        let what = match &weight.expr {
+            WeightExpr::Mean(ids) => {
+                let names: Vec<String> = ids.iter().map(name).collect();
+                format!("the mean of {}", names.join(", "))
+            }
+            WeightExpr::WeightedSum { terms, normalize } => {
+                let terms: Vec<String> = terms
+                    .iter()
+                    .map(|(f, id)| format!("{f} * {}", name(id)))
+                    .collect();
+                let kind = if *normalize { "normalised " } else { "" };
+                format!("the {kind}weighted sum {}", terms.join(" + "))
+            }
+            WeightExpr::Scale(factor, id) => format!("scaling {} by {factor}", name(id)),
+            _ => return format!("rounding to {}", range_of(weight.dtype)),
+        };
+        if narrows(weight.dtype, DType::F32) {
+            format!("{what}, rounded to {},", range_of(weight.dtype))
+        } else {
+            what
+        }
+    }
+}
+
+/// Whether rounding values of dtype `from` to `to` can overflow.
+fn narrows(to: DType, from: DType) -> bool {
+    match to {
+        DType::F16 => from != DType::F16,
+        // bf16 has f32's range, but rounding the largest f32 values up overflows.
+        DType::BF16 => !matches!(from, DType::F16 | DType::BF16),
+        _ => false,
+    }
+}
+
+/// A dtype's name with its largest finite magnitude.
+fn range_of(dtype: DType) -> String {
+    match dtype {
+        DType::F16 => "f16 (largest finite magnitude 65504)".into(),
+        DType::BF16 => "bf16 (largest finite magnitude 3.39e38)".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::HostTensor;
+
+    fn literal(t: &mut WeightTable, name: &str, values: Vec<f32>, dtype: DType) -> WeightId {
+        t.add(Weight {
+            name: name.into(),
+            shape: vec![values.len()],
+            dtype,
+            expr: WeightExpr::Literal(Arc::new(HostTensor::new(vec![values.len()], values))),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn counts_nan_and_inf_apart() {
+        let v = [1.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0];
+        assert_eq!(NonFinite::of(&v), NonFinite { nan: 1, inf: 2 });
+        assert!(!NonFinite::of(&[1.0, 2.0]).any());
+    }
+
+    #[test]
+    fn overflowing_sum_is_an_error_naming_weight_and_expression() {
+        let mut t = WeightTable::new();
+        let a = literal(&mut t, "a", vec![3e38, 1.0], DType::F32);
+        let b = literal(&mut t, "b", vec![3e38, 1.0], DType::F32);
+        let sum = t
+            .add(Weight {
+                name: "sum".into(),
+                shape: vec![2],
+                dtype: DType::F32,
+                expr: WeightExpr::WeightedSum {
+                    terms: vec![(1.0, a), (1.0, b)],
+                    normalize: false,
+                },
+            })
+            .unwrap();
+        let err = t.materialize(sum).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "weight `sum`: the weighted sum 1 * `a` + 1 * `b` turns finite values into 0 NaN and 1 Inf"
+        );
+    }
+
+    #[test]
+    fn non_finite_inputs_pass_through_and_f16_overflow_does_not() {
+        let mut t = WeightTable::new();
+        let a = literal(&mut t, "a", vec![f32::NAN, 1.0], DType::F32);
+        let mean = t
+            .add(Weight {
+                name: "mean".into(),
+                shape: vec![2],
+                dtype: DType::F32,
+                expr: WeightExpr::Mean(vec![a, a]),
+            })
+            .unwrap();
+        assert!(t.materialize(mean).unwrap().data[0].is_nan());
+        let big = literal(&mut t, "big", vec![1e6, 1.0], DType::F16);
+        let err = t.materialize(big).unwrap_err().to_string();
+        assert!(err.contains("weight `big`: rounding to f16"), "{err}");
+        assert!(err.contains("0 NaN and 1 Inf"), "{err}");
+        assert_eq!(t.count_non_finite(a).unwrap(), NonFinite { nan: 1, inf: 0 });
+    }
+}
