@@ -53,6 +53,15 @@ impl WeightTable {
     pub fn count_non_finite(&self, id: WeightId) -> Result<NonFinite, WeightError> {
         let weight = self.get(id)?;
         let values = match &weight.expr {
+            WeightExpr::Source {
+                file,
+                offset,
+                dtype: dtype @ (DType::F32 | DType::F16 | DType::BF16),
+            } => {
+                let len = dtype.nbytes(weight.numel()).unwrap_or(0);
+                return scan_floats(file, *offset, len, *dtype)
+                    .map_err(|e| Self::invalid(weight, format!("reading: {e}")));
+            }
             WeightExpr::Source { .. } => self.eval(weight)?,
             _ => self.materialize(id)?.data,
         };
@@ -222,6 +231,47 @@ fn range_of(dtype: DType) -> String {
     }
 }
 
+/// Counts NaN and infinite values of a plain float tensor straight from its file bytes,
+/// a few MB at a time (no conversion, no whole-tensor buffer): a value is non-finite when
+/// its exponent bits are all set, and NaN when its mantissa is not zero as well.
+fn scan_floats(
+    file: &crate::MappedFile,
+    offset: usize,
+    len: usize,
+    dtype: DType,
+) -> std::io::Result<NonFinite> {
+    const CHUNK: usize = 8 << 20;
+    let (size, exponent, mantissa): (usize, u32, u32) = match dtype {
+        DType::F32 => (4, 0x7f80_0000, 0x007f_ffff),
+        DType::F16 => (2, 0x7c00, 0x03ff),
+        _ => (2, 0x7f80, 0x007f),
+    };
+    let mut count = NonFinite::default();
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(CHUNK);
+        let bytes = file.read(offset + at, n)?;
+        let bits = |c: &[u8]| match size {
+            4 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            _ => u16::from_le_bytes([c[0], c[1]]) as u32,
+        };
+        let bad = bytes
+            .chunks_exact(size)
+            .filter(|c| bits(c) & exponent == exponent)
+            .count();
+        if bad > 0 {
+            let nan = bytes
+                .chunks_exact(size)
+                .filter(|c| bits(c) & exponent == exponent && bits(c) & mantissa != 0)
+                .count();
+            count.nan += nan;
+            count.inf += bad - nan;
+        }
+        at += n;
+    }
+    Ok(count)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -287,5 +337,62 @@ mod tests {
         assert!(err.contains("weight `big`: rounding to f16"), "{err}");
         assert!(err.contains("0 NaN and 1 Inf"), "{err}");
         assert_eq!(t.count_non_finite(a).unwrap(), NonFinite { nan: 1, inf: 0 });
+    }
+
+    #[test]
+    fn sources_are_counted_from_their_bytes_in_every_float_dtype() {
+        let dir = std::env::temp_dir().join(format!("upmix-finite-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cases: [(DType, Vec<u8>); 3] = [
+            // 1.0, NaN, +Inf, -Inf, 2.0
+            (
+                DType::F32,
+                [1.0f32, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 2.0]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            (
+                DType::F16,
+                [0x3c00u16, 0x7e00, 0x7c00, 0xfc00, 0x4000]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            (
+                DType::BF16,
+                [0x3f80u16, 0x7fc0, 0x7f80, 0xff80, 0x4000]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+        ];
+        for (dtype, bytes) in cases {
+            let path = dir.join(format!("{dtype}.bin"));
+            // Two bytes in front, so the tensor starts at an offset.
+            std::fs::write(&path, [&[0u8, 0][..], &bytes].concat()).unwrap();
+            let mut t = WeightTable::new();
+            let id = t
+                .add(Weight {
+                    name: "w".into(),
+                    shape: vec![5],
+                    dtype,
+                    expr: WeightExpr::Source {
+                        file: crate::MappedFile::open(&path).unwrap(),
+                        offset: 2,
+                        dtype,
+                    },
+                })
+                .unwrap();
+            let count = t.count_non_finite(id).unwrap();
+            assert_eq!(count, NonFinite { nan: 1, inf: 2 }, "{dtype}");
+            // The same as counting the materialised values.
+            assert_eq!(
+                count,
+                NonFinite::of(&t.materialize(id).unwrap().data),
+                "{dtype}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -219,7 +219,7 @@ impl WeightTable {
         self.weights.is_empty()
     }
 
-    fn invalid(weight: &Weight, message: String) -> WeightError {
+    pub(crate) fn invalid(weight: &Weight, message: String) -> WeightError {
         WeightError::Invalid {
             name: weight.name.clone(),
             message,

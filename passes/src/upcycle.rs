@@ -239,6 +239,10 @@ impl Pass for Upcycle {
 
         let mut moe = template;
         moe.name = self.into.clone();
+        // Tokenizer files and config fields travel from the base model, when there is one.
+        if let Some(base) = &self.base {
+            moe.meta = graph(m, self.name(), base)?.meta.clone();
+        }
         let order = moe.topo_order().unwrap_or_else(|_| moe.node_ids());
         let mut layer = 0;
         for node in order {

@@ -71,7 +71,8 @@ pub fn write_file_atomically(
 ) -> Result<(), EmitError> {
     refuse_inputs(path, inputs)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !overwrite && !(meta.is_file() && is_ours(path)) {
+        let ours = meta.is_file() && is_ours(path);
+        if !(overwrite || ours) {
             return Err(EmitError::Foreign {
                 dest: path.to_path_buf(),
                 file: path.to_path_buf(),
