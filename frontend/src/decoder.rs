@@ -1,6 +1,8 @@
 //! Builds the IR graph of a pre-norm decoder from hyper-parameters and a source of
 //! tensors; every checkpoint format supplies the tensors through [`TensorSource`].
 
+use std::path::Path;
+
 use upmix_ir::{
     Attention, DecoderBlock, FeedForward, Graph, GraphBuilder, ModelMeta, Op, Rope, WeightId,
 };
@@ -40,6 +42,58 @@ pub(crate) struct Hyper {
     pub rope: Rope,
     /// q/k/v projections carry biases.
     pub attn_bias: bool,
+}
+
+impl Hyper {
+    /// Rejects settings no decoder can have (a zero size, an odd head dimension, KV heads
+    /// that do not divide the heads, projection sizes that overflow, a negative or
+    /// non-finite epsilon) before any shape is computed from them, with an error naming
+    /// `path`, the file they come from.
+    pub fn check(&self, path: &Path) -> Result<(), FrontendError> {
+        let bad = |message: String| {
+            Err(FrontendError::Config {
+                path: path.to_path_buf(),
+                message,
+            })
+        };
+        let sizes = [
+            ("layer count", self.layers),
+            ("hidden size", self.hidden),
+            ("FFN size", self.ffn),
+            ("attention head count", self.heads),
+            ("KV head count", self.kv_heads),
+            ("head dimension", self.head_dim),
+            ("vocabulary size", self.vocab),
+        ];
+        if let Some((what, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{what} is 0; it must be positive"));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head dimension {} is odd; rotary embeddings need an even one",
+                self.head_dim
+            ));
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return bad(format!(
+                "{} attention heads are not a multiple of {} KV heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.heads.checked_mul(self.head_dim).is_none() {
+            return bad(format!(
+                "{} heads of dimension {} overflow",
+                self.heads, self.head_dim
+            ));
+        }
+        if !self.eps.is_finite() || self.eps < 0.0 {
+            return bad(format!(
+                "RMS norm epsilon {} is not a finite non-negative number",
+                self.eps
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The role of a tensor in a decoder.
@@ -91,15 +145,22 @@ pub(crate) fn dense_mlp<S: TensorSource + ?Sized>(
 }
 
 /// Builds the graph `name`: embedding, `h.layers` pre-norm blocks, final norm, lm head
-/// (the embedding table when `tied`).
+/// (the embedding table when `tied`). `h` is checked first ([`Hyper::check`]); `path`
+/// names the file it comes from.
 pub(crate) fn build_decoder(
     name: &str,
     meta: ModelMeta,
-    h: &Hyper,
+    (h, path): (&Hyper, &Path),
     tied: bool,
     src: &mut dyn TensorSource,
 ) -> Result<Graph, FrontendError> {
-    let (d, q, kv) = (h.hidden, h.heads * h.head_dim, h.kv_heads * h.head_dim);
+    h.check(path)?;
+    // kv_heads <= heads once checked, so neither product overflows.
+    let (d, q, kv) = (
+        h.hidden,
+        h.heads.saturating_mul(h.head_dim),
+        h.kv_heads.saturating_mul(h.head_dim),
+    );
     let mut b = GraphBuilder::new(name, meta);
     let embed = src.tensor(Role::Embed, 0, &[h.vocab, d])?;
     let input = b.input();

@@ -188,6 +188,14 @@ const T_F64: u32 = 12;
 /// Deepest nesting of arrays accepted.
 const MAX_DEPTH: usize = 4;
 
+/// Capacity reserved up front for `count` items read from the file. A count is checked
+/// against the bytes left before any item is read, but an item takes more memory than its
+/// smallest encoding (a `GgufValue` is 32 bytes, a u8 item one byte): beyond this, vectors
+/// grow only as items are actually read.
+fn capacity(count: u64) -> usize {
+    count.min(1 << 16) as usize
+}
+
 struct Reader<'a> {
     path: &'a Path,
     bytes: &'a [u8],
@@ -231,7 +239,9 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FrontendError> {
         r.context = format!("metadata key `{key}`");
         let ty = r.u32()?;
         let value = r.value(ty, 0)?;
-        metadata.insert(key, value);
+        if metadata.insert(key, value).is_some() {
+            return Err(r.error("the key appears twice".into()));
+        }
     }
     let alignment = match metadata.get("general.alignment") {
         None => 32,
@@ -241,7 +251,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FrontendError> {
         },
     };
 
-    let mut infos = Vec::with_capacity(n_tensors as usize);
+    let mut infos = Vec::with_capacity(capacity(n_tensors));
     for i in 0..n_tensors {
         r.context = format!("tensor info {i}");
         let name = r.string()?;
@@ -257,6 +267,15 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FrontendError> {
         let ty = r.u32()?;
         let offset = r.u64()?;
         infos.push((name, dims, ty, offset));
+    }
+    let mut names: Vec<&str> = infos.iter().map(|(name, ..)| name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(FrontendError::BadTensor {
+            path: path.to_path_buf(),
+            tensor: twice[0].to_string(),
+            message: "two tensors have this name".into(),
+        });
     }
     let data_start = r.pos.div_ceil(alignment) * alignment;
     let data_len = bytes.len().saturating_sub(data_start) as u64;
@@ -408,7 +427,7 @@ impl Reader<'_> {
                     _ => 8,
                 };
                 self.check_count(len, min, "array length")?;
-                let mut items = Vec::with_capacity(len as usize);
+                let mut items = Vec::with_capacity(capacity(len));
                 for _ in 0..len {
                     items.push(self.value(item, depth + 1)?);
                 }

@@ -88,7 +88,7 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         unpermute_qk: family == Family::Llama,
         hyper: hyper.clone(),
     };
-    let graph = build_decoder(name, meta, &hyper, false, &mut loader)?;
+    let graph = build_decoder(name, meta, (&hyper, path), false, &mut loader)?;
     module.insert(graph);
     Ok(())
 }
@@ -201,7 +201,8 @@ impl TensorSource for Loader<'_> {
 
 /// Row order that undoes llama.cpp's Q/K permutation: within each head of `head_dim`
 /// rows, the GGUF file stores the rotary halves interleaved (row `2b + a` holds the
-/// Hugging Face row `a * head_dim / 2 + b`).
+/// Hugging Face row `a * head_dim / 2 + b`). `rows` is `n_heads` heads of an even
+/// `head_dim` (checked by `Hyper::check` and the tensor's shape).
 fn unpermute_rows(rows: usize, n_heads: usize) -> Arc<[u32]> {
     let head_dim = rows / n_heads;
     let half = head_dim / 2;

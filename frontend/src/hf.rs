@@ -84,6 +84,8 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             _ => config.attention_bias == Some(true),
         },
     };
+    // Checked again by `build_decoder`; here before anything is sized from it.
+    hyper.check(&config_path)?;
     let need = |v: Option<usize>, field: &str| {
         v.ok_or_else(|| bad_config(format!("missing field `{field}`")))
     };
@@ -94,27 +96,26 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             ffn: config.intermediate_size,
             normalize_top_k: true,
             shared_ffn: None,
-            sparse: vec![true; config.num_hidden_layers],
+            sparse_step: 1,
+            dense_layers: Vec::new(),
         }),
-        Family::Qwen2Moe => {
-            let step = config.decoder_sparse_step.unwrap_or(1).max(1);
-            let dense = config.mlp_only_layers.clone().unwrap_or_default();
-            Some(MoeSpec {
-                experts: need(config.num_experts, "num_experts")?,
-                top_k: need(config.num_experts_per_tok, "num_experts_per_tok")?,
-                ffn: need(config.moe_intermediate_size, "moe_intermediate_size")?,
-                normalize_top_k: config.norm_topk_prob.unwrap_or(false),
-                shared_ffn: Some(need(
-                    config.shared_expert_intermediate_size,
-                    "shared_expert_intermediate_size",
-                )?),
-                sparse: (0..config.num_hidden_layers)
-                    .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
-                    .collect(),
-            })
-        }
+        Family::Qwen2Moe => Some(MoeSpec {
+            experts: need(config.num_experts, "num_experts")?,
+            top_k: need(config.num_experts_per_tok, "num_experts_per_tok")?,
+            ffn: need(config.moe_intermediate_size, "moe_intermediate_size")?,
+            normalize_top_k: config.norm_topk_prob.unwrap_or(false),
+            shared_ffn: Some(need(
+                config.shared_expert_intermediate_size,
+                "shared_expert_intermediate_size",
+            )?),
+            sparse_step: config.decoder_sparse_step.unwrap_or(1).max(1),
+            dense_layers: config.mlp_only_layers.clone().unwrap_or_default(),
+        }),
         _ => None,
     };
+    if let Some(spec) = &moe {
+        spec.check().map_err(bad_config)?;
+    }
     let meta = ModelMeta {
         vocab_size: config.vocab_size,
         hidden_size: d,
@@ -137,7 +138,7 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
     };
     // Tied when the config says so, or when the checkpoint simply has no lm head.
     let tied = config.tie_word_embeddings.unwrap_or(false);
-    let graph = build_decoder(name, meta, &hyper, tied, &mut loader)?;
+    let graph = build_decoder(name, meta, (&hyper, &config_path), tied, &mut loader)?;
     module.insert(graph);
     Ok(())
 }
@@ -215,8 +216,33 @@ struct MoeSpec {
     normalize_top_k: bool,
     /// FFN size of the gated shared expert (Qwen2-MoE).
     shared_ffn: Option<usize>,
-    /// Per layer: sparse (MoE) or dense.
-    sparse: Vec<bool>,
+    /// Every `sparse_step`-th layer is sparse (MoE), except `dense_layers`.
+    sparse_step: usize,
+    dense_layers: Vec<usize>,
+}
+
+impl MoeSpec {
+    /// Rejects expert settings no model can have, before any shape is computed from them.
+    fn check(&self) -> Result<(), String> {
+        if self.experts == 0 || self.top_k == 0 || self.top_k > self.experts {
+            return Err(format!(
+                "{} experts with {} per token: both must be positive, and top-k at most the experts",
+                self.experts, self.top_k
+            ));
+        }
+        if self.ffn == 0 || self.ffn.checked_mul(2).is_none() || self.shared_ffn == Some(0) {
+            return Err(format!(
+                "expert FFN size {} (shared: {:?}) must be positive and not overflow",
+                self.ffn, self.shared_ffn
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `layer` has a mixture of experts.
+    fn is_sparse(&self, layer: usize) -> bool {
+        !self.dense_layers.contains(&layer) && (layer + 1).is_multiple_of(self.sparse_step)
+    }
 }
 
 impl TensorSource for Loader<'_> {
@@ -249,7 +275,7 @@ impl TensorSource for Loader<'_> {
 
     fn mlp(&mut self, layer: usize, h: &Hyper) -> Result<Op, FrontendError> {
         match self.moe.take() {
-            Some(spec) if spec.sparse.get(layer).copied().unwrap_or(false) => {
+            Some(spec) if spec.is_sparse(layer) => {
                 let op = self.sparse_moe(layer, &spec, h.hidden);
                 self.moe = Some(spec);
                 op
@@ -330,7 +356,6 @@ impl Loader<'_> {
         let (n, f) = (spec.experts, spec.ffn);
         let classic_router = names::layer_tensor(names::MIXTRAL_ROUTER.1, layer, 0);
         let gate_up = names::layer_tensor(names::MIXTRAL_FUSED_GATE_UP, layer, 0);
-        let mut experts = Vec::with_capacity(n);
         let router_names = if self.has(&classic_router) {
             names::MIXTRAL_ROUTER
         } else {
@@ -344,8 +369,11 @@ impl Loader<'_> {
             layer,
             &[n, d],
         )?;
+        // The router's shape matched the file's, so `n` is as large as the file allows.
+        let mut experts = Vec::with_capacity(n);
         if self.has(&gate_up) {
             let down = names::layer_tensor(names::MIXTRAL_FUSED_DOWN, layer, 0);
+            // `2 * f` cannot overflow: checked by `MoeSpec::check`.
             let gu = self.info(&gate_up, &[n, 2 * f, d])?;
             let dn = self.info(&down, &[n, d, f])?;
             // Each expert's slices are contiguous runs of the fused tensors.

@@ -4,8 +4,9 @@
 //! Format: an 8-byte little-endian header length N, N bytes of JSON mapping tensor names
 //! to `{dtype, shape, data_offsets: [begin, end]}` (offsets relative to the end of the
 //! header), an optional `__metadata__` entry, then the data. Every header claim is checked
-//! against the file before use: a truncated file or a lying header is an error naming the
-//! file and tensor, never a panic or an out-of-bounds read.
+//! against the file before use: a truncated file or a lying header (offsets past the end,
+//! or two tensors sharing bytes) is an error naming the file and tensor, never a panic or
+//! an out-of-bounds read.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -74,6 +75,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, TensorInfo
             .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
     let data_len = (bytes.len() - data_start) as u64;
     let mut tensors = BTreeMap::new();
+    let mut ranges = Vec::new();
     for (name, value) in header {
         if name == "__metadata__" {
             continue;
@@ -115,6 +117,9 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, TensorInfo
                 "data_offsets end {end} runs past the end of the data ({data_len} bytes): the file is truncated or the header lies"
             )));
         }
+        if begin < end {
+            ranges.push((begin, end, name.clone()));
+        }
         tensors.insert(
             name,
             TensorInfo {
@@ -123,6 +128,19 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, TensorInfo
                 offset: data_start + begin as usize,
             },
         );
+    }
+    // Tensors own disjoint byte ranges: a header that hands the same bytes to two tensors
+    // lies about at least one of them.
+    ranges.sort_unstable();
+    if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+        let ((b0, e0, first), (b1, e1, second)) = (&w[0], &w[1]);
+        return Err(FrontendError::BadTensor {
+            path: path.to_path_buf(),
+            tensor: second.clone(),
+            message: format!(
+                "data_offsets [{b1}, {e1}] overlap those of tensor `{first}` [{b0}, {e0}]"
+            ),
+        });
     }
     Ok(tensors)
 }

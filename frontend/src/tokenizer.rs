@@ -27,11 +27,16 @@ impl TextTokenizer {
         } else {
             path.to_path_buf()
         };
-        let inner =
-            tokenizers::Tokenizer::from_file(&file).map_err(|e| FrontendError::Tokenizer {
+        let json = std::fs::read_to_string(&file).map_err(io(&file))?;
+        // `tokenizers` panics on some malformed JSON (e.g. a syntax error inside
+        // `decoder`), so the syntax is checked first, for an error with a line and column.
+        serde_json::from_str::<serde::de::IgnoredAny>(&json).map_err(|e| {
+            FrontendError::Tokenizer {
                 path: file.clone(),
-                message: e.to_string(),
-            })?;
+                message: format!("not valid JSON: {e}"),
+            }
+        })?;
+        let inner = guarded(&file, "loading", || json.parse::<tokenizers::Tokenizer>())?;
         // transformers keeps the chat template and special tokens beside tokenizer.json.
         let dir = file.parent().unwrap_or(Path::new("")).to_path_buf();
         let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
@@ -55,12 +60,9 @@ impl TextTokenizer {
     /// The tokenizer embedded in a GGUF file's metadata.
     pub fn from_gguf(gguf: &GgufFile) -> Result<TextTokenizer, FrontendError> {
         let json = crate::gguf_tokenizer::tokenizer_json(gguf)?;
-        let inner: tokenizers::Tokenizer =
-            json.parse()
-                .map_err(|e: tokenizers::Error| FrontendError::Tokenizer {
-                    path: gguf.path().to_path_buf(),
-                    message: e.to_string(),
-                })?;
+        let inner = guarded(gguf.path(), "loading", || {
+            json.parse::<tokenizers::Tokenizer>()
+        })?;
         let token = |k: &str| {
             let id = gguf.get(k)?.as_u64()?;
             inner.id_to_token(id as u32)
@@ -80,18 +82,15 @@ impl TextTokenizer {
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor
     /// (e.g. a leading BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, FrontendError> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| self.error(e.to_string()))?;
+        let enc = guarded(&self.path, "encoding", || {
+            self.inner.encode(text, add_special_tokens)
+        })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids` (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> Result<String, FrontendError> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| self.error(e.to_string()))
+        guarded(&self.path, "decoding", || self.inner.decode(ids, false))
     }
 
     /// The model's chat template (Jinja), if it has one.
@@ -173,4 +172,32 @@ fn chat_template(dir: &Path, config: &serde_json::Value) -> Result<Option<String
             .map(str::to_string),
         _ => None,
     })
+}
+
+/// Calls into `tokenizers` for the tokenizer from `path`, turning its error, or a panic
+/// (it panics on some malformed tokenizer definitions instead of returning an error), into
+/// an error naming the file. `what` says what was being done.
+fn guarded<T>(
+    path: &Path,
+    what: &str,
+    call: impl FnOnce() -> tokenizers::Result<T>,
+) -> Result<T, FrontendError> {
+    let error = |message: String| FrontendError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(error(e.to_string())),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(error(format!(
+                "the tokenizers library failed {what} it: {message}"
+            )))
+        }
+    }
 }

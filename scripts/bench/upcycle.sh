@@ -85,7 +85,7 @@ measure() { # name, output dir, command...
     echo "$name $run $wall $rss" >> "$results"
   done
 }
-measure upmix "$work/out-upmix" "$root/target/release/upmix" run "$work/upmix.ron"
+measure upmix "$work/out-upmix" "${CARGO_TARGET_DIR:-$root/target}/release/upmix" run "$work/upmix.ron"
 measure mergekit "$work/out-mergekit" bash -c "'$venv/bin/mergekit-moe' '$work/mergekit.yml' \
   '$work/out-mergekit' --quiet --i-understand-this-is-not-useful-without-training \
   && sync '$work/out-mergekit'/* '$work/out-mergekit'"
