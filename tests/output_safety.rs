@@ -43,6 +43,18 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The names in `dir`, sorted, except the pipeline files the tests write there.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".ron"))
+        .collect();
+    names.sort();
+    names
+}
+
 /// Every file under `dir` with its bytes.
 fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -90,13 +102,7 @@ fn a_previous_output_is_replaced_without_asking() {
         assert!(out.join(MANIFEST).is_file());
     }
     // Only the output itself is left in the parent: no temporaries.
-    let names: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".ron"))
-        .collect();
-    assert_eq!(names, vec!["out"]);
+    assert_eq!(entries(tmp.path()), vec!["out"]);
 }
 
 #[test]
@@ -181,13 +187,19 @@ fn smollm2_f32() -> PathBuf {
 
 /// What a destination holds after a run: its files (relative) and sizes.
 fn listing(dir: &Path) -> BTreeMap<String, u64> {
-    files(dir)
-        .into_iter()
-        .map(|(p, b)| {
-            let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-            (rel, b.len() as u64)
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if meta.is_dir() {
+            for (rel, size) in listing(&entry.path()) {
+                out.insert(format!("{name}/{rel}"), size);
+            }
+        } else {
+            out.insert(name, meta.len());
+        }
+    }
+    out
 }
 
 /// Kills `upmix run` with SIGKILL at points spread over a whole run, and checks after
@@ -243,11 +255,9 @@ fn killing_a_run_leaves_the_old_or_the_new_output_whole() {
         } else {
             as_new += 1;
         }
-        let leftovers: Vec<String> = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != "out" && !n.ends_with(".ron"))
+        let leftovers: Vec<String> = entries(tmp.path())
+            .into_iter()
+            .filter(|n| n != "out")
             .collect();
         for name in &leftovers {
             assert!(
@@ -265,13 +275,7 @@ fn killing_a_run_leaves_the_old_or_the_new_output_whole() {
     // A later run works and removes what killed runs left.
     assert!(run(&old).status.success());
     assert_eq!(listing(&out), old_files);
-    let names: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".ron"))
-        .collect();
-    assert_eq!(names, vec!["out"]);
+    assert_eq!(entries(tmp.path()), vec!["out"]);
     assert!(mid_emit > 0, "no kill point landed inside an emit");
 }
 
