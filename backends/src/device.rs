@@ -136,11 +136,7 @@ mod gpu {
         let seen = first.clone();
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let payload = info.payload();
-            let text = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            let text = upmix_ir::panic_message(info.payload())
                 .unwrap_or_else(|| "the backend panicked while starting".into());
             if let Ok(mut s) = seen.lock() {
                 s.get_or_insert(text);

@@ -84,8 +84,6 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             _ => config.attention_bias == Some(true),
         },
     };
-    // Checked again by `build_decoder`; here before anything is sized from it.
-    hyper.check(&config_path)?;
     let need = |v: Option<usize>, field: &str| {
         v.ok_or_else(|| bad_config(format!("missing field `{field}`")))
     };

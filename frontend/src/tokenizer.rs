@@ -190,11 +190,7 @@ fn guarded<T>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(error(e.to_string())),
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let message = upmix_ir::panic_message(&*panic).unwrap_or_default();
             Err(error(format!(
                 "the tokenizers library failed {what} it: {message}"
             )))

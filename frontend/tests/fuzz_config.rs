@@ -9,12 +9,10 @@ mod fuzz_support;
 
 use std::path::Path;
 
-use proptest::prelude::*;
 use upmix_frontend::HfConfig;
 use upmix_ir::Module;
 
-use fuzz_support::json::{self, Edit, J};
-use fuzz_support::mutate::{self, ByteOp};
+use fuzz_support::json::{self, J};
 use fuzz_support::{check_call, fuzz, rewrite, scratch, show_bytes, CountingAlloc};
 
 #[global_allocator]
@@ -27,24 +25,9 @@ const MOE_KEYS: &str = r#"{"num_local_experts": 2, "num_experts": 2, "num_expert
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}"#;
 
-#[derive(Clone, Debug)]
-struct Case {
-    /// Seed: 0 the plain config; 1 and 2 Mixtral and Qwen2-MoE, with the MoE keys and
-    /// llama3 RoPE scaling (their expert tensors are missing: loading stops there).
-    seed: usize,
-    edits: Vec<Edit>,
-    bytes: Vec<ByteOp>,
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    (0..3usize, json::edits(4), mutate::byte_ops(2)).prop_map(|(seed, edits, bytes)| Case {
-        seed,
-        edits,
-        bytes,
-    })
-}
-
-/// The llama checkpoint's files copied to `dir` (config.json is rewritten per case).
+/// The llama checkpoint's files copied to `dir` (config.json is rewritten per case), and
+/// the seed configs: the plain one, then Mixtral and Qwen2-MoE with the MoE keys and llama3
+/// RoPE scaling (their expert tensors are missing: loading stops there).
 fn checkpoint(dir: &Path) -> [J; 3] {
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/models/llama");
     for f in [
@@ -86,9 +69,8 @@ fn fuzz_config_json() {
         // The MoE seeds stop at their missing expert tensors.
         assert_eq!(loaded.is_ok(), i == 0, "seed {i}: {loaded:?}");
     }
-    fuzz("config.json", 8000, case(), |case| {
-        let text = json::apply_all(&seeds[case.seed], &case.edits, 0).text();
-        let bytes = mutate::apply_all(text.as_bytes(), &case.bytes);
+    fuzz("config.json", 8000, json::case(3, 4), |case| {
+        let bytes = case.render(&seeds);
         rewrite(&config, &bytes);
         let shown = || show_bytes(&bytes, 4096);
         check_call(&config_name, &case, &shown, || HfConfig::read(&config))?;

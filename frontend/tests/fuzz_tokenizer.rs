@@ -8,11 +8,9 @@ mod fuzz_support;
 
 use std::path::Path;
 
-use proptest::prelude::*;
 use upmix_frontend::TextTokenizer;
 
-use fuzz_support::json::{self, Edit, J};
-use fuzz_support::mutate::{self, ByteOp};
+use fuzz_support::json::{self, J};
 use fuzz_support::{check_call, fuzz, rewrite, scratch, show_bytes, CountingAlloc};
 
 #[global_allocator]
@@ -70,21 +68,6 @@ fn seeds(golden: J) -> [J; 2] {
     [golden, rich]
 }
 
-#[derive(Clone, Debug)]
-struct Case {
-    seed: usize,
-    edits: Vec<Edit>,
-    bytes: Vec<ByteOp>,
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    (0..2usize, json::edits(3), mutate::byte_ops(2)).prop_map(|(seed, edits, bytes)| Case {
-        seed,
-        edits,
-        bytes,
-    })
-}
-
 #[test]
 fn fuzz_tokenizer_json() {
     let golden =
@@ -102,9 +85,8 @@ fn fuzz_tokenizer_json() {
             .encode("Hello 42", true)
             .expect("seed tokenizers encode");
     }
-    fuzz("tokenizer.json", 5000, case(), |case| {
-        let text = json::apply_all(&seeds[case.seed], &case.edits, 0).text();
-        let bytes = mutate::apply_all(text.as_bytes(), &case.bytes);
+    fuzz("tokenizer.json", 5000, json::case(2, 3), |case| {
+        let bytes = case.render(&seeds);
         rewrite(&path, &bytes);
         let shown = || show_bytes(&bytes, 8192);
         check_call(&name, &case, &shown, || {

@@ -164,13 +164,15 @@ impl WeightTable {
     /// The values `weight` is computed from, each as long as the weight: its operands for
     /// arithmetic, else its own values before rounding to its dtype.
     fn inputs_of(&self, weight: &Weight) -> Result<Vec<Vec<f32>>, WeightError> {
-        let operands: Vec<WeightId> = match &weight.expr {
-            WeightExpr::Mean(ids) => ids.clone(),
-            WeightExpr::WeightedSum { terms, .. } => terms.iter().map(|(_, id)| *id).collect(),
-            WeightExpr::Scale(_, id) => vec![*id],
-            _ => return Ok(vec![self.eval(weight)?]),
-        };
-        operands
+        if !matches!(
+            weight.expr,
+            WeightExpr::Mean(_) | WeightExpr::WeightedSum { .. } | WeightExpr::Scale(..)
+        ) {
+            return Ok(vec![self.eval(weight)?]);
+        }
+        weight
+            .expr
+            .operands()
             .into_iter()
             .map(|id| Ok(self.materialize(id)?.data))
             .collect()

@@ -29,3 +29,12 @@ pub use runtime::{LogLikelihood, Runtime, RuntimeError};
 pub use tensor::HostTensor;
 pub use verify::{verify, VerifyError, VerifyErrors};
 pub use weights::{FileRange, MappedFile, Weight, WeightError, WeightExpr, WeightId, WeightTable};
+
+/// The message of a caught panic (a `&str` or `String` payload), for turning a panic in a
+/// library upmix calls into an error that says why.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+}

@@ -9,7 +9,7 @@
 //! - After a pass, the values it computed eagerly (`Literal` weights, e.g. router rows
 //!   from hidden states) must be finite; the first that is not stops the run.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use rayon::prelude::*;
 use upmix_ir::{Module, NonFinite, WeightExpr, WeightId};
@@ -22,7 +22,7 @@ const LISTED: usize = 8;
 /// The checks of one run; remembers the source weights already scanned.
 #[derive(Default)]
 pub(crate) struct NonFiniteChecks {
-    scanned: HashMap<WeightId, NonFinite>,
+    scanned: HashSet<WeightId>,
 }
 
 impl NonFiniteChecks {
@@ -42,14 +42,14 @@ impl NonFiniteChecks {
                 .weights
                 .source_weights(&g.weight_ids())
                 .into_iter()
-                .filter(|id| !self.scanned.contains_key(id))
+                .filter(|id| !self.scanned.contains(id))
                 .collect();
             let counts: Vec<(WeightId, NonFinite)> = new
                 .par_iter()
                 .map(|id| Ok((*id, m.weights.count_non_finite(*id)?)))
                 .collect::<Result<_, _>>()
                 .map_err(weight_err(pass.name()))?;
-            self.scanned.extend(counts.iter().copied());
+            self.scanned.extend(counts.iter().map(|(id, _)| *id));
             let bad: Vec<String> = counts
                 .iter()
                 .filter(|(_, c)| c.any())

@@ -60,25 +60,14 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EmitError + '_ {
     }
 }
 
-/// Every file the graph reads: mapped weight sources, its config and auxiliary files.
+/// Every file the graph reads: its checkpoints' weight files, its config and auxiliary
+/// files.
 pub(crate) fn input_files(m: &Module, g: &Graph) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = g.meta.aux_files.clone();
     files.extend(g.meta.config_file.clone());
-    let mut stack = g.weight_ids();
-    let mut seen = std::collections::HashSet::new();
-    while let Some(id) = stack.pop() {
-        if !seen.insert(id) {
-            continue;
-        }
-        let Ok(w) = m.weights.get(id) else { continue };
-        match &w.expr {
-            WeightExpr::Source { file, .. } => files.push(file.path().to_path_buf()),
-            WeightExpr::Mean(ids) | WeightExpr::Concat(ids) => stack.extend(ids),
-            WeightExpr::WeightedSum { terms, .. } => stack.extend(terms.iter().map(|(_, i)| *i)),
-            WeightExpr::Scale(_, i)
-            | WeightExpr::Rows(i, _)
-            | WeightExpr::Columns { of: i, .. } => stack.push(*i),
-            WeightExpr::Literal(_) | WeightExpr::Random { .. } => {}
+    for id in m.weights.source_weights(&g.weight_ids()) {
+        if let Ok(WeightExpr::Source { file, .. }) = m.weights.get(id).map(|w| &w.expr) {
+            files.push(file.path().to_path_buf());
         }
     }
     files.sort();

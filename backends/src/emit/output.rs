@@ -17,7 +17,7 @@
 //! - Running out of disk space is a [`EmitError::DiskFull`] naming the file being written;
 //!   the destination is untouched.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -47,9 +47,7 @@ pub fn write_dir_atomically(
     check_free_space(&parent, dir, bytes)?;
     let tmp = temporary(&parent, &base);
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let written = fill(&tmp)
-        .and_then(|()| write_manifest(&tmp))
-        .and_then(|()| sync_tree(&tmp));
+    let written = fill(&tmp).and_then(|()| seal(&tmp));
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(disk_full(e, dir));
@@ -179,16 +177,24 @@ fn read_manifest(dir: &Path) -> Option<BTreeMap<String, u64>> {
         .collect()
 }
 
-/// Lists what `dir` holds in its manifest.
-fn write_manifest(dir: &Path) -> Result<(), EmitError> {
+/// Lists what `dir` holds in its manifest, then flushes every file and directory in it
+/// to disk.
+fn seal(dir: &Path) -> Result<(), EmitError> {
     let files = list_files(dir)?;
     let json = serde_json::json!({
         "written_by": concat!("upmix ", env!("CARGO_PKG_VERSION")),
         "files": files,
     });
-    let path = dir.join(MANIFEST);
+    let manifest = dir.join(MANIFEST);
     let text = serde_json::to_string_pretty(&json).expect("json serialises") + "\n";
-    std::fs::write(&path, text).map_err(io(&path))
+    std::fs::write(&manifest, text).map_err(io(&manifest))?;
+    let mut dirs = BTreeSet::from([dir.to_path_buf()]);
+    for name in files.keys().map(String::as_str).chain([MANIFEST]) {
+        let path = dir.join(name);
+        sync_file(&path)?;
+        dirs.extend(path.parent().map(Path::to_path_buf));
+    }
+    dirs.iter().try_for_each(|d| sync_dir(d))
 }
 
 /// Moves the finished `tmp` to `dest`, swapping it with an existing `dest` and removing
@@ -351,23 +357,6 @@ fn is_no_space(e: &std::io::Error) -> bool {
         return true;
     }
     e.kind() == std::io::ErrorKind::StorageFull
-}
-
-/// Flushes every file under `dir`, and the directories themselves, to disk.
-fn sync_tree(dir: &Path) -> Result<(), EmitError> {
-    for (name, _) in list_files(dir)? {
-        sync_file(&dir.join(name))?;
-    }
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(io(&d))?.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(entry.path());
-            }
-        }
-        sync_dir(&d)?;
-    }
-    Ok(())
 }
 
 fn sync_file(path: &Path) -> Result<(), EmitError> {

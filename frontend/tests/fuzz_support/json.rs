@@ -6,7 +6,7 @@
 
 use proptest::prelude::*;
 
-use super::mutate::{num, Num};
+use super::mutate::{self, num, ByteOp, Num};
 
 /// A JSON document.
 #[derive(Clone, Debug, PartialEq)]
@@ -336,4 +336,31 @@ pub fn apply_all(seed: &J, edits: &[Edit], len: usize) -> J {
         e.apply(&mut doc, len);
     }
     doc
+}
+
+/// A mutated JSON document: one of several seed documents, structural edits, then
+/// byte-level edits of its text.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// Index of the seed document.
+    pub seed: usize,
+    pub edits: Vec<Edit>,
+    pub bytes: Vec<ByteOp>,
+}
+
+/// Cases over `seeds` seed documents, with up to `max_edits` structural edits.
+pub fn case(seeds: usize, max_edits: usize) -> impl Strategy<Value = Case> {
+    (0..seeds, edits(max_edits), mutate::byte_ops(2)).prop_map(|(seed, edits, bytes)| Case {
+        seed,
+        edits,
+        bytes,
+    })
+}
+
+impl Case {
+    /// The bytes a parser sees: the seed with every edit applied.
+    pub fn render(&self, seeds: &[J]) -> Vec<u8> {
+        let text = apply_all(&seeds[self.seed], &self.edits, 0).text();
+        mutate::apply_all(text.as_bytes(), &self.bytes)
+    }
 }

@@ -117,11 +117,7 @@ fn install_panic_hook() {
                     .location()
                     .map(|l| format!(" at {}:{}", l.file(), l.line()))
                     .unwrap_or_default();
-                let message = info
-                    .payload()
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                let message = upmix_ir::panic_message(info.payload())
                     .unwrap_or_else(|| "<non-string panic>".into());
                 let _ = PANIC.try_with(|p| *p.borrow_mut() = Some(format!("{message}{location}")));
             } else {
