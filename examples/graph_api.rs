@@ -99,6 +99,7 @@ fn build(m: &mut Module, name: &str, mut seed: u64) {
                 theta: 10_000.0,
                 scaling: RopeScaling::None,
             },
+            window: None,
         };
         let ffn = FeedForward {
             gate: random(m, &format!("{p}.ffn.gate"), vec![FFN, HIDDEN], s, proj),

@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use upmix_ir::{Module, Runtime};
 
-use crate::{BackendError, BurnRuntime};
+use crate::{BackendError, BurnRuntime, MoeDispatch};
 
 /// A device to run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -59,14 +59,32 @@ pub fn load_runtime(
     graph: &str,
     device: &DeviceSpec,
 ) -> Result<Box<dyn Runtime>, BackendError> {
+    load_runtime_with(module, graph, device, RuntimeOptions::default())
+}
+
+/// Settings of a built runtime that do not change what it computes beyond rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeOptions {
+    /// How mixture-of-experts layers give rows to their experts.
+    pub moe_dispatch: MoeDispatch,
+}
+
+/// [`load_runtime`] with `options`.
+pub fn load_runtime_with(
+    module: &Module,
+    graph: &str,
+    device: &DeviceSpec,
+    options: RuntimeOptions,
+) -> Result<Box<dyn Runtime>, BackendError> {
     match device {
         DeviceSpec::Cpu => {
-            let runtime =
+            let mut runtime =
                 BurnRuntime::<burn_flex::Flex>::new(module, graph, &burn_flex::FlexDevice)?;
+            runtime.set_moe_dispatch(options.moe_dispatch);
             Ok(Box::new(runtime))
         }
-        DeviceSpec::Wgpu => wgpu_runtime(module, graph),
-        DeviceSpec::Cuda(n) => cuda_runtime(module, graph, *n),
+        DeviceSpec::Wgpu => wgpu_runtime(module, graph, options),
+        DeviceSpec::Cuda(n) => cuda_runtime(module, graph, *n, options),
     }
 }
 
@@ -83,11 +101,13 @@ mod gpu {
     pub(super) fn wgpu_runtime(
         module: &Module,
         graph: &str,
+        options: RuntimeOptions,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         let device = burn_wgpu::WgpuDevice::default();
-        let runtime = catch_backend_panic(DeviceSpec::Wgpu, || {
+        let mut runtime = catch_backend_panic(DeviceSpec::Wgpu, || {
             BurnRuntime::<burn_wgpu::Wgpu>::new(module, graph, &device)
         })?;
+        runtime.set_moe_dispatch(options.moe_dispatch);
         Ok(Box::new(runtime))
     }
 
@@ -95,6 +115,7 @@ mod gpu {
     pub(super) fn wgpu_runtime(
         _module: &Module,
         _graph: &str,
+        _options: RuntimeOptions,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         Err(not_compiled(DeviceSpec::Wgpu, "wgpu"))
     }
@@ -104,11 +125,13 @@ mod gpu {
         module: &Module,
         graph: &str,
         index: usize,
+        options: RuntimeOptions,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         let device = burn_cuda::CudaDevice::new(index);
-        let runtime = catch_backend_panic(DeviceSpec::Cuda(index), || {
+        let mut runtime = catch_backend_panic(DeviceSpec::Cuda(index), || {
             BurnRuntime::<burn_cuda::Cuda>::new(module, graph, &device)
         })?;
+        runtime.set_moe_dispatch(options.moe_dispatch);
         Ok(Box::new(runtime))
     }
 
@@ -117,6 +140,7 @@ mod gpu {
         _module: &Module,
         _graph: &str,
         index: usize,
+        _options: RuntimeOptions,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         Err(not_compiled(DeviceSpec::Cuda(index), "cuda"))
     }

@@ -64,6 +64,28 @@ pub struct HfConfig {
     pub decoder_sparse_step: Option<usize>,
     #[serde(default)]
     pub mlp_only_layers: Option<Vec<usize>>,
+    /// Sliding-window attention span. `Some(None)`: written as `null`; `None`: absent
+    /// (then Mistral's default, 4096, applies to Mistral checkpoints).
+    #[serde(default, deserialize_with = "present")]
+    pub sliding_window: Option<Option<usize>>,
+    /// Qwen2 / Qwen2-MoE: the window applies only when this is set, to the layers
+    /// `max_window_layers` and `layer_types` say.
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// transformers 5: `sliding_attention` or `full_attention` per layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+}
+
+/// Deserialises a field that may be present as `null`: `Some(None)`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// RoPE settings as transformers writes them (`rope_scaling` or `rope_parameters`).
@@ -110,6 +132,48 @@ impl HfConfig {
                 a.first().and_then(|v| v.as_u64()).map(|v| v as u32)
             }
             _ => None,
+        }
+    }
+
+    /// The sliding window of each layer, as transformers applies it for architecture
+    /// `arch`: Mistral and Mixtral window every layer (Mistral's default is 4096 when the
+    /// field is absent); Qwen2 and Qwen2-MoE only with `use_sliding_window`, on the layers
+    /// `layer_types` names, else those `max_window_layers` selects; Llama never.
+    pub fn windows(&self, arch: &str) -> Vec<Option<usize>> {
+        let layers = self.num_hidden_layers;
+        let window = self.sliding_window.flatten();
+        let from_types = |w: Option<usize>| -> Option<Vec<Option<usize>>> {
+            let types = self.layer_types.as_ref()?;
+            Some(
+                (0..layers)
+                    .map(|i| w.filter(|_| types.get(i).is_some_and(|t| t == "sliding_attention")))
+                    .collect(),
+            )
+        };
+        match arch {
+            "MistralForCausalLM" => {
+                let w = self.sliding_window.unwrap_or(Some(4096));
+                vec![w; layers]
+            }
+            "MixtralForCausalLM" => vec![window; layers],
+            "Qwen2ForCausalLM" | "Qwen2MoeForCausalLM" => {
+                let w = window.filter(|_| self.use_sliding_window == Some(true));
+                if let Some(windows) = from_types(w) {
+                    return windows;
+                }
+                let max = self.max_window_layers.unwrap_or(28);
+                (0..layers)
+                    .map(|i| {
+                        let sliding = if arch == "Qwen2ForCausalLM" {
+                            i >= max
+                        } else {
+                            i % 2 == 0 && i < max
+                        };
+                        w.filter(|_| sliding)
+                    })
+                    .collect()
+            }
+            _ => vec![None; layers],
         }
     }
 

@@ -42,6 +42,8 @@ pub(crate) struct Hyper {
     pub rope: Rope,
     /// q/k/v projections carry biases.
     pub attn_bias: bool,
+    /// Sliding window of each layer (empty: none anywhere).
+    pub windows: Vec<Option<usize>>,
 }
 
 impl Hyper {
@@ -91,6 +93,9 @@ impl Hyper {
                 "RMS norm epsilon {} is not a finite non-negative number",
                 self.eps
             ));
+        }
+        if self.windows.contains(&Some(0)) {
+            return bad("sliding_window is 0; it must be positive".into());
         }
         Ok(())
     }
@@ -184,6 +189,7 @@ pub(crate) fn build_decoder(
             n_kv_heads: h.kv_heads,
             head_dim: h.head_dim,
             rope: h.rope.clone(),
+            window: h.windows.get(layer).copied().flatten(),
         };
         let block = DecoderBlock {
             attn_norm: src.tensor(Role::AttnNorm, layer, &[d])?,

@@ -83,6 +83,7 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             Family::Qwen2Moe => config.qkv_bias.unwrap_or(true),
             _ => config.attention_bias == Some(true),
         },
+        windows: config.windows(&arch),
     };
     let need = |v: Option<usize>, field: &str| {
         v.ok_or_else(|| bad_config(format!("missing field `{field}`")))

@@ -25,7 +25,7 @@ pub use graph::{Edge, Graph, ModelMeta, Node, NodeId};
 pub use module::Module;
 pub use op::{Attention, FeedForward, MixtureOfExperts, Op, Rope, RopeScaling, SharedExpert};
 pub use print::print_graph;
-pub use runtime::{LogLikelihood, Runtime, RuntimeError};
+pub use runtime::{LogLikelihood, Runtime, RuntimeError, TokenScores};
 pub use tensor::HostTensor;
 pub use verify::{verify, VerifyError, VerifyErrors};
 pub use weights::{FileRange, MappedFile, Weight, WeightError, WeightExpr, WeightId, WeightTable};

@@ -148,6 +148,9 @@ pub struct Attention {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub rope: Rope,
+    /// Sliding-window attention: a query at position `p` sees only keys at positions
+    /// `p - window < k <= p` (transformers' `sliding_window`); `None` sees every earlier key.
+    pub window: Option<usize>,
 }
 
 /// Rotary position embedding parameters (the "rotate half" convention).

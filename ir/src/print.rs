@@ -88,6 +88,9 @@ impl Printer<'_> {
                     " heads={} kv_heads={} head_dim={} rope_theta={:?}",
                     a.n_heads, a.n_kv_heads, a.head_dim, a.rope.theta
                 );
+                if let Some(window) = a.window {
+                    let _ = write!(s, " window={window}");
+                }
                 match &a.rope.scaling {
                     RopeScaling::None => {}
                     RopeScaling::Linear { factor } => {

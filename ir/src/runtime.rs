@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-use crate::HostTensor;
+use crate::{HostTensor, WeightId};
 
 /// Errors from running a model.
 #[derive(Debug, Error)]
@@ -16,6 +16,8 @@ pub enum RuntimeError {
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("no node named `{0}` in the graph")]
     UnknownNode(String),
+    #[error("weight `{name}` cannot be replaced: {reason}")]
+    Replace { name: String, reason: String },
     #[error("{0}")]
     Backend(String),
 }
@@ -36,10 +38,58 @@ impl LogLikelihood {
     }
 }
 
+/// What teacher forcing a sequence `t_0 .. t_{n-1}` tells about each position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenScores {
+    /// `argmax[i]`: the token the model predicts after `t_0 ..= t_i` (n entries).
+    pub argmax: Vec<u32>,
+    /// `log_probs[i] = log p(t_{i+1} | t_0 ..= t_i)` (n - 1 entries, natural log).
+    pub log_probs: Vec<f32>,
+}
+
+impl TokenScores {
+    /// The negative log-likelihood of the sequence.
+    pub fn log_likelihood(&self) -> LogLikelihood {
+        LogLikelihood {
+            nll: -self.log_probs.iter().map(|&v| v as f64).sum::<f64>(),
+            count: self.log_probs.len(),
+        }
+    }
+}
+
 /// Executes one graph.
+///
+/// The batched calls take several sequences of any lengths at once; the single-sequence
+/// calls are thin wrappers over them.
 pub trait Runtime {
+    /// Logits for every position of each sequence: `[len, vocab]` per sequence.
+    fn logits_batch(&mut self, sequences: &[&[u32]]) -> Result<Vec<HostTensor>, RuntimeError>;
+
+    /// Greedy continuations of several prompts, decoded together: each stops on its own
+    /// after emitting `stop` (if given) or `max_new` tokens. Returns only the new tokens.
+    fn generate_batch(
+        &mut self,
+        prompts: &[&[u32]],
+        max_new: usize,
+        stop: Option<u32>,
+    ) -> Result<Vec<Vec<u32>>, RuntimeError>;
+
+    /// Teacher-forced scores of each sequence, computed on the device: per-position argmax
+    /// ids and the log-probabilities of the sequence's own next tokens.
+    fn score(&mut self, sequences: &[&[u32]]) -> Result<Vec<TokenScores>, RuntimeError>;
+
+    /// Replaces the values of the given weights (same shapes) in the built runtime,
+    /// uploading only those; the graph is unchanged. The first replacement of a weight
+    /// keeps its original for [`restore_weights`](Self::restore_weights).
+    fn replace_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError>;
+
+    /// Puts back the original value of every replaced weight.
+    fn restore_weights(&mut self);
+
     /// Logits for every position of `tokens`: `[tokens.len(), vocab]`.
-    fn logits(&mut self, tokens: &[u32]) -> Result<HostTensor, RuntimeError>;
+    fn logits(&mut self, tokens: &[u32]) -> Result<HostTensor, RuntimeError> {
+        Ok(self.logits_batch(&[tokens])?.remove(0))
+    }
 
     /// Greedy continuation of `prompt` by up to `max_new` tokens (KV-cached); stops early
     /// after emitting `stop`, if given. Returns only the new tokens.
@@ -48,24 +98,36 @@ pub trait Runtime {
         prompt: &[u32],
         max_new: usize,
         stop: Option<u32>,
-    ) -> Result<Vec<u32>, RuntimeError>;
+    ) -> Result<Vec<u32>, RuntimeError> {
+        Ok(self.generate_batch(&[prompt], max_new, stop)?.remove(0))
+    }
 
     /// Negative log-likelihood of `tokens` under the model (teacher forced).
-    fn log_likelihood(&mut self, tokens: &[u32]) -> Result<LogLikelihood, RuntimeError>;
+    fn log_likelihood(&mut self, tokens: &[u32]) -> Result<LogLikelihood, RuntimeError> {
+        Ok(self.log_likelihood_batch(&[tokens])?.remove(0))
+    }
+
+    /// Negative log-likelihood of each sequence.
+    fn log_likelihood_batch(
+        &mut self,
+        sequences: &[&[u32]],
+    ) -> Result<Vec<LogLikelihood>, RuntimeError> {
+        Ok(self
+            .score(sequences)?
+            .iter()
+            .map(TokenScores::log_likelihood)
+            .collect())
+    }
 
     /// The output of the node called `node` for every position: `[tokens.len(), width]`.
-    fn hidden_states(&mut self, tokens: &[u32], node: &str) -> Result<HostTensor, RuntimeError>;
+    fn hidden_states(&mut self, tokens: &[u32], node: &str) -> Result<HostTensor, RuntimeError> {
+        Ok(self.hidden_states_at(tokens, &[node])?.remove(0))
+    }
 
-    /// The outputs of several nodes, in the order asked; a runtime that can should compute
-    /// them in one forward pass (this default runs one pass per node).
+    /// The outputs of several nodes, in the order asked, from one forward pass.
     fn hidden_states_at(
         &mut self,
         tokens: &[u32],
         nodes: &[&str],
-    ) -> Result<Vec<HostTensor>, RuntimeError> {
-        nodes
-            .iter()
-            .map(|node| self.hidden_states(tokens, node))
-            .collect()
-    }
+    ) -> Result<Vec<HostTensor>, RuntimeError>;
 }

@@ -122,12 +122,13 @@ fn same_settings(a: &Op, b: &Op) -> bool {
 fn settings(op: &Op) -> String {
     match op {
         Op::Attention(a) => format!(
-            "Attention(heads={}, kv_heads={}, head_dim={}, rope_theta={}, rope_scaling={:?}, bias={})",
+            "Attention(heads={}, kv_heads={}, head_dim={}, rope_theta={}, rope_scaling={:?}, window={:?}, bias={})",
             a.n_heads,
             a.n_kv_heads,
             a.head_dim,
             a.rope.theta,
             a.rope.scaling,
+            a.window,
             a.q_bias.is_some()
         ),
         Op::RmsNorm { eps, .. } => format!("RmsNorm(eps={eps})"),

@@ -1,20 +1,30 @@
 //! [`BurnRuntime`]: one graph of a module, executed with burn on any backend.
 //!
 //! Building a runtime verifies the graph, materialises and uploads every weight it uses
-//! once, and lowers the graph into a flat plan (module `plan`) whose layers hold the
-//! device tensors (module `layers`). The [`Runtime`] methods then run that plan:
-//! - `logits`: one full forward pass over the tokens;
-//! - `generate`: greedy decoding; the prompt is prefilled once into per-attention-layer KV
-//!   caches kept on the device, then each new token is one single-position pass; the
-//!   argmax is taken on the device and only the chosen token id is read back;
-//! - `log_likelihood`: log-softmax of the logits, picking each next token's log-probability
-//!   on the device;
-//! - `hidden_states`: the plan run up to the named node.
+//! once into a parameter store (module `params`), and lowers the graph into a flat plan
+//! (module `plan`) of layers (modules `layers`, `attention`, `moe`). Every call runs a
+//! batch: sequences of any lengths, right-padded into `[batch * tokens, width]`
+//! activations with a per-sequence causal, padding and sliding-window mask (module
+//! `frame`). The [`Runtime`] methods:
+//! - `logits_batch`: one forward pass, logits of every real position to the host;
+//! - `generate_batch`: greedy decoding of several prompts at once (module `generate`):
+//!   one prefill into preallocated KV caches, then one single-column pass per step; the lm
+//!   head runs on each sequence's last position only and the argmax is taken on the
+//!   device, so only the chosen ids are read back;
+//! - `score`: teacher-forced argmax ids and next-token log-probabilities, computed on the
+//!   device, `[batch, tokens]` back to the host;
+//! - `replace_weights` / `restore_weights`: re-upload a few weights in place;
+//! - `hidden_states_at`: the plan run up to the named nodes.
 //!
-//! The code is generic over `B: Backend`, so the same plan runs on the CPU backend and
-//! on GPU backends.
+//! The code is generic over `B: Backend`, so the same plan runs on the CPU backend, on GPU
+//! backends, and on `Autodiff<B>`, whose parameters live in the one store.
 
+mod attention;
+mod frame;
+mod generate;
 mod layers;
+mod moe;
+mod params;
 mod plan;
 #[cfg(test)]
 mod tests;
@@ -22,21 +32,19 @@ mod tests;
 use burn_tensor::activation::log_softmax;
 use burn_tensor::backend::Backend;
 use burn_tensor::{Int, Tensor, TensorData};
-use upmix_ir::{HostTensor, LogLikelihood, Module, Runtime, RuntimeError};
+use upmix_ir::{HostTensor, Module, Runtime, RuntimeError, TokenScores, WeightId};
 
 use crate::BackendError;
-use layers::KvCache;
-use plan::{Plan, Value};
+use frame::{upload_batch, Columns, Frame};
+pub use moe::MoeDispatch;
+use plan::{Plan, RunArgs, Value};
 
 /// A graph lowered for execution on burn backend `B`.
 pub struct BurnRuntime<B: Backend> {
     graph: String,
     plan: Plan<B>,
     device: B::Device,
-    /// One KV cache per attention layer, filled by `generate`.
-    caches: Vec<Option<KvCache<B>>>,
-    /// Positions held in `caches`.
-    cached: usize,
+    dispatch: MoeDispatch,
 }
 
 impl<B: Backend> BurnRuntime<B> {
@@ -49,10 +57,9 @@ impl<B: Backend> BurnRuntime<B> {
         let plan = Plan::lower(g, &module.weights, device)?;
         Ok(BurnRuntime {
             graph: graph.to_string(),
-            caches: vec![None; plan.attention_layers],
-            cached: 0,
             plan,
             device: device.clone(),
+            dispatch: MoeDispatch::default(),
         })
     }
 
@@ -70,79 +77,58 @@ impl<B: Backend> BurnRuntime<B> {
         self.plan.vocab
     }
 
-    /// Rejects empty input and ids outside the embedding table.
-    fn check_tokens(&self, tokens: &[u32]) -> Result<(), RuntimeError> {
-        if tokens.is_empty() {
-            return Err(RuntimeError::EmptyInput);
-        }
-        match tokens.iter().find(|&&t| t as usize >= self.plan.vocab) {
-            Some(&token) => Err(RuntimeError::TokenOutOfRange {
-                token,
-                vocab: self.plan.vocab,
-            }),
-            None => Ok(()),
-        }
+    /// How mixture-of-experts layers dispatch rows to experts (sparse by default; dense is
+    /// the reference formulation, for tests).
+    pub fn set_moe_dispatch(&mut self, dispatch: MoeDispatch) {
+        self.dispatch = dispatch;
     }
 
-    fn upload_tokens(&self, tokens: &[u32]) -> Tensor<B, 1, Int> {
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        Tensor::from_data(TensorData::new(ids, [tokens.len()]), &self.device)
-    }
-
-    /// Logits `[tokens, vocab]` of one uncached forward pass.
-    fn forward(&self, tokens: &[u32]) -> Tensor<B, 2> {
-        let out = self
-            .plan
-            .run(self.upload_tokens(tokens), 0, None, self.plan.output);
-        hidden(out)
-    }
-
-    fn clear_cache(&mut self) {
-        self.caches.iter_mut().for_each(|c| *c = None);
-        self.cached = 0;
-    }
-
-    /// Clears the KV caches and runs `tokens` from position 0, filling them.
-    pub(crate) fn prefill(&mut self, tokens: Tensor<B, 1, Int>) -> Tensor<B, 2> {
-        self.clear_cache();
-        self.extend(tokens)
-    }
-
-    /// Runs `tokens` at the positions after the cached ones, extending the caches.
-    pub(crate) fn extend(&mut self, tokens: Tensor<B, 1, Int>) -> Tensor<B, 2> {
-        let count = tokens.dims()[0];
-        let out = self.plan.run(
-            tokens,
-            self.cached,
-            Some(self.caches.as_mut_slice()),
-            self.plan.output,
-        );
-        self.cached += count;
-        hidden(out)
-    }
-
-    /// Greedy decoding of up to `max_new` tokens after `prompt` into `out` (non-empty
-    /// budget); the argmax stays on the device and feeds the next step directly.
-    fn greedy(
-        &mut self,
-        prompt: &[u32],
-        max_new: usize,
-        stop: Option<u32>,
-        out: &mut Vec<u32>,
-    ) -> Result<(), RuntimeError> {
-        let mut logits = self.prefill(self.upload_tokens(prompt));
-        loop {
-            let [rows, _] = logits.dims();
-            let next = logits.narrow(0, rows - 1, 1).argmax(1).reshape([1]);
-            let token = read_id(next.clone())?;
-            out.push(token);
-            if out.len() == max_new || stop == Some(token) {
-                return Ok(());
+    /// Rejects empty sequences and ids outside the embedding table.
+    fn check_tokens(&self, sequences: &[&[u32]]) -> Result<(), RuntimeError> {
+        for tokens in sequences {
+            if tokens.is_empty() {
+                return Err(RuntimeError::EmptyInput);
             }
-            // The lm head may be wider than the embedding table (padded vocabularies).
-            self.check_tokens(&[token])?;
-            logits = self.extend(next);
+            if let Some(&token) = tokens.iter().find(|&&t| t as usize >= self.plan.vocab) {
+                return Err(RuntimeError::TokenOutOfRange {
+                    token,
+                    vocab: self.plan.vocab,
+                });
+            }
         }
+        Ok(())
+    }
+
+    /// One uncached pass over `sequences` (checked), returning the values of `keep`
+    /// (`[batch * width, ...]`, `width` the longest sequence) and the batch's columns.
+    fn forward(
+        &self,
+        sequences: &[&[u32]],
+        keep: &[usize],
+    ) -> Result<(Vec<Value<B>>, Columns), RuntimeError> {
+        let columns = Columns::new(sequences.iter().map(|s| s.len()).collect());
+        let tokens = upload_batch::<B>(sequences, columns.prompt, &self.device);
+        let mut frame = Frame::new(columns.clone(), 0, columns.prompt, &self.device);
+        let values = self.plan.run(
+            tokens,
+            RunArgs {
+                frame: &mut frame,
+                cache: None,
+                keep,
+                rows: None,
+                dispatch: self.dispatch,
+            },
+        )?;
+        Ok((values, columns))
+    }
+
+    /// The logits of one uncached pass, `[batch * width, vocab]`.
+    fn forward_logits(
+        &self,
+        sequences: &[&[u32]],
+    ) -> Result<(Tensor<B, 2>, Columns), RuntimeError> {
+        let (mut values, columns) = self.forward(sequences, &[self.plan.output])?;
+        Ok((hidden(values.remove(0)), columns))
     }
 }
 
@@ -153,8 +139,8 @@ fn hidden<B: Backend>(value: Value<B>) -> Tensor<B, 2> {
     }
 }
 
-fn backend_error(e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Backend(e.to_string())
+fn backend_error(e: impl std::fmt::Debug) -> RuntimeError {
+    RuntimeError::Backend(format!("{e:?}"))
 }
 
 /// Copies a device tensor to the host.
@@ -168,65 +154,102 @@ fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor, Ru
     Ok(HostTensor::new(shape, values))
 }
 
-/// Reads a one-element id tensor.
-fn read_id<B: Backend>(t: Tensor<B, 1, Int>) -> Result<u32, RuntimeError> {
+/// Copies an id tensor to the host.
+fn ids_to_host<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>, RuntimeError> {
     let data = t.try_into_data().map_err(backend_error)?;
     let ids = data
         .convert::<i64>()
         .into_vec::<i64>()
         .map_err(backend_error)?;
-    Ok(ids[0] as u32)
+    Ok(ids.into_iter().map(|i| i as u32).collect())
+}
+
+/// Rows `s * width .. s * width + len` of a host tensor, for each sequence.
+fn split_rows(t: &HostTensor, columns: &Columns) -> Vec<HostTensor> {
+    let cols: usize = t.shape[1..].iter().product();
+    columns
+        .lengths
+        .iter()
+        .enumerate()
+        .map(|(s, &len)| {
+            let start = s * columns.prompt * cols;
+            let mut shape = t.shape.clone();
+            shape[0] = len;
+            HostTensor::new(shape, t.data[start..start + len * cols].to_vec())
+        })
+        .collect()
 }
 
 impl<B: Backend> Runtime for BurnRuntime<B> {
-    fn logits(&mut self, tokens: &[u32]) -> Result<HostTensor, RuntimeError> {
-        self.check_tokens(tokens)?;
-        to_host(self.forward(tokens))
+    fn logits_batch(&mut self, sequences: &[&[u32]]) -> Result<Vec<HostTensor>, RuntimeError> {
+        self.check_tokens(sequences)?;
+        if sequences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (logits, columns) = self.forward_logits(sequences)?;
+        Ok(split_rows(&to_host(logits)?, &columns))
     }
 
-    fn generate(
+    fn generate_batch(
         &mut self,
-        prompt: &[u32],
+        prompts: &[&[u32]],
         max_new: usize,
         stop: Option<u32>,
-    ) -> Result<Vec<u32>, RuntimeError> {
-        self.check_tokens(prompt)?;
-        let mut out = Vec::with_capacity(max_new);
-        if max_new == 0 {
-            return Ok(out);
+    ) -> Result<Vec<Vec<u32>>, RuntimeError> {
+        self.check_tokens(prompts)?;
+        if prompts.is_empty() || max_new == 0 {
+            return Ok(vec![Vec::new(); prompts.len()]);
         }
-        let result = self.greedy(prompt, max_new, stop, &mut out);
-        // Release the cache memory between calls.
-        self.clear_cache();
-        result.map(|()| out)
+        generate::greedy(self, prompts, max_new, stop)
     }
 
-    fn log_likelihood(&mut self, tokens: &[u32]) -> Result<LogLikelihood, RuntimeError> {
-        self.check_tokens(tokens)?;
-        let n = tokens.len();
-        if n < 2 {
-            return Ok(LogLikelihood { nll: 0.0, count: 0 });
+    fn score(&mut self, sequences: &[&[u32]]) -> Result<Vec<TokenScores>, RuntimeError> {
+        self.check_tokens(sequences)?;
+        if sequences.is_empty() {
+            return Ok(Vec::new());
         }
-        let logits = self.forward(tokens);
-        let width = logits.dims()[1];
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= width) {
+        let (logits, columns) = self.forward_logits(sequences)?;
+        let [rows, width] = logits.dims();
+        // The lm head may be narrower than the embedding table.
+        if let Some(&token) = sequences
+            .iter()
+            .flat_map(|s| &s[1..])
+            .find(|&&t| t as usize >= width)
+        {
             return Err(RuntimeError::TokenOutOfRange {
                 token,
                 vocab: width,
             });
         }
-        let log_probs = log_softmax(logits.narrow(0, 0, n - 1), 1);
-        let targets = self.upload_tokens(&tokens[1..]).reshape([n - 1, 1]);
-        let picked = to_host(log_probs.gather(1, targets))?;
-        Ok(LogLikelihood {
-            nll: -picked.data.iter().map(|&v| v as f64).sum::<f64>(),
-            count: n - 1,
-        })
+        let mut targets = Vec::with_capacity(rows);
+        for seq in sequences {
+            targets.extend(seq[1..].iter().map(|&t| t as i64));
+            targets.extend(std::iter::repeat_n(0, columns.prompt + 1 - seq.len()));
+        }
+        let targets =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), &self.device);
+        let argmax = ids_to_host(logits.clone().argmax(1))?;
+        let picked = to_host(log_softmax(logits, 1).gather(1, targets))?;
+        Ok(columns
+            .lengths
+            .iter()
+            .enumerate()
+            .map(|(s, &len)| {
+                let row = s * columns.prompt;
+                TokenScores {
+                    argmax: argmax[row..row + len].to_vec(),
+                    log_probs: picked.data[row..row + len - 1].to_vec(),
+                }
+            })
+            .collect())
     }
 
-    fn hidden_states(&mut self, tokens: &[u32], node: &str) -> Result<HostTensor, RuntimeError> {
-        let mut states = self.hidden_states_at(tokens, &[node])?;
-        Ok(states.pop().expect("one node asked, one returned"))
+    fn replace_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
+        self.plan.params.replace(weights)
+    }
+
+    fn restore_weights(&mut self) {
+        self.plan.params.restore();
     }
 
     fn hidden_states_at(
@@ -242,10 +265,8 @@ impl<B: Backend> Runtime for BurnRuntime<B> {
                     .ok_or_else(|| RuntimeError::UnknownNode(node.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.check_tokens(tokens)?;
-        let values = self
-            .plan
-            .run_keeping(self.upload_tokens(tokens), 0, None, &slots);
+        self.check_tokens(&[tokens])?;
+        let (values, _) = self.forward(&[tokens], &slots)?;
         values
             .into_iter()
             .zip(nodes)

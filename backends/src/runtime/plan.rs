@@ -1,40 +1,38 @@
 //! Lowering a verified graph into a flat execution plan, and running the plan.
 //!
 //! Each node becomes one [`Step`] in topological order; step `i` writes activation slot
-//! `i` and reads the slots of its inputs (in edge-slot order). Weights are materialised
-//! once per [`WeightId`] and uploaded to the device; a weight used twice (a tied
-//! embedding / lm head) shares one device buffer. A slot is released after its last
-//! reader runs, so a forward pass holds only the live activations.
+//! `i` and reads the slots of its inputs (in edge-slot order). The weights go into the
+//! plan's [`Params`] store once per layout. A slot is released after its last reader runs,
+//! so a forward pass holds only the live activations.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use burn_tensor::backend::Backend;
-use burn_tensor::{DType, Int, Tensor, TensorData};
-use upmix_ir::{FeedForward, Graph, Op, WeightId, WeightTable};
+use burn_tensor::{Int, Tensor};
+use upmix_ir::{Graph, Op, RuntimeError, WeightTable};
 
-use super::layers::{
-    embed, rms_norm, rotate_half_matrix, AttentionLayer, KvCache, MoeLayer, Positions, Projection,
-    SharedExpertLayer, SwiGlu,
-};
+use super::attention::{AttentionLayer, CacheSet};
+use super::frame::{upload_rows, Frame};
+use super::layers::{rms_norm, Embedding, Projection, SwiGlu};
+use super::moe::{MoeDispatch, MoeLayer};
+use super::params::{Form, Params, P};
 use crate::BackendError;
 
 /// What one step computes.
 pub(crate) enum Layer<B: Backend> {
     /// Emits the token ids.
     Input,
-    Embedding {
-        table: Tensor<B, 2>,
-    },
+    Embedding(Embedding),
     /// `weight`: `[1, hidden]`.
     RmsNorm {
-        weight: Tensor<B, 2>,
+        weight: P,
         eps: f32,
     },
     Attention(AttentionLayer<B>),
-    FeedForward(SwiGlu<B>),
-    MixtureOfExperts(MoeLayer<B>),
+    FeedForward(SwiGlu),
+    MixtureOfExperts(MoeLayer),
     Add,
-    Linear(Projection<B>),
+    Linear(Projection),
     /// Passes its input through.
     Output,
 }
@@ -76,15 +74,30 @@ fn next_tokens<B: Backend>(
     }
 }
 
+/// What one run of a plan is asked for, besides its tokens.
+pub(crate) struct RunArgs<'a, B: Backend> {
+    pub frame: &'a mut Frame<B>,
+    pub cache: Option<&'a mut CacheSet<B>>,
+    /// Slots whose values are returned, in this order; the run stops after the last.
+    pub keep: &'a [usize],
+    /// Only these rows are carried past the last attention layer (everything after it is
+    /// row-wise): generation needs the lm head of each sequence's last position only.
+    pub rows: Option<&'a [usize]>,
+    pub dispatch: MoeDispatch,
+}
+
 /// A graph lowered to steps over device tensors.
 pub(crate) struct Plan<B: Backend> {
     pub steps: Vec<Step<B>>,
+    pub params: Params<B>,
     /// The slot the Output node writes.
     pub output: usize,
     /// Rows of the embedding table: token ids must be below this.
     pub vocab: usize,
     /// Number of attention layers (KV cache slots).
     pub attention_layers: usize,
+    /// The step of the last attention layer.
+    last_attention: Option<usize>,
 }
 
 impl<B: Backend> Plan<B> {
@@ -96,15 +109,20 @@ impl<B: Backend> Plan<B> {
     ) -> Result<Self, BackendError> {
         let order = graph.topo_order().expect("a verified graph is acyclic");
         let slot_of: HashMap<_, _> = order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        let mut uploader = Uploader {
-            weights,
-            device,
-            uploaded: HashMap::new(),
-        };
-
+        // Weights that some Linear op multiplies by: an embedding table among them is tied
+        // to the lm head, and reads its rows from the lm head's buffer.
+        let projected: HashSet<_> = order
+            .iter()
+            .filter_map(|id| match graph.node(*id).op {
+                Op::Linear { weight, .. } => Some(weight),
+                _ => None,
+            })
+            .collect();
+        let mut params = Params::new(device);
         let mut steps = Vec::with_capacity(order.len());
         let mut last_read = vec![None; order.len()];
         let (mut output, mut vocab, mut attention_layers) = (0, usize::MAX, 0);
+        let mut last_attention = None;
         let mut ropes: Vec<Vec<f32>> = Vec::new();
         for (i, id) in order.iter().enumerate() {
             let node = graph.node(*id);
@@ -120,62 +138,41 @@ impl<B: Backend> Plan<B> {
                 }
                 Op::Add => Layer::Add,
                 Op::Embedding { table } => {
-                    let table = uploader.get(*table)?;
-                    vocab = vocab.min(table.dims()[0]);
-                    Layer::Embedding { table }
+                    let transposed = projected.contains(table);
+                    let form = if transposed {
+                        Form::Transposed
+                    } else {
+                        Form::Plain
+                    };
+                    vocab = vocab.min(weights.get(*table)?.shape[0]);
+                    Layer::Embedding(Embedding {
+                        table: params.request(weights, *table, form)?,
+                        transposed,
+                    })
                 }
                 Op::RmsNorm { weight, eps } => Layer::RmsNorm {
-                    weight: uploader.get(*weight)?,
+                    weight: params.request(weights, *weight, Form::Plain)?,
                     eps: *eps,
                 },
-                Op::Linear { weight, bias } => Layer::Linear(uploader.projection(*weight, *bias)?),
-                Op::FeedForward(f) => Layer::FeedForward(uploader.swiglu(f)?),
+                Op::Linear { weight, bias } => {
+                    Layer::Linear(Projection::new(&mut params, weights, *weight, *bias)?)
+                }
+                Op::FeedForward(f) => Layer::FeedForward(SwiGlu::new(&mut params, weights, f)?),
                 Op::Attention(a) => {
-                    let inv_freq = a.rope.inv_freq(a.head_dim);
-                    let half = inv_freq.len();
-                    let rope_slot = match ropes.iter().position(|r| *r == inv_freq) {
-                        Some(slot) => slot,
-                        None => {
-                            ropes.push(inv_freq.clone());
-                            ropes.len() - 1
-                        }
-                    };
-                    let hd = a.head_dim;
-                    let layer = AttentionLayer {
-                        q: uploader.projection(a.q, a.q_bias)?,
-                        k: uploader.projection(a.k, a.k_bias)?,
-                        v: uploader.projection(a.v, a.v_bias)?,
-                        o: uploader.projection(a.o, None)?,
-                        n_heads: a.n_heads,
-                        n_kv_heads: a.n_kv_heads,
-                        head_dim: a.head_dim,
-                        inv_freq: upload(inv_freq, [1, half], device),
-                        rope_slot,
-                        rotate_half: upload(rotate_half_matrix(hd), [hd, hd], device),
-                        cache_slot: attention_layers,
-                    };
+                    let layer = AttentionLayer::new(
+                        a,
+                        &mut params,
+                        weights,
+                        &mut ropes,
+                        attention_layers,
+                        device,
+                    )?;
                     attention_layers += 1;
+                    last_attention = Some(i);
                     Layer::Attention(layer)
                 }
                 Op::MixtureOfExperts(m) => {
-                    let shared = match &m.shared_expert {
-                        None => None,
-                        Some(s) => Some(SharedExpertLayer {
-                            ffn: uploader.swiglu(&s.ffn)?,
-                            gate: s.gate.map(|g| uploader.projection(g, None)).transpose()?,
-                        }),
-                    };
-                    Layer::MixtureOfExperts(MoeLayer {
-                        router: uploader.projection(m.router, None)?,
-                        experts: m
-                            .experts
-                            .iter()
-                            .map(|f| uploader.swiglu(f))
-                            .collect::<Result<_, _>>()?,
-                        top_k: m.top_k,
-                        normalize_top_k: m.normalize_top_k,
-                        shared,
-                    })
+                    Layer::MixtureOfExperts(MoeLayer::new(m, &mut params, weights)?)
                 }
             };
             steps.push(Step {
@@ -192,9 +189,11 @@ impl<B: Backend> Plan<B> {
         }
         Ok(Plan {
             steps,
+            params,
             output,
             vocab,
             attention_layers,
+            last_attention,
         })
     }
 
@@ -203,33 +202,24 @@ impl<B: Backend> Plan<B> {
         self.steps.iter().position(|s| s.name == name)
     }
 
-    /// Runs steps `0..=until` on `tokens` at positions `start..`, returning slot `until`.
-    /// With `caches`, attention layers read and extend their KV caches; without, every
-    /// layer attends only within `tokens` (then `start` should be 0).
+    /// Runs the plan on `tokens` (`[batch * tokens]`, the columns of `args.frame`) up to
+    /// the last slot of `args.keep`, returning the value of every kept slot in order.
     pub fn run(
         &self,
         tokens: Tensor<B, 1, Int>,
-        start: usize,
-        caches: Option<&mut [Option<KvCache<B>>]>,
-        until: usize,
-    ) -> Value<B> {
-        let mut kept = self.run_keeping(tokens, start, caches, &[until]);
-        kept.pop().expect("the requested step ran")
-    }
-
-    /// Like [`run`](Self::run), up to the last of `keep`, returning the value of every slot
-    /// in `keep`, in that order, from one pass.
-    pub fn run_keeping(
-        &self,
-        tokens: Tensor<B, 1, Int>,
-        start: usize,
-        mut caches: Option<&mut [Option<KvCache<B>>]>,
-        keep: &[usize],
-    ) -> Vec<Value<B>> {
+        args: RunArgs<'_, B>,
+    ) -> Result<Vec<Value<B>>, RuntimeError> {
+        let RunArgs {
+            frame,
+            mut cache,
+            keep,
+            rows,
+            dispatch,
+        } = args;
+        let params = &self.params;
         let until = keep.iter().copied().max().unwrap_or(0);
         let mut kept: Vec<Option<Value<B>>> = vec![None; keep.len()];
         let mut slots: Vec<Option<Value<B>>> = vec![None; self.steps.len()];
-        let mut positions = Positions::new(start, tokens.dims()[0]);
         let mut tokens = Some(tokens);
         for (i, step) in self.steps.iter().enumerate().take(until + 1) {
             let mut ins = step
@@ -239,23 +229,31 @@ impl<B: Backend> Plan<B> {
             let name = step.name.as_str();
             let out = match &step.layer {
                 Layer::Input => Value::Tokens(tokens.take().expect("one Input node")),
-                Layer::Embedding { table } => {
-                    Value::Hidden(embed(table, next_tokens(&mut ins, name)))
+                Layer::Embedding(e) => {
+                    Value::Hidden(e.forward(params, next_tokens(&mut ins, name)))
                 }
-                Layer::RmsNorm { weight, eps } => {
-                    Value::Hidden(rms_norm(next_hidden(&mut ins, name), weight, *eps))
+                Layer::RmsNorm { weight, eps } => Value::Hidden(rms_norm(
+                    next_hidden(&mut ins, name),
+                    params.get(*weight),
+                    *eps,
+                )),
+                Layer::Attention(a) => Value::Hidden(a.forward(
+                    params,
+                    next_hidden(&mut ins, name),
+                    frame,
+                    cache.as_deref_mut(),
+                )),
+                Layer::FeedForward(f) => {
+                    Value::Hidden(f.forward(params, next_hidden(&mut ins, name)))
                 }
-                Layer::Attention(a) => {
-                    let cache = caches.as_deref_mut().map(|c| &mut c[a.cache_slot]);
-                    Value::Hidden(a.forward(next_hidden(&mut ins, name), &mut positions, cache))
+                Layer::MixtureOfExperts(m) => {
+                    Value::Hidden(m.forward(params, next_hidden(&mut ins, name), dispatch)?)
                 }
-                Layer::FeedForward(f) => Value::Hidden(f.forward(next_hidden(&mut ins, name))),
-                Layer::MixtureOfExperts(m) => Value::Hidden(m.forward(next_hidden(&mut ins, name))),
                 Layer::Add => {
                     let a = next_hidden(&mut ins, name);
                     Value::Hidden(a + next_hidden(&mut ins, name))
                 }
-                Layer::Linear(p) => Value::Hidden(p.forward(next_hidden(&mut ins, name))),
+                Layer::Linear(p) => Value::Hidden(p.forward(params, next_hidden(&mut ins, name))),
                 Layer::Output => Value::Hidden(next_hidden(&mut ins, name)),
             };
             for (k, _) in keep.iter().enumerate().filter(|(_, &s)| s == i) {
@@ -265,96 +263,24 @@ impl<B: Backend> Plan<B> {
             for &s in &step.release {
                 slots[s] = None;
             }
+            if let (Some(rows), true) = (rows, self.last_attention == Some(i)) {
+                select_rows(&mut slots, rows);
+            }
         }
-        kept.into_iter()
+        Ok(kept
+            .into_iter()
             .map(|v| v.expect("every kept step ran"))
-            .collect()
+            .collect())
     }
 }
 
-/// Uploads f32 values with `shape` to `device`.
-fn upload<B: Backend, const D: usize>(
-    data: Vec<f32>,
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D> {
-    Tensor::from_data(TensorData::new(data, shape), (device, DType::F32))
-}
-
-/// Materialises and uploads each weight once.
-struct Uploader<'a, B: Backend> {
-    weights: &'a WeightTable,
-    device: &'a B::Device,
-    /// Device copies by weight id; 1-D weights are stored as `[1, n]` rows.
-    uploaded: HashMap<WeightId, Tensor<B, 2>>,
-}
-
-impl<B: Backend> Uploader<'_, B> {
-    /// The weight as a 2-D device tensor (`[n]` becomes `[1, n]`).
-    fn get(&mut self, id: WeightId) -> Result<Tensor<B, 2>, BackendError> {
-        if let Some(t) = self.uploaded.get(&id) {
-            return Ok(t.clone());
+/// Keeps only `rows` of every live hidden-state slot.
+fn select_rows<B: Backend>(slots: &mut [Option<Value<B>>], rows: &[usize]) {
+    let mut index = None;
+    for slot in slots.iter_mut() {
+        if let Some(Value::Hidden(t)) = slot {
+            let index = index.get_or_insert_with(|| upload_rows::<B>(rows, &t.device()));
+            *t = t.clone().select(0, index.clone());
         }
-        let host = self.weights.materialize(id)?;
-        let shape = match host.shape[..] {
-            [n] => [1, n],
-            [rows, cols] => [rows, cols],
-            ref other => {
-                return Err(upmix_ir::WeightError::Invalid {
-                    name: self.weights.get(id)?.name.clone(),
-                    message: format!("expected a 1-D or 2-D weight, got shape {other:?}"),
-                }
-                .into())
-            }
-        };
-        let t = upload(host.data, shape, self.device);
-        self.uploaded.insert(id, t.clone());
-        Ok(t)
-    }
-
-    /// An `[out, in]` weight as a contiguous `[in, out]` device tensor: the layout gemm
-    /// multiplies without repacking the weight on every call.
-    fn get_transposed(&mut self, id: WeightId) -> Result<Tensor<B, 2>, BackendError> {
-        let host = self.weights.materialize(id)?;
-        let [rows, cols] = host.shape[..] else {
-            return Err(upmix_ir::WeightError::Invalid {
-                name: self.weights.get(id)?.name.clone(),
-                message: format!("expected a 2-D weight, got shape {:?}", host.shape),
-            }
-            .into());
-        };
-        // Transpose in 32 x 32 tiles so both sides stay in cache.
-        const TILE: usize = 32;
-        let mut t = vec![0f32; rows * cols];
-        for r0 in (0..rows).step_by(TILE) {
-            for c0 in (0..cols).step_by(TILE) {
-                for r in r0..(r0 + TILE).min(rows) {
-                    for c in c0..(c0 + TILE).min(cols) {
-                        t[c * rows + r] = host.data[r * cols + c];
-                    }
-                }
-            }
-        }
-        Ok(upload(t, [cols, rows], self.device))
-    }
-
-    /// A projection from an `[out, in]` weight and optional `[out]` bias.
-    fn projection(
-        &mut self,
-        weight: WeightId,
-        bias: Option<WeightId>,
-    ) -> Result<Projection<B>, BackendError> {
-        Ok(Projection {
-            weight_t: self.get_transposed(weight)?,
-            bias: bias.map(|b| self.get(b)).transpose()?,
-        })
-    }
-
-    fn swiglu(&mut self, f: &FeedForward) -> Result<SwiGlu<B>, BackendError> {
-        Ok(SwiGlu {
-            gate: self.projection(f.gate, None)?,
-            up: self.projection(f.up, None)?,
-            down: self.projection(f.down, None)?,
-        })
     }
 }

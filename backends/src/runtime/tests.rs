@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use burn_flex::{Flex, FlexDevice};
 use upmix_ir::{
     Attention, DecoderBlock, FeedForward, GraphBuilder, HostTensor, MixtureOfExperts, ModelMeta,
-    Module, Op, Rope, RopeScaling, Runtime, RuntimeError, SharedExpert, WeightId,
+    Module, Op, Rope, RopeScaling, Runtime, RuntimeError, SharedExpert, WeightExpr, WeightId,
 };
 
+use super::generate::Decoder;
 use super::BurnRuntime;
 
 // ---------------------------------------------------------------------------------------
@@ -53,6 +54,7 @@ struct Config {
     eps: f32,
     biases: bool,
     tied: bool,
+    window: Option<usize>,
 }
 
 const BASE: Config = Config {
@@ -67,6 +69,7 @@ const BASE: Config = Config {
     eps: 1e-5,
     biases: false,
     tied: false,
+    window: None,
 };
 
 /// A SwiGLU block's weights, row-major `[out, in]`.
@@ -211,6 +214,7 @@ impl HostModel {
                     theta: cfg.theta,
                     scaling: RopeScaling::None,
                 },
+                window: cfg.window,
             };
             let mlp = match &l.mlp {
                 HostMlp::Dense(x) => {
@@ -403,14 +407,16 @@ fn attention_ref(cfg: &Config, l: &HostLayer, xs: &[Vec<f64>]) -> Vec<Vec<f64>> 
             for h in 0..cfg.heads {
                 let kvh = h / group;
                 let q = &qs[t][h * d..(h + 1) * d];
-                let scores: Vec<f64> = (0..=t)
+                // A windowed query sees the last `window` positions, itself included.
+                let first = cfg.window.map_or(0, |w| (t + 1).saturating_sub(w));
+                let scores: Vec<f64> = (first..=t)
                     .map(|j| {
                         let k = &ks[j][kvh * d..(kvh + 1) * d];
                         q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
                     })
                     .collect();
                 let p = softmax_ref(&scores);
-                for (j, pj) in p.iter().enumerate() {
+                for (j, pj) in (first..=t).zip(&p) {
                     for i in 0..d {
                         context[h * d + i] += pj * vs[j][kvh * d + i];
                     }
@@ -553,38 +559,195 @@ fn moe_with_shared_expert_matches_naive_reference() {
 
 #[test]
 fn kv_cached_decoding_matches_full_recomputation() {
-    let model = HostModel::random(BASE, 21);
-    let mut rt = model.runtime();
-
-    // Step by step: each cached single-token pass gives the last row of a full pass.
-    let mut tokens = PROMPT.to_vec();
-    let device = FlexDevice;
-    let upload = |t: &[u32]| {
-        let ids: Vec<i64> = t.iter().map(|&v| v as i64).collect();
-        burn_tensor::Tensor::<Flex, 1, burn_tensor::Int>::from_data(
-            burn_tensor::TensorData::new(ids, [t.len()]),
-            &device,
-        )
-    };
-    let mut cached = super::to_host(rt.prefill(upload(&tokens))).unwrap();
-    for step in 0..8 {
-        let full = rt.logits(&tokens).unwrap();
-        let last = full.row(tokens.len() - 1);
-        let cached_last = cached.row(cached.shape[0] - 1);
-        let diff = last
-            .iter()
-            .zip(cached_last)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(diff < 1e-5, "step {step}: cached logits differ by {diff}");
-        let next = argmax(last);
-        tokens.push(next);
-        cached = super::to_host(rt.extend(upload(&[next]))).unwrap();
+    // Without and with a sliding window shorter than the run.
+    for window in [None, Some(7)] {
+        let model = HostModel::random(Config { window, ..BASE }, 21);
+        let mut rt = model.runtime();
+        // Step by step: each cached single-token pass gives the last row of a full pass.
+        let mut tokens = PROMPT.to_vec();
+        let (mut decoder, mut cached) = Decoder::prefill(&rt, &[&PROMPT], 300).unwrap();
+        for step in 0..300 {
+            let full = rt.logits(&tokens).unwrap();
+            let last = full.row(tokens.len() - 1);
+            let cached_last = super::to_host(cached).unwrap();
+            let diff = last
+                .iter()
+                .zip(&cached_last.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                diff < 1e-5,
+                "{window:?}, step {step}: cached logits differ by {diff}"
+            );
+            let next = argmax(last);
+            tokens.push(next);
+            cached = decoder.step(&rt, ids(&[next])).unwrap();
+        }
+        // Greedy generation equals the argmax loop over full recomputation.
+        let generated = rt.generate(&PROMPT, 40, None).unwrap();
+        assert_eq!(generated, tokens[PROMPT.len()..PROMPT.len() + 40].to_vec());
     }
+}
 
-    // Greedy generation equals the argmax loop over full recomputation.
-    let generated = rt.generate(&PROMPT, 8, None).unwrap();
-    assert_eq!(generated, tokens[PROMPT.len()..].to_vec());
+fn ids(t: &[u32]) -> burn_tensor::Tensor<Flex, 1, burn_tensor::Int> {
+    let ids: Vec<i64> = t.iter().map(|&v| v as i64).collect();
+    burn_tensor::Tensor::from_data(burn_tensor::TensorData::new(ids, [t.len()]), &FlexDevice)
+}
+
+/// Four sequences of unequal length.
+fn batch() -> Vec<Vec<u32>> {
+    let mut rng = Lcg(5);
+    [9, 3, 14, 1]
+        .iter()
+        .map(|&n| (0..n).map(|_| ((rng.next() + 1.0) * 15.9) as u32).collect())
+        .collect()
+}
+
+#[test]
+fn batched_logits_equal_each_sequence_alone() {
+    for window in [None, Some(4)] {
+        let mut rt = HostModel::random(Config { window, ..BASE }, 81).runtime();
+        let seqs = batch();
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        let together = rt.logits_batch(&refs).unwrap();
+        for (seq, got) in seqs.iter().zip(&together) {
+            let alone = rt.logits(seq).unwrap();
+            let diff = alone.max_abs_diff(got);
+            assert!(
+                diff < 1e-5,
+                "{window:?}, length {}: max diff {diff}",
+                seq.len()
+            );
+        }
+        // Scores from the batch equal those of each sequence alone.
+        let scores = rt.score(&refs).unwrap();
+        for (seq, got) in seqs.iter().zip(&scores) {
+            assert_eq!(rt.score(&[seq]).unwrap()[0].argmax, got.argmax);
+        }
+    }
+}
+
+#[test]
+fn batched_generation_equals_one_at_a_time() {
+    let mut rt = HostModel::random(
+        Config {
+            window: Some(6),
+            ..BASE
+        },
+        91,
+    )
+    .runtime();
+    let seqs = batch();
+    let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+    let free = rt.generate_batch(&refs, 12, None).unwrap();
+    // A stop token that ends some sequences early and not others.
+    let stop = free[0][4];
+    for stop in [None, Some(stop)] {
+        let together = rt.generate_batch(&refs, 12, stop).unwrap();
+        for (seq, got) in seqs.iter().zip(&together) {
+            assert_eq!(&rt.generate(seq, 12, stop).unwrap(), got, "{stop:?}");
+        }
+    }
+}
+
+#[test]
+fn sliding_window_matches_naive_reference() {
+    let model = HostModel::random(
+        Config {
+            window: Some(3),
+            ..BASE
+        },
+        101,
+    );
+    let tokens: Vec<u32> = (0..11).map(|i| (i * 7 % 32) as u32).collect();
+    let want = reference(&model, &tokens);
+    let got = model.runtime().logits(&tokens).unwrap();
+    let diff = max_diff(&got, &want["lm_head"]);
+    assert!(diff < 1e-5, "max diff {diff}");
+}
+
+#[test]
+fn sparse_moe_equals_the_dense_reference() {
+    let model = HostModel::random(BASE, 111).with_moe(112, |rng, _| HostMlp::Moe {
+        router: rng.vec(4 * BASE.hidden, 1.0),
+        experts: (0..4).map(|_| random_ffn(rng, &BASE)).collect(),
+        top_k: 2,
+        normalize: true,
+        shared: Some((random_ffn(rng, &BASE), Some(rng.vec(BASE.hidden, 1.0)))),
+    });
+    let mut rt = model.runtime();
+    let tokens: Vec<u32> = (0..64).map(|i| (i * 11 % 32) as u32).collect();
+    let sparse = rt.logits(&tokens).unwrap();
+    rt.set_moe_dispatch(super::MoeDispatch::Dense);
+    let dense = rt.logits(&tokens).unwrap();
+    let diff = sparse.max_abs_diff(&dense);
+    assert!(diff < 1e-5, "max diff {diff}");
+}
+
+#[test]
+fn scores_are_the_argmax_and_log_probs_of_the_logits() {
+    let mut rt = HostModel::random(BASE, 121).runtime();
+    let logits = rt.logits(&PROMPT).unwrap();
+    let scores = rt.score(&[&PROMPT]).unwrap().remove(0);
+    assert_eq!(scores.argmax.len(), PROMPT.len());
+    assert_eq!(scores.log_probs.len(), PROMPT.len() - 1);
+    for i in 0..PROMPT.len() {
+        assert_eq!(scores.argmax[i], argmax(logits.row(i)));
+        if i + 1 < PROMPT.len() {
+            let row: Vec<f64> = logits.row(i).iter().map(|&v| v as f64).collect();
+            let want = softmax_ref(&row)[PROMPT[i + 1] as usize].ln();
+            assert!((scores.log_probs[i] as f64 - want).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn replacing_a_weight_and_restoring_it_equals_fresh_builds() {
+    // Untied: a projection; tied: the table that is both embedding and lm head.
+    for (tied, weight) in [(false, "layers.1.k"), (true, "embed")] {
+        let a = HostModel::random(Config { tied, ..BASE }, 131);
+        let module_a = a.module();
+        let id = weight_id(&module_a, weight);
+        let original = module_a.weights.materialize(id).unwrap();
+        let mut changed = original.clone();
+        changed.data.iter_mut().for_each(|v| *v = -*v * 0.5);
+        let mut module_b = a.module();
+        module_b.weights.get_mut(id).unwrap().expr =
+            WeightExpr::Literal(std::sync::Arc::new(changed.clone()));
+
+        let fresh = |m: &Module| BurnRuntime::<Flex>::new(m, "tiny", &FlexDevice).unwrap();
+        let want_a = fresh(&module_a).logits(&PROMPT).unwrap();
+        let want_b = fresh(&module_b).logits(&PROMPT).unwrap();
+        assert_ne!(want_a, want_b);
+        let mut rt = fresh(&module_a);
+        rt.replace_weights(&[(id, changed)]).unwrap();
+        assert_eq!(rt.logits(&PROMPT).unwrap(), want_b, "{weight} replaced");
+        rt.restore_weights();
+        assert_eq!(rt.logits(&PROMPT).unwrap(), want_a, "{weight} restored");
+
+        let wrong = HostTensor::new(vec![1], vec![0.0]);
+        let err = rt.replace_weights(&[(id, wrong)]).unwrap_err();
+        assert!(err.to_string().contains(weight), "{err}");
+    }
+}
+
+fn weight_id(m: &Module, name: &str) -> WeightId {
+    (0..m.weights.len() as u32)
+        .map(WeightId)
+        .find(|&id| m.weights.get(id).unwrap().name == name)
+        .unwrap()
+}
+
+#[test]
+fn a_tied_embedding_and_lm_head_share_one_buffer() {
+    let model = HostModel::random(Config { tied: true, ..BASE }, 141);
+    let module = model.module();
+    let rt = BurnRuntime::<Flex>::new(&module, "tiny", &FlexDevice).unwrap();
+    let id = weight_id(&module, "embed");
+    assert_eq!(rt.plan.params.uses(id), 1);
+    let want = reference(&model, &PROMPT);
+    let diff = max_diff(&model.runtime().logits(&PROMPT).unwrap(), &want["lm_head"]);
+    assert!(diff < 1e-5, "max diff {diff}");
 }
 
 #[test]

@@ -1,0 +1,233 @@
+//! Causal self-attention with rotary position embeddings, over a batch, with an optional
+//! in-place KV cache.
+//!
+//! The math follows transformers' fp32 eager attention: q/k/v projections, rotary
+//! embeddings in the rotate-half convention, grouped-query heads sharing their KV head,
+//! `softmax(q k^T / sqrt(d) + mask) v`, output projection. The mask (causal, padding,
+//! sliding window) comes from the call's [`Frame`].
+//!
+//! The KV cache of a layer is one preallocated `[batch, kv_heads, capacity, head_dim]`
+//! tensor each for keys and values, indexed by column (module `frame`); a call writes its
+//! columns in place and attends to the filled prefix through a view, so a decode step
+//! costs the attention over the past and never copies it. A cache that runs out of
+//! capacity doubles.
+
+use burn_tensor::activation::softmax;
+use burn_tensor::backend::Backend;
+use burn_tensor::Tensor;
+use upmix_ir::{Attention, WeightTable};
+
+use super::frame::Frame;
+use super::layers::Projection;
+use super::params::{upload, Params};
+use crate::BackendError;
+
+/// Keys and values of every column seen so far, after RoPE and before GQA repetition:
+/// `[batch, kv_heads, capacity, head_dim]` each.
+pub(crate) struct KvCache<B: Backend> {
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+}
+
+impl<B: Backend> KvCache<B> {
+    fn zeros(shape: [usize; 4], device: &B::Device) -> Self {
+        KvCache {
+            k: Tensor::zeros(shape, device),
+            v: Tensor::zeros(shape, device),
+        }
+    }
+
+    /// Writes `k`, `v` (`[batch, kv_heads, n, head_dim]`) at columns `start..start + n`,
+    /// growing the capacity if needed, and returns views of columns `0..start + n`.
+    fn write(
+        slot: &mut Option<Self>,
+        start: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        capacity: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, h, n, d] = k.dims();
+        let end = start + n;
+        let mut cache = slot
+            .take()
+            .unwrap_or_else(|| Self::zeros([b, h, capacity.max(end), d], &k.device()));
+        let held = cache.k.dims()[2];
+        if held < end {
+            let grown = Self::zeros([b, h, (2 * held).max(end) - held, d], &k.device());
+            cache.k = Tensor::cat(vec![cache.k, grown.k], 2);
+            cache.v = Tensor::cat(vec![cache.v, grown.v], 2);
+        }
+        // The cache tensors are uniquely held here, so backends write them in place.
+        let range = [0..b, 0..h, start..end, 0..d];
+        cache.k = cache.k.slice_assign(range.clone(), k);
+        cache.v = cache.v.slice_assign(range, v);
+        let filled = [0..b, 0..h, 0..end, 0..d];
+        let views = (
+            cache.k.clone().slice(filled.clone()),
+            cache.v.clone().slice(filled),
+        );
+        *slot = Some(cache);
+        views
+    }
+}
+
+/// The KV caches of every attention layer of a plan, for one batch.
+pub(crate) struct CacheSet<B: Backend> {
+    pub layers: Vec<Option<KvCache<B>>>,
+    /// Columns to allocate per layer on first write.
+    pub capacity: usize,
+}
+
+impl<B: Backend> CacheSet<B> {
+    pub fn new(layers: usize, capacity: usize) -> Self {
+        CacheSet {
+            layers: (0..layers).map(|_| None).collect(),
+            capacity,
+        }
+    }
+}
+
+/// One attention op, lowered.
+pub(crate) struct AttentionLayer<B: Backend> {
+    pub q: Projection,
+    pub k: Projection,
+    pub v: Projection,
+    pub o: Projection,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub window: Option<usize>,
+    /// Rotary inverse frequencies, `[1, head_dim / 2]`.
+    inv_freq: Tensor<B, 2>,
+    /// Index of this layer's RoPE setting in a call's [`Frame`].
+    rope_slot: usize,
+    /// `rotate_half` as a `[head_dim, head_dim]` signed permutation matrix, so that it runs
+    /// as one contiguous matmul (exact: every output is one input times +-1).
+    rotate_half: Tensor<B, 2>,
+    /// Index of this layer's cache in a [`CacheSet`].
+    pub cache_slot: usize,
+}
+
+impl<B: Backend> AttentionLayer<B> {
+    /// Lowers `a`; `ropes` collects the distinct inverse-frequency tables of a plan.
+    pub fn new(
+        a: &Attention,
+        params: &mut Params<B>,
+        weights: &WeightTable,
+        ropes: &mut Vec<Vec<f32>>,
+        cache_slot: usize,
+        device: &B::Device,
+    ) -> Result<Self, BackendError> {
+        let inv_freq = a.rope.inv_freq(a.head_dim);
+        let half = inv_freq.len();
+        let rope_slot = match ropes.iter().position(|r| *r == inv_freq) {
+            Some(slot) => slot,
+            None => {
+                ropes.push(inv_freq.clone());
+                ropes.len() - 1
+            }
+        };
+        let d = a.head_dim;
+        Ok(AttentionLayer {
+            q: Projection::new(params, weights, a.q, a.q_bias)?,
+            k: Projection::new(params, weights, a.k, a.k_bias)?,
+            v: Projection::new(params, weights, a.v, a.v_bias)?,
+            o: Projection::new(params, weights, a.o, None)?,
+            n_heads: a.n_heads,
+            n_kv_heads: a.n_kv_heads,
+            head_dim: d,
+            window: a.window,
+            inv_freq: upload(inv_freq, [1, half], device),
+            rope_slot,
+            rotate_half: upload(rotate_half_matrix(d), [d, d], device),
+            cache_slot,
+        })
+    }
+
+    /// Attends the rows of `x` (`[batch * tokens, width]`, the columns of `frame`) to the
+    /// keys they may see: those of the call itself and, with `cache`, the columns cached
+    /// before it; the call's keys and values are written to the cache.
+    ///
+    /// Grouped-query attention without copying KV heads: the `n_heads / n_kv_heads` query
+    /// heads that share a KV head are stacked along the query axis, so each KV head does
+    /// one `[repeats * tokens, keys]` score matmul.
+    pub fn forward(
+        &self,
+        params: &Params<B>,
+        x: Tensor<B, 2>,
+        frame: &mut Frame<B>,
+        cache: Option<&mut CacheSet<B>>,
+    ) -> Tensor<B, 2> {
+        let (b, n) = (frame.batch(), frame.tokens);
+        let (heads, kv_heads, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let repeats = heads / kv_heads;
+        let (cos, sin) = frame.rotary(self.rope_slot, heads, &self.inv_freq);
+        let q = self.rope(self.q.forward(params, x.clone()), heads, &cos, &sin);
+        let (cos, sin) = frame.rotary(self.rope_slot, kv_heads, &self.inv_freq);
+        let k = self.rope(self.k.forward(params, x.clone()), kv_heads, &cos, &sin);
+        let v = self.v.forward(params, x);
+        // [batch, kv_heads, tokens, head_dim]
+        let k = k.reshape([b, n, kv_heads, d]).swap_dims(1, 2);
+        let v = v.reshape([b, n, kv_heads, d]).swap_dims(1, 2);
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(set) => {
+                let capacity = set.capacity;
+                KvCache::write(
+                    &mut set.layers[self.cache_slot],
+                    frame.start,
+                    k,
+                    v,
+                    capacity,
+                )
+            }
+        };
+        // Head h = g * repeats + r reads KV head g: stack its queries as rows r * tokens + i.
+        let q = q
+            .reshape([b, n, kv_heads, repeats, d])
+            .permute([0, 2, 3, 1, 4])
+            .reshape([b, kv_heads, repeats * n, d]);
+        let scale = (d as f64).powf(-0.5) as f32;
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let scores = match frame.mask(self.window, kv_heads, repeats) {
+            Some(mask) => scores + mask,
+            None => scores,
+        };
+        let context = softmax(scores, 3)
+            .matmul(v)
+            .reshape([b, kv_heads, repeats, n, d])
+            .permute([0, 3, 1, 2, 4])
+            .reshape([b * n, heads * d]);
+        self.o.forward(params, context)
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on `[rows, count * head_dim]`, returning
+    /// `[rows, count, head_dim]`.
+    fn rope(
+        &self,
+        x: Tensor<B, 2>,
+        count: usize,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let [rows, _] = x.dims();
+        let d = self.head_dim;
+        let rotated = x
+            .clone()
+            .reshape([rows * count, d])
+            .matmul(self.rotate_half.clone())
+            .reshape([rows, count, d]);
+        x.reshape([rows, count, d]) * cos.clone() + rotated * sin.clone()
+    }
+}
+
+/// The matrix `R` with `x R = rotate_half(x) = cat(-x2, x1)` for rows `x` of `head_dim`.
+fn rotate_half_matrix(head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut r = vec![0f32; head_dim * head_dim];
+    for j in 0..half {
+        r[(j + half) * head_dim + j] = -1.0; // output j takes -x[j + half]
+        r[j * head_dim + j + half] = 1.0; // output j + half takes x[j]
+    }
+    r
+}

@@ -1,0 +1,171 @@
+//! A routed mixture of SwiGLU experts (Mixtral, Qwen2-MoE, upcycled models).
+//!
+//! Routing: softmax of the router logits, the top-k experts of each row with their
+//! probabilities (renormalised to sum to one if the op says so), taken on the device with
+//! `topk_with_indices` (which autodiff can differentiate). Dispatch: each expert gathers
+//! only the rows routed to it, runs on them, and its outputs, scaled by their routing
+//! weights, are added back into their rows (`select_assign` with `Add`). The expert ids are
+//! read back to the host to size each expert's gather; the rows and weights stay on the
+//! device. A shared expert runs on every row, optionally scaled by `sigmoid(x w)`.
+//!
+//! [`MoeDispatch::Dense`] keeps the reference formulation, every expert on every row
+//! weighted by a mostly-zero `[rows, experts]` matrix, for tests.
+
+use burn_tensor::activation::{sigmoid, softmax};
+use burn_tensor::backend::Backend;
+use burn_tensor::{IndexingUpdateOp, Int, Tensor};
+use upmix_ir::{MixtureOfExperts, RuntimeError, WeightTable};
+
+use super::frame::upload_rows;
+use super::layers::{Projection, SwiGlu};
+use super::params::Params;
+use crate::BackendError;
+
+/// How a mixture gives rows to its experts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MoeDispatch {
+    /// Each expert runs only on the rows routed to it (the cost of the active parameters).
+    #[default]
+    Sparse,
+    /// Every expert runs on every row; the reference the sparse path is tested against.
+    Dense,
+}
+
+/// A shared expert: `sigmoid(x gate^T) * ffn(x)`, or `ffn(x)` without gate.
+pub(crate) struct SharedExpertLayer {
+    pub ffn: SwiGlu,
+    /// `[hidden, 1]` (already transposed).
+    pub gate: Option<Projection>,
+}
+
+/// One mixture-of-experts op, lowered.
+pub(crate) struct MoeLayer {
+    /// Router `[hidden, experts]` (already transposed).
+    pub router: Projection,
+    pub experts: Vec<SwiGlu>,
+    pub top_k: usize,
+    pub normalize_top_k: bool,
+    pub shared: Option<SharedExpertLayer>,
+}
+
+impl MoeLayer {
+    pub fn new<B: Backend>(
+        m: &MixtureOfExperts,
+        params: &mut Params<B>,
+        weights: &WeightTable,
+    ) -> Result<Self, BackendError> {
+        let shared = match &m.shared_expert {
+            None => None,
+            Some(s) => Some(SharedExpertLayer {
+                ffn: SwiGlu::new(params, weights, &s.ffn)?,
+                gate: s
+                    .gate
+                    .map(|g| Projection::new(params, weights, g, None))
+                    .transpose()?,
+            }),
+        };
+        Ok(MoeLayer {
+            router: Projection::new(params, weights, m.router, None)?,
+            experts: m
+                .experts
+                .iter()
+                .map(|f| SwiGlu::new(params, weights, f))
+                .collect::<Result<_, _>>()?,
+            top_k: m.top_k,
+            normalize_top_k: m.normalize_top_k,
+            shared,
+        })
+    }
+
+    pub fn forward<B: Backend>(
+        &self,
+        params: &Params<B>,
+        x: Tensor<B, 2>,
+        dispatch: MoeDispatch,
+    ) -> Result<Tensor<B, 2>, RuntimeError> {
+        let routed = match dispatch {
+            MoeDispatch::Sparse => self.sparse(params, x.clone())?,
+            MoeDispatch::Dense => self.dense(params, x.clone()),
+        };
+        Ok(match &self.shared {
+            None => routed,
+            Some(shared) => {
+                let y = shared.ffn.forward(params, x.clone());
+                let y = match &shared.gate {
+                    Some(gate) => sigmoid(gate.forward(params, x)) * y,
+                    None => y,
+                };
+                routed + y
+            }
+        })
+    }
+
+    /// The top-k routing weights and expert ids of each row: `[rows, k]` each.
+    fn route<B: Backend>(
+        &self,
+        params: &Params<B>,
+        x: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+        let probs = softmax(self.router.forward(params, x), 1);
+        let (top, index) = probs.topk_with_indices(self.top_k, 1);
+        let top = if self.normalize_top_k {
+            top.clone() / top.sum_dim(1)
+        } else {
+            top
+        };
+        (top, index)
+    }
+
+    /// Token dispatch: each expert on its own rows only.
+    fn sparse<B: Backend>(
+        &self,
+        params: &Params<B>,
+        x: Tensor<B, 2>,
+    ) -> Result<Tensor<B, 2>, RuntimeError> {
+        let [rows, _] = x.dims();
+        let k = self.top_k;
+        let (top, index) = self.route(params, x.clone());
+        let ids = super::ids_to_host(index)?;
+        // Slots of the flattened [rows * k] routing table, by expert.
+        let mut slots = vec![Vec::new(); self.experts.len()];
+        for (slot, &e) in ids.iter().enumerate() {
+            slots[e as usize].push(slot);
+        }
+        let device = x.device();
+        let top = top.reshape([rows * k]);
+        let mut out = x.zeros_like();
+        for (expert, slots) in self.experts.iter().zip(&slots) {
+            if slots.is_empty() {
+                continue;
+            }
+            let picked: Vec<usize> = slots.iter().map(|s| s / k).collect();
+            let picked = upload_rows::<B>(&picked, &device);
+            let weight = top
+                .clone()
+                .select(0, upload_rows::<B>(slots, &device))
+                .reshape([slots.len(), 1]);
+            let y = expert.forward(params, x.clone().select(0, picked.clone())) * weight;
+            out = out.select_assign(0, picked, y, IndexingUpdateOp::Add);
+        }
+        Ok(out)
+    }
+
+    /// The reference: every expert on every row, weighted by a dense `[rows, experts]`
+    /// matrix that is zero outside each row's top-k.
+    fn dense<B: Backend>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [rows, _] = x.dims();
+        let (top, index) = self.route(params, x.clone());
+        let weights = Tensor::<B, 2>::zeros([rows, self.experts.len()], &x.device()).scatter(
+            1,
+            index,
+            top,
+            IndexingUpdateOp::Add,
+        );
+        let mut out = x.zeros_like();
+        for (e, expert) in self.experts.iter().enumerate() {
+            let w = weights.clone().narrow(1, e, 1);
+            out = out + expert.forward(params, x.clone()) * w;
+        }
+        out
+    }
+}

@@ -1,0 +1,202 @@
+//! The parameter store: every device tensor a lowered graph uses, in one place.
+//!
+//! Layers hold [`P`] handles and fetch their tensors from [`Params`] at run time, so a
+//! weight can be replaced (a one-component variant of a model, an optimiser step) without
+//! touching the layers: [`Params::replace`] re-uploads only the replaced weights and keeps
+//! their originals for [`Params::restore`].
+//!
+//! A weight is uploaded once per layout it is used in ([`Form`]). The one weight used in
+//! two roles, a tied embedding table that is also the lm head, is uploaded once, in the
+//! lm head's transposed layout; the embedding reads its rows from that buffer.
+
+use std::collections::HashMap;
+
+use burn_tensor::backend::Backend;
+use burn_tensor::{DType, Tensor, TensorData};
+use upmix_ir::{HostTensor, RuntimeError, WeightError, WeightId, WeightTable};
+
+use crate::BackendError;
+
+/// A handle to one tensor in [`Params`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct P(usize);
+
+/// How a weight is laid out on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// As stored; a 1-D `[n]` weight becomes a `[1, n]` row.
+    Plain,
+    /// An `[out, in]` matrix stored as a contiguous `[in, out]` one: the layout gemm
+    /// multiplies without repacking the weight on every call.
+    Transposed,
+}
+
+struct Entry<B: Backend> {
+    weight: WeightId,
+    name: String,
+    form: Form,
+    /// The weight's shape in the weight table.
+    shape: Vec<usize>,
+    tensor: Tensor<B, 2>,
+}
+
+/// The device tensors of one lowered graph.
+pub(crate) struct Params<B: Backend> {
+    entries: Vec<Entry<B>>,
+    /// Original tensors of replaced entries, by entry index.
+    saved: HashMap<usize, Tensor<B, 2>>,
+    device: B::Device,
+}
+
+impl<B: Backend> Params<B> {
+    pub fn new(device: &B::Device) -> Self {
+        Params {
+            entries: Vec::new(),
+            saved: HashMap::new(),
+            device: device.clone(),
+        }
+    }
+
+    /// The tensor behind `p` (a cheap handle clone).
+    pub fn get(&self, p: P) -> Tensor<B, 2> {
+        self.entries[p.0].tensor.clone()
+    }
+
+    /// The handle of weight `id` in layout `form`, materialising and uploading it on first
+    /// request.
+    pub fn request(
+        &mut self,
+        weights: &WeightTable,
+        id: WeightId,
+        form: Form,
+    ) -> Result<P, BackendError> {
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| e.weight == id && e.form == form)
+        {
+            return Ok(P(i));
+        }
+        let name = weights.get(id)?.name.clone();
+        let host = weights.materialize(id)?;
+        let shape = host.shape.clone();
+        let tensor = prepare(host, form, &self.device).map_err(|message| {
+            BackendError::from(WeightError::Invalid {
+                name: name.clone(),
+                message,
+            })
+        })?;
+        self.entries.push(Entry {
+            weight: id,
+            name,
+            form,
+            shape,
+            tensor,
+        });
+        Ok(P(self.entries.len() - 1))
+    }
+
+    /// Replaces the values of `weights` in every layout they are used in. All are checked
+    /// (used by the graph, same shape) before any is replaced.
+    pub fn replace(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
+        let mut plan = Vec::new();
+        for (id, host) in weights {
+            let uses: Vec<usize> = (0..self.entries.len())
+                .filter(|&i| self.entries[i].weight == *id)
+                .collect();
+            let Some(&first) = uses.first() else {
+                return Err(RuntimeError::Replace {
+                    name: format!("#{}", id.0),
+                    reason: "the graph does not use it".into(),
+                });
+            };
+            let entry = &self.entries[first];
+            if entry.shape != host.shape {
+                return Err(RuntimeError::Replace {
+                    name: entry.name.clone(),
+                    reason: format!(
+                        "new shape {:?} differs from its shape {:?}",
+                        host.shape, entry.shape
+                    ),
+                });
+            }
+            plan.extend(uses.into_iter().map(|i| (i, host)));
+        }
+        for (i, host) in plan {
+            let entry = &mut self.entries[i];
+            let tensor = prepare(host.clone(), entry.form, &self.device)
+                .expect("the shape was checked against the uploaded one");
+            let old = std::mem::replace(&mut entry.tensor, tensor);
+            self.saved.entry(i).or_insert(old);
+        }
+        Ok(())
+    }
+
+    /// Puts back the original of every replaced entry.
+    pub fn restore(&mut self) {
+        for (i, tensor) in self.saved.drain() {
+            self.entries[i].tensor = tensor;
+        }
+    }
+
+    /// How many device tensors hold weight `id`.
+    #[cfg(test)]
+    pub fn uses(&self, id: WeightId) -> usize {
+        self.entries.iter().filter(|e| e.weight == id).count()
+    }
+
+    /// Every parameter with its weight and layout, mutably: for marking parameters that
+    /// autodiff tracks and for optimiser updates.
+    #[allow(dead_code)]
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (WeightId, Form, &mut Tensor<B, 2>)> {
+        self.entries
+            .iter_mut()
+            .map(|e| (e.weight, e.form, &mut e.tensor))
+    }
+}
+
+/// A host weight in layout `form`, uploaded to `device`.
+fn prepare<B: Backend>(
+    host: HostTensor,
+    form: Form,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>, String> {
+    let (data, shape) = match (form, &host.shape[..]) {
+        (Form::Plain, &[n]) => (host.data, [1, n]),
+        (Form::Plain, &[rows, cols]) => (host.data, [rows, cols]),
+        (Form::Transposed, &[rows, cols]) => (transpose(&host.data, rows, cols), [cols, rows]),
+        (Form::Plain, other) => {
+            return Err(format!("expected a 1-D or 2-D weight, got shape {other:?}"))
+        }
+        (Form::Transposed, other) => {
+            return Err(format!("expected a 2-D weight, got shape {other:?}"))
+        }
+    };
+    Ok(upload(data, shape, device))
+}
+
+/// Uploads f32 values with `shape` to `device`.
+pub(crate) fn upload<B: Backend, const D: usize>(
+    data: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(data, shape), (device, DType::F32))
+}
+
+/// The transpose of a row-major `[rows, cols]` matrix, in 32 x 32 tiles so both sides
+/// stay in cache.
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut t = vec![0f32; rows * cols];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    t[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    t
+}
