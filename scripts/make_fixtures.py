@@ -26,6 +26,9 @@ What it makes:
 A second mode checks a checkpoint directory written by upmix against the
 goldens and records the result in tests/golden/emitted/<NAME>.json:
 
+    make_fixtures.py model NAME
+        Rewrites one tiny model of SPECS and its golden only (e.g. `mistral`).
+
     make_fixtures.py check-emitted DIR NAME
 
 Another checks that a SmolLM2 checkpoint written by upmix still carries what
@@ -67,6 +70,8 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     Qwen2Config,
@@ -133,6 +138,12 @@ SPECS = {
                 dict(tie_word_embeddings=False,
                      rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
                 1005, torch.float32),
+    # A sliding window shorter than the logits input (12 tokens) and than the prompt plus
+    # its greedy continuation (5 + 16).
+    "mistral": (MistralConfig, MistralForCausalLM,
+                dict(tie_word_embeddings=False, sliding_window=5,
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+                1008, torch.float32),
 }
 
 
@@ -895,12 +906,15 @@ def main(argv):
     if argv == ["gguf"]:
         generate_gguf()
         return 0
+    if len(argv) == 2 and argv[0] == "model":
+        make_golden(argv[1], save_model(argv[1], build_tokenizer()))
+        return 0
     if len(argv) == 3 and argv[0] == "check-emitted":
         return check_emitted(argv[1], argv[2])
     if len(argv) == 3 and argv[0] == "record-emitted":
         return record_emitted(argv[1], argv[2])
     print(__doc__, file=sys.stderr)
-    print("usage: make_fixtures.py [gguf | smollm2 | smollm2-hf | check-smollm2-hf DIR | "
+    print("usage: make_fixtures.py [gguf | model NAME | smollm2 | smollm2-hf | check-smollm2-hf DIR | "
           "check-emitted DIR NAME | record-emitted DIR NAME]",
           file=sys.stderr)
     return 2

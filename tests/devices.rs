@@ -1,6 +1,6 @@
 //! Device selection from the command line: a GPU device that is not compiled in, or has
-//! no driver, is a clear error (never a panic); with the `wgpu` feature, generation on
-//! wgpu prints the same continuation as on the CPU.
+//! no driver, is a clear error (never a panic); where a GPU backend runs, generation on
+//! it prints the same continuation as on the CPU.
 
 mod common;
 
@@ -29,13 +29,16 @@ fn generate(device: &str) -> Output {
 }
 
 #[test]
-fn cuda_without_a_gpu_is_a_clear_error() {
-    // No machine that runs this suite in CI has an NVIDIA GPU; where one does, the
-    // command succeeds and there is nothing to check.
+fn cuda_generates_like_the_cpu_or_fails_clearly() {
     let out = generate("cuda:0");
     if out.status.success() {
+        // A build with `cuda` on a machine with an NVIDIA GPU: the same continuation.
+        let cpu = generate("cpu");
+        assert!(cpu.status.success());
+        assert_eq!(out.stdout, cpu.stdout);
         return;
     }
+    // No GPU (as in CI), or a build without the `cuda` feature.
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cuda:0"), "{err}");
     assert!(

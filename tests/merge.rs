@@ -151,10 +151,7 @@ fn other_architectures_name_the_first_differing_hyperparameter() {
     for (name, dir) in [
         ("llama", model_dir("llama")),
         ("mixtral", model_dir("mixtral")),
-        (
-            "seed",
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/seed"),
-        ),
+        ("seed", common::repo_root().join("examples/models/seed")),
     ] {
         upmix::frontend::load(&dir, name, &mut m).unwrap();
     }

@@ -79,6 +79,42 @@ pub struct HfConfig {
     pub layer_types: Option<Vec<String>>,
 }
 
+/// Which layers of a decoder attend through a sliding window, and its span.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Windows {
+    None,
+    /// Every layer.
+    Every(usize),
+    /// Layers `i >= max` (Qwen2's `max_window_layers`).
+    From(usize, usize),
+    /// Even layers below `max` (Qwen2-MoE).
+    EvenBelow(usize, usize),
+    /// The layers marked `true` (transformers 5's `layer_types`).
+    Layers(Vec<bool>, usize),
+}
+
+impl Windows {
+    /// The window of layer `layer`, if it has one.
+    pub fn of(&self, layer: usize) -> Option<usize> {
+        match *self {
+            Windows::None => None,
+            Windows::Every(w) => Some(w),
+            Windows::From(max, w) => (layer >= max).then_some(w),
+            Windows::EvenBelow(max, w) => (layer % 2 == 0 && layer < max).then_some(w),
+            Windows::Layers(ref sliding, w) => sliding.get(layer).copied()?.then_some(w),
+        }
+    }
+
+    /// The span, `None` if no layer has a window.
+    pub fn span(&self) -> Option<usize> {
+        match *self {
+            Windows::None => None,
+            Windows::Every(w) | Windows::From(_, w) | Windows::EvenBelow(_, w) => Some(w),
+            Windows::Layers(_, w) => Some(w),
+        }
+    }
+}
+
 /// Deserialises a field that may be present as `null`: `Some(None)`.
 fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
 where
@@ -135,45 +171,34 @@ impl HfConfig {
         }
     }
 
-    /// The sliding window of each layer, as transformers applies it for architecture
-    /// `arch`: Mistral and Mixtral window every layer (Mistral's default is 4096 when the
-    /// field is absent); Qwen2 and Qwen2-MoE only with `use_sliding_window`, on the layers
+    /// The sliding windows, as transformers applies them for architecture `arch`: Mistral
+    /// and Mixtral window every layer (Mistral's default is 4096 when the field is
+    /// absent); Qwen2 and Qwen2-MoE only with `use_sliding_window`, on the layers
     /// `layer_types` names, else those `max_window_layers` selects; Llama never.
-    pub fn windows(&self, arch: &str) -> Vec<Option<usize>> {
-        let layers = self.num_hidden_layers;
+    pub fn windows(&self, arch: &str) -> Windows {
         let window = self.sliding_window.flatten();
-        let from_types = |w: Option<usize>| -> Option<Vec<Option<usize>>> {
-            let types = self.layer_types.as_ref()?;
-            Some(
-                (0..layers)
-                    .map(|i| w.filter(|_| types.get(i).is_some_and(|t| t == "sliding_attention")))
-                    .collect(),
-            )
-        };
         match arch {
-            "MistralForCausalLM" => {
-                let w = self.sliding_window.unwrap_or(Some(4096));
-                vec![w; layers]
-            }
-            "MixtralForCausalLM" => vec![window; layers],
+            "MistralForCausalLM" => match self.sliding_window.unwrap_or(Some(4096)) {
+                Some(w) => Windows::Every(w),
+                None => Windows::None,
+            },
+            "MixtralForCausalLM" => window.map_or(Windows::None, Windows::Every),
             "Qwen2ForCausalLM" | "Qwen2MoeForCausalLM" => {
-                let w = window.filter(|_| self.use_sliding_window == Some(true));
-                if let Some(windows) = from_types(w) {
-                    return windows;
+                let Some(w) = window.filter(|_| self.use_sliding_window == Some(true)) else {
+                    return Windows::None;
+                };
+                if let Some(types) = &self.layer_types {
+                    let sliding = types.iter().map(|t| t == "sliding_attention").collect();
+                    return Windows::Layers(sliding, w);
                 }
                 let max = self.max_window_layers.unwrap_or(28);
-                (0..layers)
-                    .map(|i| {
-                        let sliding = if arch == "Qwen2ForCausalLM" {
-                            i >= max
-                        } else {
-                            i % 2 == 0 && i < max
-                        };
-                        w.filter(|_| sliding)
-                    })
-                    .collect()
+                if arch == "Qwen2ForCausalLM" {
+                    Windows::From(max, w)
+                } else {
+                    Windows::EvenBelow(max, w)
+                }
             }
-            _ => vec![None; layers],
+            _ => Windows::None,
         }
     }
 
@@ -218,5 +243,58 @@ impl HfConfig {
             }
         };
         Ok(Rope { theta, scaling })
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    fn config(extra: &str) -> HfConfig {
+        let text = format!(
+            r#"{{"architectures": ["X"], "hidden_size": 8, "intermediate_size": 8,
+                "num_hidden_layers": 4, "num_attention_heads": 2, "rms_norm_eps": 1e-5,
+                "vocab_size": 8 {extra}}}"#
+        );
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn per_layer(c: &HfConfig, arch: &str) -> Vec<Option<usize>> {
+        let w = c.windows(arch);
+        (0..4).map(|i| w.of(i)).collect()
+    }
+
+    #[test]
+    fn sliding_windows_follow_transformers_defaults() {
+        // Mistral: absent means transformers' default 4096, null means none.
+        assert_eq!(
+            per_layer(&config(""), "MistralForCausalLM"),
+            vec![Some(4096); 4]
+        );
+        let null = config(r#", "sliding_window": null"#);
+        assert_eq!(per_layer(&null, "MistralForCausalLM"), vec![None; 4]);
+        let set = config(r#", "sliding_window": 16"#);
+        assert_eq!(per_layer(&set, "MixtralForCausalLM"), vec![Some(16); 4]);
+        assert_eq!(per_layer(&set, "LlamaForCausalLM"), vec![None; 4]);
+        // Qwen2: only with use_sliding_window, from max_window_layers on.
+        assert_eq!(per_layer(&set, "Qwen2ForCausalLM"), vec![None; 4]);
+        let qwen =
+            config(r#", "sliding_window": 16, "use_sliding_window": true, "max_window_layers": 2"#);
+        assert_eq!(
+            per_layer(&qwen, "Qwen2ForCausalLM"),
+            vec![None, None, Some(16), Some(16)]
+        );
+        assert_eq!(
+            per_layer(&qwen, "Qwen2MoeForCausalLM"),
+            vec![Some(16), None, None, None]
+        );
+        let typed = config(
+            r#", "sliding_window": 16, "use_sliding_window": true,
+               "layer_types": ["full_attention", "sliding_attention"]"#,
+        );
+        assert_eq!(
+            per_layer(&typed, "Qwen2ForCausalLM"),
+            vec![None, Some(16), None, None]
+        );
     }
 }

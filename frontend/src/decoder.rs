@@ -7,6 +7,7 @@ use upmix_ir::{
     Attention, DecoderBlock, FeedForward, Graph, GraphBuilder, ModelMeta, Op, Rope, WeightId,
 };
 
+use crate::config::Windows;
 use crate::error::FrontendError;
 use crate::names::Family;
 
@@ -42,8 +43,8 @@ pub(crate) struct Hyper {
     pub rope: Rope,
     /// q/k/v projections carry biases.
     pub attn_bias: bool,
-    /// Sliding window of each layer (empty: none anywhere).
-    pub windows: Vec<Option<usize>>,
+    /// Which layers attend through a sliding window.
+    pub windows: Windows,
 }
 
 impl Hyper {
@@ -94,7 +95,7 @@ impl Hyper {
                 self.eps
             ));
         }
-        if self.windows.contains(&Some(0)) {
+        if self.windows.span() == Some(0) {
             return bad("sliding_window is 0; it must be positive".into());
         }
         Ok(())
@@ -189,7 +190,7 @@ pub(crate) fn build_decoder(
             n_kv_heads: h.kv_heads,
             head_dim: h.head_dim,
             rope: h.rope.clone(),
-            window: h.windows.get(layer).copied().flatten(),
+            window: h.windows.of(layer),
         };
         let block = DecoderBlock {
             attn_norm: src.tensor(Role::AttnNorm, layer, &[d])?,

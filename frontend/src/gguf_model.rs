@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use upmix_ir::{ModelMeta, Module, Rope, RopeScaling, Weight, WeightExpr, WeightId};
 
+use crate::config::Windows;
 use crate::decoder::{build_decoder, family, Hyper, Role, TensorSource};
 use crate::error::FrontendError;
 use crate::gguf::GgufFile;
@@ -65,7 +66,7 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         eps: gguf.require_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
         rope: rope(&gguf, &arch)?,
         attn_bias: family == Family::Qwen2,
-        windows: Vec::new(),
+        windows: Windows::None,
     };
     let token = |k: &str| gguf.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
     let meta = ModelMeta {

@@ -7,10 +7,25 @@ use upmix::backends::DeviceSpec;
 use upmix::ir::Module;
 
 /// Fixture models made by transformers (scripts/make_fixtures.py).
-pub const FIXTURES: &[&str] = &["llama", "llama_tied", "qwen2", "mixtral", "mixtral_fused"];
+pub const FIXTURES: &[&str] = &[
+    "llama",
+    "llama_tied",
+    "qwen2",
+    "mixtral",
+    "mixtral_fused",
+    "mistral",
+];
+
+/// The repository: `UPMIX_REPO_ROOT` when set (test binaries packed by
+/// scripts/gpu-pack.sh run in another checkout), else where the tests were built.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("UPMIX_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
 
 pub fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+    repo_root().join("tests/golden")
 }
 
 pub fn model_dir(name: &str) -> PathBuf {

@@ -219,11 +219,19 @@ fn architecture(
     if biased != 0 && biased != n {
         return Err(unsupported("only some layers have attention biases".into()));
     }
+    let windowed = s.layers.iter().any(|l| l.attn.window.is_some());
+    let shared_experts = moes.iter().any(|m| m.shared_expert.is_some());
+    if windowed && (biased != 0 || shared_experts) {
+        return Err(unsupported(
+            "sliding windows in a Qwen2 or Qwen2-MoE checkpoint (layer-wise windows) are not written"
+                .into(),
+        ));
+    }
     if moes.is_empty() {
-        return Ok(if biased == 0 {
-            "LlamaForCausalLM"
-        } else {
-            "Qwen2ForCausalLM"
+        return Ok(match (biased, windowed) {
+            (0, false) => "LlamaForCausalLM",
+            (0, true) => "MistralForCausalLM",
+            _ => "Qwen2ForCausalLM",
         });
     }
     if moes.len() < n {

@@ -45,6 +45,7 @@ const FAMILY_FIELDS: &[(&str, &[&str])] = &[
         ],
     ),
     ("llama", &["pretraining_tp"]),
+    ("mistral", &["sliding_window"]),
 ];
 
 /// Fields never kept: remote-code hooks and names that point at the base model, a
@@ -143,6 +144,7 @@ fn computed_fields(
             || l.attn.n_kv_heads != a.n_kv_heads
             || l.attn.head_dim != a.head_dim
             || l.attn.rope != a.rope
+            || l.attn.window != a.window
     }) {
         return Err(unsupported("layers differ in attention settings".into()));
     }
@@ -174,6 +176,7 @@ fn computed_fields(
     }
     let model_type = match arch {
         "LlamaForCausalLM" => "llama",
+        "MistralForCausalLM" => "mistral",
         "Qwen2ForCausalLM" => "qwen2",
         "Qwen2MoeForCausalLM" => "qwen2_moe",
         _ => "mixtral",
@@ -224,7 +227,9 @@ fn computed_fields(
         (_, Some(moe)) => {
             c["num_local_experts"] = json!(moe.experts.len());
             c["num_experts_per_tok"] = json!(moe.top_k);
+            c["sliding_window"] = json!(a.window);
         }
+        ("MistralForCausalLM", None) => c["sliding_window"] = json!(a.window),
         ("Qwen2ForCausalLM", None) => c["use_sliding_window"] = json!(false),
         _ => {}
     }
