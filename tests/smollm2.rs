@@ -350,3 +350,77 @@ fn transformers_files_survive_a_cast_and_emit() {
         );
     }
 }
+
+#[test]
+fn upcycled_sparse_experts_equal_the_dense_reference() {
+    use upmix::passes::{PassContext, PassManager, RouterInit, Upcycle};
+    let mut m = Module::new();
+    upmix::frontend::load(&gguf_path(), "s", &mut m).unwrap();
+    // Four distinct experts: the FFN split four ways along its intermediate dimension.
+    let mut pm = PassManager::new();
+    pm.add(Box::new(Upcycle {
+        into: "moe".into(),
+        experts: vec!["s".into()],
+        top_k: 2,
+        router: RouterInit::Random { seed: 5, std: 0.5 },
+        base: None,
+        weights: None,
+        shared_expert: None,
+        layers: None,
+        granularity: Some(4),
+        normalize_top_k: None,
+    }));
+    pm.run(&mut m, &mut PassContext::default()).unwrap();
+    let text = std::fs::read_to_string(common::golden_dir().join("smollm2/paragraph.txt")).unwrap();
+    let tokens = &tokenizer().encode(&text, false).unwrap()[..64];
+    let diff = common::sparse_dense_diff(&m, "moe", tokens);
+    println!(
+        "upcycled SmolLM2 on {}: sparse vs dense max abs difference {diff:e}",
+        device()
+    );
+    assert!(diff <= 1e-5, "{diff}");
+}
+
+/// Sixteen prompts, continued greedily in one batch, then scored teacher-forced in one
+/// batch: the argmax at every continuation position is the token generation chose.
+#[test]
+fn teacher_forced_argmax_agrees_with_greedy_generation() {
+    let tok = tokenizer();
+    let subjects = [
+        "The capital of France",
+        "Photosynthesis",
+        "A good cup of coffee",
+        "The ocean",
+        "Rust's borrow checker",
+        "My favourite book",
+        "Mountains in winter",
+        "The moon",
+        "A healthy breakfast",
+        "Learning to play the piano",
+        "The history of Rome",
+        "Electric cars",
+        "A rainy afternoon",
+        "The best way to learn",
+        "Volcanoes",
+        "Bees",
+    ];
+    let prompts: Vec<Vec<u32>> = subjects
+        .iter()
+        .map(|s| tok.encode(&format!("{s} is"), false).unwrap())
+        .collect();
+    let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let mut rt = runtime();
+    let continued = rt.generate_batch(&refs, 64, None).unwrap();
+    let full: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&continued)
+        .map(|(p, c)| [p.as_slice(), c].concat())
+        .collect();
+    let refs: Vec<&[u32]> = full.iter().map(|f| f.as_slice()).collect();
+    let scores = rt.score(&refs).unwrap();
+    for ((prompt, cont), score) in prompts.iter().zip(&continued).zip(&scores) {
+        assert_eq!(cont.len(), 64);
+        let predicted = &score.argmax[prompt.len() - 1..prompt.len() - 1 + cont.len()];
+        assert_eq!(predicted, cont.as_slice(), "{:?}", tok.decode(prompt));
+    }
+}

@@ -280,6 +280,28 @@ fn upcycled_qwen2_moe_with_a_shared_expert_matches_transformers() {
 }
 
 #[test]
+fn sparse_experts_equal_the_dense_reference() {
+    let tokens: Vec<u32> = (0..64).map(|i| (i * 37 + 11) % 256).collect();
+    for fixture in ["mixtral", "mixtral_fused"] {
+        let m = common::load(fixture);
+        let diff = common::sparse_dense_diff(&m, fixture, &tokens);
+        println!("{fixture}: sparse vs dense max abs difference {diff:e}");
+        assert!(diff <= 1e-5, "{fixture}: {diff}");
+    }
+    // A Qwen2-MoE: four fine-grained experts, top-2 without renormalisation, and a gated
+    // shared expert.
+    let mut m = load(&[("a", "llama"), ("b", "llama_b")]);
+    let mut pass = upcycle(&["a", "b"], 2, RouterInit::Random { seed: 9, std: 0.5 });
+    pass.granularity = Some(2);
+    pass.normalize_top_k = Some(false);
+    pass.shared_expert = Some("b".into());
+    run(&mut m, pass).unwrap();
+    let diff = common::sparse_dense_diff(&m, "moe", &tokens);
+    println!("qwen2-moe upcycle: sparse vs dense max abs difference {diff:e}");
+    assert!(diff <= 1e-5, "qwen2-moe upcycle: {diff}");
+}
+
+#[test]
 fn models_of_other_depth_or_width_name_the_differing_hyperparameter() {
     let mut m = load(&[("a", "llama")]);
     let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/seed");

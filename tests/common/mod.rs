@@ -92,6 +92,20 @@ pub fn tolerance() -> Tolerance {
     }
 }
 
+/// Largest difference between the logits of graph `graph` of `m` on `tokens` with sparse
+/// expert dispatch and with the dense reference, on the test device.
+pub fn sparse_dense_diff(m: &Module, graph: &str, tokens: &[u32]) -> f32 {
+    use upmix::backends::{load_runtime_with, MoeDispatch, RuntimeOptions};
+    let logits = |moe_dispatch| {
+        let options = RuntimeOptions { moe_dispatch };
+        load_runtime_with(m, graph, &device(), options)
+            .unwrap()
+            .logits(tokens)
+            .unwrap()
+    };
+    logits(MoeDispatch::Sparse).max_abs_diff(&logits(MoeDispatch::Dense))
+}
+
 /// The checkpoint files a copied fixture gets.
 const CHECKPOINT_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
 
