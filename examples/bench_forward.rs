@@ -59,6 +59,7 @@ fn decode_tok_s(rt: &mut dyn Runtime, prompt: &[u32], n: usize) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
+    upmix::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let model = args
         .get(1)

@@ -121,6 +121,7 @@ fn check_checkpoint(m: &Module) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    upmix::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -12,8 +12,7 @@
 //! costs the attention over the past and never copies it. A cache that runs out of
 //! capacity doubles.
 
-use burn_tensor::activation::softmax;
-use burn_tensor::backend::Backend;
+use super::kernels::Kernels;
 use burn_tensor::Tensor;
 use upmix_ir::{Attention, WeightTable};
 
@@ -24,12 +23,12 @@ use crate::BackendError;
 
 /// Keys and values of every column seen so far, after RoPE and before GQA repetition:
 /// `[batch, kv_heads, capacity, head_dim]` each.
-pub(crate) struct KvCache<B: Backend> {
+pub(crate) struct KvCache<B: Kernels> {
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: Kernels> KvCache<B> {
     fn zeros(shape: [usize; 4], device: &B::Device) -> Self {
         KvCache {
             k: Tensor::zeros(shape, device),
@@ -72,13 +71,13 @@ impl<B: Backend> KvCache<B> {
 }
 
 /// The KV caches of every attention layer of a plan, for one batch.
-pub(crate) struct CacheSet<B: Backend> {
+pub(crate) struct CacheSet<B: Kernels> {
     pub layers: Vec<Option<KvCache<B>>>,
     /// Columns to allocate per layer on first write.
     pub capacity: usize,
 }
 
-impl<B: Backend> CacheSet<B> {
+impl<B: Kernels> CacheSet<B> {
     pub fn new(layers: usize, capacity: usize) -> Self {
         CacheSet {
             layers: (0..layers).map(|_| None).collect(),
@@ -88,7 +87,7 @@ impl<B: Backend> CacheSet<B> {
 }
 
 /// One attention op, lowered.
-pub(crate) struct AttentionLayer<B: Backend> {
+pub(crate) struct AttentionLayer<B: Kernels> {
     pub q: Projection,
     pub k: Projection,
     pub v: Projection,
@@ -108,7 +107,7 @@ pub(crate) struct AttentionLayer<B: Backend> {
     pub cache_slot: usize,
 }
 
-impl<B: Backend> AttentionLayer<B> {
+impl<B: Kernels> AttentionLayer<B> {
     /// Lowers `a`; `ropes` collects the distinct inverse-frequency tables of a plan.
     pub fn new(
         a: &Attention,
@@ -183,21 +182,21 @@ impl<B: Backend> AttentionLayer<B> {
             }
         };
         // Head h = g * repeats + r reads KV head g: stack its queries as rows r * tokens + i.
-        let q = q
-            .reshape([b, n, kv_heads, repeats, d])
-            .permute([0, 2, 3, 1, 4])
-            .reshape([b, kv_heads, repeats * n, d]);
+        let q = B::contiguous(
+            q.reshape([b, n, kv_heads, repeats, d])
+                .permute([0, 2, 3, 1, 4]),
+        )
+        .reshape([b, kv_heads, repeats * n, d]);
+        // Scaling q instead of the scores: fewer elements, and exact for the usual
+        // power-of-four head dimensions.
         let scale = (d as f64).powf(-0.5) as f32;
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let scores = match frame.mask(self.window, kv_heads, repeats) {
-            Some(mask) => scores + mask,
-            None => scores,
-        };
-        let context = softmax(scores, 3)
+        let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3));
+        let mask = frame.mask(self.window, kv_heads, repeats);
+        let context = B::masked_softmax(scores, mask)
             .matmul(v)
             .reshape([b, kv_heads, repeats, n, d])
-            .permute([0, 3, 1, 2, 4])
-            .reshape([b * n, heads * d]);
+            .permute([0, 3, 1, 2, 4]);
+        let context = B::contiguous(context).reshape([b * n, heads * d]);
         self.o.forward(params, context)
     }
 
@@ -211,13 +210,8 @@ impl<B: Backend> AttentionLayer<B> {
         sin: &Tensor<B, 3>,
     ) -> Tensor<B, 3> {
         let [rows, _] = x.dims();
-        let d = self.head_dim;
-        let rotated = x
-            .clone()
-            .reshape([rows * count, d])
-            .matmul(self.rotate_half.clone())
-            .reshape([rows, count, d]);
-        x.reshape([rows, count, d]) * cos.clone() + rotated * sin.clone()
+        let x = x.reshape([rows, count, self.head_dim]);
+        B::rope(x, cos.clone(), sin.clone(), self.rotate_half.clone())
     }
 }
 

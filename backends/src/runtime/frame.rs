@@ -11,7 +11,7 @@
 //! layout: a query sees a key when the key's column is not after the query's, the key is
 //! not padding, and (for a windowed layer) the key is less than `window` positions back.
 
-use burn_tensor::backend::Backend;
+use super::kernels::Kernels;
 use burn_tensor::{Int, Tensor, TensorData};
 
 use super::params::upload;
@@ -51,7 +51,7 @@ pub(crate) type CosSin<B> = (Tensor<B, 3>, Tensor<B, 3>);
 
 /// One forward call: the columns `start..start + tokens` of every sequence of `columns`,
 /// plus the rotary tables and masks built for it, shared by all its attention layers.
-pub(crate) struct Frame<B: Backend> {
+pub(crate) struct Frame<B: Kernels> {
     pub columns: Columns,
     /// First column of the call.
     pub start: usize,
@@ -68,7 +68,7 @@ pub(crate) struct Frame<B: Backend> {
 
 type MaskKey = (Option<usize>, usize, usize);
 
-impl<B: Backend> Frame<B> {
+impl<B: Kernels> Frame<B> {
     pub fn new(columns: Columns, start: usize, tokens: usize, device: &B::Device) -> Self {
         Frame {
             columns,
@@ -178,7 +178,7 @@ fn visible(
 
 /// Token ids of a batch as one `[batch * width]` tensor, each sequence right-padded with
 /// id 0 to `width`.
-pub(crate) fn upload_batch<B: Backend>(
+pub(crate) fn upload_batch<B: Kernels>(
     sequences: &[&[u32]],
     width: usize,
     device: &B::Device,
@@ -193,7 +193,7 @@ pub(crate) fn upload_batch<B: Backend>(
 }
 
 /// Row indices `[rows.len()]` as a device tensor.
-pub(crate) fn upload_rows<B: Backend>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+pub(crate) fn upload_rows<B: Kernels>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
     let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
     Tensor::from_data(TensorData::new(ids, [rows.len()]), device)
 }

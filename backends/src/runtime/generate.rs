@@ -5,7 +5,7 @@
 //! token per sequence in the next column. Only each sequence's last position reaches the
 //! lm head, and the argmax is taken on the device.
 
-use burn_tensor::backend::Backend;
+use super::kernels::Kernels;
 use burn_tensor::{Int, Tensor, TensorData};
 use upmix_ir::RuntimeError;
 
@@ -15,14 +15,14 @@ use super::plan::RunArgs;
 use super::{hidden, ids_to_host, BurnRuntime};
 
 /// The decoding state of one batch.
-pub(crate) struct Decoder<B: Backend> {
+pub(crate) struct Decoder<B: Kernels> {
     columns: Columns,
     cache: CacheSet<B>,
     /// Columns written so far.
     filled: usize,
 }
 
-impl<B: Backend> Decoder<B> {
+impl<B: Kernels> Decoder<B> {
     /// Runs `prompts` (checked, non-empty) into fresh caches with room for `steps` more
     /// columns; returns the logits of each prompt's last position, `[batch, vocab]`.
     pub fn prefill(
@@ -78,7 +78,7 @@ impl<B: Backend> Decoder<B> {
 }
 
 /// Greedy continuations of `prompts` (checked, non-empty), `max_new >= 1`.
-pub(crate) fn greedy<B: Backend>(
+pub(crate) fn greedy<B: Kernels>(
     rt: &BurnRuntime<B>,
     prompts: &[&[u32]],
     max_new: usize,

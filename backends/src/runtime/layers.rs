@@ -4,11 +4,11 @@
 //! (attention, module `attention`, is the only layer that looks across rows). The math
 //! follows Hugging Face transformers' fp32 eager implementations:
 //! - [`Projection`]: `x W^T (+ b)`, with `W^T` prepared once at load;
-//! - [`rms_norm`]: `x * 1/sqrt(mean(x^2) + eps) * w`;
 //! - [`SwiGlu`]: `down(silu(gate x) * up x)`.
+//!
+//! RMSNorm and the SwiGLU activation are [`Kernels`] (fused on the CPU).
 
-use burn_tensor::activation::silu;
-use burn_tensor::backend::Backend;
+use super::kernels::Kernels;
 use burn_tensor::{Int, Tensor};
 use upmix_ir::{FeedForward, WeightId, WeightTable};
 
@@ -25,7 +25,7 @@ pub(crate) struct Projection {
 
 impl Projection {
     /// A projection from an `[out, in]` weight and optional `[out]` bias.
-    pub fn new<B: Backend>(
+    pub fn new<B: Kernels>(
         params: &mut Params<B>,
         weights: &WeightTable,
         weight: WeightId,
@@ -40,24 +40,13 @@ impl Projection {
     }
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
-    pub fn forward<B: Backend>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    pub fn forward<B: Kernels>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let y = x.matmul(params.get(self.weight_t));
         match self.bias {
             Some(b) => y + params.get(b),
             None => y,
         }
     }
-}
-
-/// `x * 1/sqrt(mean(x^2, last dim) + eps) * weight`; `weight` is `[1, hidden]`.
-pub(crate) fn rms_norm<B: Backend>(
-    x: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
-    eps: f32,
-) -> Tensor<B, 2> {
-    let variance = x.clone().square().mean_dim(1);
-    let inv_rms = variance.add_scalar(eps).sqrt().recip();
-    x * inv_rms * weight
 }
 
 /// The embedding table's rows for each token id.
@@ -68,7 +57,7 @@ pub(crate) struct Embedding {
 }
 
 impl Embedding {
-    pub fn forward<B: Backend>(
+    pub fn forward<B: Kernels>(
         &self,
         params: &Params<B>,
         tokens: Tensor<B, 1, Int>,
@@ -90,7 +79,7 @@ pub(crate) struct SwiGlu {
 }
 
 impl SwiGlu {
-    pub fn new<B: Backend>(
+    pub fn new<B: Kernels>(
         params: &mut Params<B>,
         weights: &WeightTable,
         f: &FeedForward,
@@ -102,8 +91,11 @@ impl SwiGlu {
         })
     }
 
-    pub fn forward<B: Backend>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let gated = silu(self.gate.forward(params, x.clone())) * self.up.forward(params, x);
+    pub fn forward<B: Kernels>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let gated = B::silu_mul(
+            self.gate.forward(params, x.clone()),
+            self.up.forward(params, x),
+        );
         self.down.forward(params, gated)
     }
 }

@@ -22,6 +22,7 @@
 mod attention;
 mod frame;
 mod generate;
+mod kernels;
 mod layers;
 mod moe;
 mod params;
@@ -30,24 +31,24 @@ mod plan;
 mod tests;
 
 use burn_tensor::activation::log_softmax;
-use burn_tensor::backend::Backend;
 use burn_tensor::{Int, Tensor, TensorData};
 use upmix_ir::{HostTensor, Module, Runtime, RuntimeError, TokenScores, WeightId};
 
 use crate::BackendError;
 use frame::{upload_batch, Columns, Frame};
+pub use kernels::Kernels;
 pub use moe::MoeDispatch;
 use plan::{Plan, RunArgs, Value};
 
 /// A graph lowered for execution on burn backend `B`.
-pub struct BurnRuntime<B: Backend> {
+pub struct BurnRuntime<B: Kernels> {
     graph: String,
     plan: Plan<B>,
     device: B::Device,
     dispatch: MoeDispatch,
 }
 
-impl<B: Backend> BurnRuntime<B> {
+impl<B: Kernels> BurnRuntime<B> {
     /// Verifies graph `graph` of `module`, uploads its weights to `device` and lowers it.
     pub fn new(module: &Module, graph: &str, device: &B::Device) -> Result<Self, BackendError> {
         let g = module
@@ -132,7 +133,7 @@ impl<B: Backend> BurnRuntime<B> {
     }
 }
 
-fn hidden<B: Backend>(value: Value<B>) -> Tensor<B, 2> {
+fn hidden<B: Kernels>(value: Value<B>) -> Tensor<B, 2> {
     match value {
         Value::Hidden(t) => t,
         Value::Tokens(_) => unreachable!("the Output node carries hidden states"),
@@ -144,7 +145,7 @@ fn backend_error(e: impl std::fmt::Debug) -> RuntimeError {
 }
 
 /// Copies a device tensor to the host.
-fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor, RuntimeError> {
+fn to_host<B: Kernels, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor, RuntimeError> {
     let shape = t.dims().to_vec();
     let data = t.try_into_data().map_err(backend_error)?;
     let values = data
@@ -155,7 +156,7 @@ fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor, Ru
 }
 
 /// Copies an id tensor to the host.
-fn ids_to_host<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>, RuntimeError> {
+fn ids_to_host<B: Kernels, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>, RuntimeError> {
     let data = t.try_into_data().map_err(backend_error)?;
     let ids = data
         .convert::<i64>()
@@ -180,13 +181,16 @@ fn split_rows(t: &HostTensor, columns: &Columns) -> Vec<HostTensor> {
         .collect()
 }
 
-impl<B: Backend> Runtime for BurnRuntime<B> {
+impl<B: Kernels> Runtime for BurnRuntime<B> {
     fn logits_batch(&mut self, sequences: &[&[u32]]) -> Result<Vec<HostTensor>, RuntimeError> {
         self.check_tokens(sequences)?;
         if sequences.is_empty() {
             return Ok(Vec::new());
         }
         let (logits, columns) = self.forward_logits(sequences)?;
+        if let [_] = sequences {
+            return Ok(vec![to_host(logits)?]); // no padding rows to drop
+        }
         Ok(split_rows(&to_host(logits)?, &columns))
     }
 

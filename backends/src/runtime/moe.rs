@@ -11,8 +11,8 @@
 //! [`MoeDispatch::Dense`] keeps the reference formulation, every expert on every row
 //! weighted by a mostly-zero `[rows, experts]` matrix, for tests.
 
+use super::kernels::Kernels;
 use burn_tensor::activation::{sigmoid, softmax};
-use burn_tensor::backend::Backend;
 use burn_tensor::{IndexingUpdateOp, Int, Tensor};
 use upmix_ir::{MixtureOfExperts, RuntimeError, WeightTable};
 
@@ -49,7 +49,7 @@ pub(crate) struct MoeLayer {
 }
 
 impl MoeLayer {
-    pub fn new<B: Backend>(
+    pub fn new<B: Kernels>(
         m: &MixtureOfExperts,
         params: &mut Params<B>,
         weights: &WeightTable,
@@ -77,7 +77,7 @@ impl MoeLayer {
         })
     }
 
-    pub fn forward<B: Backend>(
+    pub fn forward<B: Kernels>(
         &self,
         params: &Params<B>,
         x: Tensor<B, 2>,
@@ -101,7 +101,7 @@ impl MoeLayer {
     }
 
     /// The top-k routing weights and expert ids of each row: `[rows, k]` each.
-    fn route<B: Backend>(
+    fn route<B: Kernels>(
         &self,
         params: &Params<B>,
         x: Tensor<B, 2>,
@@ -117,7 +117,7 @@ impl MoeLayer {
     }
 
     /// Token dispatch: each expert on its own rows only.
-    fn sparse<B: Backend>(
+    fn sparse<B: Kernels>(
         &self,
         params: &Params<B>,
         x: Tensor<B, 2>,
@@ -152,7 +152,7 @@ impl MoeLayer {
 
     /// The reference: every expert on every row, weighted by a dense `[rows, experts]`
     /// matrix that is zero outside each row's top-k.
-    fn dense<B: Backend>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn dense<B: Kernels>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let [rows, _] = x.dims();
         let (top, index) = self.route(params, x.clone());
         let weights = Tensor::<B, 2>::zeros([rows, self.experts.len()], &x.device()).scatter(

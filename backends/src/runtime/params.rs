@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use burn_tensor::backend::Backend;
+use super::kernels::Kernels;
 use burn_tensor::{DType, Tensor, TensorData};
 use upmix_ir::{HostTensor, RuntimeError, WeightError, WeightId, WeightTable};
 
@@ -31,7 +31,7 @@ pub(crate) enum Form {
     Transposed,
 }
 
-struct Entry<B: Backend> {
+struct Entry<B: Kernels> {
     weight: WeightId,
     name: String,
     form: Form,
@@ -41,14 +41,14 @@ struct Entry<B: Backend> {
 }
 
 /// The device tensors of one lowered graph.
-pub(crate) struct Params<B: Backend> {
+pub(crate) struct Params<B: Kernels> {
     entries: Vec<Entry<B>>,
     /// Original tensors of replaced entries, by entry index.
     saved: HashMap<usize, Tensor<B, 2>>,
     device: B::Device,
 }
 
-impl<B: Backend> Params<B> {
+impl<B: Kernels> Params<B> {
     pub fn new(device: &B::Device) -> Self {
         Params {
             entries: Vec::new(),
@@ -156,7 +156,7 @@ impl<B: Backend> Params<B> {
 }
 
 /// A host weight in layout `form`, uploaded to `device`.
-fn prepare<B: Backend>(
+fn prepare<B: Kernels>(
     host: HostTensor,
     form: Form,
     device: &B::Device,
@@ -176,7 +176,7 @@ fn prepare<B: Backend>(
 }
 
 /// Uploads f32 values with `shape` to `device`.
-pub(crate) fn upload<B: Backend, const D: usize>(
+pub(crate) fn upload<B: Kernels, const D: usize>(
     data: Vec<f32>,
     shape: [usize; D],
     device: &B::Device,

@@ -7,19 +7,19 @@
 
 use std::collections::{HashMap, HashSet};
 
-use burn_tensor::backend::Backend;
+use super::kernels::Kernels;
 use burn_tensor::{Int, Tensor};
 use upmix_ir::{Graph, Op, RuntimeError, WeightTable};
 
 use super::attention::{AttentionLayer, CacheSet};
 use super::frame::{upload_rows, Frame};
-use super::layers::{rms_norm, Embedding, Projection, SwiGlu};
+use super::layers::{Embedding, Projection, SwiGlu};
 use super::moe::{MoeDispatch, MoeLayer};
 use super::params::{Form, Params, P};
 use crate::BackendError;
 
 /// What one step computes.
-pub(crate) enum Layer<B: Backend> {
+pub(crate) enum Layer<B: Kernels> {
     /// Emits the token ids.
     Input,
     Embedding(Embedding),
@@ -38,7 +38,7 @@ pub(crate) enum Layer<B: Backend> {
 }
 
 /// One node of the graph, lowered.
-pub(crate) struct Step<B: Backend> {
+pub(crate) struct Step<B: Kernels> {
     pub name: String,
     pub layer: Layer<B>,
     /// Slots read, in input order.
@@ -49,14 +49,14 @@ pub(crate) struct Step<B: Backend> {
 
 /// An activation held in a slot.
 #[derive(Clone)]
-pub(crate) enum Value<B: Backend> {
+pub(crate) enum Value<B: Kernels> {
     Tokens(Tensor<B, 1, Int>),
     Hidden(Tensor<B, 2>),
 }
 
 /// The next input of step `step`, which must be hidden states (the verifier guarantees
 /// arity and activation kinds, so a mismatch is a lowering bug).
-fn next_hidden<B: Backend>(ins: &mut impl Iterator<Item = Value<B>>, step: &str) -> Tensor<B, 2> {
+fn next_hidden<B: Kernels>(ins: &mut impl Iterator<Item = Value<B>>, step: &str) -> Tensor<B, 2> {
     match ins.next() {
         Some(Value::Hidden(t)) => t,
         _ => panic!("step `{step}` is missing a hidden-state input"),
@@ -64,7 +64,7 @@ fn next_hidden<B: Backend>(ins: &mut impl Iterator<Item = Value<B>>, step: &str)
 }
 
 /// The next input of step `step`, which must be token ids.
-fn next_tokens<B: Backend>(
+fn next_tokens<B: Kernels>(
     ins: &mut impl Iterator<Item = Value<B>>,
     step: &str,
 ) -> Tensor<B, 1, Int> {
@@ -75,7 +75,7 @@ fn next_tokens<B: Backend>(
 }
 
 /// What one run of a plan is asked for, besides its tokens.
-pub(crate) struct RunArgs<'a, B: Backend> {
+pub(crate) struct RunArgs<'a, B: Kernels> {
     pub frame: &'a mut Frame<B>,
     pub cache: Option<&'a mut CacheSet<B>>,
     /// Slots whose values are returned, in this order; the run stops after the last.
@@ -87,7 +87,7 @@ pub(crate) struct RunArgs<'a, B: Backend> {
 }
 
 /// A graph lowered to steps over device tensors.
-pub(crate) struct Plan<B: Backend> {
+pub(crate) struct Plan<B: Kernels> {
     pub steps: Vec<Step<B>>,
     pub params: Params<B>,
     /// The slot the Output node writes.
@@ -100,7 +100,7 @@ pub(crate) struct Plan<B: Backend> {
     last_attention: Option<usize>,
 }
 
-impl<B: Backend> Plan<B> {
+impl<B: Kernels> Plan<B> {
     /// Lowers `graph` (already verified) with weights from `weights`, uploaded to `device`.
     pub fn lower(
         graph: &Graph,
@@ -232,7 +232,7 @@ impl<B: Backend> Plan<B> {
                 Layer::Embedding(e) => {
                     Value::Hidden(e.forward(params, next_tokens(&mut ins, name)))
                 }
-                Layer::RmsNorm { weight, eps } => Value::Hidden(rms_norm(
+                Layer::RmsNorm { weight, eps } => Value::Hidden(B::rms_norm(
                     next_hidden(&mut ins, name),
                     params.get(*weight),
                     *eps,
@@ -275,7 +275,7 @@ impl<B: Backend> Plan<B> {
 }
 
 /// Keeps only `rows` of every live hidden-state slot.
-fn select_rows<B: Backend>(slots: &mut [Option<Value<B>>], rows: &[usize]) {
+fn select_rows<B: Kernels>(slots: &mut [Option<Value<B>>], rows: &[usize]) {
     let mut index = None;
     for slot in slots.iter_mut() {
         if let Some(Value::Hidden(t)) = slot {

@@ -1,0 +1,357 @@
+//! The element-wise hot spots of a forward pass: RMSNorm, the SwiGLU activation, rotary
+//! embeddings and the masked softmax of attention scores.
+//!
+//! [`Kernels`] gives each one backend-generic default built from burn ops (what GPU
+//! backends and autodiff use). burn-flex, the CPU backend, runs each as one fused pass
+//! over memory instead of several: in place when the input is not shared, parallel over
+//! rows, with an `exp` that the compiler vectorises. The fused versions compute the same
+//! formulas in the same order as the defaults (RMSNorm accumulates its sum of squares in
+//! another order, and `exp` is a polynomial within 2 ulp of the C library's).
+
+use burn_tensor::activation::{silu, softmax};
+use burn_tensor::backend::Backend;
+use burn_tensor::Tensor;
+
+/// The fused operations a backend may provide.
+pub trait Kernels: Backend {
+    /// `x * 1/sqrt(mean(x^2, last dim) + eps) * weight`; `weight` is `[1, hidden]`.
+    fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, eps: f32) -> Tensor<Self, 2> {
+        let variance = x.clone().square().mean_dim(1);
+        let inv_rms = variance.add_scalar(eps).sqrt().recip();
+        x * inv_rms * weight
+    }
+
+    /// `silu(gate) * up`.
+    fn silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        silu(gate) * up
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on `[rows, heads, head_dim]`, with `cos` and `sin`
+    /// of the same shape; `rotate_half` is the `[head_dim, head_dim]` matrix of
+    /// `rotate_half(x) = cat(-x2, x1)` (exact: every output is one input times +-1).
+    fn rope(
+        x: Tensor<Self, 3>,
+        cos: Tensor<Self, 3>,
+        sin: Tensor<Self, 3>,
+        rotate_half: Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
+        let [rows, heads, d] = x.dims();
+        let rotated = x
+            .clone()
+            .reshape([rows * heads, d])
+            .matmul(rotate_half)
+            .reshape([rows, heads, d]);
+        x * cos + rotated * sin
+    }
+
+    /// `x` with a contiguous layout (after a permutation), same values.
+    fn contiguous<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
+        // Backends copy a non-contiguous tensor when an op needs it contiguous.
+        x
+    }
+
+    /// `softmax(scores + mask)` over the last dimension.
+    fn masked_softmax(scores: Tensor<Self, 4>, mask: Option<Tensor<Self, 4>>) -> Tensor<Self, 4> {
+        match mask {
+            Some(mask) => softmax(scores + mask, 3),
+            None => softmax(scores, 3),
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl Kernels for burn_wgpu::Wgpu {}
+
+#[cfg(feature = "cuda")]
+impl Kernels for burn_cuda::Cuda {}
+
+mod flex {
+    use burn_flex::{Flex, FlexTensor};
+    use burn_tensor::{DType, Tensor, TensorData, TensorPrimitive};
+    use rayon::prelude::*;
+
+    use super::Kernels;
+
+    /// Rows of at least this many elements in all are worth spreading over threads.
+    const PARALLEL_ELEMENTS: usize = 1 << 15;
+
+    fn raw<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+        t.into_primitive().tensor()
+    }
+
+    fn wrap<const D: usize>(t: FlexTensor) -> Tensor<Flex, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(t))
+    }
+
+    /// The values of a contiguous f32 tensor.
+    fn values(t: &FlexTensor) -> &[f32] {
+        t.as_slice::<f32>().expect("a contiguous f32 tensor")
+    }
+
+    /// Runs `f(row index, row)` over the rows (length `width`) of `t`'s values, in place
+    /// when `t` is its buffer's only owner, else on a copy.
+    fn map_rows(t: FlexTensor, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> FlexTensor {
+        let mut t = t.to_contiguous();
+        let (start, end) = t.layout().contiguous_offsets().expect("contiguous");
+        let shape = t.layout().shape().clone();
+        let run = |data: &mut [f32]| {
+            if data.len() >= PARALLEL_ELEMENTS && rayon::current_num_threads() > 1 {
+                data.par_chunks_mut(width)
+                    .enumerate()
+                    .for_each(|(i, r)| f(i, r));
+            } else {
+                data.chunks_mut(width)
+                    .enumerate()
+                    .for_each(|(i, r)| f(i, r));
+            }
+        };
+        if let Some(data) = t.try_storage_mut::<f32>() {
+            run(&mut data[start..end]);
+            return t;
+        }
+        let mut data = values(&t).to_vec();
+        run(&mut data);
+        FlexTensor::from_data(TensorData::new(data, shape))
+    }
+
+    /// Whether every tensor is f32 (the fused kernels' only dtype).
+    fn all_f32(ts: &[&FlexTensor]) -> bool {
+        ts.iter().all(|t| t.dtype() == DType::F32)
+    }
+
+    impl Kernels for Flex {
+        fn rms_norm(x: Tensor<Flex, 2>, weight: Tensor<Flex, 2>, eps: f32) -> Tensor<Flex, 2> {
+            let [_, width] = x.dims();
+            let (x, weight) = (raw(x), raw(weight).to_contiguous());
+            if !all_f32(&[&x, &weight]) {
+                let (x, weight) = (wrap(x), wrap(weight));
+                let variance = x.clone().square().mean_dim(1);
+                return x * variance.add_scalar(eps).sqrt().recip() * weight;
+            }
+            let w = values(&weight);
+            wrap(map_rows(x, width, |_, row| {
+                let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                let inv_rms = 1.0 / (mean + eps).sqrt();
+                row.iter_mut()
+                    .zip(w)
+                    .for_each(|(v, w)| *v = *v * inv_rms * w);
+            }))
+        }
+
+        fn silu_mul(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
+            let [_, width] = gate.dims();
+            let (gate, up) = (raw(gate), raw(up).to_contiguous());
+            if !all_f32(&[&gate, &up]) {
+                return burn_tensor::activation::silu(wrap::<2>(gate)) * wrap(up);
+            }
+            let up = values(&up);
+            wrap(map_rows(gate, width, |i, row| {
+                let up = &up[i * width..(i + 1) * width];
+                silu_mul_row(row, up);
+            }))
+        }
+
+        fn rope(
+            x: Tensor<Flex, 3>,
+            cos: Tensor<Flex, 3>,
+            sin: Tensor<Flex, 3>,
+            _rotate_half: Tensor<Flex, 2>,
+        ) -> Tensor<Flex, 3> {
+            let [_, _, d] = x.dims();
+            let (x, cos, sin) = (raw(x), raw(cos).to_contiguous(), raw(sin).to_contiguous());
+            assert!(all_f32(&[&x, &cos, &sin]), "rotary embeddings run in f32");
+            let (cos, sin) = (values(&cos), values(&sin));
+            let half = d / 2;
+            wrap(map_rows(x, d, |i, v| {
+                let (c, s) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
+                for j in 0..half {
+                    let (a, b) = (v[j], v[j + half]);
+                    v[j] = a * c[j] + -b * s[j];
+                    v[j + half] = b * c[j + half] + a * s[j + half];
+                }
+            }))
+        }
+
+        fn contiguous<const D: usize>(x: Tensor<Flex, D>) -> Tensor<Flex, D> {
+            let x = raw(x);
+            if x.is_contiguous() || x.dtype() != DType::F32 {
+                return wrap(x.to_contiguous());
+            }
+            wrap(copy_rows(&x).unwrap_or_else(|| x.to_contiguous()))
+        }
+
+        fn masked_softmax(
+            scores: Tensor<Flex, 4>,
+            mask: Option<Tensor<Flex, 4>>,
+        ) -> Tensor<Flex, 4> {
+            let width = scores.dims()[3];
+            let scores = raw(scores);
+            let mask = mask.map(|m| raw(m).to_contiguous());
+            if scores.dtype() != DType::F32
+                || mask.as_ref().is_some_and(|m| m.dtype() != DType::F32)
+            {
+                let scores = wrap::<4>(scores);
+                let scores = match mask {
+                    Some(m) => scores + wrap(m),
+                    None => scores,
+                };
+                return burn_tensor::activation::softmax(scores, 3);
+            }
+            let mask = mask.as_ref().map(values);
+            wrap(map_rows(scores, width, |i, row| match mask {
+                Some(mask) => {
+                    let m = &mask[i * width..(i + 1) * width];
+                    row.iter_mut().zip(m).for_each(|(v, m)| *v += m);
+                    // Keys after the last visible one (the causal future) get exactly 0,
+                    // as exp of the mask value would give; no need to compute them.
+                    let visible = m
+                        .iter()
+                        .rposition(|&m| m != f32::MIN)
+                        .map_or(width, |l| l + 1);
+                    softmax_row(&mut row[..visible]);
+                    row[visible..].fill(0.0);
+                }
+                None => softmax_row(row),
+            }))
+        }
+    }
+
+    /// A contiguous copy of an f32 tensor whose last dimension is contiguous, one row
+    /// copy at a time; `None` for other layouts.
+    fn copy_rows(t: &FlexTensor) -> Option<FlexTensor> {
+        let layout = t.layout();
+        let (shape, strides) = (layout.shape().to_vec(), layout.strides());
+        let (&width, outer) = shape.split_last()?;
+        if strides.last() != Some(&1) || strides.iter().any(|&s| s < 0) {
+            return None;
+        }
+        let src = t.storage::<f32>();
+        let start = layout.start_offset();
+        let rows: usize = outer.iter().product();
+        let mut out = vec![0f32; rows * width];
+        let copy = |row: usize, dst: &mut [f32]| {
+            // The source offset of `row`: its outer index digits times their strides.
+            let (mut rest, mut offset) = (row, start);
+            for (&n, &stride) in outer.iter().zip(strides).rev() {
+                offset += (rest % n) * stride as usize;
+                rest /= n;
+            }
+            dst.copy_from_slice(&src[offset..offset + width]);
+        };
+        if out.len() >= PARALLEL_ELEMENTS && rayon::current_num_threads() > 1 {
+            out.par_chunks_mut(width)
+                .enumerate()
+                .for_each(|(r, d)| copy(r, d));
+        } else {
+            out.chunks_mut(width)
+                .enumerate()
+                .for_each(|(r, d)| copy(r, d));
+        }
+        Some(FlexTensor::from_data(TensorData::new(out, shape)))
+    }
+
+    /// `row = silu(row) * up`, with the sigmoid split by sign as burn-flex computes it.
+    fn silu_mul_row(row: &mut [f32], up: &[f32]) {
+        for chunk in row.chunks_mut(64).zip(up.chunks(64)) {
+            let (g, u) = chunk;
+            let mut e = [0f32; 64];
+            for (e, &x) in e.iter_mut().zip(g.iter()) {
+                *e = -x.abs();
+            }
+            super::exp::exp_in_place(&mut e[..g.len()]);
+            for ((x, &e), &u) in g.iter_mut().zip(e.iter()).zip(u) {
+                // sigmoid(x) = 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) otherwise.
+                let sigmoid = if *x >= 0.0 {
+                    1.0 / (1.0 + e)
+                } else {
+                    e / (1.0 + e)
+                };
+                *x = *x * sigmoid * u;
+            }
+        }
+    }
+
+    /// `row = softmax(row)`: max, then `exp(v - max)` and its sum, then the division.
+    fn softmax_row(row: &mut [f32]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        row.iter_mut().for_each(|v| *v -= max);
+        super::exp::exp_in_place(row);
+        let sum: f32 = row.iter().sum();
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+}
+
+mod exp {
+    //! `exp` over a slice: Cody-Waite range reduction and the degree-6 polynomial of the
+    //! Cephes library's `expf` (within 2 ulp of the C library), branch-free so that the
+    //! compiler vectorises it; built for AVX2 + FMA when the CPU has them.
+
+    /// `x = exp(x)` for every element.
+    pub fn exp_in_place(xs: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { exp_avx2(xs) };
+        }
+        exp_portable(xs)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_avx2(xs: &mut [f32]) {
+        exp_portable(xs)
+    }
+
+    #[inline(always)]
+    fn exp_portable(xs: &mut [f32]) {
+        xs.iter_mut().for_each(|x| *x = exp(*x));
+    }
+
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        // Rounds to the nearest integer for |v| < 2^22.
+        const ROUND: f32 = 12_582_912.0;
+        let tiny = x < -87.336_55;
+        let x = x.clamp(-87.336_55, 88.376_26);
+        let n = (x * LOG2E + ROUND) - ROUND;
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let p = 1.987_569_1e-4;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 1.666_666_5e-1;
+        let p = p * r + 5.000_000_1e-1;
+        let y = p * (r * r) + r + 1.0;
+        // 2^n through the exponent bits; n is in [-126, 127] after the clamp.
+        let e = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // Below the smallest normal result: 0, as the C library rounds it.
+        if tiny {
+            0.0
+        } else {
+            e
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn matches_the_c_library_within_two_ulp() {
+            let mut worst = 0f32;
+            let mut x = -87.0f32;
+            while x < 88.0 {
+                let mut v = [x];
+                super::exp_in_place(&mut v);
+                let want = x.exp();
+                worst = worst.max(((v[0] - want) / want).abs());
+                x += 0.001_3;
+            }
+            assert!(worst < 2.5 * f32::EPSILON, "relative error {worst}");
+            let mut v = [f32::NEG_INFINITY, -1000.0, 0.0];
+            super::exp_in_place(&mut v);
+            assert_eq!(v, [0.0, 0.0, 1.0]);
+        }
+    }
+}
