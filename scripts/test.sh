@@ -28,7 +28,11 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 echo "=== tests on cpu ==="
 cargo test --workspace --features wgpu
 echo "=== golden suite on wgpu ==="
+# Two SmolLM2 runtime checks (sparse vs dense experts, batched scoring against batched
+# generation) compare upmix with itself and take many minutes on a software GPU: CPU only.
 UPMIX_TEST_DEVICE=wgpu cargo test --features wgpu \
-  --test golden --test merge --test upcycle --test upcycle_hidden --test smollm2 --test devices
+  --test golden --test merge --test upcycle --test upcycle_hidden --test smollm2 --test devices \
+  -- --skip upcycled_sparse_experts_equal_the_dense_reference \
+  --skip teacher_forced_argmax_agrees_with_greedy_generation
 echo "=== cargo check --features cuda ==="
 cargo check --features cuda

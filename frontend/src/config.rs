@@ -100,7 +100,7 @@ impl Windows {
             Windows::None => None,
             Windows::Every(w) => Some(w),
             Windows::From(max, w) => (layer >= max).then_some(w),
-            Windows::EvenBelow(max, w) => (layer % 2 == 0 && layer < max).then_some(w),
+            Windows::EvenBelow(max, w) => (layer.is_multiple_of(2) && layer < max).then_some(w),
             Windows::Layers(ref sliding, w) => sliding.get(layer).copied()?.then_some(w),
         }
     }

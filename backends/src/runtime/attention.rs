@@ -56,10 +56,9 @@ impl<B: Kernels> KvCache<B> {
             cache.k = Tensor::cat(vec![cache.k, grown.k], 2);
             cache.v = Tensor::cat(vec![cache.v, grown.v], 2);
         }
-        // The cache tensors are uniquely held here, so backends write them in place.
-        let range = [0..b, 0..h, start..end, 0..d];
-        cache.k = cache.k.slice_assign(range.clone(), k);
-        cache.v = cache.v.slice_assign(range, v);
+        // The cache tensors are uniquely held here, so they are written in place.
+        cache.k = B::write_columns(cache.k, start, k);
+        cache.v = B::write_columns(cache.v, start, v);
         let filled = [0..b, 0..h, 0..end, 0..d];
         let views = (
             cache.k.clone().slice(filled.clone()),

@@ -50,6 +50,17 @@ pub trait Kernels: Backend {
         x
     }
 
+    /// `cache` with `values` (`[b, h, n, d]`) written at positions `start..start + n` of
+    /// its third dimension, in place where the backend can.
+    fn write_columns(
+        cache: Tensor<Self, 4>,
+        start: usize,
+        values: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        let [b, h, n, d] = values.dims();
+        cache.slice_assign([0..b, 0..h, start..start + n, 0..d], values)
+    }
+
     /// `softmax(scores + mask)` over the last dimension.
     fn masked_softmax(scores: Tensor<Self, 4>, mask: Option<Tensor<Self, 4>>) -> Tensor<Self, 4> {
         match mask {
@@ -91,7 +102,12 @@ mod flex {
     /// Runs `f(row index, row)` over the rows (length `width`) of `t`'s values, in place
     /// when `t` is its buffer's only owner, else on a copy.
     fn map_rows(t: FlexTensor, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> FlexTensor {
-        let mut t = t.to_contiguous();
+        let mut t = {
+            // Drop the input's handle, so that a contiguous input stays uniquely owned.
+            let contiguous = t.to_contiguous();
+            drop(t);
+            contiguous
+        };
         let (start, end) = t.layout().contiguous_offsets().expect("contiguous");
         let shape = t.layout().shape().clone();
         let run = |data: &mut [f32]| {
@@ -178,6 +194,33 @@ mod flex {
                 return wrap(x.to_contiguous());
             }
             wrap(copy_rows(&x).unwrap_or_else(|| x.to_contiguous()))
+        }
+
+        fn write_columns(
+            cache: Tensor<Flex, 4>,
+            start: usize,
+            values: Tensor<Flex, 4>,
+        ) -> Tensor<Flex, 4> {
+            let [b, h, n, d] = values.dims();
+            let capacity = cache.dims()[2];
+            let mut cache = raw(cache);
+            let values = raw(values);
+            let fits = cache.dtype() == DType::F32
+                && values.dtype() == DType::F32
+                && cache.layout().contiguous_offsets() == Some((0, b * h * capacity * d));
+            if !fits {
+                let range = [0..b, 0..h, start..start + n, 0..d];
+                return wrap::<4>(cache).slice_assign(range, wrap(values));
+            }
+            let values = values.to_contiguous();
+            let src = values.as_slice::<f32>().expect("contiguous f32");
+            // Unique: written in place; shared (never, in the runtime): copied once first.
+            let dst = cache.storage_mut::<f32>();
+            for (i, rows) in src.chunks(n * d).enumerate() {
+                let at = (i * capacity + start) * d;
+                dst[at..at + n * d].copy_from_slice(rows);
+            }
+            wrap(cache)
         }
 
         fn masked_softmax(
@@ -323,7 +366,7 @@ mod exp {
         let p = p * r + 8.333_452e-3;
         let p = p * r + 4.166_579_6e-2;
         let p = p * r + 1.666_666_5e-1;
-        let p = p * r + 5.000_000_1e-1;
+        let p = p * r + 0.5;
         let y = p * (r * r) + r + 1.0;
         // 2^n through the exponent bits; n is in [-126, 127] after the clamp.
         let e = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
@@ -353,5 +396,69 @@ mod exp {
             super::exp_in_place(&mut v);
             assert_eq!(v, [0.0, 0.0, 1.0]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn_flex::{Flex, FlexDevice};
+    use burn_tensor::{Tensor, TensorData, TensorPrimitive};
+
+    use super::Kernels;
+
+    fn buffer<const D: usize>(t: &Tensor<Flex, D>) -> *const u8 {
+        match t.clone().into_primitive() {
+            TensorPrimitive::Float(t) => t.bytes().as_ptr(),
+            TensorPrimitive::QFloat(_) => unreachable!(),
+        }
+    }
+
+    fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+        Tensor::from_data(TensorData::new(values, shape), &FlexDevice)
+    }
+
+    #[test]
+    fn cache_writes_and_norms_reuse_the_buffer_they_are_given() {
+        let cache = Tensor::<Flex, 4>::zeros([2, 3, 10, 4], &FlexDevice);
+        let before = buffer(&cache);
+        let values = tensor((0..48).map(|v| v as f32).collect(), [2, 3, 2, 4]);
+        let cache = Flex::write_columns(cache, 5, values.clone());
+        assert_eq!(buffer(&cache), before, "the cache was copied");
+        let written = cache.clone().slice([0..2, 0..3, 5..7, 0..4]);
+        assert_eq!(written.into_data(), values.into_data());
+
+        let x = tensor((0..12).map(|v| v as f32).collect(), [3, 4]);
+        let before = buffer(&x);
+        let weight = Tensor::<Flex, 2>::ones([1, 4], &FlexDevice);
+        assert_eq!(buffer(&Flex::rms_norm(x, weight, 1e-5)), before);
+    }
+
+    #[test]
+    fn fused_kernels_equal_the_composed_ops() {
+        let x = tensor(
+            (0..24).map(|v| (v as f32 * 0.37).sin() * 3.0).collect(),
+            [4, 6],
+        );
+        let y = tensor((0..24).map(|v| (v as f32 * 0.11).cos()).collect(), [4, 6]);
+        let w = tensor((0..6).map(|v| 1.0 + v as f32 * 0.1).collect(), [1, 6]);
+        let close = |a: Tensor<Flex, 2>, b: Tensor<Flex, 2>| {
+            let diff = (a - b).abs().max().into_scalar();
+            assert!(diff < 1e-6, "{diff}");
+        };
+        let variance = x.clone().square().mean_dim(1);
+        let norm = x.clone() * variance.add_scalar(1e-5).sqrt().recip() * w.clone();
+        close(Flex::rms_norm(x.clone(), w, 1e-5), norm);
+        let swiglu = burn_tensor::activation::silu(x.clone()) * y.clone();
+        close(Flex::silu_mul(x.clone(), y.clone()), swiglu);
+        let mask = tensor(
+            (0..24)
+                .map(|i| if i % 6 > i / 6 { f32::MIN } else { 0.0 })
+                .collect(),
+            [1, 1, 4, 6],
+        );
+        let scores = x.reshape([1, 1, 4, 6]);
+        let want = burn_tensor::activation::softmax(scores.clone() + mask.clone(), 3);
+        let got = Flex::masked_softmax(scores, Some(mask));
+        close(got.reshape([4, 6]), want.reshape([4, 6]));
     }
 }
