@@ -110,24 +110,27 @@ mod flex {
         };
         let (start, end) = t.layout().contiguous_offsets().expect("contiguous");
         let shape = t.layout().shape().clone();
-        let run = |data: &mut [f32]| {
-            if data.len() >= PARALLEL_ELEMENTS && rayon::current_num_threads() > 1 {
-                data.par_chunks_mut(width)
-                    .enumerate()
-                    .for_each(|(i, r)| f(i, r));
-            } else {
-                data.chunks_mut(width)
-                    .enumerate()
-                    .for_each(|(i, r)| f(i, r));
-            }
-        };
         if let Some(data) = t.try_storage_mut::<f32>() {
-            run(&mut data[start..end]);
+            for_each_row(&mut data[start..end], width, f);
             return t;
         }
         let mut data = values(&t).to_vec();
-        run(&mut data);
+        for_each_row(&mut data, width, f);
         FlexTensor::from_data(TensorData::new(data, shape))
+    }
+
+    /// Runs `f(row index, row)` over the rows (length `width`) of `data`, on several
+    /// threads when there is enough of it.
+    fn for_each_row(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+        if data.len() >= PARALLEL_ELEMENTS && rayon::current_num_threads() > 1 {
+            data.par_chunks_mut(width)
+                .enumerate()
+                .for_each(|(i, r)| f(i, r));
+        } else {
+            data.chunks_mut(width)
+                .enumerate()
+                .for_each(|(i, r)| f(i, r));
+        }
     }
 
     /// Whether every tensor is f32 (the fused kernels' only dtype).
@@ -281,15 +284,7 @@ mod flex {
             }
             dst.copy_from_slice(&src[offset..offset + width]);
         };
-        if out.len() >= PARALLEL_ELEMENTS && rayon::current_num_threads() > 1 {
-            out.par_chunks_mut(width)
-                .enumerate()
-                .for_each(|(r, d)| copy(r, d));
-        } else {
-            out.chunks_mut(width)
-                .enumerate()
-                .for_each(|(r, d)| copy(r, d));
-        }
+        for_each_row(&mut out, width, copy);
         Some(FlexTensor::from_data(TensorData::new(out, shape)))
     }
 

@@ -538,15 +538,20 @@ fn norm_and_attention_match_naive_reference() {
     assert!(diff < 1e-5, "logits: max diff {diff}");
 }
 
-#[test]
-fn moe_with_shared_expert_matches_naive_reference() {
-    let model = HostModel::random(BASE, 11).with_moe(12, |rng, _| HostMlp::Moe {
+/// Four random experts, top-2, and a gated shared expert in every layer.
+fn moe_model(seed: u64, normalize: bool) -> HostModel {
+    HostModel::random(BASE, seed).with_moe(seed + 1, |rng, _| HostMlp::Moe {
         router: rng.vec(4 * BASE.hidden, 1.0),
         experts: (0..4).map(|_| random_ffn(rng, &BASE)).collect(),
         top_k: 2,
-        normalize: false,
+        normalize,
         shared: Some((random_ffn(rng, &BASE), Some(rng.vec(BASE.hidden, 1.0)))),
-    });
+    })
+}
+
+#[test]
+fn moe_with_shared_expert_matches_naive_reference() {
+    let model = moe_model(11, false);
     let mut rt = model.runtime();
     let want = reference(&model, &PROMPT);
     let got = rt.hidden_states(&PROMPT, "layers.0.ffn").unwrap();
@@ -668,13 +673,7 @@ fn sliding_window_matches_naive_reference() {
 
 #[test]
 fn sparse_moe_equals_the_dense_reference() {
-    let model = HostModel::random(BASE, 111).with_moe(112, |rng, _| HostMlp::Moe {
-        router: rng.vec(4 * BASE.hidden, 1.0),
-        experts: (0..4).map(|_| random_ffn(rng, &BASE)).collect(),
-        top_k: 2,
-        normalize: true,
-        shared: Some((random_ffn(rng, &BASE), Some(rng.vec(BASE.hidden, 1.0)))),
-    });
+    let model = moe_model(111, true);
     let mut rt = model.runtime();
     let tokens: Vec<u32> = (0..64).map(|i| (i * 11 % 32) as u32).collect();
     let sparse = rt.logits(&tokens).unwrap();
