@@ -14,6 +14,11 @@ use burn_tensor::Tensor;
 
 /// The fused operations a backend may provide.
 pub trait Kernels: Backend {
+    /// `x w` for activations `x` (`[rows, in]`) and a prepared `[in, out]` weight.
+    fn project(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(w)
+    }
+
     /// `x * 1/sqrt(mean(x^2, last dim) + eps) * weight`; `weight` is `[1, hidden]`.
     fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, eps: f32) -> Tensor<Self, 2> {
         let variance = x.clone().square().mean_dim(1);
@@ -138,7 +143,50 @@ mod flex {
         ts.iter().all(|t| t.dtype() == DType::F32)
     }
 
+    /// Up to this many rows, [`Kernels::project`] streams the weight once for all rows
+    /// instead of calling gemm, which packs the whole weight before multiplying: for a
+    /// decode step that copy costs more than the product.
+    const STREAMED_ROWS: usize = 4;
+
     impl Kernels for Flex {
+        fn project(x: Tensor<Flex, 2>, w: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
+            let ([rows, k], [_, n]) = (x.dims(), w.dims());
+            let (x, w) = (raw(x).to_contiguous(), raw(w));
+            let streamable = rows <= STREAMED_ROWS
+                && all_f32(&[&x, &w])
+                && w.layout().contiguous_offsets().is_some();
+            if !streamable {
+                return wrap::<2>(x).matmul(wrap(w));
+            }
+            let (xs, ws) = (values(&x), values(&w));
+            // The weight is read once, front to back: each thread streams a band of its
+            // rows into its own `[rows, out]` sums, and the bands' sums are added.
+            let threads = rayon::current_num_threads();
+            let bands = if threads > 1 && n * k >= PARALLEL_ELEMENTS {
+                threads
+            } else {
+                1
+            };
+            let band = k.div_ceil(bands);
+            let sums: Vec<Vec<f32>> = (0..k)
+                .step_by(band)
+                .collect::<Vec<_>>()
+                .par_iter()
+                .map(|&first| {
+                    let mut acc = vec![0f32; rows * n];
+                    let last = (first + band).min(k);
+                    super::axpy::rows_times_band(xs, ws, k, n, first..last, &mut acc);
+                    acc
+                })
+                .collect();
+            let mut sums = sums.into_iter();
+            let mut out = sums.next().expect("at least one band");
+            for sum in sums {
+                out.iter_mut().zip(&sum).for_each(|(o, s)| *o += s);
+            }
+            wrap(FlexTensor::from_data(TensorData::new(out, [rows, n])))
+        }
+
         fn rms_norm(x: Tensor<Flex, 2>, weight: Tensor<Flex, 2>, eps: f32) -> Tensor<Flex, 2> {
             let [_, width] = x.dims();
             let (x, weight) = (raw(x), raw(weight).to_contiguous());
@@ -319,6 +367,76 @@ mod flex {
     }
 }
 
+mod axpy {
+    //! The streamed product of a few rows with a band of weight rows.
+
+    use std::ops::Range;
+
+    /// `acc[r, j] += sum_{i in band} x[r, i] * w[i, j]`; `x` is `[rows, k]`, `w` is
+    /// `[k, n]`, `acc` is `[rows, n]`.
+    pub fn rows_times_band(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        n: usize,
+        band: Range<usize>,
+        acc: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { rows_times_band_avx2(x, w, k, n, band, acc) };
+        }
+        rows_times_band_portable(x, w, k, n, band, acc)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_times_band_avx2(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        n: usize,
+        band: Range<usize>,
+        acc: &mut [f32],
+    ) {
+        rows_times_band_portable(x, w, k, n, band, acc)
+    }
+
+    #[inline(always)]
+    fn rows_times_band_portable(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        n: usize,
+        band: Range<usize>,
+        acc: &mut [f32],
+    ) {
+        // Four weight rows per pass over the sums, so the sums move a quarter as often.
+        let mut i = band.start;
+        while i + 4 <= band.end {
+            let row = |d: usize| &w[(i + d) * n..(i + d + 1) * n];
+            let (w0, w1, w2, w3) = (row(0), row(1), row(2), row(3));
+            for (r, acc) in acc.chunks_mut(n).enumerate() {
+                let xr = &x[r * k + i..r * k + i + 4];
+                let (x0, x1, x2, x3) = (xr[0], xr[1], xr[2], xr[3]);
+                let columns = acc.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3);
+                for ((((a, &a0), &a1), &a2), &a3) in columns {
+                    *a += x0 * a0 + x1 * a1 + x2 * a2 + x3 * a3;
+                }
+            }
+            i += 4;
+        }
+        for i in i..band.end {
+            let w_row = &w[i * n..(i + 1) * n];
+            for (r, acc) in acc.chunks_mut(n).enumerate() {
+                let xv = x[r * k + i];
+                acc.iter_mut().zip(w_row).for_each(|(a, &w)| *a += xv * w);
+            }
+        }
+    }
+}
+
 mod exp {
     //! `exp` over a slice: Cody-Waite range reduction and the degree-6 polynomial of the
     //! Cephes library's `expf` (within 2 ulp of the C library), branch-free so that the
@@ -440,6 +558,10 @@ mod tests {
             let diff = (a - b).abs().max().into_scalar();
             assert!(diff < 1e-6, "{diff}");
         };
+        // The streamed projection of a few rows (9 input rows: two bands of four and one).
+        let few = tensor((0..27).map(|v| (v as f32 * 0.29).sin()).collect(), [3, 9]);
+        let w9 = tensor((0..54).map(|v| (v as f32 * 0.13).cos()).collect(), [9, 6]);
+        close(Flex::project(few.clone(), w9.clone()), few.matmul(w9));
         let variance = x.clone().square().mean_dim(1);
         let norm = x.clone() * variance.add_scalar(1e-5).sqrt().recip() * w.clone();
         close(Flex::rms_norm(x.clone(), w, 1e-5), norm);
