@@ -5,7 +5,7 @@
 # run by upmix (cpu) and by transformers (LlamaForCausalLM / MixtralForCausalLM, float32,
 # its default sdpa attention), at 1 and 2 threads. Measured: prefill of 256 tokens,
 # prefill of a batch of 8 such prompts, greedy decode tok/s after prompts of 100 and 1000
-# tokens (64 steps each), peak RSS. Prints the table and the ratios the targets name.
+# tokens (128 steps each), peak RSS. Prints the table and the ratios the targets name.
 #
 # Needs: scripts/fetch-models.sh, scripts/setup-fixture-env.sh, and the experts of
 # scripts/bench/upcycle.sh (made by its first run).
@@ -38,7 +38,7 @@ fi
 
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
-opts=(--prompt-tokens 256 --batch 8 --decode-tokens 64 --decode-at 100,1000)
+opts=(--prompt-tokens 256 --batch 8 --decode-tokens 128 --decode-at 100,1000)
 for threads in 1 2; do
   for model in dense moe; do
     dir="$dense"; [ "$model" = moe ] && dir="$moe"
@@ -60,7 +60,7 @@ for r in rows:
     d = r["decode_tok_s"]
     print(f"{r['tool']:<8} {r['model']:<6} {r['threads']:>3} {r['prefill_tok_s']:>8.1f} "
           f"{r['batch_prefill_tok_s']:>8.1f} {d['100']:>8.1f} {d['1000']:>9.1f} {r['peak_rss_mb']:>7.0f}")
-print("(tok/s; prefill 256 tokens, batch 8 x 256, decode 64 steps after 100 / 1000 tokens)")
+print("(tok/s; prefill 256 tokens, batch 8 x 256, decode 128 steps after 100 / 1000 tokens)")
 for t in ("1", "2"):
     ud, um = get("upmix", "dense", t), get("upmix", "moe", t)
     pd, pm = get("pytorch", "dense", t), get("pytorch", "moe", t)
