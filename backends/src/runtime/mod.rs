@@ -16,8 +16,10 @@
 //! - `replace_weights` / `restore_weights`: re-upload a few weights in place;
 //! - `hidden_states_at`: the plan run up to the named nodes.
 //!
-//! The code is generic over `B: Backend`, so the same plan runs on the CPU backend, on GPU
-//! backends, and on `Autodiff<B>`, whose parameters live in the one store.
+//! The code is generic over `B: Kernels` (a burn `Backend` with the element-wise hot spots
+//! of module `kernels`, fused on the CPU), so the same plan runs on the CPU backend, on GPU
+//! backends and, given a `Kernels` impl, on `Autodiff<B>`, whose parameters live in the
+//! one store.
 
 mod attention;
 mod frame;

@@ -1,0 +1,86 @@
+//! The element-wise hot spots of a forward pass: RMSNorm, the SwiGLU activation, rotary
+//! embeddings and the masked softmax of attention scores.
+//!
+//! [`Kernels`] gives each one backend-generic default built from burn ops (what GPU
+//! backends and autodiff use). burn-flex, the CPU backend, runs each as one fused pass
+//! over memory instead of several: in place when the input is not shared, parallel over
+//! rows, with an `exp` that the compiler vectorises. The fused versions compute the same
+//! formulas in the same order as the defaults (RMSNorm accumulates its sum of squares in
+//! another order, and `exp` is a polynomial within 2 ulp of the C library's).
+
+use burn_tensor::activation::{silu, softmax};
+use burn_tensor::backend::Backend;
+use burn_tensor::Tensor;
+
+/// The fused operations a backend may provide.
+pub trait Kernels: Backend {
+    /// `x w` for activations `x` (`[rows, in]`) and a prepared `[in, out]` weight.
+    fn project(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(w)
+    }
+
+    /// `x * 1/sqrt(mean(x^2, last dim) + eps) * weight`; `weight` is `[1, hidden]`.
+    fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, eps: f32) -> Tensor<Self, 2> {
+        let variance = x.clone().square().mean_dim(1);
+        let inv_rms = variance.add_scalar(eps).sqrt().recip();
+        x * inv_rms * weight
+    }
+
+    /// `silu(gate) * up`.
+    fn silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        silu(gate) * up
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on `[rows, heads, head_dim]`, with `cos` and `sin`
+    /// of the same shape; `rotate_half` is the `[head_dim, head_dim]` matrix of
+    /// `rotate_half(x) = cat(-x2, x1)` (exact: every output is one input times +-1).
+    fn rope(
+        x: Tensor<Self, 3>,
+        cos: Tensor<Self, 3>,
+        sin: Tensor<Self, 3>,
+        rotate_half: Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
+        let [rows, heads, d] = x.dims();
+        let rotated = x
+            .clone()
+            .reshape([rows * heads, d])
+            .matmul(rotate_half)
+            .reshape([rows, heads, d]);
+        x * cos + rotated * sin
+    }
+
+    /// `x` with a contiguous layout (after a permutation), same values.
+    fn contiguous<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, D> {
+        // Backends copy a non-contiguous tensor when an op needs it contiguous.
+        x
+    }
+
+    /// `cache` with `values` (`[b, h, n, d]`) written at positions `start..start + n` of
+    /// its third dimension, in place where the backend can.
+    fn write_columns(
+        cache: Tensor<Self, 4>,
+        start: usize,
+        values: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        let [b, h, n, d] = values.dims();
+        cache.slice_assign([0..b, 0..h, start..start + n, 0..d], values)
+    }
+
+    /// `softmax(scores + mask)` over the last dimension.
+    fn masked_softmax(scores: Tensor<Self, 4>, mask: Option<Tensor<Self, 4>>) -> Tensor<Self, 4> {
+        match mask {
+            Some(mask) => softmax(scores + mask, 3),
+            None => softmax(scores, 3),
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl Kernels for burn_wgpu::Wgpu {}
+
+#[cfg(feature = "cuda")]
+impl Kernels for burn_cuda::Cuda {}
+
+mod axpy;
+mod exp;
+mod flex;
