@@ -184,6 +184,8 @@ mod gpu {
 }
 use gpu::{cuda_runtime, wgpu_runtime};
 
+// Unused in a build with every GPU feature, except by the tests of its message.
+#[cfg_attr(all(feature = "wgpu", feature = "cuda"), allow(dead_code))]
 fn not_compiled(device: DeviceSpec, feature: &str) -> BackendError {
     BackendError::DeviceNotCompiled {
         device: device.to_string(),
