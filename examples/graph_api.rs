@@ -7,7 +7,7 @@
 use upmix::backends::{load_runtime, DeviceSpec};
 use upmix::ir::{
     print_graph, Attention, DecoderBlock, FeedForward, GraphBuilder, HostTensor, ModelMeta, Module,
-    Op, Rope, RopeScaling, WeightId,
+    Op, Rope, RopePairs, RopeScaling, WeightId,
 };
 use upmix::passes::{create, PassContext, PassManager};
 
@@ -95,10 +95,12 @@ fn build(m: &mut Module, name: &str, mut seed: u64) {
             n_heads: HEADS,
             n_kv_heads: KV_HEADS,
             head_dim: HEAD_DIM,
-            rope: Rope {
+            rope: Some(Rope {
                 theta: 10_000.0,
                 scaling: RopeScaling::None,
-            },
+                pairs: RopePairs::Halves,
+            }),
+            qk_norm: None,
             window: None,
         };
         let ffn = FeedForward {

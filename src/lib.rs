@@ -8,6 +8,7 @@ pub mod check;
 pub mod pipeline;
 
 pub use upmix_backends as backends;
+pub use upmix_formats as formats;
 pub use upmix_frontend as frontend;
 pub use upmix_ir as ir;
 pub use upmix_passes as passes;

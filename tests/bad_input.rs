@@ -303,7 +303,7 @@ fn unknown_architecture_lists_the_supported_ones() {
             "supported: ",
         ],
     );
-    for (arch, _) in upmix_frontend::names::ARCHITECTURES {
+    for (arch, _, _) in upmix::formats::hf::ARCHITECTURES {
         assert_contains(&msg, &[arch]);
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use upmix_ir::{Rope, RopeScaling};
+use upmix_ir::{Rope, RopePairs, RopeScaling};
 
 use crate::error::{io, FrontendError};
 
@@ -20,7 +20,21 @@ pub struct HfConfig {
     pub num_key_value_heads: Option<usize>,
     #[serde(default)]
     pub head_dim: Option<usize>,
-    pub rms_norm_eps: f64,
+    /// Llama-style families' norm epsilon (required for them).
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    /// Cohere's LayerNorm epsilon (required for it).
+    #[serde(default)]
+    pub layer_norm_eps: Option<f64>,
+    /// Cohere: the logits are the lm head's output times this (required for it).
+    #[serde(default)]
+    pub logit_scale: Option<f64>,
+    /// Cohere: per-head LayerNorms of queries and keys.
+    #[serde(default)]
+    pub use_qk_norm: Option<bool>,
+    /// Cohere2 before `layer_types`: layer `i` is global when `(i + 1) % pattern == 0`.
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
     pub vocab_size: usize,
     #[serde(default)]
     pub max_position_embeddings: Option<usize>,
@@ -171,13 +185,57 @@ impl HfConfig {
         }
     }
 
+    /// `layer_types` as one flag per layer (`true`: sliding), checked: one entry per
+    /// layer, each `sliding_attention` or `full_attention`.
+    pub fn sliding_layers(&self) -> Result<Option<Vec<bool>>, String> {
+        let Some(types) = &self.layer_types else {
+            return Ok(None);
+        };
+        if types.len() != self.num_hidden_layers {
+            return Err(format!(
+                "`layer_types` has {} entries for {} layers (num_hidden_layers)",
+                types.len(),
+                self.num_hidden_layers
+            ));
+        }
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                "sliding_attention" => Ok(true),
+                "full_attention" => Ok(false),
+                other => Err(format!(
+                    "`layer_types[{i}]` is `{other}`; expected `sliding_attention` or `full_attention`"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
     /// The sliding windows, as transformers applies them for architecture `arch`: Mistral
     /// and Mixtral window every layer (Mistral's default is 4096 when the field is
     /// absent); Qwen2 and Qwen2-MoE only with `use_sliding_window`, on the layers
-    /// `layer_types` names, else those `max_window_layers` selects; Llama never.
-    pub fn windows(&self, arch: &str) -> Windows {
+    /// `layer_types` names, else those `max_window_layers` selects; Cohere2 on the layers
+    /// `layer_types` names, else three of every `sliding_window_pattern` (default 4); Llama
+    /// and Cohere never. A malformed `layer_types` or a Cohere2 config without a window is
+    /// an error naming the field.
+    pub fn windows(&self, arch: &str) -> Result<Windows, String> {
         let window = self.sliding_window.flatten();
-        match arch {
+        let sliding = self.sliding_layers()?;
+        if arch == "Cohere2ForCausalLM" {
+            let w = window.ok_or("missing field `sliding_window` (Cohere2 requires it)")?;
+            let pattern = self.sliding_window_pattern.unwrap_or(4);
+            if pattern == 0 {
+                return Err("`sliding_window_pattern` is 0; it must be positive".into());
+            }
+            let sliding = sliding.unwrap_or_else(|| {
+                (0..self.num_hidden_layers)
+                    .map(|i| !(i + 1).is_multiple_of(pattern))
+                    .collect()
+            });
+            return Ok(Windows::Layers(sliding, w));
+        }
+        Ok(match arch {
             "MistralForCausalLM" => match self.sliding_window.unwrap_or(Some(4096)) {
                 Some(w) => Windows::Every(w),
                 None => Windows::None,
@@ -185,11 +243,10 @@ impl HfConfig {
             "MixtralForCausalLM" => window.map_or(Windows::None, Windows::Every),
             "Qwen2ForCausalLM" | "Qwen2MoeForCausalLM" => {
                 let Some(w) = window.filter(|_| self.use_sliding_window == Some(true)) else {
-                    return Windows::None;
+                    return Ok(Windows::None);
                 };
-                if let Some(types) = &self.layer_types {
-                    let sliding = types.iter().map(|t| t == "sliding_attention").collect();
-                    return Windows::Layers(sliding, w);
+                if let Some(sliding) = sliding {
+                    return Ok(Windows::Layers(sliding, w));
                 }
                 let max = self.max_window_layers.unwrap_or(28);
                 if arch == "Qwen2ForCausalLM" {
@@ -199,7 +256,7 @@ impl HfConfig {
                 }
             }
             _ => Windows::None,
-        }
+        })
     }
 
     /// The RoPE settings, from whichever spelling the file uses.
@@ -242,7 +299,11 @@ impl HfConfig {
                 })
             }
         };
-        Ok(Rope { theta, scaling })
+        Ok(Rope {
+            theta,
+            scaling,
+            pairs: RopePairs::Halves,
+        })
     }
 }
 
@@ -260,7 +321,7 @@ mod window_tests {
     }
 
     fn per_layer(c: &HfConfig, arch: &str) -> Vec<Option<usize>> {
-        let w = c.windows(arch);
+        let w = c.windows(arch).unwrap();
         (0..4).map(|i| w.of(i)).collect()
     }
 
@@ -290,11 +351,47 @@ mod window_tests {
         );
         let typed = config(
             r#", "sliding_window": 16, "use_sliding_window": true,
-               "layer_types": ["full_attention", "sliding_attention"]"#,
+               "layer_types": ["full_attention", "sliding_attention", "full_attention",
+                               "full_attention"]"#,
         );
         assert_eq!(
             per_layer(&typed, "Qwen2ForCausalLM"),
             vec![None, Some(16), None, None]
+        );
+    }
+
+    #[test]
+    fn cohere2_windows_three_sliding_to_one_global() {
+        let c = config(r#", "sliding_window": 16"#);
+        assert_eq!(
+            per_layer(&c, "Cohere2ForCausalLM"),
+            vec![Some(16), Some(16), Some(16), None]
+        );
+        let c = config(r#", "sliding_window": 16, "sliding_window_pattern": 2"#);
+        assert_eq!(
+            per_layer(&c, "Cohere2ForCausalLM"),
+            vec![Some(16), None, Some(16), None]
+        );
+        let err = config("").windows("Cohere2ForCausalLM").unwrap_err();
+        assert!(err.contains("sliding_window"), "{err}");
+    }
+
+    #[test]
+    fn malformed_layer_types_name_the_field() {
+        let short = config(r#", "sliding_window": 16, "layer_types": ["full_attention"]"#);
+        let err = short.windows("Cohere2ForCausalLM").unwrap_err();
+        assert!(
+            err.contains("`layer_types` has 1 entries for 4 layers"),
+            "{err}"
+        );
+        let odd = config(
+            r#", "sliding_window": 16, "layer_types": ["full_attention", "sliding_attention",
+                "chunked_attention", "full_attention"]"#,
+        );
+        let err = odd.windows("Cohere2ForCausalLM").unwrap_err();
+        assert!(
+            err.contains("`layer_types[2]` is `chunked_attention`"),
+            "{err}"
         );
     }
 }

@@ -3,13 +3,14 @@
 
 use std::path::Path;
 
+use upmix_formats::{Family, Role};
 use upmix_ir::{
-    Attention, DecoderBlock, FeedForward, Graph, GraphBuilder, ModelMeta, Op, Rope, WeightId,
+    Attention, DecoderBlock, FeedForward, Graph, GraphBuilder, ModelMeta, Op, ParallelBlock,
+    QkNorm, Rope, WeightId,
 };
 
 use crate::config::Windows;
 use crate::error::FrontendError;
-use crate::names::Family;
 
 /// The family of architecture `arch` in a format's `table`, or an error listing the
 /// supported ones.
@@ -39,12 +40,42 @@ pub(crate) struct Hyper {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub vocab: usize,
+    /// The epsilon of every norm.
     pub eps: f32,
     pub rope: Rope,
     /// q/k/v projections carry biases.
     pub attn_bias: bool,
     /// Which layers attend through a sliding window.
     pub windows: Windows,
+    /// Cohere's layout: parallel blocks, LayerNorms, a logit scale; see [`CohereParts`].
+    pub cohere: Option<CohereParts>,
+}
+
+/// What a Cohere-family decoder adds to a Llama-style one: parallel blocks with one
+/// LayerNorm (no bias; the final norm too), optional per-head q/k LayerNorms, logits times
+/// `logit_scale`; Cohere2's layers without a window have no positional encoding.
+#[derive(Clone, Debug)]
+pub(crate) struct CohereParts {
+    pub qk_norm: bool,
+    pub logit_scale: f32,
+    pub nope_global: bool,
+}
+
+impl Hyper {
+    /// The norm op over `weight` (LayerNorm in Cohere models, else RMSNorm).
+    fn norm(&self, weight: WeightId) -> Op {
+        match self.cohere {
+            Some(_) => Op::LayerNorm {
+                weight,
+                bias: None,
+                eps: self.eps,
+            },
+            None => Op::RmsNorm {
+                weight,
+                eps: self.eps,
+            },
+        }
+    }
 }
 
 impl Hyper {
@@ -91,31 +122,20 @@ impl Hyper {
         }
         if !self.eps.is_finite() || self.eps < 0.0 {
             return bad(format!(
-                "RMS norm epsilon {} is not a finite non-negative number",
+                "norm epsilon {} is not a finite non-negative number",
                 self.eps
             ));
+        }
+        if let Some(scale) = self.cohere.as_ref().map(|c| c.logit_scale) {
+            if !scale.is_finite() {
+                return bad(format!("logit_scale {scale} is not a finite number"));
+            }
         }
         if self.windows.span() == Some(0) {
             return bad("sliding_window is 0; it must be positive".into());
         }
         Ok(())
     }
-}
-
-/// The role of a tensor in a decoder.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Role {
-    Embed,
-    FinalNorm,
-    LmHead,
-    AttnNorm,
-    FfnNorm,
-    /// Attention projections q, k, v, o (index 0..4).
-    Attn(usize),
-    /// Attention biases q, k, v (index 0..3).
-    AttnBias(usize),
-    /// Dense SwiGLU gate, up, down (index 0..3).
-    Mlp(usize),
 }
 
 /// Where a format's tensors come from.
@@ -161,53 +181,90 @@ pub(crate) fn build_decoder(
     src: &mut dyn TensorSource,
 ) -> Result<Graph, FrontendError> {
     h.check(path)?;
-    // kv_heads <= heads once checked, so neither product overflows.
-    let (d, q, kv) = (
-        h.hidden,
-        h.heads.saturating_mul(h.head_dim),
-        h.kv_heads.saturating_mul(h.head_dim),
-    );
+    let d = h.hidden;
     let mut b = GraphBuilder::new(name, meta);
     let embed = src.tensor(Role::Embed, 0, &[h.vocab, d])?;
     let input = b.input();
     let mut x = b.embedding(input, embed);
     for layer in 0..h.layers {
-        let mut bias = |i: usize, n: usize| -> Result<Option<WeightId>, FrontendError> {
-            h.attn_bias
-                .then(|| src.tensor(Role::AttnBias(i), layer, &[n]))
-                .transpose()
+        let attn = attention(src, layer, h)?;
+        x = match &h.cohere {
+            Some(_) => {
+                let block = ParallelBlock {
+                    norm: h.norm(src.tensor(Role::BlockNorm, layer, &[d])?),
+                    attn,
+                    mlp: src.mlp(layer, h)?,
+                };
+                b.parallel_block(layer, x, block)
+            }
+            None => {
+                let block = DecoderBlock {
+                    attn_norm: src.tensor(Role::AttnNorm, layer, &[d])?,
+                    attn,
+                    ffn_norm: src.tensor(Role::FfnNorm, layer, &[d])?,
+                    mlp: src.mlp(layer, h)?,
+                    eps: h.eps,
+                };
+                b.decoder_block(layer, x, block)
+            }
         };
-        let (q_bias, k_bias, v_bias) = (bias(0, q)?, bias(1, kv)?, bias(2, kv)?);
-        let attn = Attention {
-            q: src.tensor(Role::Attn(0), layer, &[q, d])?,
-            k: src.tensor(Role::Attn(1), layer, &[kv, d])?,
-            v: src.tensor(Role::Attn(2), layer, &[kv, d])?,
-            o: src.tensor(Role::Attn(3), layer, &[d, q])?,
-            q_bias,
-            k_bias,
-            v_bias,
-            n_heads: h.heads,
-            n_kv_heads: h.kv_heads,
-            head_dim: h.head_dim,
-            rope: h.rope.clone(),
-            window: h.windows.of(layer),
-        };
-        let block = DecoderBlock {
-            attn_norm: src.tensor(Role::AttnNorm, layer, &[d])?,
-            attn,
-            ffn_norm: src.tensor(Role::FfnNorm, layer, &[d])?,
-            mlp: src.mlp(layer, h)?,
-            eps: h.eps,
-        };
-        x = b.decoder_block(layer, x, block);
     }
     let final_norm = src.tensor(Role::FinalNorm, 0, &[d])?;
-    x = b.rms_norm("final_norm", x, final_norm, h.eps);
+    x = b.node("final_norm", h.norm(final_norm), &[x]);
     let head = if tied || !src.has_lm_head() {
         embed
     } else {
         src.tensor(Role::LmHead, 0, &[h.vocab, d])?
     };
     x = b.linear("lm_head", x, head);
+    if let Some(c) = &h.cohere {
+        x = b.scale("logit_scale", x, c.logit_scale);
+    }
     Ok(b.output(x))
+}
+
+/// The attention op of `layer`.
+fn attention(
+    src: &mut dyn TensorSource,
+    layer: usize,
+    h: &Hyper,
+) -> Result<Attention, FrontendError> {
+    // kv_heads <= heads once checked, so neither product overflows.
+    let (d, q, kv) = (
+        h.hidden,
+        h.heads.saturating_mul(h.head_dim),
+        h.kv_heads.saturating_mul(h.head_dim),
+    );
+    let mut bias = |i: usize, n: usize| -> Result<Option<WeightId>, FrontendError> {
+        h.attn_bias
+            .then(|| src.tensor(Role::AttnBias(i), layer, &[n]))
+            .transpose()
+    };
+    let (q_bias, k_bias, v_bias) = (bias(0, q)?, bias(1, kv)?, bias(2, kv)?);
+    let window = h.windows.of(layer);
+    let cohere = h.cohere.as_ref();
+    let qk_norm = match cohere.filter(|c| c.qk_norm) {
+        Some(_) => Some(QkNorm {
+            q: src.tensor(Role::QkNorm(0), layer, &[h.heads, h.head_dim])?,
+            k: src.tensor(Role::QkNorm(1), layer, &[h.kv_heads, h.head_dim])?,
+            eps: h.eps,
+        }),
+        None => None,
+    };
+    let nope = cohere.is_some_and(|c| c.nope_global) && window.is_none();
+    Ok(Attention {
+        q: src.tensor(Role::Attn(0), layer, &[q, d])?,
+        k: src.tensor(Role::Attn(1), layer, &[kv, d])?,
+        v: src.tensor(Role::Attn(2), layer, &[kv, d])?,
+        o: src.tensor(Role::Attn(3), layer, &[d, q])?,
+        q_bias,
+        k_bias,
+        v_bias,
+        n_heads: h.heads,
+        n_kv_heads: h.kv_heads,
+        head_dim: h.head_dim,
+        rope: (!nope).then(|| h.rope.clone()),
+        qk_norm,
+        window,
+    })
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use upmix_ir::{DType, MappedFile};
 
 use crate::error::{io, FrontendError};
-use crate::names::GGML_TYPES;
+use upmix_formats::gguf::GGML_TYPES;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]

@@ -4,17 +4,19 @@
 //! llama.cpp's converter reorders the rows of the Q and K projections of `llama` models
 //! (each head's two rotary halves interleaved); the loader undoes that with a `Rows`
 //! expression, so the IR holds the Hugging Face layout whatever the source format.
+//! Cohere models (`command-r`, `cohere2`) rotate interleaved pairs in both formats and
+//! are read as stored.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use upmix_ir::{ModelMeta, Module, Rope, RopeScaling, Weight, WeightExpr, WeightId};
+use upmix_formats::{canonical, gguf as names, Family, Role};
+use upmix_ir::{ModelMeta, Module, Rope, RopePairs, RopeScaling, Weight, WeightExpr, WeightId};
 
 use crate::config::Windows;
-use crate::decoder::{build_decoder, family, Hyper, Role, TensorSource};
+use crate::decoder::{build_decoder, family, CohereParts, Hyper, TensorSource};
 use crate::error::FrontendError;
 use crate::gguf::GgufFile;
-use crate::names::{self, Family};
 
 /// Loads the GGUF file at `path` into `module` as a graph called `name`.
 pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), FrontendError> {
@@ -24,7 +26,7 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let family = family(names::GGUF_ARCHITECTURES, &arch, path)?;
+    let family = family(names::ARCHITECTURES, &arch, path)?;
     if gguf.get(&format!("{arch}.expert_count")).is_some() {
         return Err(FrontendError::Config {
             path: path.to_path_buf(),
@@ -44,16 +46,23 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         Some(v) => v.as_u64().unwrap_or(0) as usize,
         None => hidden / heads,
     };
+    let embed_name = names::name(Role::Embed, 0).expect("GGUF names the embedding");
     let embed_shape = gguf
         .tensors
-        .get(names::GGUF_EMBED.1)
+        .get(&embed_name)
         .map(|t| t.shape.clone())
         .ok_or_else(|| FrontendError::MissingTensor {
             path: path.to_path_buf(),
-            tensor: names::GGUF_EMBED.1.to_string(),
+            tensor: embed_name.clone(),
         })?;
+    let layers = gguf.require_u64(&key("block_count"))? as usize;
+    let cohere = family.parallel();
+    let mut rope = rope(&gguf, &arch)?;
+    if cohere {
+        rope.pairs = RopePairs::Interleaved;
+    }
     let hyper = Hyper {
-        layers: gguf.require_u64(&key("block_count"))? as usize,
+        layers,
         hidden,
         ffn: gguf.require_u64(&key("feed_forward_length"))? as usize,
         heads,
@@ -63,10 +72,23 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         },
         head_dim,
         vocab: embed_shape[0],
-        eps: gguf.require_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
-        rope: rope(&gguf, &arch)?,
+        eps: match cohere {
+            true => gguf.require_f64(&key("attention.layer_norm_epsilon"))?,
+            false => gguf.require_f64(&key("attention.layer_norm_rms_epsilon"))?,
+        } as f32,
+        rope,
         attn_bias: family == Family::Qwen2,
-        windows: Windows::None,
+        windows: windows(&gguf, &arch, family, layers)?,
+        cohere: match cohere {
+            true => Some(CohereParts {
+                qk_norm: gguf
+                    .tensors
+                    .contains_key(&names::name(Role::QkNorm(0), 0).expect("GGUF names q norms")),
+                logit_scale: gguf.require_f64(&key("logit_scale"))? as f32,
+                nope_global: family == Family::Cohere2,
+            }),
+            false => None,
+        },
     };
     let token = |k: &str| gguf.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
     let meta = ModelMeta {
@@ -95,6 +117,32 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
     Ok(())
 }
 
+/// Cohere2's sliding windows: `{arch}.attention.sliding_window` on three of every
+/// `{arch}.attention.sliding_window_pattern` layers (4 when absent, as llama.cpp has it).
+fn windows(
+    gguf: &GgufFile,
+    arch: &str,
+    family: Family,
+    layers: usize,
+) -> Result<Windows, FrontendError> {
+    if family != Family::Cohere2 {
+        return Ok(Windows::None);
+    }
+    let window = gguf.require_u64(&format!("{arch}.attention.sliding_window"))? as usize;
+    let pattern = match gguf.get(&format!("{arch}.attention.sliding_window_pattern")) {
+        Some(v) => v.as_u64().unwrap_or(0) as usize,
+        None => 4,
+    };
+    if pattern == 0 {
+        return Err(FrontendError::Config {
+            path: gguf.path().to_path_buf(),
+            message: format!("{arch}.attention.sliding_window_pattern is 0; it must be positive"),
+        });
+    }
+    let sliding = (0..layers).map(|i| !(i + 1).is_multiple_of(pattern));
+    Ok(Windows::Layers(sliding.collect(), window))
+}
+
 /// RoPE settings from `{arch}.rope.*`.
 fn rope(gguf: &GgufFile, arch: &str) -> Result<Rope, FrontendError> {
     let get = |k: &str| gguf.get(&format!("{arch}.rope.{k}"));
@@ -115,7 +163,11 @@ fn rope(gguf: &GgufFile, arch: &str) -> Result<Rope, FrontendError> {
             })
         }
     };
-    Ok(Rope { theta, scaling })
+    Ok(Rope {
+        theta,
+        scaling,
+        pairs: RopePairs::Halves,
+    })
 }
 
 struct Loader<'a> {
@@ -133,20 +185,8 @@ impl TensorSource for Loader<'_> {
         layer: usize,
         shape: &[usize],
     ) -> Result<WeightId, FrontendError> {
-        let (canonical, pattern) = match role {
-            Role::Embed => names::GGUF_EMBED,
-            Role::FinalNorm => names::GGUF_FINAL_NORM,
-            Role::LmHead => names::GGUF_LM_HEAD,
-            Role::AttnNorm => names::GGUF_ATTN_NORM,
-            Role::FfnNorm => names::GGUF_FFN_NORM,
-            Role::Attn(i) => names::GGUF_ATTN[i],
-            Role::AttnBias(i) => names::GGUF_ATTN_BIAS[i],
-            Role::Mlp(i) => names::GGUF_MLP[i],
-        };
-        let (canonical, gguf_name) = (
-            names::fill(canonical, layer, 0),
-            names::fill(pattern, layer, 0),
-        );
+        let canonical = canonical(role, layer, 0);
+        let gguf_name = names::name(role, layer).expect("the decoder asks only for GGUF roles");
         let t = self
             .gguf
             .tensors
@@ -197,7 +237,8 @@ impl TensorSource for Loader<'_> {
     }
 
     fn has_lm_head(&self) -> bool {
-        self.gguf.tensors.contains_key(names::GGUF_LM_HEAD.1)
+        let name = names::name(Role::LmHead, 0).expect("GGUF names the lm head");
+        self.gguf.tensors.contains_key(&name)
     }
 }
 

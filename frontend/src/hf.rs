@@ -9,14 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use upmix_ir::{
-    FeedForward, MappedFile, MixtureOfExperts, ModelMeta, Module, Op, SharedExpert, Weight,
-    WeightExpr, WeightId,
+    FeedForward, MappedFile, MixtureOfExperts, ModelMeta, Module, Op, RopePairs, SharedExpert,
+    Weight, WeightExpr, WeightId,
 };
 
+use upmix_formats::{canonical, hf, Family, Role};
+
 use crate::config::HfConfig;
-use crate::decoder::{build_decoder, dense_mlp, family, Hyper, Role, TensorSource};
+use crate::decoder::{build_decoder, dense_mlp, family, CohereParts, Hyper, TensorSource};
 use crate::error::{io, FrontendError};
-use crate::names::{self, Family};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
 
 /// Files besides weights and config that travel with a checkpoint: everything a loader
@@ -47,10 +48,14 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
     }
     let config = HfConfig::read(&config_path)?;
     let arch = config.architectures.first().cloned().unwrap_or_default();
-    let family = family(names::ARCHITECTURES, &arch, &config_path)?;
+    let archs: Vec<_> = hf::ARCHITECTURES.iter().map(|(a, _, f)| (*a, *f)).collect();
+    let family = family(&archs, &arch, &config_path)?;
     let bad_config = |message: String| FrontendError::Config {
         path: config_path.clone(),
         message,
+    };
+    let need_f = |v: Option<f64>, field: &str| {
+        v.ok_or_else(|| bad_config(format!("missing field `{field}` ({arch} requires it)")))
     };
     if let Some(act) = config.hidden_act.as_deref().filter(|a| *a != "silu") {
         return Err(bad_config(format!(
@@ -65,7 +70,21 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             "num_attention_heads and num_hidden_layers must be positive".into(),
         ));
     }
-    let rope = config.rope(&config_path)?;
+    let mut rope = config.rope(&config_path)?;
+    let cohere = if family.parallel() {
+        rope.pairs = RopePairs::Interleaved;
+        Some(CohereParts {
+            qk_norm: config.use_qk_norm == Some(true),
+            logit_scale: need_f(config.logit_scale, "logit_scale")? as f32,
+            nope_global: family == Family::Cohere2,
+        })
+    } else {
+        None
+    };
+    let eps = match family.parallel() {
+        true => need_f(config.layer_norm_eps, "layer_norm_eps")?,
+        false => need_f(config.rms_norm_eps, "rms_norm_eps")?,
+    };
 
     let (d, f) = (config.hidden_size, config.intermediate_size);
     let hyper = Hyper {
@@ -76,14 +95,15 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
         kv_heads: config.n_kv_heads(),
         head_dim: config.head_dim(),
         vocab: config.vocab_size,
-        eps: config.rms_norm_eps as f32,
+        eps: eps as f32,
         rope,
         attn_bias: match family {
             Family::Qwen2 => true,
             Family::Qwen2Moe => config.qkv_bias.unwrap_or(true),
             _ => config.attention_bias == Some(true),
         },
-        windows: config.windows(&arch),
+        windows: config.windows(&arch).map_err(bad_config)?,
+        cohere,
     };
     let need = |v: Option<usize>, field: &str| {
         v.ok_or_else(|| bad_config(format!("missing field `{field}`")))
@@ -130,13 +150,14 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
         tokenizer: Some(dir.join("tokenizer.json")).filter(|p| p.is_file()),
     };
     let mut loader = Loader {
+        family,
         dir: dir.to_path_buf(),
         shards: open_shards(dir)?,
         module,
         moe,
     };
-    // Tied when the config says so, or when the checkpoint simply has no lm head.
-    let tied = config.tie_word_embeddings.unwrap_or(false);
+    // Tied when the config says so (Cohere by default), or when the checkpoint has no lm head.
+    let tied = config.tie_word_embeddings.unwrap_or(family.parallel());
     let graph = build_decoder(name, meta, (&hyper, &config_path), tied, &mut loader)?;
     module.insert(graph);
     Ok(())
@@ -199,6 +220,7 @@ struct Tensor {
 }
 
 struct Loader<'a> {
+    family: Family,
     dir: PathBuf,
     shards: HashMap<String, Tensor>,
     module: &'a mut Module,
@@ -251,25 +273,13 @@ impl TensorSource for Loader<'_> {
         layer: usize,
         shape: &[usize],
     ) -> Result<WeightId, FrontendError> {
-        let names = match role {
-            Role::Embed => names::EMBED,
-            Role::FinalNorm => names::FINAL_NORM,
-            Role::LmHead => names::LM_HEAD,
-            Role::AttnNorm => names::ATTN_NORM,
-            Role::FfnNorm => names::FFN_NORM,
-            Role::Attn(i) => names::ATTN[i],
-            Role::AttnBias(i) => names::ATTN_BIAS[i],
-            Role::Mlp(i) => names::MLP[i],
-        };
-        let hf = match role {
-            Role::Embed | Role::FinalNorm | Role::LmHead => names.1.to_string(),
-            _ => names::layer_tensor(names.1, layer, 0),
-        };
-        self.weight((names.0, &hf), layer, shape)
+        let name = hf::name(self.family, role, layer, 0)
+            .expect("the decoder asks only for its family's roles");
+        self.weight(role, (layer, 0), &name, shape)
     }
 
     fn has_lm_head(&self) -> bool {
-        self.has(names::LM_HEAD.1)
+        self.has(&hf::name(self.family, Role::LmHead, 0, 0).expect("every family"))
     }
 
     fn mlp(&mut self, layer: usize, h: &Hyper) -> Result<Op, FrontendError> {
@@ -333,81 +343,62 @@ impl Loader<'_> {
         })?)
     }
 
-    /// Adds the tensor `(canonical, hf_name)` of `layer` as a source weight.
+    /// Adds the tensor `hf_name` as the source weight of `role` in `(layer, expert)`.
     fn weight(
         &mut self,
-        (canonical, hf_name): (&str, &str),
-        layer: usize,
+        role: Role,
+        (layer, expert): (usize, usize),
+        hf_name: &str,
         shape: &[usize],
     ) -> Result<WeightId, FrontendError> {
         let t = self.info(hf_name, shape)?;
-        self.source(
-            names::fill(canonical, layer, 0),
-            &t,
-            t.info.offset,
-            shape.to_vec(),
-        )
+        let name = canonical(role, layer, expert);
+        self.source(name, &t, t.info.offset, shape.to_vec())
     }
 
     /// The MoE of `layer`, from whichever layout the checkpoint uses: Mixtral's classic
-    /// per-expert tensors, Qwen2-MoE's per-expert tensors, or the fused stacks.
+    /// per-expert tensors, per-expert tensors in Qwen2-MoE's naming, or the fused stacks.
     fn sparse_moe(&mut self, layer: usize, spec: &MoeSpec, d: usize) -> Result<Op, FrontendError> {
         let (n, f) = (spec.experts, spec.ffn);
-        let classic_router = names::layer_tensor(names::MIXTRAL_ROUTER.1, layer, 0);
-        let gate_up = names::layer_tensor(names::MIXTRAL_FUSED_GATE_UP, layer, 0);
-        let router_names = if self.has(&classic_router) {
-            names::MIXTRAL_ROUTER
-        } else {
-            names::MIXTRAL_FUSED_ROUTER
+        let name = |family, role, e| hf::name(family, role, layer, e).expect("an MoE family");
+        let naming = match self.has(&name(Family::Mixtral, Role::Router, 0)) {
+            true => Family::Mixtral,
+            false => Family::Qwen2Moe,
         };
-        let router = self.weight(
-            (
-                router_names.0,
-                &names::layer_tensor(router_names.1, layer, 0),
-            ),
-            layer,
-            &[n, d],
-        )?;
+        let router_name = name(naming, Role::Router, 0);
+        let router = self.weight(Role::Router, (layer, 0), &router_name, &[n, d])?;
         // The router's shape matched the file's, so `n` is as large as the file allows.
         let mut experts = Vec::with_capacity(n);
+        let gate_up = upmix_formats::fill(hf::MIXTRAL_FUSED_GATE_UP, layer, 0);
         if self.has(&gate_up) {
-            let down = names::layer_tensor(names::MIXTRAL_FUSED_DOWN, layer, 0);
+            let down = upmix_formats::fill(hf::MIXTRAL_FUSED_DOWN, layer, 0);
             // `2 * f` cannot overflow: checked by `MoeSpec::check`.
             let gu = self.info(&gate_up, &[n, 2 * f, d])?;
             let dn = self.info(&down, &[n, d, f])?;
             // Each expert's slices are contiguous runs of the fused tensors.
             let (gs, ds) = (gu.info.dtype.size(), dn.info.dtype.size());
             for e in 0..n {
-                let name = |field: &str| format!("layers.{layer}.ffn.experts.{e}.{field}");
+                let name = |i| canonical(Role::Expert(i), layer, e);
                 let base = gu.info.offset + e * 2 * f * d * gs;
                 let down_at = dn.info.offset + e * d * f * ds;
                 experts.push(FeedForward {
-                    gate: self.source(name("gate"), &gu, base, vec![f, d])?,
-                    up: self.source(name("up"), &gu, base + f * d * gs, vec![f, d])?,
-                    down: self.source(name("down"), &dn, down_at, vec![d, f])?,
+                    gate: self.source(name(0), &gu, base, vec![f, d])?,
+                    up: self.source(name(1), &gu, base + f * d * gs, vec![f, d])?,
+                    down: self.source(name(2), &dn, down_at, vec![d, f])?,
                 });
             }
         } else {
-            let table = if self.has(&classic_router) {
-                names::MIXTRAL_EXPERT
-            } else {
-                names::QWEN2_MOE_EXPERT
-            };
             for e in 0..n {
-                experts.push(self.ffn(table, layer, e, f, d)?);
+                experts.push(self.ffn(naming, Role::Expert, (layer, e), f, d)?);
             }
         }
         let shared_expert = match spec.shared_ffn {
             None => None,
             Some(fs) => {
-                let (canon, hf) = names::QWEN2_MOE_SHARED_GATE;
+                let gate = name(Family::Qwen2Moe, Role::SharedGate, 0);
                 Some(SharedExpert {
-                    ffn: self.ffn(names::QWEN2_MOE_SHARED, layer, 0, fs, d)?,
-                    gate: Some(self.weight(
-                        (canon, &names::layer_tensor(hf, layer, 0)),
-                        layer,
-                        &[1, d],
-                    )?),
+                    ffn: self.ffn(Family::Qwen2Moe, Role::Shared, (layer, 0), fs, d)?,
+                    gate: Some(self.weight(Role::SharedGate, (layer, 0), &gate, &[1, d])?),
                 })
             }
         };
@@ -420,28 +411,24 @@ impl Loader<'_> {
         }))
     }
 
-    /// A SwiGLU FFN of size `f` from a (gate, up, down) name table, for expert `e`.
+    /// A SwiGLU FFN of size `f` whose gate, up and down have roles `role(0..3)` in
+    /// `family`'s naming, for `(layer, expert)`.
     fn ffn(
         &mut self,
-        table: [(&str, &str); 3],
-        layer: usize,
-        e: usize,
+        family: Family,
+        role: fn(usize) -> Role,
+        (layer, e): (usize, usize),
         f: usize,
         d: usize,
     ) -> Result<FeedForward, FrontendError> {
-        let mut one = |(canon, suffix): (&str, &str), shape: &[usize]| {
-            let t = self.info(&names::layer_tensor(suffix, layer, e), shape)?;
-            self.source(
-                names::fill(canon, layer, e),
-                &t,
-                t.info.offset,
-                shape.to_vec(),
-            )
+        let mut one = |i: usize, shape: &[usize]| {
+            let name = hf::name(family, role(i), layer, e).expect("an MoE family");
+            self.weight(role(i), (layer, e), &name, shape)
         };
         Ok(FeedForward {
-            gate: one(table[0], &[f, d])?,
-            up: one(table[1], &[f, d])?,
-            down: one(table[2], &[d, f])?,
+            gate: one(0, &[f, d])?,
+            up: one(1, &[f, d])?,
+            down: one(2, &[d, f])?,
         })
     }
 }

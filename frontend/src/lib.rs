@@ -2,9 +2,9 @@
 //!
 //! Hugging Face checkpoint directories (config.json + safetensors, sharded or not) and GGUF
 //! files load into a [`upmix_ir::Module`] as graphs whose weights point into memory-mapped
-//! files;
-//! tensor bytes are read only when a weight is materialised. Tensor names of each format
-//! live in [`names`] and nowhere else.
+//! files; tensor bytes are read only when a weight is materialised. Tensor and
+//! architecture names of each format live in the `upmix-formats` name tables, which the
+//! emitters read too.
 
 mod config;
 mod decoder;
@@ -13,7 +13,6 @@ pub mod gguf;
 mod gguf_model;
 mod gguf_tokenizer;
 mod hf;
-pub mod names;
 mod safetensors;
 mod tokenizer;
 

@@ -53,6 +53,21 @@ impl GraphBuilder {
         self.node(name, Op::RmsNorm { weight, eps }, &[x])
     }
 
+    pub fn layer_norm(
+        &mut self,
+        name: &str,
+        x: NodeId,
+        (weight, bias): (WeightId, Option<WeightId>),
+        eps: f32,
+    ) -> NodeId {
+        self.node(name, Op::LayerNorm { weight, bias, eps }, &[x])
+    }
+
+    /// `x * factor`.
+    pub fn scale(&mut self, name: &str, x: NodeId, factor: f32) -> NodeId {
+        self.node(name, Op::Scale { factor }, &[x])
+    }
+
     pub fn attention(&mut self, name: &str, x: NodeId, attn: Attention) -> NodeId {
         self.node(name, Op::Attention(attn), &[x])
     }
@@ -86,6 +101,17 @@ impl GraphBuilder {
         self.add(&format!("{p}.ffn_residual"), h, f)
     }
 
+    /// A parallel block `layers.{layer}` (Cohere): one norm feeds both branches,
+    /// `out = (x + attn(norm(x))) + mlp(norm(x))`.
+    pub fn parallel_block(&mut self, layer: usize, x: NodeId, block: ParallelBlock) -> NodeId {
+        let p = format!("layers.{layer}");
+        let n = self.node(&format!("{p}.norm"), block.norm, &[x]);
+        let a = self.attention(&format!("{p}.attn"), n, block.attn);
+        let f = self.node(&format!("{p}.ffn"), block.mlp, &[n]);
+        let h = self.add(&format!("{p}.attn_residual"), x, a);
+        self.add(&format!("{p}.ffn_residual"), h, f)
+    }
+
     /// Adds the `output` node and returns the finished graph.
     pub fn output(mut self, x: NodeId) -> Graph {
         self.node("output", Op::Output, &[x]);
@@ -101,4 +127,13 @@ pub struct DecoderBlock {
     /// `Op::FeedForward` or `Op::MixtureOfExperts`.
     pub mlp: Op,
     pub eps: f32,
+}
+
+/// The weights and settings of one parallel block.
+pub struct ParallelBlock {
+    /// `Op::LayerNorm` or `Op::RmsNorm`.
+    pub norm: Op,
+    pub attn: Attention,
+    /// `Op::FeedForward` or `Op::MixtureOfExperts`.
+    pub mlp: Op,
 }

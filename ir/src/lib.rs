@@ -18,12 +18,15 @@ mod tensor;
 mod verify;
 mod weights;
 
-pub use builder::{DecoderBlock, GraphBuilder};
+pub use builder::{DecoderBlock, GraphBuilder, ParallelBlock};
 pub use dtype::DType;
 pub use finite::NonFinite;
 pub use graph::{Edge, Graph, ModelMeta, Node, NodeId};
 pub use module::Module;
-pub use op::{Attention, FeedForward, MixtureOfExperts, Op, Rope, RopeScaling, SharedExpert};
+pub use op::{
+    Attention, FeedForward, MixtureOfExperts, Op, QkNorm, Rope, RopePairs, RopeScaling,
+    SharedExpert,
+};
 pub use print::print_graph;
 pub use runtime::{LogLikelihood, Runtime, RuntimeError, TokenScores};
 pub use tensor::HostTensor;

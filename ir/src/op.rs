@@ -14,6 +14,13 @@ pub enum Op {
     Embedding { table: WeightId },
     /// `x / sqrt(mean(x^2) + eps) * weight`; `weight` is `[hidden]`.
     RmsNorm { weight: WeightId, eps: f32 },
+    /// `(x - mean(x)) / sqrt(var(x) + eps) * weight (+ bias)`, computed in f32;
+    /// `weight` and `bias` are `[hidden]` (Cohere's norms have no bias).
+    LayerNorm {
+        weight: WeightId,
+        bias: Option<WeightId>,
+        eps: f32,
+    },
     /// Causal self-attention with rotary position embeddings.
     Attention(Attention),
     /// A SwiGLU feed-forward block.
@@ -28,6 +35,8 @@ pub enum Op {
         weight: WeightId,
         bias: Option<WeightId>,
     },
+    /// `x * factor` (Cohere's `logit_scale` on the logits).
+    Scale { factor: f32 },
     /// The graph's result (logits). One input.
     Output,
 }
@@ -39,6 +48,8 @@ impl Op {
             Op::Input => "Input",
             Op::Embedding { .. } => "Embedding",
             Op::RmsNorm { .. } => "RmsNorm",
+            Op::LayerNorm { .. } => "LayerNorm",
+            Op::Scale { .. } => "Scale",
             Op::Attention(_) => "Attention",
             Op::FeedForward(_) => "FeedForward",
             Op::MixtureOfExperts(_) => "MixtureOfExperts",
@@ -52,10 +63,10 @@ impl Op {
     pub fn weights(&self) -> Vec<(String, WeightId)> {
         let mut out = Vec::new();
         match self {
-            Op::Input | Op::Add | Op::Output => {}
+            Op::Input | Op::Add | Op::Scale { .. } | Op::Output => {}
             Op::Embedding { table } => out.push(("table".into(), *table)),
             Op::RmsNorm { weight, .. } => out.push(("weight".into(), *weight)),
-            Op::Linear { weight, bias } => {
+            Op::Linear { weight, bias } | Op::LayerNorm { weight, bias, .. } => {
                 out.push(("weight".into(), *weight));
                 if let Some(b) = bias {
                     out.push(("bias".into(), *b));
@@ -73,6 +84,10 @@ impl Op {
                     if let Some(id) = id {
                         out.push((label.into(), id));
                     }
+                }
+                if let Some(n) = &a.qk_norm {
+                    out.push(("q_norm".into(), n.q));
+                    out.push(("k_norm".into(), n.k));
                 }
             }
             Op::FeedForward(f) => f.push_weights("", &mut out),
@@ -95,10 +110,10 @@ impl Op {
     /// Rewrites every weight id the op uses (same order as [`Op::weights`]).
     pub fn map_weights(&mut self, mut f: impl FnMut(WeightId) -> WeightId) {
         match self {
-            Op::Input | Op::Add | Op::Output => {}
+            Op::Input | Op::Add | Op::Scale { .. } | Op::Output => {}
             Op::Embedding { table } => *table = f(*table),
             Op::RmsNorm { weight, .. } => *weight = f(*weight),
-            Op::Linear { weight, bias } => {
+            Op::Linear { weight, bias } | Op::LayerNorm { weight, bias, .. } => {
                 *weight = f(*weight);
                 if let Some(b) = bias {
                     *b = f(*b);
@@ -114,6 +129,10 @@ impl Op {
                     .flatten()
                 {
                     *b = f(*b);
+                }
+                if let Some(n) = &mut a.qk_norm {
+                    n.q = f(n.q);
+                    n.k = f(n.k);
                 }
             }
             Op::FeedForward(x) => x.map_weights(&mut f),
@@ -131,10 +150,11 @@ impl Op {
     }
 }
 
-/// Multi-head / grouped-query attention with RoPE.
+/// Causal multi-head / grouped-query attention.
 ///
 /// `q`: `[n_heads * head_dim, hidden]`, `k`, `v`: `[n_kv_heads * head_dim, hidden]`,
-/// `o`: `[hidden, n_heads * head_dim]`; optional biases on q, k, v (Qwen2).
+/// `o`: `[hidden, n_heads * head_dim]`; optional biases on q, k, v (Qwen2). Queries and
+/// keys are normalised per head (`qk_norm`, Cohere), then rotated (`rope`), in that order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attention {
     pub q: WeightId,
@@ -147,17 +167,41 @@ pub struct Attention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    pub rope: Rope,
+    /// Rotary position embedding; `None` is no positional encoding at all (NoPE: the
+    /// global layers of Cohere2).
+    pub rope: Option<Rope>,
+    pub qk_norm: Option<QkNorm>,
     /// Sliding-window attention: a query at position `p` sees only keys at positions
     /// `p - window < k <= p` (transformers' `sliding_window`); `None` sees every earlier key.
     pub window: Option<usize>,
 }
 
-/// Rotary position embedding parameters (the "rotate half" convention).
+/// Per-head LayerNorm of queries and keys over `head_dim`, without bias, each head with its
+/// own weights: `q`: `[n_heads, head_dim]`, `k`: `[n_kv_heads, head_dim]` (Cohere's
+/// `use_qk_norm`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QkNorm {
+    pub q: WeightId,
+    pub k: WeightId,
+    pub eps: f32,
+}
+
+/// Rotary position embedding parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     pub theta: f32,
     pub scaling: RopeScaling,
+    pub pairs: RopePairs,
+}
+
+/// Which elements of a head RoPE rotates together; frequency `i` turns the pair in both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RopePairs {
+    /// `(x[i], x[i + head_dim / 2])`: Llama's "rotate half" (llama.cpp's NEOX mode).
+    #[default]
+    Halves,
+    /// `(x[2i], x[2i + 1])`: Cohere (llama.cpp's normal mode).
+    Interleaved,
 }
 
 /// RoPE frequency scaling schemes.

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use crate::{Graph, Op, RopeScaling, WeightExpr, WeightId, WeightTable};
+use crate::{Graph, Op, RopePairs, RopeScaling, WeightExpr, WeightId, WeightTable};
 
 /// Prints `graph` with the weights it uses.
 pub fn print_graph(graph: &Graph, weights: &WeightTable) -> String {
@@ -79,29 +79,44 @@ impl Printer<'_> {
     fn attrs(&mut self, op: &Op) -> String {
         let mut s = String::new();
         match op {
-            Op::RmsNorm { eps, .. } => {
+            Op::RmsNorm { eps, .. } | Op::LayerNorm { eps, .. } => {
                 let _ = write!(s, " eps={eps:?}");
+            }
+            Op::Scale { factor } => {
+                let _ = write!(s, " factor={factor:?}");
             }
             Op::Attention(a) => {
                 let _ = write!(
                     s,
-                    " heads={} kv_heads={} head_dim={} rope_theta={:?}",
-                    a.n_heads, a.n_kv_heads, a.head_dim, a.rope.theta
+                    " heads={} kv_heads={} head_dim={}",
+                    a.n_heads, a.n_kv_heads, a.head_dim
                 );
+                match &a.rope {
+                    Some(rope) => {
+                        let _ = write!(s, " rope_theta={:?}", rope.theta);
+                        if rope.pairs == RopePairs::Interleaved {
+                            s.push_str(" rope_pairs=interleaved");
+                        }
+                    }
+                    None => s.push_str(" rope=none"),
+                }
                 if let Some(window) = a.window {
                     let _ = write!(s, " window={window}");
                 }
-                match &a.rope.scaling {
-                    RopeScaling::None => {}
-                    RopeScaling::Linear { factor } => {
+                if let Some(n) = &a.qk_norm {
+                    let _ = write!(s, " qk_norm_eps={:?}", n.eps);
+                }
+                match a.rope.as_ref().map(|r| &r.scaling) {
+                    None | Some(RopeScaling::None) => {}
+                    Some(RopeScaling::Linear { factor }) => {
                         let _ = write!(s, " rope_scaling=linear(factor={factor:?})");
                     }
-                    RopeScaling::Llama3 {
+                    Some(RopeScaling::Llama3 {
                         factor,
                         low_freq_factor,
                         high_freq_factor,
                         original_max_position,
-                    } => {
+                    }) => {
                         let _ = write!(
                             s,
                             " rope_scaling=llama3(factor={factor:?}, low={low_freq_factor:?}, high={high_freq_factor:?}, original_max_positions={original_max_position})"

@@ -252,6 +252,19 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
             }
             c.shape("weight", *weight, &[hidden])
         }
+        Op::LayerNorm { weight, bias, eps } => {
+            if eps.is_nan() || *eps <= 0.0 {
+                c.err(format!("eps must be positive, is {eps}"));
+            }
+            let ok = c.shape("weight", *weight, &[hidden]);
+            ok & bias.is_none_or(|b| c.shape("bias", b, &[hidden]))
+        }
+        Op::Scale { factor } => {
+            if !factor.is_finite() {
+                c.err(format!("scale factor must be finite, is {factor}"));
+            }
+            factor.is_finite()
+        }
         Op::Add => {
             if ins[1] != Act::Hidden(hidden) {
                 c.err(format!("Add inputs differ: {:?} and {:?}", ins[0], ins[1]));
@@ -283,7 +296,7 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
                     a.n_heads, a.n_kv_heads
                 ));
             }
-            if a.head_dim % 2 != 0 {
+            if a.head_dim % 2 != 0 && a.rope.is_some() {
                 c.err(format!("head_dim {} must be even for RoPE", a.head_dim));
             }
             let mut ok = c.shape("q", a.q, &[q, hidden])
@@ -297,6 +310,13 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
             ] {
                 if let Some(b) = bias {
                     ok &= c.shape(label, b, &[n]);
+                }
+            }
+            if let Some(n) = &a.qk_norm {
+                ok &= c.shape("q_norm", n.q, &[a.n_heads, a.head_dim])
+                    & c.shape("k_norm", n.k, &[a.n_kv_heads, a.head_dim]);
+                if n.eps.is_nan() || n.eps <= 0.0 {
+                    c.err(format!("q/k norm eps must be positive, is {}", n.eps));
                 }
             }
             ok

@@ -122,16 +122,24 @@ fn same_settings(a: &Op, b: &Op) -> bool {
 fn settings(op: &Op) -> String {
     match op {
         Op::Attention(a) => format!(
-            "Attention(heads={}, kv_heads={}, head_dim={}, rope_theta={}, rope_scaling={:?}, window={:?}, bias={})",
+            "Attention(heads={}, kv_heads={}, head_dim={}, {}, window={:?}, bias={}, qk_norm={})",
             a.n_heads,
             a.n_kv_heads,
             a.head_dim,
-            a.rope.theta,
-            a.rope.scaling,
+            match &a.rope {
+                Some(r) => format!(
+                    "rope_theta={}, rope_scaling={:?}, rope_pairs={:?}",
+                    r.theta, r.scaling, r.pairs
+                ),
+                None => "rope=none".into(),
+            },
             a.window,
-            a.q_bias.is_some()
+            a.q_bias.is_some(),
+            a.qk_norm.is_some()
         ),
         Op::RmsNorm { eps, .. } => format!("RmsNorm(eps={eps})"),
+        Op::LayerNorm { eps, bias, .. } => format!("LayerNorm(eps={eps}, bias={})", bias.is_some()),
+        Op::Scale { factor } => format!("Scale(factor={factor})"),
         Op::MixtureOfExperts(moe) => format!(
             "MixtureOfExperts(experts={}, top_k={}, shared_expert={})",
             moe.experts.len(),

@@ -1,24 +1,27 @@
 //! Hugging Face checkpoint emitter: config.json + safetensors (sharded with an index above
 //! a size), tokenizer files copied through.
 //!
-//! The architecture follows from the graph: a dense stack is `LlamaForCausalLM`, or
-//! `Qwen2ForCausalLM` when attention has q/k/v biases; a stack whose FFNs are all routed
-//! MoEs without a shared expert is `MixtralForCausalLM` (classic per-expert layout, which
-//! every Mixtral loader reads), with a gated shared expert in every layer
-//! `Qwen2MoeForCausalLM`. Tensor names of the format live here and in the frontend's
-//! name tables only.
+//! The architecture follows from the graph (module `stack` reads it by its ops): a dense
+//! sequential stack is `LlamaForCausalLM` (`MistralForCausalLM` with a sliding window),
+//! or `Qwen2ForCausalLM` when attention has q/k/v biases; a stack whose FFNs are all
+//! routed MoEs without a shared expert is `MixtralForCausalLM` (classic per-expert layout,
+//! which every Mixtral loader reads), with a gated shared expert in every layer
+//! `Qwen2MoeForCausalLM`; parallel blocks with LayerNorms are `CohereForCausalLM`, or
+//! `Cohere2ForCausalLM` with sliding-window layers and global layers without RoPE. Tensor
+//! names come from the `upmix-formats` table the frontend reads with.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use upmix_formats::{hf, Family, Role};
 use upmix_ir::{
-    Attention, FeedForward, Graph, MixtureOfExperts, Module, Op, Weight, WeightExpr, WeightId,
-    WeightTable,
+    FeedForward, MixtureOfExperts, Module, Op, RopePairs, Weight, WeightExpr, WeightId, WeightTable,
 };
 
 use super::hf_config::config_json;
 use super::safetensors::write_safetensors;
+use super::stack::{read_stack, Stack};
 use super::{input_files, io, write_dir_atomically, EmitError};
 
 /// Options of [`emit_hf`].
@@ -81,22 +84,7 @@ pub struct HfEmitReport {
     pub shards: usize,
 }
 
-/// One decoder layer, as found in the graph.
-pub(super) struct Layer<'g> {
-    pub(super) attn_norm: WeightId,
-    pub(super) attn: &'g Attention,
-    pub(super) ffn_norm: WeightId,
-    pub(super) mlp: &'g Op,
-}
-
-/// The graph read as a pre-norm decoder stack.
-pub(super) struct Stack<'g> {
-    pub(super) embed: WeightId,
-    pub(super) layers: Vec<Layer<'g>>,
-    pub(super) final_norm: WeightId,
-    pub(super) eps: f32,
-    pub(super) lm_head: WeightId,
-}
+const FORMAT: &str = "a Hugging Face checkpoint";
 
 /// Writes graph `graph` of `m` to `dir` as a Hugging Face checkpoint.
 pub fn emit_hf(
@@ -108,16 +96,20 @@ pub fn emit_hf(
     let g = m
         .graph(graph)
         .ok_or_else(|| EmitError::UnknownGraph(graph.to_string()))?;
-    let stack = read_stack(g)?;
+    let stack = read_stack(g, FORMAT)?;
     let unsupported = |message: String| EmitError::Unsupported {
         graph: graph.to_string(),
-        format: "a Hugging Face checkpoint",
+        format: FORMAT,
         message,
     };
-    let arch = architecture(&stack, &unsupported)?;
+    let (arch, family) = architecture(&stack, &unsupported)?;
     // Fused experts are new (concatenated) tensors: add them to a copy of the table.
     let mut table = m.weights.clone();
-    let tensors = tensor_list(&stack, arch, opts.moe_layout, &mut table, &unsupported)?;
+    let layout = match family {
+        Family::Mixtral => opts.moe_layout,
+        _ => MoeLayout::Classic,
+    };
+    let tensors = tensor_list(&stack, family, layout, &mut table, &unsupported)?;
     let config = config_json(m, g, &stack, arch, &unsupported)?;
 
     // Split into shards by size, keeping the tensor order.
@@ -199,14 +191,106 @@ fn write_json(path: &Path, value: &Value) -> Result<(), EmitError> {
     std::fs::write(path, text + "\n").map_err(io(path))
 }
 
-/// The Hugging Face architecture that expresses the stack: dense layers are Llama (or
-/// Qwen2 with q/k/v biases); routed MoE layers are Mixtral, or Qwen2-MoE when every layer
-/// has a gated shared expert.
+/// The Hugging Face architecture that expresses the stack, and its family.
 fn architecture(
     s: &Stack,
     unsupported: &dyn Fn(String) -> EmitError,
-) -> Result<&'static str, EmitError> {
+) -> Result<(&'static str, Family), EmitError> {
+    let family = match s.parallel() {
+        None => return Err(unsupported("mixes parallel and sequential blocks".into())),
+        Some(true) => cohere_family(s, unsupported)?,
+        Some(false) => llama_family(s, unsupported)?,
+    };
+    let norms = s
+        .layers
+        .iter()
+        .flat_map(|l| [Some(l.attn_norm), l.ffn_norm]);
+    let norms: Vec<_> = norms.flatten().chain([s.final_norm]).collect();
+    let cohere = family.parallel();
+    if norms.iter().any(|n| n.layer != cohere || n.bias.is_some()) {
+        return Err(unsupported(match cohere {
+            true => "Cohere models use LayerNorms without bias in every norm".into(),
+            false => "sequential blocks are written with RMSNorms only".into(),
+        }));
+    }
+    let pairs = match cohere {
+        true => RopePairs::Interleaved,
+        false => RopePairs::Halves,
+    };
+    if s.layers
+        .iter()
+        .any(|l| l.attn.rope.as_ref().is_some_and(|r| r.pairs != pairs))
+    {
+        return Err(unsupported(format!(
+            "this architecture rotates {pairs:?} pairs; the graph has others"
+        )));
+    }
+    if s.logit_scale.is_some() && !cohere {
+        return Err(unsupported("only Cohere models scale their logits".into()));
+    }
+    let windowed = s.layers.iter().any(|l| l.attn.window.is_some());
+    let arch = match family {
+        Family::Llama if windowed => "MistralForCausalLM",
+        _ => hf::ARCHITECTURES
+            .iter()
+            .find(|(_, _, f)| *f == family)
+            .map(|(a, _, _)| *a)
+            .expect("every family has an architecture"),
+    };
+    Ok((arch, family))
+}
+
+/// Cohere (every layer with RoPE, no window) or Cohere2 (sliding layers with RoPE, global
+/// layers without); dense FFNs only.
+fn cohere_family(
+    s: &Stack,
+    unsupported: &dyn Fn(String) -> EmitError,
+) -> Result<Family, EmitError> {
+    if s.layers
+        .iter()
+        .any(|l| !matches!(l.mlp, Op::FeedForward(_)))
+    {
+        return Err(unsupported(
+            "parallel blocks with mixture-of-experts FFNs (an upcycled Cohere model) have no \
+             Hugging Face architecture"
+                .into(),
+        ));
+    }
+    if s.layers.iter().any(|l| l.attn.q_bias.is_some()) {
+        return Err(unsupported(
+            "Cohere attention biases are not written".into(),
+        ));
+    }
+    let windowed = s.layers.iter().any(|l| l.attn.window.is_some());
+    let nope = s.layers.iter().any(|l| l.attn.rope.is_none());
+    if !windowed && !nope {
+        return Ok(Family::Cohere);
+    }
+    if s.layers
+        .iter()
+        .any(|l| l.attn.window.is_some() != l.attn.rope.is_some())
+    {
+        return Err(unsupported(
+            "Cohere2 layers either slide with RoPE or attend globally without it".into(),
+        ));
+    }
+    if s.layers.iter().any(|l| l.attn.qk_norm.is_some()) {
+        return Err(unsupported("Cohere2 has no q/k norms".into()));
+    }
+    Ok(Family::Cohere2)
+}
+
+/// Llama, Qwen2, Mixtral or Qwen2-MoE, from the FFNs and attention biases.
+fn llama_family(s: &Stack, unsupported: &dyn Fn(String) -> EmitError) -> Result<Family, EmitError> {
     let n = s.layers.len();
+    if s.layers
+        .iter()
+        .any(|l| l.attn.qk_norm.is_some() || l.attn.rope.is_none())
+    {
+        return Err(unsupported(
+            "q/k norms or layers without RoPE are written only for Cohere models".into(),
+        ));
+    }
     let moes: Vec<&MixtureOfExperts> = s
         .layers
         .iter()
@@ -220,6 +304,12 @@ fn architecture(
         return Err(unsupported("only some layers have attention biases".into()));
     }
     let windowed = s.layers.iter().any(|l| l.attn.window.is_some());
+    if s.layers
+        .iter()
+        .any(|l| l.attn.window != s.layers[0].attn.window)
+    {
+        return Err(unsupported("layers differ in their sliding windows".into()));
+    }
     let shared_experts = moes.iter().any(|m| m.shared_expert.is_some());
     if windowed && (biased != 0 || shared_experts) {
         return Err(unsupported(
@@ -228,10 +318,9 @@ fn architecture(
         ));
     }
     if moes.is_empty() {
-        return Ok(match (biased, windowed) {
-            (0, false) => "LlamaForCausalLM",
-            (0, true) => "MistralForCausalLM",
-            _ => "Qwen2ForCausalLM",
+        return Ok(match biased {
+            0 => Family::Llama,
+            _ => Family::Qwen2,
         });
     }
     if moes.len() < n {
@@ -246,207 +335,126 @@ fn architecture(
         .count();
     let renormalised = moes.iter().all(|m| m.normalize_top_k);
     match (shared, gated, biased) {
-        (0, _, 0) if renormalised => Ok("MixtralForCausalLM"),
+        (0, _, 0) if renormalised => Ok(Family::Mixtral),
         (0, _, 0) => Err(unsupported(
             "Mixtral renormalises the top-k routing weights; these layers do not".into(),
         )),
         (0, _, _) => Err(unsupported("Mixtral has no attention biases".into())),
-        (s, g, _) if s == n && g == n => Ok("Qwen2MoeForCausalLM"),
+        (s, g, _) if s == n && g == n => Ok(Family::Qwen2Moe),
         _ => Err(unsupported(
             "Qwen2-MoE needs a gated shared expert in every layer".into(),
         )),
     }
 }
 
-/// Reads `g` as `Input, Embedding, (RmsNorm, Attention, Add, RmsNorm, FFN|MoE, Add)*,
-/// RmsNorm, Linear, Output` in topological order.
-fn read_stack(g: &Graph) -> Result<Stack<'_>, EmitError> {
-    let bad = |message: String| EmitError::Unsupported {
-        graph: g.name.clone(),
-        format: "a Hugging Face checkpoint",
-        message: format!("not a pre-norm decoder stack: {message}"),
-    };
-    let order = g
-        .topo_order()
-        .map_err(|c| bad(format!("cycle through {c:?}")))?;
-    let ops: Vec<&Op> = order.iter().map(|id| &g.node(*id).op).collect();
-    let n = ops.len();
-    if n < 5 || !(n - 5).is_multiple_of(6) {
-        return Err(bad(format!("{n} nodes")));
-    }
-    let expect = |i: usize, kind: &str| -> Result<&Op, EmitError> {
-        if ops[i].kind() == kind {
-            Ok(ops[i])
-        } else {
-            Err(bad(format!(
-                "node `{}` is {}, expected {kind}",
-                g.node(order[i]).name,
-                ops[i].kind()
-            )))
-        }
-    };
-    expect(0, "Input")?;
-    let Op::Embedding { table: embed } = expect(1, "Embedding")? else {
-        unreachable!()
-    };
-    let mut layers = Vec::new();
-    let mut eps = None;
-    for l in 0..(n - 5) / 6 {
-        let b = 2 + 6 * l;
-        let (
-            Op::RmsNorm {
-                weight: attn_norm,
-                eps: e,
-            },
-            Op::Attention(attn),
-        ) = (expect(b, "RmsNorm")?, expect(b + 1, "Attention")?)
-        else {
-            unreachable!()
-        };
-        expect(b + 2, "Add")?;
-        let Op::RmsNorm {
-            weight: ffn_norm, ..
-        } = expect(b + 3, "RmsNorm")?
-        else {
-            unreachable!()
-        };
-        let mlp = ops[b + 4];
-        if !matches!(mlp, Op::FeedForward(_) | Op::MixtureOfExperts(_)) {
-            return Err(bad(format!(
-                "node `{}` is {}",
-                g.node(order[b + 4]).name,
-                mlp.kind()
-            )));
-        }
-        expect(b + 5, "Add")?;
-        eps.get_or_insert(*e);
-        layers.push(Layer {
-            attn_norm: *attn_norm,
-            attn,
-            ffn_norm: *ffn_norm,
-            mlp,
-        });
-    }
-    let Op::RmsNorm {
-        weight: final_norm,
-        eps: e,
-    } = expect(n - 3, "RmsNorm")?
-    else {
-        unreachable!()
-    };
-    let Op::Linear {
-        weight: lm_head,
-        bias: None,
-    } = expect(n - 2, "Linear")?
-    else {
-        return Err(bad("the lm head has a bias".into()));
-    };
-    expect(n - 1, "Output")?;
-    Ok(Stack {
-        embed: *embed,
-        layers,
-        final_norm: *final_norm,
-        eps: eps.unwrap_or(*e),
-        lm_head: *lm_head,
-    })
+/// Tensor names of one family, collected in file order.
+struct Names {
+    family: Family,
+    list: Vec<(String, WeightId)>,
 }
 
-/// Hugging Face tensor names for every weight, in file order.
+impl Names {
+    fn push(&mut self, role: Role, (layer, expert): (usize, usize), id: WeightId) {
+        let name = hf::name(self.family, role, layer, expert)
+            .unwrap_or_else(|| panic!("{:?} has no {role:?} tensor", self.family));
+        self.list.push((name, id));
+    }
+
+    fn ffn(&mut self, role: fn(usize) -> Role, at: (usize, usize), f: &FeedForward) {
+        for (i, id) in [f.gate, f.up, f.down].into_iter().enumerate() {
+            self.push(role(i), at, id);
+        }
+    }
+}
+
+/// Hugging Face tensor names for every weight, in file order. `architecture` has checked
+/// that `family` has a name for each.
 fn tensor_list(
     s: &Stack,
-    arch: &str,
+    family: Family,
     layout: MoeLayout,
     table: &mut WeightTable,
     unsupported: &dyn Fn(String) -> EmitError,
 ) -> Result<Vec<(String, WeightId)>, EmitError> {
-    let mut t = vec![("model.embed_tokens.weight".to_string(), s.embed)];
+    let mut t = Names {
+        family,
+        list: Vec::new(),
+    };
+    t.push(Role::Embed, (0, 0), s.embed);
     for (i, l) in s.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}.");
-        t.push((format!("{p}input_layernorm.weight"), l.attn_norm));
+        let norm_role = match l.ffn_norm {
+            Some(_) => Role::AttnNorm,
+            None => Role::BlockNorm,
+        };
+        t.push(norm_role, (i, 0), l.attn_norm.weight);
         let a = l.attn;
-        for (proj, w) in [("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o)] {
-            t.push((format!("{p}self_attn.{proj}_proj.weight"), w));
+        for (k, w) in [a.q, a.k, a.v, a.o].into_iter().enumerate() {
+            t.push(Role::Attn(k), (i, 0), w);
         }
-        for (proj, b) in [("q", a.q_bias), ("k", a.k_bias), ("v", a.v_bias)] {
+        for (k, b) in [a.q_bias, a.k_bias, a.v_bias].into_iter().enumerate() {
             if let Some(b) = b {
-                t.push((format!("{p}self_attn.{proj}_proj.bias"), b));
+                t.push(Role::AttnBias(k), (i, 0), b);
             }
         }
-        t.push((format!("{p}post_attention_layernorm.weight"), l.ffn_norm));
+        if let Some(n) = &a.qk_norm {
+            t.push(Role::QkNorm(0), (i, 0), n.q);
+            t.push(Role::QkNorm(1), (i, 0), n.k);
+        }
+        if let Some(n) = l.ffn_norm {
+            t.push(Role::FfnNorm, (i, 0), n.weight);
+        }
         match l.mlp {
-            Op::FeedForward(f) => push_ffn(
-                &mut t,
-                &format!("{p}mlp."),
-                f,
-                ["gate_proj", "up_proj", "down_proj"],
-            ),
-            Op::MixtureOfExperts(moe) if arch == "Qwen2MoeForCausalLM" => {
-                t.push((format!("{p}mlp.gate.weight"), moe.router));
-                for (e, f) in moe.experts.iter().enumerate() {
-                    push_ffn(
-                        &mut t,
-                        &format!("{p}mlp.experts.{e}."),
-                        f,
-                        ["gate_proj", "up_proj", "down_proj"],
-                    );
-                }
-                let shared = moe
-                    .shared_expert
-                    .as_ref()
-                    .ok_or_else(|| unsupported(format!("layer {i} has no shared expert")))?;
-                push_ffn(
-                    &mut t,
-                    &format!("{p}mlp.shared_expert."),
-                    &shared.ffn,
-                    ["gate_proj", "up_proj", "down_proj"],
-                );
-                let gate = shared
-                    .gate
-                    .ok_or_else(|| unsupported(format!("layer {i}: shared expert without gate")))?;
-                t.push((format!("{p}mlp.shared_expert_gate.weight"), gate));
-            }
+            Op::FeedForward(f) => t.ffn(Role::Mlp, (i, 0), f),
             Op::MixtureOfExperts(moe) if layout == MoeLayout::Fused => {
-                t.push((format!("{p}mlp.gate.weight"), moe.router));
-                let [f, d] = table.get(moe.experts[0].gate)?.shape[..] else {
-                    return Err(unsupported(format!("layer {i}: experts are not 2-D")));
-                };
-                let n = moe.experts.len();
-                let gate_up = moe.experts.iter().flat_map(|x| [x.gate, x.up]).collect();
-                let down = moe.experts.iter().map(|x| x.down).collect();
-                let canonical = format!("layers.{i}.ffn.experts");
-                t.push((
-                    format!("{p}mlp.experts.gate_up_proj"),
-                    concat(
-                        table,
-                        format!("{canonical}.gate_up"),
-                        vec![n, 2 * f, d],
-                        gate_up,
-                    )?,
-                ));
-                t.push((
-                    format!("{p}mlp.experts.down_proj"),
-                    concat(table, format!("{canonical}.down"), vec![n, d, f], down)?,
-                ));
+                fused_experts(&mut t, i, moe, table, unsupported)?
             }
             Op::MixtureOfExperts(moe) => {
-                t.push((format!("{p}block_sparse_moe.gate.weight"), moe.router));
+                t.push(Role::Router, (i, 0), moe.router);
                 for (e, f) in moe.experts.iter().enumerate() {
-                    push_ffn(
-                        &mut t,
-                        &format!("{p}block_sparse_moe.experts.{e}."),
-                        f,
-                        ["w1", "w3", "w2"],
-                    );
+                    t.ffn(Role::Expert, (i, e), f);
+                }
+                if let Some(shared) = &moe.shared_expert {
+                    t.ffn(Role::Shared, (i, 0), &shared.ffn);
+                    let gate = shared.gate.ok_or_else(|| {
+                        unsupported(format!("layer {i}: shared expert without gate"))
+                    })?;
+                    t.push(Role::SharedGate, (i, 0), gate);
                 }
             }
             _ => unreachable!("read_stack admits only FFN and MoE"),
         }
     }
-    t.push(("model.norm.weight".to_string(), s.final_norm));
+    t.push(Role::FinalNorm, (0, 0), s.final_norm.weight);
     if s.lm_head != s.embed {
-        t.push(("lm_head.weight".to_string(), s.lm_head));
+        t.push(Role::LmHead, (0, 0), s.lm_head);
     }
-    Ok(t)
+    Ok(t.list)
+}
+
+/// Mixtral's fused layout: the router (named as in Qwen2-MoE), then every expert's gate and
+/// up rows stacked in one tensor and their down projections in another.
+fn fused_experts(
+    t: &mut Names,
+    i: usize,
+    moe: &MixtureOfExperts,
+    table: &mut WeightTable,
+    unsupported: &dyn Fn(String) -> EmitError,
+) -> Result<(), EmitError> {
+    let router = hf::name(Family::Qwen2Moe, Role::Router, i, 0).expect("Qwen2-MoE has a router");
+    t.list.push((router, moe.router));
+    let [f, d] = table.get(moe.experts[0].gate)?.shape[..] else {
+        return Err(unsupported(format!("layer {i}: experts are not 2-D")));
+    };
+    let n = moe.experts.len();
+    let gate_up = moe.experts.iter().flat_map(|x| [x.gate, x.up]).collect();
+    let down = moe.experts.iter().map(|x| x.down).collect();
+    let name = |part| format!("layers.{i}.ffn.experts.{part}");
+    let gate_up = concat(table, name("gate_up"), vec![n, 2 * f, d], gate_up)?;
+    let down = concat(table, name("down"), vec![n, d, f], down)?;
+    let fill = |p| upmix_formats::fill(p, i, 0);
+    t.list.push((fill(hf::MIXTRAL_FUSED_GATE_UP), gate_up));
+    t.list.push((fill(hf::MIXTRAL_FUSED_DOWN), down));
+    Ok(())
 }
 
 /// A new weight holding `parts` one after another, shaped `shape`.
@@ -463,10 +471,4 @@ fn concat(
         dtype,
         expr: WeightExpr::Concat(parts),
     })?)
-}
-
-fn push_ffn(t: &mut Vec<(String, WeightId)>, prefix: &str, f: &FeedForward, names: [&str; 3]) {
-    for (name, w) in names.iter().zip([f.gate, f.up, f.down]) {
-        t.push((format!("{prefix}{name}.weight"), w));
-    }
 }

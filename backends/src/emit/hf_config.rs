@@ -11,9 +11,10 @@
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
+use upmix_formats::hf;
 use upmix_ir::{DType, Graph, Module, Op, RopeScaling, WeightTable};
 
-use super::hf::Stack;
+use super::stack::Stack;
 use super::{io, EmitError};
 
 /// Fields that belong to one architecture family (by `model_type`): dropped from a kept
@@ -47,6 +48,11 @@ const FAMILY_FIELDS: &[(&str, &[&str])] = &[
     ("llama", &["pretraining_tp"]),
     ("mistral", &["sliding_window"]),
 ];
+
+/// Fields the computed config of one family replaces wholesale, dropped from the kept base
+/// config first: Cohere2's `sliding_window_pattern` would otherwise contradict the written
+/// `layer_types`.
+const REPLACED_FIELDS: &[(&str, &[&str])] = &[("cohere2", &["sliding_window_pattern"])];
 
 /// Fields never kept: remote-code hooks and names that point at the base model, a
 /// quantisation the emitted (plain float) weights do not have, and the transformers 4
@@ -114,6 +120,12 @@ fn lay_over(mut base: Map<String, Value>, computed: Value) -> Map<String, Value>
         }
     }
     DROPPED_FIELDS.iter().for_each(|f| drop(base.remove(*f)));
+    if let Some((_, fields)) = REPLACED_FIELDS
+        .iter()
+        .find(|(f, _)| Some(*f) == family(&computed).as_deref())
+    {
+        fields.iter().for_each(|f| drop(base.remove(*f)));
+    }
     if base.contains_key("torch_dtype") {
         base.insert("torch_dtype".into(), computed["dtype"].clone());
     }
@@ -139,27 +151,55 @@ fn computed_fields(
         .first()
         .ok_or_else(|| unsupported("no layers".into()))?;
     let a = first.attn;
+    // Cohere2's global layers have no RoPE: the settings of the first rotating layer.
+    let rotary = s.layers.iter().find_map(|l| l.attn.rope.as_ref());
+    let window = s.layers.iter().find_map(|l| l.attn.window);
     if s.layers.iter().any(|l| {
         l.attn.n_heads != a.n_heads
             || l.attn.n_kv_heads != a.n_kv_heads
             || l.attn.head_dim != a.head_dim
-            || l.attn.rope != a.rope
-            || l.attn.window != a.window
+            || l.attn.rope.as_ref().is_some_and(|r| Some(r) != rotary)
+            || l.attn.window.is_some_and(|w| Some(w) != window)
+            || l.attn.qk_norm.is_some() != a.qk_norm.is_some()
+            || l.attn
+                .qk_norm
+                .as_ref()
+                .is_some_and(|n| n.eps != s.final_norm.eps)
     }) {
         return Err(unsupported("layers differ in attention settings".into()));
     }
+    let norms = s
+        .layers
+        .iter()
+        .flat_map(|l| [Some(l.attn_norm), l.ffn_norm]);
+    if norms.flatten().any(|n| n.eps != s.final_norm.eps) {
+        return Err(unsupported("norms differ in epsilon".into()));
+    }
     let hidden = w.get(s.embed)?.shape[1];
     let vocab = w.get(s.embed)?.shape[0];
+    if arch == "CohereForCausalLM" && a.n_heads * a.head_dim != hidden {
+        return Err(unsupported(format!(
+            "Cohere derives the head dimension from the hidden size; {} heads of {} are not {hidden}",
+            a.n_heads, a.head_dim
+        )));
+    }
     let (ffn, experts) = match first.mlp {
         Op::FeedForward(f) => (w.get(f.gate)?.shape[0], None),
         Op::MixtureOfExperts(moe) => (w.get(moe.experts[0].gate)?.shape[0], Some(moe)),
         _ => unreachable!("read_stack admits only FFN and MoE"),
     };
-    let mut rope = json!({ "rope_type": "default", "rope_theta": a.rope.theta });
-    match &a.rope.scaling {
+    let default_rope = upmix_ir::Rope {
+        theta: 10_000.0,
+        scaling: RopeScaling::None,
+        pairs: Default::default(),
+    };
+    let rotary = rotary.unwrap_or(&default_rope);
+    let theta = rotary.theta;
+    let mut rope = json!({ "rope_type": "default", "rope_theta": theta });
+    match &rotary.scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => {
-            rope = json!({ "rope_type": "linear", "rope_theta": a.rope.theta, "factor": factor });
+            rope = json!({ "rope_type": "linear", "rope_theta": theta, "factor": factor });
         }
         RopeScaling::Llama3 {
             factor,
@@ -168,19 +208,13 @@ fn computed_fields(
             original_max_position,
         } => {
             rope = json!({
-                "rope_type": "llama3", "rope_theta": a.rope.theta, "factor": factor,
+                "rope_type": "llama3", "rope_theta": theta, "factor": factor,
                 "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
                 "original_max_position_embeddings": original_max_position,
             });
         }
     }
-    let model_type = match arch {
-        "LlamaForCausalLM" => "llama",
-        "MistralForCausalLM" => "mistral",
-        "Qwen2ForCausalLM" => "qwen2",
-        "Qwen2MoeForCausalLM" => "qwen2_moe",
-        _ => "mixtral",
-    };
+    let model_type = hf::model_type(arch).expect("an architecture of the table");
     let mut c = json!({
         "architectures": [arch],
         "model_type": model_type,
@@ -191,10 +225,10 @@ fn computed_fields(
         "num_key_value_heads": a.n_kv_heads,
         "head_dim": a.head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": s.eps,
+        "rms_norm_eps": s.final_norm.eps,
         "vocab_size": vocab,
         "max_position_embeddings": g.meta.max_position_embeddings,
-        "rope_theta": a.rope.theta,
+        "rope_theta": theta,
         "rope_parameters": rope.clone(),
         "tie_word_embeddings": s.lm_head == s.embed,
         "bos_token_id": g.meta.bos_token_id,
@@ -204,8 +238,15 @@ fn computed_fields(
         "mlp_bias": false,
         "use_cache": true,
     });
-    if a.rope.scaling != RopeScaling::None {
+    if rotary.scaling != RopeScaling::None {
         c["rope_scaling"] = rope; // transformers 4 reads this spelling
+    }
+    if let Some(scale) = s.logit_scale {
+        let c = c.as_object_mut().expect("an object");
+        c.remove("rms_norm_eps");
+        c.remove("mlp_bias");
+        c.insert("layer_norm_eps".into(), json!(s.final_norm.eps));
+        c.insert("logit_scale".into(), json!(scale));
     }
     match (arch, experts) {
         ("Qwen2MoeForCausalLM", Some(moe)) => {
@@ -227,9 +268,22 @@ fn computed_fields(
         (_, Some(moe)) => {
             c["num_local_experts"] = json!(moe.experts.len());
             c["num_experts_per_tok"] = json!(moe.top_k);
-            c["sliding_window"] = json!(a.window);
+            c["sliding_window"] = json!(window);
         }
-        ("MistralForCausalLM", None) => c["sliding_window"] = json!(a.window),
+        ("MistralForCausalLM", None) => c["sliding_window"] = json!(window),
+        ("CohereForCausalLM", None) => c["use_qk_norm"] = json!(a.qk_norm.is_some()),
+        ("Cohere2ForCausalLM", None) => {
+            c["sliding_window"] = json!(window);
+            let types: Vec<_> = s
+                .layers
+                .iter()
+                .map(|l| match l.attn.window {
+                    Some(_) => "sliding_attention",
+                    None => "full_attention",
+                })
+                .collect();
+            c["layer_types"] = json!(types);
+        }
         ("Qwen2ForCausalLM", None) => c["use_sliding_window"] = json!(false),
         _ => {}
     }

@@ -9,6 +9,7 @@ mod hf;
 mod hf_config;
 mod output;
 mod safetensors;
+mod stack;
 
 pub use hf::{emit_hf, HfEmitOptions, MoeLayout, Progress};
 pub use output::{write_dir_atomically, write_file_atomically, MANIFEST};

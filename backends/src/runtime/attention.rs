@@ -1,10 +1,14 @@
 //! Causal self-attention with rotary position embeddings, over a batch, with an optional
 //! in-place KV cache.
 //!
-//! The math follows transformers' fp32 eager attention: q/k/v projections, rotary
-//! embeddings in the rotate-half convention, grouped-query heads sharing their KV head,
-//! `softmax(q k^T / sqrt(d) + mask) v`, output projection. The mask (causal, padding,
-//! sliding window) comes from the call's [`Frame`].
+//! The math follows transformers' fp32 eager attention: q/k/v projections, optional
+//! per-head q/k LayerNorms (Cohere), rotary embeddings (or none: NoPE), grouped-query
+//! heads sharing their KV head, `softmax(q k^T / sqrt(d) + mask) v`, output projection.
+//! The mask (causal, padding, sliding window) comes from the call's [`Frame`].
+//!
+//! Rotation runs in the rotate-half layout. Interleaved pairs (Cohere) are first moved
+//! there by one permutation of each head's elements, the same for queries and keys, which
+//! leaves every score `q . k` unchanged; the cache then holds permuted keys.
 //!
 //! The KV cache of a layer is one preallocated `[batch, kv_heads, capacity, head_dim]`
 //! tensor each for keys and values, indexed by column (module `frame`); a call writes its
@@ -14,11 +18,11 @@
 
 use super::kernels::Kernels;
 use burn_tensor::Tensor;
-use upmix_ir::{Attention, WeightTable};
+use upmix_ir::{Attention, RopePairs, WeightTable};
 
 use super::frame::Frame;
-use super::layers::Projection;
-use super::params::{upload, Params};
+use super::layers::{standardize, Projection};
+use super::params::{upload, Form, Params, P};
 use crate::BackendError;
 
 /// Keys and values of every column seen so far, after RoPE and before GQA repetition:
@@ -95,15 +99,27 @@ pub(crate) struct AttentionLayer<B: Kernels> {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub window: Option<usize>,
-    /// Rotary inverse frequencies, `[1, head_dim / 2]`.
+    /// `None`: no positional encoding.
+    rotary: Option<Rotary<B>>,
+    /// Per-head LayerNorm weights of queries and keys, flattened to `[1, heads * head_dim]`,
+    /// and their epsilon.
+    qk_norm: Option<(P, P, f32)>,
+    /// Index of this layer's cache in a [`CacheSet`].
+    pub cache_slot: usize,
+}
+
+/// A layer's rotary embedding.
+struct Rotary<B: Kernels> {
+    /// Inverse frequencies, `[1, head_dim / 2]`.
     inv_freq: Tensor<B, 2>,
     /// Index of this layer's RoPE setting in a call's [`Frame`].
-    rope_slot: usize,
+    slot: usize,
     /// `rotate_half` as a `[head_dim, head_dim]` signed permutation matrix, so that it runs
     /// as one contiguous matmul (exact: every output is one input times +-1).
     rotate_half: Tensor<B, 2>,
-    /// Index of this layer's cache in a [`CacheSet`].
-    pub cache_slot: usize,
+    /// For interleaved pairs: the `[head_dim, head_dim]` permutation matrix taking
+    /// `(x0, x1, x2, x3, ..)` to `(x0, x2, .., x1, x3, ..)`.
+    deinterleave: Option<Tensor<B, 2>>,
 }
 
 impl<B: Kernels> AttentionLayer<B> {
@@ -116,16 +132,32 @@ impl<B: Kernels> AttentionLayer<B> {
         cache_slot: usize,
         device: &B::Device,
     ) -> Result<Self, BackendError> {
-        let inv_freq = a.rope.inv_freq(a.head_dim);
-        let half = inv_freq.len();
-        let rope_slot = match ropes.iter().position(|r| *r == inv_freq) {
-            Some(slot) => slot,
-            None => {
-                ropes.push(inv_freq.clone());
-                ropes.len() - 1
-            }
-        };
         let d = a.head_dim;
+        let rotary = a.rope.as_ref().map(|rope| {
+            let inv_freq = rope.inv_freq(d);
+            let slot = match ropes.iter().position(|r| *r == inv_freq) {
+                Some(slot) => slot,
+                None => {
+                    ropes.push(inv_freq.clone());
+                    ropes.len() - 1
+                }
+            };
+            Rotary {
+                inv_freq: upload(inv_freq, [1, d / 2], device),
+                slot,
+                rotate_half: upload(rotate_half_matrix(d), [d, d], device),
+                deinterleave: (rope.pairs == RopePairs::Interleaved)
+                    .then(|| upload(deinterleave_matrix(d), [d, d], device)),
+            }
+        });
+        let qk_norm = match &a.qk_norm {
+            Some(n) => Some((
+                params.request(weights, n.q, Form::Flat)?,
+                params.request(weights, n.k, Form::Flat)?,
+                n.eps,
+            )),
+            None => None,
+        };
         Ok(AttentionLayer {
             q: Projection::new(params, weights, a.q, a.q_bias)?,
             k: Projection::new(params, weights, a.k, a.k_bias)?,
@@ -135,9 +167,8 @@ impl<B: Kernels> AttentionLayer<B> {
             n_kv_heads: a.n_kv_heads,
             head_dim: d,
             window: a.window,
-            inv_freq: upload(inv_freq, [1, half], device),
-            rope_slot,
-            rotate_half: upload(rotate_half_matrix(d), [d, d], device),
+            rotary,
+            qk_norm,
             cache_slot,
         })
     }
@@ -159,10 +190,24 @@ impl<B: Kernels> AttentionLayer<B> {
         let (b, n) = (frame.batch(), frame.tokens);
         let (heads, kv_heads, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let repeats = heads / kv_heads;
-        let (cos, sin) = frame.rotary(self.rope_slot, heads, &self.inv_freq);
-        let q = self.rope(self.q.forward(params, x.clone()), heads, &cos, &sin);
-        let (cos, sin) = frame.rotary(self.rope_slot, kv_heads, &self.inv_freq);
-        let k = self.rope(self.k.forward(params, x.clone()), kv_heads, &cos, &sin);
+        let norms = self
+            .qk_norm
+            .map(|(q, k, eps)| (Some((q, eps)), Some((k, eps))));
+        let (q_norm, k_norm) = norms.unwrap_or((None, None));
+        let q = self.position(
+            params,
+            self.q.forward(params, x.clone()),
+            heads,
+            q_norm,
+            frame,
+        );
+        let k = self.position(
+            params,
+            self.k.forward(params, x.clone()),
+            kv_heads,
+            k_norm,
+            frame,
+        );
         let v = self.v.forward(params, x);
         // [batch, kv_heads, tokens, head_dim]
         let k = k.reshape([b, n, kv_heads, d]).swap_dims(1, 2);
@@ -199,19 +244,48 @@ impl<B: Kernels> AttentionLayer<B> {
         self.o.forward(params, context)
     }
 
-    /// `x * cos + rotate_half(x) * sin` on `[rows, count * head_dim]`, returning
-    /// `[rows, count, head_dim]`.
-    fn rope(
+    /// Queries or keys `[rows, count * head_dim]` normalised per head (with `norm`), then
+    /// rotated (`x * cos + rotate_half(x) * sin`, after moving interleaved pairs to the
+    /// halves layout), as `[rows, count, head_dim]`.
+    fn position(
         &self,
+        params: &Params<B>,
         x: Tensor<B, 2>,
         count: usize,
-        cos: &Tensor<B, 3>,
-        sin: &Tensor<B, 3>,
+        norm: Option<(P, f32)>,
+        frame: &mut Frame<B>,
     ) -> Tensor<B, 3> {
-        let [rows, _] = x.dims();
-        let x = x.reshape([rows, count, self.head_dim]);
-        B::rope(x, cos.clone(), sin.clone(), self.rotate_half.clone())
+        let [rows, width] = x.dims();
+        let d = self.head_dim;
+        let x = match norm {
+            Some((weight, eps)) => {
+                standardize(x.reshape([rows * count, d]), eps).reshape([rows, width])
+                    * params.get(weight)
+            }
+            None => x,
+        };
+        let Some(r) = &self.rotary else {
+            return x.reshape([rows, count, d]);
+        };
+        let x = match &r.deinterleave {
+            Some(p) => x.reshape([rows * count, d]).matmul(p.clone()),
+            None => x,
+        };
+        let (cos, sin) = frame.rotary(r.slot, count, &r.inv_freq);
+        B::rope(x.reshape([rows, count, d]), cos, sin, r.rotate_half.clone())
     }
+}
+
+/// The permutation matrix `P` with `(x P)[j] = x[2j]` and `(x P)[j + head_dim / 2] =
+/// x[2j + 1]`: interleaved rotary pairs to rotate-half pairs.
+fn deinterleave_matrix(head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut p = vec![0f32; head_dim * head_dim];
+    for j in 0..half {
+        p[2 * j * head_dim + j] = 1.0;
+        p[(2 * j + 1) * head_dim + j + half] = 1.0;
+    }
+    p
 }
 
 /// The matrix `R` with `x R = rotate_half(x) = cat(-x2, x1)` for rows `x` of `head_dim`.

@@ -4,7 +4,8 @@
 //! (attention, module `attention`, is the only layer that looks across rows). The math
 //! follows Hugging Face transformers' fp32 eager implementations:
 //! - [`Projection`]: `x W^T (+ b)`, with `W^T` prepared once at load;
-//! - [`SwiGlu`]: `down(silu(gate x) * up x)`.
+//! - [`SwiGlu`]: `down(silu(gate x) * up x)`;
+//! - [`standardize`]: LayerNorm's `(x - mean) / sqrt(var + eps)`, before its weight.
 //!
 //! RMSNorm and the SwiGLU activation are [`Kernels`] (fused on the CPU).
 
@@ -14,6 +15,14 @@ use upmix_ir::{FeedForward, WeightId, WeightTable};
 
 use super::params::{Form, Params, P};
 use crate::BackendError;
+
+/// `(x - mean(x)) / sqrt(var(x) + eps)` over each row of `x` (`[rows, width]`), the
+/// biased variance, as transformers' Cohere LayerNorm computes it in f32.
+pub(crate) fn standardize<B: Kernels>(x: Tensor<B, 2>, eps: f32) -> Tensor<B, 2> {
+    let centered = x.clone() - x.mean_dim(1);
+    let variance = centered.clone().square().mean_dim(1);
+    centered * variance.add_scalar(eps).sqrt().recip()
+}
 
 /// A linear map `x W^T (+ b)`.
 pub(crate) struct Projection {

@@ -29,6 +29,8 @@ pub(crate) enum Form {
     /// An `[out, in]` matrix stored as a contiguous `[in, out]` one: the layout gemm
     /// multiplies without repacking the weight on every call.
     Transposed,
+    /// Any shape as one `[1, numel]` row (per-head norm weights, broadcast over rows).
+    Flat,
 }
 
 struct Entry<B: Kernels> {
@@ -163,6 +165,10 @@ fn prepare<B: Kernels>(
 ) -> Result<Tensor<B, 2>, String> {
     let (data, shape) = match (form, &host.shape[..]) {
         (Form::Plain, &[n]) => (host.data, [1, n]),
+        (Form::Flat, _) => {
+            let n = host.data.len();
+            (host.data, [1, n])
+        }
         (Form::Plain, &[rows, cols]) => (host.data, [rows, cols]),
         (Form::Transposed, &[rows, cols]) => (transpose(&host.data, rows, cols), [cols, rows]),
         (Form::Plain, other) => {

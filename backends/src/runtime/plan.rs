@@ -13,7 +13,7 @@ use upmix_ir::{Graph, Op, RuntimeError, WeightTable};
 
 use super::attention::{AttentionLayer, CacheSet};
 use super::frame::{upload_rows, Frame};
-use super::layers::{Embedding, Projection, SwiGlu};
+use super::layers::{standardize, Embedding, Projection, SwiGlu};
 use super::moe::{MoeDispatch, MoeLayer};
 use super::params::{Form, Params, P};
 use crate::BackendError;
@@ -28,6 +28,13 @@ pub(crate) enum Layer<B: Kernels> {
         weight: P,
         eps: f32,
     },
+    /// `weight`, `bias`: `[1, hidden]`.
+    LayerNorm {
+        weight: P,
+        bias: Option<P>,
+        eps: f32,
+    },
+    Scale(f32),
     Attention(AttentionLayer<B>),
     FeedForward(SwiGlu),
     MixtureOfExperts(MoeLayer),
@@ -154,6 +161,14 @@ impl<B: Kernels> Plan<B> {
                     weight: params.request(weights, *weight, Form::Plain)?,
                     eps: *eps,
                 },
+                Op::LayerNorm { weight, bias, eps } => Layer::LayerNorm {
+                    weight: params.request(weights, *weight, Form::Plain)?,
+                    bias: bias
+                        .map(|b| params.request(weights, b, Form::Plain))
+                        .transpose()?,
+                    eps: *eps,
+                },
+                Op::Scale { factor } => Layer::Scale(*factor),
                 Op::Linear { weight, bias } => {
                     Layer::Linear(Projection::new(&mut params, weights, *weight, *bias)?)
                 }
@@ -237,6 +252,16 @@ impl<B: Kernels> Plan<B> {
                     params.get(*weight),
                     *eps,
                 )),
+                Layer::LayerNorm { weight, bias, eps } => {
+                    let x = standardize(next_hidden(&mut ins, name), *eps) * params.get(*weight);
+                    Value::Hidden(match bias {
+                        Some(b) => x + params.get(*b),
+                        None => x,
+                    })
+                }
+                Layer::Scale(factor) => {
+                    Value::Hidden(next_hidden(&mut ins, name).mul_scalar(*factor))
+                }
                 Layer::Attention(a) => Value::Hidden(a.forward(
                     params,
                     next_hidden(&mut ins, name),

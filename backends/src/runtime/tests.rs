@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use burn_flex::{Flex, FlexDevice};
 use upmix_ir::{
     Attention, DecoderBlock, FeedForward, GraphBuilder, HostTensor, MixtureOfExperts, ModelMeta,
-    Module, Op, Rope, RopeScaling, Runtime, RuntimeError, SharedExpert, WeightExpr, WeightId,
+    Module, Op, Rope, RopePairs, RopeScaling, Runtime, RuntimeError, SharedExpert, WeightExpr,
+    WeightId,
 };
 
 use super::generate::Decoder;
@@ -210,10 +211,12 @@ impl HostModel {
                 n_heads: cfg.heads,
                 n_kv_heads: cfg.kv_heads,
                 head_dim: cfg.head_dim,
-                rope: Rope {
+                rope: Some(Rope {
                     theta: cfg.theta,
                     scaling: RopeScaling::None,
-                },
+                    pairs: RopePairs::Halves,
+                }),
+                qk_norm: None,
                 window: cfg.window,
             };
             let mlp = match &l.mlp {
@@ -375,6 +378,7 @@ fn attention_ref(cfg: &Config, l: &HostLayer, xs: &[Vec<f64>]) -> Vec<Vec<f64>> 
     let inv_freq = Rope {
         theta: cfg.theta,
         scaling: RopeScaling::None,
+        pairs: RopePairs::Halves,
     }
     .inv_freq(d);
     // Rotates each head of a projected vector for position `t`.
