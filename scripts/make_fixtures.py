@@ -6,12 +6,19 @@ What it makes:
 * tests/golden/models/<name>/  tiny randomly initialised Hugging Face
   checkpoints (model.safetensors, config.json, generation_config.json and a
   byte-level tokenizer.json) for: llama, llama_tied, qwen2, mixtral,
-  mixtral_fused (same weights as mixtral, fused expert layout) and llama_b.
+  mixtral_fused (same weights as mixtral, fused expert layout), llama_b,
+  mistral, cohere (Command R: LayerNorm, parallel attention and MLP, per-head
+  q/k LayerNorm, logit scale, tied embeddings), cohere2 (Command R7B: sliding
+  layers 0-2 and a global layer 3 without RoPE) and cohere2_b.
+* tests/golden/models/{cohere,cohere2}.gguf  the same cohere and cohere2
+  weights (float32) as llama.cpp's converter lays them out (architectures
+  `command-r` and `cohere2`), with the byte-level tokenizer as a `gpt2` one.
 * tests/golden/<name>/golden.json  reference float32 logits for a fixed
   12-token input and a 16-token greedy continuation of a fixed 5-token prompt,
   computed with transformers from the saved (dtype-rounded) weights.
 * tests/golden/merge/  a linear merge of llama (0.3) and llama_b (0.7),
-  computed in mergekit's `linear` operation order.
+  computed in mergekit's `linear` operation order; tests/golden/merge_cohere2/
+  the same for cohere2 and cohere2_b.
 * tests/golden/tokenizer.json  sample texts and their token ids.
 * tests/golden/smollm2/  reference tokens, logits, greedy ids and perplexity
   of the real SmolLM2-135M-Instruct Q4_1 GGUF (`make_fixtures.py smollm2`; the
@@ -27,7 +34,11 @@ A second mode checks a checkpoint directory written by upmix against the
 goldens and records the result in tests/golden/emitted/<NAME>.json:
 
     make_fixtures.py model NAME
-        Rewrites one tiny model of SPECS and its golden only (e.g. `mistral`).
+        Rewrites one tiny model of SPECS and its golden only (e.g. `mistral`),
+        with its GGUF copy for cohere and cohere2.
+
+    make_fixtures.py merge NAME
+        Rewrites one merge golden of MERGES (`merge` or `merge_cohere2`).
 
     make_fixtures.py check-emitted DIR NAME
 
@@ -51,6 +62,7 @@ Everything is deterministic: each model has a fixed torch seed, and the
 script runs on the CPU with one thread and float32 compute.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -68,6 +80,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
+    Cohere2Config,
+    Cohere2ForCausalLM,
+    CohereConfig,
+    CohereForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -117,7 +133,22 @@ LLAMA3_ROPE = dict(
     original_max_position_embeddings=16,
 )
 
-# name -> (config class, model class, extra config, seed, saved dtype)
+# Command R7B's layout: three sliding-window layers, then one global layer (which skips
+# RoPE). The window (4) is shorter than the logits input (12 tokens).
+COHERE2 = dict(
+    num_hidden_layers=4,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    layer_norm_eps=1e-5,
+    logit_scale=0.5,
+    sliding_window=4,
+    layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+)
+
+# name -> (config class, model class, extra config, seed, saved dtype). COMMON keys that
+# the config class does not declare (rms_norm_eps for Cohere's LayerNorm) are left out;
+# extra config overrides COMMON.
 SPECS = {
     "llama": (LlamaConfig, LlamaForCausalLM,
               dict(tie_word_embeddings=False,
@@ -144,6 +175,19 @@ SPECS = {
                 dict(tie_word_embeddings=False, sliding_window=5,
                      rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
                 1008, torch.float32),
+    "cohere": (CohereConfig, CohereForCausalLM,
+               dict(tie_word_embeddings=True, use_qk_norm=True, logit_scale=0.25,
+                    attention_bias=False, layer_norm_eps=1e-5,
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+               1009, torch.float32),
+    "cohere2": (Cohere2Config, Cohere2ForCausalLM, COHERE2, 1010, torch.float32),
+    "cohere2_b": (Cohere2Config, Cohere2ForCausalLM, COHERE2, 1011, torch.float32),
+}
+
+# output directory under tests/golden -> the two models merged (weights MERGE_WEIGHTS)
+MERGES = {
+    "merge": ("llama", "llama_b"),
+    "merge_cohere2": ("cohere2", "cohere2_b"),
 }
 
 
@@ -254,11 +298,18 @@ def make_golden(name, model_dir):
     return logits
 
 
+def config_kwargs(name):
+    """Config arguments of a SPECS model: COMMON (the keys its config class declares), then extra."""
+    config_cls, _, extra, _, _ = SPECS[name]
+    declared = {field.name for field in dataclasses.fields(config_cls)}
+    return {**{k: v for k, v in COMMON.items() if k in declared}, **extra}
+
+
 def save_model(name, tokenizer):
     """Build, re-initialise and save one tiny model; returns its directory."""
     config_cls, model_cls, extra, seed, dtype = SPECS[name]
     torch.manual_seed(seed)
-    config = config_cls(**COMMON, **extra, attn_implementation="eager")
+    config = config_cls(**config_kwargs(name), attn_implementation="eager")
     model = model_cls(config).eval()
     reinit_(model)
     model = model.to(dtype)
@@ -323,10 +374,185 @@ def check_fused_matches(classic_dir, fused_dir, fused_tensors):
         assert torch.equal(t, state[key]), key
 
 
-def make_merge():
-    """Linear merge of llama and llama_b, in mergekit's `linear` operation order."""
-    tensors_a = load_file(MODELS / "llama" / "model.safetensors")
-    tensors_b = load_file(MODELS / "llama_b" / "model.safetensors")
+def check_window_matters(name, model_dir):
+    """Assert that a model's sliding window changes its golden logits.
+
+    Compares against the same weights with the window widened to
+    max_position_embeddings (every layer then sees the whole 12-token input).
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    assert config.sliding_window < len(INPUT_IDS), config.sliding_window
+    config.sliding_window = config.max_position_embeddings
+    wide = AutoModelForCausalLM.from_pretrained(
+        model_dir, config=config, dtype=torch.float32, attn_implementation="eager").eval()
+    diff = float((forward_logits(load_model(model_dir), INPUT_IDS)
+                  - forward_logits(wide, INPUT_IDS)).abs().max())
+    print(f"{name}: sliding window changes the logits by up to {diff:.4g}")
+    assert diff > 1e-2, diff
+
+
+# SPECS model -> gguf.MODEL_ARCH member of its GGUF copy, tests/golden/models/<name>.gguf
+GGUF_MODELS = {"cohere": "COMMAND_R", "cohere2": "COHERE2"}
+# tokenizer.ggml.pre of the byte-level tokenizer: llama.cpp's name for the GPT-2 regex split
+GGUF_TOKENIZER_PRE = "gpt-2"
+
+
+def gguf_writer_class():
+    """gguf-py's GGUFWriter, extended to write an empty typed array.
+
+    GGUF allows arrays of length 0, but gguf-py refuses to pack one. The byte-level
+    tokenizer has no merges, and llama.cpp (like upmix) requires tokenizer.ggml.merges
+    of a `gpt2` tokenizer, so it is written as an empty array of strings.
+    """
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer
+
+
+def gguf_metadata(name, arch, config, model_dir):
+    """Metadata (key -> (value, GGUF type, array item type)) of a tiny model's GGUF copy.
+
+    The keys and values that llama.cpp's convert_hf_to_gguf.py writes for a float32
+    conversion: the TextModel base (block count, context, sizes, head counts, RoPE base,
+    LayerNorm epsilon, key/value length where the config has head_dim, file type), then
+    CommandR2Model (`command-r`: logit_scale, rope scaling type none) or Cohere2Model
+    (`cohere2`: logit_scale, sliding_window, vocab_size, rope dimension count = head_dim
+    (rotary_pct 1) and rope scaling type none; no sliding-window pattern key, so llama.cpp
+    takes its default period of 4: three sliding layers, then a global one). The tokenizer
+    is written as a `gpt2` one: the byte symbols of tokenizer.json in id order, all of
+    type NORMAL, no merges, the config's bos/eos/pad ids and no BOS added.
+    """
+    import gguf
+
+    T = gguf.GGUFValueType
+    fmt = {"arch": arch}
+    llm, att, rope, tok = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope, gguf.Keys.Tokenizer
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    meta = {
+        gguf.Keys.General.TYPE: ("model", T.STRING, None),
+        gguf.Keys.General.NAME: (name, T.STRING, None),
+        llm.BLOCK_COUNT.format(**fmt): (config["num_hidden_layers"], T.UINT32, None),
+        llm.CONTEXT_LENGTH.format(**fmt): (config["max_position_embeddings"], T.UINT32, None),
+        llm.EMBEDDING_LENGTH.format(**fmt): (config["hidden_size"], T.UINT32, None),
+        llm.FEED_FORWARD_LENGTH.format(**fmt): (config["intermediate_size"], T.UINT32, None),
+        att.HEAD_COUNT.format(**fmt): (config["num_attention_heads"], T.UINT32, None),
+        att.HEAD_COUNT_KV.format(**fmt): (config["num_key_value_heads"], T.UINT32, None),
+        rope.FREQ_BASE.format(**fmt): (config["rope_parameters"]["rope_theta"], T.FLOAT32, None),
+        att.LAYERNORM_EPS.format(**fmt): (config["layer_norm_eps"], T.FLOAT32, None),
+    }
+    if "head_dim" in config:
+        assert config["head_dim"] == head_dim, config["head_dim"]
+        meta[att.KEY_LENGTH.format(**fmt)] = (head_dim, T.UINT32, None)
+        meta[att.VALUE_LENGTH.format(**fmt)] = (head_dim, T.UINT32, None)
+    meta[gguf.Keys.General.FILE_TYPE] = (int(gguf.LlamaFileType.ALL_F32), T.UINT32, None)
+    meta[llm.LOGIT_SCALE.format(**fmt)] = (config["logit_scale"], T.FLOAT32, None)
+    if arch == "cohere2":
+        meta[att.SLIDING_WINDOW.format(**fmt)] = (config["sliding_window"], T.UINT32, None)
+        meta[llm.VOCAB_SIZE.format(**fmt)] = (config["vocab_size"], T.UINT32, None)
+        meta[rope.DIMENSION_COUNT.format(**fmt)] = (head_dim, T.UINT32, None)
+    meta[rope.SCALING_TYPE.format(**fmt)] = (gguf.RopeScalingType.NONE.value, T.STRING, None)
+    meta[gguf.Keys.General.QUANTIZATION_VERSION] = (gguf.GGML_QUANT_VERSION, T.UINT32, None)
+
+    vocab = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(config["vocab_size"]))
+    meta.update({
+        tok.MODEL: ("gpt2", T.STRING, None),
+        tok.PRE: (GGUF_TOKENIZER_PRE, T.STRING, None),
+        tok.LIST: (tokens, T.ARRAY, T.STRING),
+        tok.TOKEN_TYPE: ([int(gguf.TokenType.NORMAL)] * len(tokens), T.ARRAY, T.INT32),
+        tok.MERGES: ([], T.ARRAY, T.STRING),
+        tok.BOS_ID: (config["bos_token_id"], T.UINT32, None),
+        tok.EOS_ID: (config["eos_token_id"], T.UINT32, None),
+        tok.PAD_ID: (config["pad_token_id"], T.UINT32, None),
+        tok.ADD_BOS: (False, T.BOOL, None),
+    })
+    return meta
+
+
+def save_gguf(name, model_dir):
+    """Write tests/golden/models/<name>.gguf from the saved float32 weights and check it.
+
+    Tensor names come from gguf-py's table for the architecture; tensors keep the
+    Hugging Face row order (llama.cpp permutes Q/K rows only for its `llama`-type
+    converters; command-r and cohere2 use pairwise RoPE like Cohere's own code). The
+    embedding is tied, so there is no output.weight. Reads the file back and asserts
+    every metadata value and tensor.
+    """
+    import gguf
+
+    arch_id = gguf.MODEL_ARCH[GGUF_MODELS[name]]
+    arch = gguf.MODEL_ARCH_NAMES[arch_id]
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["tie_word_embeddings"], name
+    tensors = load_file(model_dir / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    name_map = gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"])
+    arrays = {}
+    for key in sorted(tensors):
+        gguf_name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, f"no {arch} name for {key}"
+        assert tensors[key].dtype == torch.float32, (key, tensors[key].dtype)
+        arrays[gguf_name] = np.ascontiguousarray(tensors[key].numpy())
+    assert len(arrays) == len(tensors)
+
+    path = MODELS / f"{name}.gguf"
+    meta = gguf_metadata(name, arch, config, model_dir)
+    writer = gguf_writer_class()(str(path), arch)
+    for key, (value, vtype, sub_type) in meta.items():
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+    for gguf_name, array in arrays.items():
+        writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
+    assert fields[gguf.Keys.General.ARCHITECTURE].contents() == arch
+    for key, (value, vtype, sub_type) in meta.items():
+        field = fields[key]
+        assert field.types[0] == vtype, key
+        if sub_type is not None:
+            # parts: key length, key, value type, item type, length, items
+            assert field.parts[3][0] == sub_type, key
+        got = field.contents()
+        if vtype == gguf.GGUFValueType.FLOAT32:
+            assert np.float32(got) == np.float32(value), (key, got, value)
+        else:
+            assert got == value, (key, got, value)
+    assert sorted(t.name for t in reader.tensors) == sorted(arrays)
+    for t in reader.tensors:
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
+        data = np.asarray(t.data)
+        assert data.shape == arrays[t.name].shape, (t.name, data.shape)
+        assert np.array_equal(data, arrays[t.name]), t.name
+    print(f"{name}: wrote {path.name} ({arch}, {len(arrays)} tensors)")
+
+
+def make_model_extras(name, model_dir):
+    """What goes with some SPECS models: the sliding-window check, the GGUF copy."""
+    if name == "cohere2":
+        check_window_matters(name, model_dir)
+    if name in GGUF_MODELS:
+        save_gguf(name, model_dir)
+
+
+def make_merge(out_name="merge"):
+    """Linear merge of the two models of MERGES[out_name], in mergekit's `linear` operation order."""
+    name_a, name_b = MERGES[out_name]
+    tensors_a = load_file(MODELS / name_a / "model.safetensors")
+    tensors_b = load_file(MODELS / name_b / "model.safetensors")
     assert tensors_a.keys() == tensors_b.keys()
     merged = {}
     for key in sorted(tensors_a):
@@ -336,10 +562,10 @@ def make_merge():
             weights = weights.unsqueeze(-1)
         res = (weights * stacked).sum(dim=0)
         merged[key] = (res / weights.sum(dim=0)).contiguous()
-    out = GOLDEN / "merge"
+    out = GOLDEN / out_name
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, str(out / "expected.safetensors"), metadata={"format": "pt"})
-    write_json(out / "golden.json", {"models": ["llama", "llama_b"], "weights": MERGE_WEIGHTS})
+    write_json(out / "golden.json", {"models": [name_a, name_b], "weights": MERGE_WEIGHTS})
 
 
 def make_tokenizer_golden(tokenizer):
@@ -361,9 +587,11 @@ def generate():
             fused_dir, fused = save_mixtral_fused(model_dir, tokenizer)
             check_fused_matches(model_dir, fused_dir, fused)
             make_golden("mixtral_fused", fused_dir)
+        make_model_extras(name, model_dir)
         print(f"wrote {name}")
-    make_merge()
-    print("wrote merge")
+    for out_name in MERGES:
+        make_merge(out_name)
+        print(f"wrote {out_name}")
 
 
 def sha256(path):
@@ -907,14 +1135,19 @@ def main(argv):
         generate_gguf()
         return 0
     if len(argv) == 2 and argv[0] == "model":
-        make_golden(argv[1], save_model(argv[1], build_tokenizer()))
+        model_dir = save_model(argv[1], build_tokenizer())
+        make_golden(argv[1], model_dir)
+        make_model_extras(argv[1], model_dir)
+        return 0
+    if len(argv) == 2 and argv[0] == "merge":
+        make_merge(argv[1])
         return 0
     if len(argv) == 3 and argv[0] == "check-emitted":
         return check_emitted(argv[1], argv[2])
     if len(argv) == 3 and argv[0] == "record-emitted":
         return record_emitted(argv[1], argv[2])
     print(__doc__, file=sys.stderr)
-    print("usage: make_fixtures.py [gguf | model NAME | smollm2 | smollm2-hf | check-smollm2-hf DIR | "
+    print("usage: make_fixtures.py [gguf | model NAME | merge NAME | smollm2 | smollm2-hf | check-smollm2-hf DIR | "
           "check-emitted DIR NAME | record-emitted DIR NAME]",
           file=sys.stderr)
     return 2

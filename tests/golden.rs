@@ -42,6 +42,31 @@ fn greedy_continuations_match_transformers() {
     }
 }
 
+/// The GGUF files gguf-py wrote from the Cohere fixtures (llama.cpp's `command-r` and
+/// `cohere2`) give transformers' logits of the Hugging Face originals.
+#[test]
+fn cohere_gguf_files_give_the_transformers_logits() {
+    for name in ["cohere", "cohere2"] {
+        let mut m = upmix::ir::Module::new();
+        let path = common::model_dir(name).with_extension("gguf");
+        upmix::frontend::load(&path, name, &mut m).unwrap();
+        let g = golden(&format!("{name}/golden.json"));
+        let mut rt = load_runtime(&m, name, &device()).unwrap();
+        let logits = rt.logits(&ids(&g["input_ids"])).unwrap();
+        let expected = g["logits"].as_array().unwrap();
+        let mut worst = 0f32;
+        for (t, row) in expected.iter().enumerate() {
+            for (v, x) in row.as_array().unwrap().iter().enumerate() {
+                worst = worst.max((logits.row(t)[v] - x.as_f64().unwrap() as f32).abs());
+            }
+        }
+        println!("{name}.gguf on {}: max abs logit difference {worst:e}", device());
+        assert!(worst <= tolerance().tiny_logits, "{name}.gguf: {worst}");
+        let got = rt.generate(&ids(&g["prompt"]), 16, None).unwrap();
+        assert_eq!(got, ids(&g["greedy"]), "{name}.gguf");
+    }
+}
+
 #[test]
 fn both_mixtral_layouts_load_the_same_weights() {
     let (a, b) = (load("mixtral"), load("mixtral_fused"));

@@ -14,6 +14,8 @@ pub const FIXTURES: &[&str] = &[
     "mixtral",
     "mixtral_fused",
     "mistral",
+    "cohere",
+    "cohere2",
 ];
 
 /// The repository: `UPMIX_REPO_ROOT` when set (test binaries packed by
