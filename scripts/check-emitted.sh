@@ -15,7 +15,7 @@ cargo build --quiet --bin upmix
 upmix="${CARGO_TARGET_DIR:-target}/debug/upmix"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-for name in llama llama_tied qwen2 mixtral mixtral_fused mistral; do
+for name in llama llama_tied qwen2 mixtral mixtral_fused mistral cohere cohere2; do
   cat > "$work/$name.ron" <<RON
 Pipeline(
     models: { "$name": Hf("$PWD/tests/golden/models/$name") },
