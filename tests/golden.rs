@@ -60,7 +60,10 @@ fn cohere_gguf_files_give_the_transformers_logits() {
                 worst = worst.max((logits.row(t)[v] - x.as_f64().unwrap() as f32).abs());
             }
         }
-        println!("{name}.gguf on {}: max abs logit difference {worst:e}", device());
+        println!(
+            "{name}.gguf on {}: max abs logit difference {worst:e}",
+            device()
+        );
         assert!(worst <= tolerance().tiny_logits, "{name}.gguf: {worst}");
         let got = rt.generate(&ids(&g["prompt"]), 16, None).unwrap();
         assert_eq!(got, ids(&g["greedy"]), "{name}.gguf");

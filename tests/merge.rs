@@ -35,9 +35,26 @@ fn merge_error(m: &mut Module, models: &[&str]) -> String {
 
 #[test]
 fn linear_merge_matches_torch() {
-    let g = golden("merge/golden.json");
+    linear_merge_matches_golden("merge");
+}
+
+#[test]
+fn linear_merge_of_cohere2_models_matches_torch() {
+    linear_merge_matches_golden("merge_cohere2");
+}
+
+/// The merge of the golden `golden`'s two models, with its weights, against its
+/// `expected.safetensors`.
+fn linear_merge_matches_golden(golden_name: &str) {
+    let g = golden(&format!("{golden_name}/golden.json"));
+    let names: Vec<&str> = g["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     let mut m = Module::new();
-    for name in ["llama", "llama_b"] {
+    for name in &names {
         upmix::frontend::load(&model_dir(name), name, &mut m).unwrap();
     }
     let weights: Vec<f32> = g["weights"]
@@ -46,17 +63,17 @@ fn linear_merge_matches_torch() {
         .iter()
         .map(|w| w.as_f64().unwrap() as f32)
         .collect();
-    merge(&mut m, &["llama", "llama_b"], weights);
+    merge(&mut m, &names, weights);
 
     // The merged graph is the template's graph with weighted sums for weights; read the
     // expected tensors through a freshly loaded copy of the template so names line up.
     let mut expected = Module::new();
     let dir = tempfile::tempdir().unwrap();
     for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(model_dir("llama").join(f), dir.path().join(f)).unwrap();
+        std::fs::copy(model_dir(names[0]).join(f), dir.path().join(f)).unwrap();
     }
     std::fs::copy(
-        common::golden_dir().join("merge/expected.safetensors"),
+        common::golden_dir().join(format!("{golden_name}/expected.safetensors")),
         dir.path().join("model.safetensors"),
     )
     .unwrap();
@@ -83,7 +100,7 @@ fn linear_merge_matches_torch() {
         );
         worst = worst.max(ta.max_abs_diff(&tb));
     }
-    println!("merge: max abs difference {worst:e}");
+    println!("{golden_name}: max abs difference {worst:e}");
     assert!(worst <= 1e-6, "max abs difference {worst}");
 }
 

@@ -76,6 +76,40 @@ fn copies_of_one_model_keep_its_logits_for_any_router_and_top_k() {
     }
 }
 
+/// Cohere's parallel blocks (with q/k norms and a logit scale) and Cohere2's windowed and
+/// global layers upcycle like Llama's: copies keep the dense logits.
+#[test]
+fn copies_of_a_cohere_model_keep_its_logits() {
+    for fixture in ["cohere", "cohere2"] {
+        for top_k in [1, 2] {
+            let mut m = load(&[("a", fixture), ("b", fixture)]);
+            let router = RouterInit::Random { seed: 7, std: 1.0 };
+            run(&mut m, upcycle(&["a", "b"], top_k, router)).unwrap();
+            assert!(moe_layers(&m) >= 2);
+            let diff = logits(&m, "a").max_abs_diff(&logits(&m, "moe"));
+            assert!(diff <= 1e-5, "{fixture} top_k {top_k}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn an_upcycled_cohere_model_is_refused_for_hugging_face_output() {
+    let mut m = load(&[("a", "cohere2"), ("b", "cohere2")]);
+    run(&mut m, upcycle(&["a", "b"], 1, RouterInit::Zeros)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("moe");
+    let err = emit_hf(&m, "moe", &out, &HfEmitOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "mixture-of-experts FFNs (an upcycled Cohere model) have no Hugging Face architecture"
+        ),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written");
+}
+
 #[test]
 fn fine_grained_copies_keep_the_dense_logits() {
     // Renormalised top-k: any router (shards of a model share a router row); softmax over
