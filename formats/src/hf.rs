@@ -3,12 +3,11 @@
 
 use crate::{lookup, Family, Role};
 
-/// Architectures upmix reads and writes: `(architectures[0], model_type, family)`. The
-/// first row of a family is what the emitter writes for it (Mistral is written for a
-/// windowed Llama-family graph).
+/// Architectures upmix reads and writes: `(architectures[0], model_type, family)`, one
+/// row per family.
 pub const ARCHITECTURES: &[(&str, &str, Family)] = &[
     ("LlamaForCausalLM", "llama", Family::Llama),
-    ("MistralForCausalLM", "mistral", Family::Llama),
+    ("MistralForCausalLM", "mistral", Family::Mistral),
     ("Qwen2ForCausalLM", "qwen2", Family::Qwen2),
     ("MixtralForCausalLM", "mixtral", Family::Mixtral),
     ("Qwen2MoeForCausalLM", "qwen2_moe", Family::Qwen2Moe),
@@ -16,12 +15,13 @@ pub const ARCHITECTURES: &[(&str, &str, Family)] = &[
     ("Cohere2ForCausalLM", "cohere2", Family::Cohere2),
 ];
 
-/// The `model_type` of architecture `arch`.
-pub fn model_type(arch: &str) -> Option<&'static str> {
+/// The `(architectures[0], model_type)` of `family`.
+pub fn architecture(family: Family) -> (&'static str, &'static str) {
     ARCHITECTURES
         .iter()
-        .find(|(a, _, _)| *a == arch)
-        .map(|(_, t, _)| *t)
+        .find(|(_, _, f)| *f == family)
+        .map(|(a, t, _)| (*a, *t))
+        .expect("one row per family")
 }
 
 /// Tensors every family names alike.
@@ -121,7 +121,7 @@ pub const MIXTRAL_FUSED_DOWN: &str = "model.layers.{L}.mlp.experts.down_proj";
 /// The parts of a family's table, most specific first.
 fn parts(family: Family) -> &'static [&'static [(Role, &'static str)]] {
     match family {
-        Family::Llama | Family::Qwen2 => &[SEQUENTIAL, DECODER],
+        Family::Llama | Family::Mistral | Family::Qwen2 => &[SEQUENTIAL, DECODER],
         Family::Mixtral => &[MIXTRAL, SEQUENTIAL, DECODER],
         Family::Qwen2Moe => &[QWEN2_MOE, SEQUENTIAL, DECODER],
         Family::Cohere | Family::Cohere2 => &[COHERE, DECODER],

@@ -93,6 +93,8 @@ pub fn fill(pattern: &str, layer: usize, expert: usize) -> String {
 pub enum Family {
     /// Dense SwiGLU decoder; q/k/v bias only if `attention_bias` is set.
     Llama,
+    /// Llama with a sliding window in every layer (4096 when the config has none).
+    Mistral,
     /// Dense, with q/k/v bias always present.
     Qwen2,
     /// Sparse MoE FFN in one of two on-disk layouts.

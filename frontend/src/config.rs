@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
+use upmix_formats::Family;
 use upmix_ir::{Rope, RopePairs, RopeScaling};
 
 use crate::error::{io, FrontendError};
@@ -212,17 +213,17 @@ impl HfConfig {
             .map(Some)
     }
 
-    /// The sliding windows, as transformers applies them for architecture `arch`: Mistral
+    /// The sliding windows, as transformers applies them for `family`: Mistral
     /// and Mixtral window every layer (Mistral's default is 4096 when the field is
     /// absent); Qwen2 and Qwen2-MoE only with `use_sliding_window`, on the layers
     /// `layer_types` names, else those `max_window_layers` selects; Cohere2 on the layers
     /// `layer_types` names, else three of every `sliding_window_pattern` (default 4); Llama
     /// and Cohere never. A malformed `layer_types` or a Cohere2 config without a window is
     /// an error naming the field.
-    pub fn windows(&self, arch: &str) -> Result<Windows, String> {
+    pub fn windows(&self, family: Family) -> Result<Windows, String> {
         let window = self.sliding_window.flatten();
         let sliding = self.sliding_layers()?;
-        if arch == "Cohere2ForCausalLM" {
+        if family == Family::Cohere2 {
             let w = window.ok_or("missing field `sliding_window` (Cohere2 requires it)")?;
             let pattern = self.sliding_window_pattern.unwrap_or(4);
             if pattern == 0 {
@@ -235,13 +236,13 @@ impl HfConfig {
             });
             return Ok(Windows::Layers(sliding, w));
         }
-        Ok(match arch {
-            "MistralForCausalLM" => match self.sliding_window.unwrap_or(Some(4096)) {
+        Ok(match family {
+            Family::Mistral => match self.sliding_window.unwrap_or(Some(4096)) {
                 Some(w) => Windows::Every(w),
                 None => Windows::None,
             },
-            "MixtralForCausalLM" => window.map_or(Windows::None, Windows::Every),
-            "Qwen2ForCausalLM" | "Qwen2MoeForCausalLM" => {
+            Family::Mixtral => window.map_or(Windows::None, Windows::Every),
+            Family::Qwen2 | Family::Qwen2Moe => {
                 let Some(w) = window.filter(|_| self.use_sliding_window == Some(true)) else {
                     return Ok(Windows::None);
                 };
@@ -249,7 +250,7 @@ impl HfConfig {
                     return Ok(Windows::Layers(sliding, w));
                 }
                 let max = self.max_window_layers.unwrap_or(28);
-                if arch == "Qwen2ForCausalLM" {
+                if family == Family::Qwen2 {
                     Windows::From(max, w)
                 } else {
                     Windows::EvenBelow(max, w)
@@ -320,33 +321,30 @@ mod window_tests {
         serde_json::from_str(&text).unwrap()
     }
 
-    fn per_layer(c: &HfConfig, arch: &str) -> Vec<Option<usize>> {
-        let w = c.windows(arch).unwrap();
+    fn per_layer(c: &HfConfig, family: Family) -> Vec<Option<usize>> {
+        let w = c.windows(family).unwrap();
         (0..4).map(|i| w.of(i)).collect()
     }
 
     #[test]
     fn sliding_windows_follow_transformers_defaults() {
         // Mistral: absent means transformers' default 4096, null means none.
-        assert_eq!(
-            per_layer(&config(""), "MistralForCausalLM"),
-            vec![Some(4096); 4]
-        );
+        assert_eq!(per_layer(&config(""), Family::Mistral), vec![Some(4096); 4]);
         let null = config(r#", "sliding_window": null"#);
-        assert_eq!(per_layer(&null, "MistralForCausalLM"), vec![None; 4]);
+        assert_eq!(per_layer(&null, Family::Mistral), vec![None; 4]);
         let set = config(r#", "sliding_window": 16"#);
-        assert_eq!(per_layer(&set, "MixtralForCausalLM"), vec![Some(16); 4]);
-        assert_eq!(per_layer(&set, "LlamaForCausalLM"), vec![None; 4]);
+        assert_eq!(per_layer(&set, Family::Mixtral), vec![Some(16); 4]);
+        assert_eq!(per_layer(&set, Family::Llama), vec![None; 4]);
         // Qwen2: only with use_sliding_window, from max_window_layers on.
-        assert_eq!(per_layer(&set, "Qwen2ForCausalLM"), vec![None; 4]);
+        assert_eq!(per_layer(&set, Family::Qwen2), vec![None; 4]);
         let qwen =
             config(r#", "sliding_window": 16, "use_sliding_window": true, "max_window_layers": 2"#);
         assert_eq!(
-            per_layer(&qwen, "Qwen2ForCausalLM"),
+            per_layer(&qwen, Family::Qwen2),
             vec![None, None, Some(16), Some(16)]
         );
         assert_eq!(
-            per_layer(&qwen, "Qwen2MoeForCausalLM"),
+            per_layer(&qwen, Family::Qwen2Moe),
             vec![Some(16), None, None, None]
         );
         let typed = config(
@@ -355,7 +353,7 @@ mod window_tests {
                                "full_attention"]"#,
         );
         assert_eq!(
-            per_layer(&typed, "Qwen2ForCausalLM"),
+            per_layer(&typed, Family::Qwen2),
             vec![None, Some(16), None, None]
         );
     }
@@ -364,22 +362,22 @@ mod window_tests {
     fn cohere2_windows_three_sliding_to_one_global() {
         let c = config(r#", "sliding_window": 16"#);
         assert_eq!(
-            per_layer(&c, "Cohere2ForCausalLM"),
+            per_layer(&c, Family::Cohere2),
             vec![Some(16), Some(16), Some(16), None]
         );
         let c = config(r#", "sliding_window": 16, "sliding_window_pattern": 2"#);
         assert_eq!(
-            per_layer(&c, "Cohere2ForCausalLM"),
+            per_layer(&c, Family::Cohere2),
             vec![Some(16), None, Some(16), None]
         );
-        let err = config("").windows("Cohere2ForCausalLM").unwrap_err();
+        let err = config("").windows(Family::Cohere2).unwrap_err();
         assert!(err.contains("sliding_window"), "{err}");
     }
 
     #[test]
     fn malformed_layer_types_name_the_field() {
         let short = config(r#", "sliding_window": 16, "layer_types": ["full_attention"]"#);
-        let err = short.windows("Cohere2ForCausalLM").unwrap_err();
+        let err = short.windows(Family::Cohere2).unwrap_err();
         assert!(
             err.contains("`layer_types` has 1 entries for 4 layers"),
             "{err}"
@@ -388,7 +386,7 @@ mod window_tests {
             r#", "sliding_window": 16, "layer_types": ["full_attention", "sliding_attention",
                 "chunked_attention", "full_attention"]"#,
         );
-        let err = odd.windows("Cohere2ForCausalLM").unwrap_err();
+        let err = odd.windows(Family::Cohere2).unwrap_err();
         assert!(
             err.contains("`layer_types[2]` is `chunked_attention`"),
             "{err}"

@@ -62,6 +62,11 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             "hidden_act `{act}` is not supported (only silu)"
         )));
     }
+    if family.parallel() && config.attention_bias == Some(true) {
+        return Err(bad_config(
+            "attention_bias = true is not supported for Cohere models".into(),
+        ));
+    }
     if config.mlp_bias == Some(true) {
         return Err(bad_config("mlp_bias = true is not supported".into()));
     }
@@ -102,7 +107,7 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             Family::Qwen2Moe => config.qkv_bias.unwrap_or(true),
             _ => config.attention_bias == Some(true),
         },
-        windows: config.windows(&arch).map_err(bad_config)?,
+        windows: config.windows(family).map_err(bad_config)?,
         cohere,
     };
     let need = |v: Option<usize>, field: &str| {

@@ -110,7 +110,7 @@ pub fn emit_hf(
         _ => MoeLayout::Classic,
     };
     let tensors = tensor_list(&stack, family, layout, &mut table, &unsupported)?;
-    let config = config_json(m, g, &stack, arch, &unsupported)?;
+    let config = config_json(m, g, &stack, family, &unsupported)?;
 
     // Split into shards by size, keeping the tensor order.
     let mut shards: Vec<Vec<(String, WeightId)>> = vec![Vec::new()];
@@ -228,16 +228,7 @@ fn architecture(
     if s.logit_scale.is_some() && !cohere {
         return Err(unsupported("only Cohere models scale their logits".into()));
     }
-    let windowed = s.layers.iter().any(|l| l.attn.window.is_some());
-    let arch = match family {
-        Family::Llama if windowed => "MistralForCausalLM",
-        _ => hf::ARCHITECTURES
-            .iter()
-            .find(|(_, _, f)| *f == family)
-            .map(|(a, _, _)| *a)
-            .expect("every family has an architecture"),
-    };
-    Ok((arch, family))
+    Ok((hf::architecture(family).0, family))
 }
 
 /// Cohere (every layer with RoPE, no window) or Cohere2 (sliding layers with RoPE, global
@@ -318,8 +309,9 @@ fn llama_family(s: &Stack, unsupported: &dyn Fn(String) -> EmitError) -> Result<
         ));
     }
     if moes.is_empty() {
-        return Ok(match biased {
-            0 => Family::Llama,
+        return Ok(match (biased, windowed) {
+            (0, false) => Family::Llama,
+            (0, true) => Family::Mistral,
             _ => Family::Qwen2,
         });
     }

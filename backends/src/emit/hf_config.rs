@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
-use upmix_formats::hf;
+use upmix_formats::{hf, Family};
 use upmix_ir::{DType, Graph, Module, Op, RopeScaling, WeightTable};
 
 use super::stack::Stack;
@@ -75,10 +75,10 @@ pub(super) fn config_json(
     m: &Module,
     g: &Graph,
     s: &Stack,
-    arch: &'static str,
+    family: Family,
     unsupported: &dyn Fn(String) -> EmitError,
 ) -> Result<Value, EmitError> {
-    let computed = computed_fields(m, g, s, arch, unsupported)?;
+    let computed = computed_fields(m, g, s, family, unsupported)?;
     let base = match &g.meta.config_file {
         Some(path) => read_base(path)?,
         None => Map::new(),
@@ -142,7 +142,7 @@ fn computed_fields(
     m: &Module,
     g: &Graph,
     s: &Stack,
-    arch: &'static str,
+    family: Family,
     unsupported: &dyn Fn(String) -> EmitError,
 ) -> Result<Value, EmitError> {
     let w = &m.weights;
@@ -177,7 +177,7 @@ fn computed_fields(
     }
     let hidden = w.get(s.embed)?.shape[1];
     let vocab = w.get(s.embed)?.shape[0];
-    if arch == "CohereForCausalLM" && a.n_heads * a.head_dim != hidden {
+    if family == Family::Cohere && a.n_heads * a.head_dim != hidden {
         return Err(unsupported(format!(
             "Cohere derives the head dimension from the hidden size; {} heads of {} are not {hidden}",
             a.n_heads, a.head_dim
@@ -214,7 +214,7 @@ fn computed_fields(
             });
         }
     }
-    let model_type = hf::model_type(arch).expect("an architecture of the table");
+    let (arch, model_type) = hf::architecture(family);
     let mut c = json!({
         "architectures": [arch],
         "model_type": model_type,
@@ -248,8 +248,8 @@ fn computed_fields(
         c.insert("layer_norm_eps".into(), json!(s.final_norm.eps));
         c.insert("logit_scale".into(), json!(scale));
     }
-    match (arch, experts) {
-        ("Qwen2MoeForCausalLM", Some(moe)) => {
+    match (family, experts) {
+        (Family::Qwen2Moe, Some(moe)) => {
             let shared = match &moe.shared_expert {
                 Some(s) => w.get(s.ffn.gate)?.shape[0],
                 None => unreachable!("architecture() requires shared experts"),
@@ -270,9 +270,9 @@ fn computed_fields(
             c["num_experts_per_tok"] = json!(moe.top_k);
             c["sliding_window"] = json!(window);
         }
-        ("MistralForCausalLM", None) => c["sliding_window"] = json!(window),
-        ("CohereForCausalLM", None) => c["use_qk_norm"] = json!(a.qk_norm.is_some()),
-        ("Cohere2ForCausalLM", None) => {
+        (Family::Mistral, None) => c["sliding_window"] = json!(window),
+        (Family::Cohere, None) => c["use_qk_norm"] = json!(a.qk_norm.is_some()),
+        (Family::Cohere2, None) => {
             c["sliding_window"] = json!(window);
             let types: Vec<_> = s
                 .layers
@@ -284,7 +284,7 @@ fn computed_fields(
                 .collect();
             c["layer_types"] = json!(types);
         }
-        ("Qwen2ForCausalLM", None) => c["use_sliding_window"] = json!(false),
+        (Family::Qwen2, None) => c["use_sliding_window"] = json!(false),
         _ => {}
     }
     Ok(c)
