@@ -282,6 +282,46 @@ fn config_missing_a_field() {
     assert_contains(&msg, &[&config.display().to_string(), "`hidden_size`"]);
 }
 
+/// The error of loading fixture `name` with `edit` applied to its config.json, which it
+/// must name.
+fn edited_config_err(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let (tmp, dir) = temp_fixture(name);
+    let config = dir.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(&config, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    let msg = load_err(tmp.path(), &dir);
+    assert_contains(&msg, &[&config.display().to_string()]);
+    msg
+}
+
+#[test]
+fn malformed_cohere_configs_name_the_field() {
+    let msg = edited_config_err("cohere2", |c| {
+        c["layer_types"].as_array_mut().unwrap().pop();
+    });
+    assert_contains(&msg, &["`layer_types` has 3 entries for 4 layers"]);
+    let msg = edited_config_err("cohere2", |c| {
+        c["layer_types"][1] = "chunked_attention".into();
+    });
+    assert_contains(&msg, &["`layer_types[1]` is `chunked_attention`"]);
+    let msg = edited_config_err("cohere2", |c| {
+        c.as_object_mut().unwrap().remove("sliding_window");
+    });
+    assert_contains(&msg, &["`sliding_window`"]);
+    for fixture in ["cohere", "cohere2"] {
+        let msg = edited_config_err(fixture, |c| {
+            c.as_object_mut().unwrap().remove("logit_scale");
+        });
+        assert_contains(&msg, &["missing field `logit_scale`"]);
+        let msg = edited_config_err(fixture, |c| {
+            c.as_object_mut().unwrap().remove("layer_norm_eps");
+        });
+        assert_contains(&msg, &["missing field `layer_norm_eps`"]);
+    }
+}
+
 #[test]
 fn unknown_architecture_lists_the_supported_ones() {
     let (tmp, dir) = temp_fixture("llama");
@@ -511,4 +551,52 @@ fn cast_to_f16_of_a_value_beyond_its_range_names_the_tensor() {
         ],
     );
     assert!(!out.exists(), "{} was created", out.display());
+}
+
+#[test]
+fn emitting_a_mixtral_without_experts_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Through a pipeline: the config's expert count is checked when loading.
+    let (_keep, dir) = temp_fixture("mixtral");
+    let config = dir.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    json["num_local_experts"] = 0.into();
+    std::fs::write(&config, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    let out = tmp.path().join("out");
+    let pipeline = write_pipeline(
+        tmp.path(),
+        &format!(
+            "Pipeline(models: {{ \"m\": Hf({}) }}, emit: [ Hf(model: \"m\", dir: {}) ])",
+            ron_path(&dir),
+            ron_path(&out)
+        ),
+    );
+    let msg = pipeline_err(tmp.path(), &pipeline);
+    assert_contains(&msg, &[&config.display().to_string(), "0 experts"]);
+    assert!(!out.exists());
+
+    // Through the API: a graph whose MoE lost its experts is verified before writing.
+    let mut m = Module::new();
+    upmix::frontend::load(&fixture("mixtral"), "m", &mut m).unwrap();
+    let g = m.graphs.get_mut("m").unwrap();
+    for id in g.node_ids() {
+        if let upmix_ir::Op::MixtureOfExperts(moe) = &mut g.node_mut(id).op {
+            moe.experts.clear();
+        }
+    }
+    let out = tmp.path().join("api");
+    let msg = no_panic_no_output(tmp.path(), "emit", || {
+        upmix::backends::emit::emit_hf(&m, "m", &out, &Default::default())
+            .unwrap_err()
+            .to_string()
+    });
+    assert_contains(
+        &msg,
+        &[
+            "nothing was written",
+            "layers.0.ffn",
+            "top_k 2 must be in 1..=0",
+        ],
+    );
 }

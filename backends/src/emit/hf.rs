@@ -96,6 +96,12 @@ pub fn emit_hf(
     let g = m
         .graph(graph)
         .ok_or_else(|| EmitError::UnknownGraph(graph.to_string()))?;
+    // A loaded checkpoint goes straight here when no pass ran: check it like a pass's
+    // output, so a malformed graph is an error rather than an index out of bounds.
+    upmix_ir::verify(g, &m.weights).map_err(|errors| EmitError::Invalid {
+        graph: graph.to_string(),
+        errors,
+    })?;
     let stack = read_stack(g, FORMAT)?;
     let unsupported = |message: String| EmitError::Unsupported {
         graph: graph.to_string(),

@@ -48,6 +48,11 @@ pub enum EmitError {
         format: &'static str,
         message: String,
     },
+    #[error("nothing was written: {errors}")]
+    Invalid {
+        graph: String,
+        errors: upmix_ir::VerifyErrors,
+    },
     #[error("no model named `{0}`")]
     UnknownGraph(String),
     #[error(transparent)]
