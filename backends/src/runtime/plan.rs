@@ -28,7 +28,8 @@ pub(crate) enum Layer<B: Kernels> {
         weight: P,
         eps: f32,
     },
-    /// `weight`, `bias`: `[1, hidden]`.
+    /// `weight`, `bias`: `[1, hidden]`. Named as the IR op it lowers.
+    #[allow(clippy::enum_variant_names)]
     LayerNorm {
         weight: P,
         bias: Option<P>,
