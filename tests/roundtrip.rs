@@ -122,3 +122,29 @@ fn sharded_output_loads_back() {
         );
     }
 }
+
+/// The emitter reads a graph by its wiring: a residual connection rewired to skip the
+/// block's input (same ops, same order) is not a decoder stack, and is refused.
+#[test]
+fn a_graph_rewired_away_from_a_decoder_stack_is_refused() {
+    let mut m = load("llama");
+    let g = m.graphs.get_mut("llama").unwrap();
+    let (add, attn) = (
+        g.find("layers.0.attn_residual").unwrap(),
+        g.find("layers.0.attn").unwrap(),
+    );
+    g.disconnect_inputs(add);
+    g.connect(attn, add);
+    g.connect(attn, add);
+    upmix::ir::verify(g, &m.weights).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let err = emit_hf(&m, "llama", &out, &HfEmitOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not a decoder stack: at node `embed`: expected a norm and a residual Add"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -108,6 +108,14 @@ impl<'g> Walk<'g> {
         }
     }
 
+    /// The norm among exactly two users of `id` (the other is the residual `Add`, checked
+    /// by [`Walk::residual_add`]).
+    fn norm_beside_add(&self, id: NodeId) -> Option<NodeId> {
+        let users = self.g.users(id);
+        let norm = users.iter().copied().find(|&u| self.norm(u).is_some());
+        norm.filter(|_| users.len() == 2)
+    }
+
     /// The `Add` user of `branch` whose other input is `residual`.
     fn residual_add(&self, branch: NodeId, residual: NodeId) -> Result<NodeId, EmitError> {
         let add = self.only_user(branch)?;
@@ -139,8 +147,11 @@ impl<'g> Walk<'g> {
         };
         let mut layers = Vec::new();
         loop {
+            // The final norm: the stream's only user, feeding the lm head.
             if let [only] = g.users(x)[..] {
-                if let Some(norm) = self.norm(only) {
+                let head = g.users(only).into_iter().next();
+                let to_head = head.is_some_and(|h| matches!(self.op(h), Op::Linear { .. }));
+                if let (Some(norm), true) = (self.norm(only), to_head) {
                     return self.tail(embed, layers, only, norm);
                 }
             }
@@ -153,12 +164,8 @@ impl<'g> Walk<'g> {
     /// The block whose input is `x`, and its output (the FFN's residual `Add`).
     fn block(&self, x: NodeId) -> Result<(Block<'g>, NodeId), EmitError> {
         let g = self.g;
-        let users = g.users(x);
-        let norm_id = users
-            .iter()
-            .copied()
-            .find(|&u| self.norm(u).is_some())
-            .filter(|_| users.len() == 2)
+        let norm_id = self
+            .norm_beside_add(x)
             .ok_or_else(|| self.bad(x, "expected a norm and a residual Add after it"))?;
         let attn_norm = self.norm(norm_id).expect("found as a norm");
         let branches = g.users(norm_id);
@@ -173,12 +180,8 @@ impl<'g> Walk<'g> {
         let h = self.residual_add(attn_id, x)?;
         let (mlp_id, ffn_norm) = match branches.len() {
             1 => {
-                let h_users = g.users(h);
-                let ffn_norm_id = h_users
-                    .iter()
-                    .copied()
-                    .find(|&u| self.norm(u).is_some())
-                    .filter(|_| h_users.len() == 2)
+                let ffn_norm_id = self
+                    .norm_beside_add(h)
                     .ok_or_else(|| self.bad(h, "expected the FFN's norm and residual Add"))?;
                 (self.only_user(ffn_norm_id)?, self.norm(ffn_norm_id))
             }
