@@ -6,10 +6,11 @@ What it makes:
 * tests/golden/models/<name>/  tiny randomly initialised Hugging Face
   checkpoints (model.safetensors, config.json, generation_config.json and a
   byte-level tokenizer.json) for: llama, llama_tied, qwen2, mixtral,
-  mixtral_fused (same weights as mixtral, fused expert layout), llama_b,
-  mistral, cohere (Command R: LayerNorm, parallel attention and MLP, per-head
-  q/k LayerNorm, logit scale, tied embeddings), cohere2 (Command R7B: sliding
-  layers 0-2 and a global layer 3 without RoPE) and cohere2_b.
+  mixtral_fused (same weights as mixtral, fused expert layout), llama_b and
+  llama_c (llama's config, other seeds), mistral, cohere (Command R:
+  LayerNorm, parallel attention and MLP, per-head q/k LayerNorm, logit scale,
+  tied embeddings), cohere2 (Command R7B: sliding layers 0-2 and a global
+  layer 3 without RoPE) and cohere2_b.
 * tests/golden/models/{cohere,cohere2}.gguf  the same cohere and cohere2
   weights (float32) as llama.cpp's converter lays them out (architectures
   `command-r` and `cohere2`), with the byte-level tokenizer as a `gpt2` one.
@@ -19,6 +20,12 @@ What it makes:
 * tests/golden/merge/  a linear merge of llama (0.3) and llama_b (0.7),
   computed in mergekit's `linear` operation order; tests/golden/merge_cohere2/
   the same for cohere2 and cohere2_b.
+* tests/golden/bam/  BAM attention experts (soft Mixture-of-Attention) over
+  llama, llama_b and llama_c, computed in plain torch: every layer's attention
+  is a routed mixture of the three models' attentions, every other tensor their
+  mean. routers.safetensors holds the random routers, golden.json the float32
+  logits of the fixed input for expert or shared key/values and soft or top-2
+  routing, and how many tokens each layer's top-2 sends to each expert.
 * tests/golden/tokenizer.json  sample texts and their token ids.
 * tests/golden/smollm2/  reference tokens, logits, greedy ids and perplexity
   of the real SmolLM2-135M-Instruct Q4_1 GGUF (`make_fixtures.py smollm2`; the
@@ -39,6 +46,10 @@ goldens and records the result in tests/golden/emitted/<NAME>.json:
 
     make_fixtures.py merge NAME
         Rewrites one merge golden of MERGES (`merge` or `merge_cohere2`).
+
+    make_fixtures.py bam
+        Rewrites tests/golden/bam/ from the saved llama, llama_b and llama_c
+        (`model llama_c` makes the last).
 
     make_fixtures.py check-emitted DIR NAME
 
@@ -169,6 +180,10 @@ SPECS = {
                 dict(tie_word_embeddings=False,
                      rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
                 1005, torch.float32),
+    "llama_c": (LlamaConfig, LlamaForCausalLM,
+                dict(tie_word_embeddings=False,
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+                1012, torch.float32),
     # A sliding window shorter than the logits input (12 tokens) and than the prompt plus
     # its greedy continuation (5 + 16).
     "mistral": (MistralConfig, MistralForCausalLM,
@@ -568,6 +583,249 @@ def make_merge(out_name="merge"):
     write_json(out / "golden.json", {"models": [name_a, name_b], "weights": MERGE_WEIGHTS})
 
 
+# --- BAM attention experts (soft Mixture-of-Attention) -----------------------
+
+BAM_GOLDEN = GOLDEN / "bam"
+BAM_MODELS = ["llama", "llama_b", "llama_c"]
+BAM_ROUTER_SEED = 4242
+BAM_ROUTER_SCALE = 0.5
+BAM_TOP_K = 2
+BAM_VARIANTS = {
+    # name -> (shared key/value projections, routing)
+    "expert_kv_soft": (False, "soft"),
+    "expert_kv_top2": (False, "top2"),
+    "shared_kv_soft": (True, "soft"),
+    "shared_kv_top2": (True, "top2"),
+}
+BAM_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+BAM_TOLERANCE = 1e-5
+BAM_MIN_VARIANT_DIFF = 1e-3
+# smallest allowed gap between a token's second and third router logit (top-2): the
+# softmax is monotonic, so this gap decides the pick, far above float32 rounding
+BAM_MIN_TOP2_MARGIN = 1e-3
+
+
+def bam_config():
+    """Shapes of the three BAM source models (asserted equal) from their config.json."""
+    configs = [json.loads((MODELS / name / "config.json").read_text(encoding="utf-8"))
+               for name in BAM_MODELS]
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "rms_norm_eps", "rope_parameters", "vocab_size", "intermediate_size",
+            "tie_word_embeddings", "hidden_act")
+    for config in configs[1:]:
+        for key in keys:
+            assert config[key] == configs[0][key], key
+    config = configs[0]
+    assert config["rope_parameters"]["rope_type"] == "default", config["rope_parameters"]
+    assert config["hidden_act"] == "silu" and not config["tie_word_embeddings"]
+    assert not config["attention_bias"] and not config["mlp_bias"]
+    return config
+
+
+def bam_rms_norm(x, weight, eps):
+    """Llama's RMSNorm in float32: x * rsqrt(mean(x^2) + eps) * weight."""
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def bam_rope(n_tokens, head_dim, theta):
+    """cos, sin [T, head_dim] of the default RoPE, halves repeated (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64)
+                                .to(torch.float32) / head_dim))
+    freqs = torch.arange(n_tokens, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def bam_rotate_half(x):
+    """[-x2, x1] of the two halves of the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def bam_attention(n, attn, config, cos, sin):
+    """Causal grouped-query self-attention with RoPE of one expert; n [T, D] -> [T, D]."""
+    n_tokens = n.shape[0]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["head_dim"]
+    q = (n @ attn["q_proj"].T).view(n_tokens, heads, head_dim).transpose(0, 1)
+    k = (n @ attn["k_proj"].T).view(n_tokens, kv_heads, head_dim).transpose(0, 1)
+    v = (n @ attn["v_proj"].T).view(n_tokens, kv_heads, head_dim).transpose(0, 1)
+    q = q * cos + bam_rotate_half(q) * sin
+    k = k * cos + bam_rotate_half(k) * sin
+    # query head h reads key/value head h // (heads / kv_heads)
+    group = heads // kv_heads
+    k = k.repeat_interleave(group, dim=0)
+    v = v.repeat_interleave(group, dim=0)
+    scores = (q @ k.transpose(1, 2)) / math.sqrt(head_dim)
+    future = torch.ones(n_tokens, n_tokens, dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    out = (probs @ v).transpose(0, 1).reshape(n_tokens, heads * head_dim)
+    return out @ attn["o_proj"].T
+
+
+def bam_routing(n, router, routing):
+    """Per-token expert weights [T, E]: softmax(n R^T), all kept (soft) or top-2 renormalised.
+
+    For top-2 also returns the picked experts [T, 2] and the smallest gap between
+    a token's second and third router logit.
+    """
+    logits = n @ router.T
+    p = torch.softmax(logits, dim=-1)
+    if routing == "soft":
+        return p, None, None
+    assert routing == "top2", routing
+    values, picked = torch.topk(p, BAM_TOP_K, dim=-1)
+    weights = torch.zeros_like(p).scatter(-1, picked, values / values.sum(-1, keepdim=True))
+    ranked = logits.sort(dim=-1, descending=True).values
+    margin = float((ranked[:, BAM_TOP_K - 1] - ranked[:, BAM_TOP_K]).min())
+    return weights, picked, margin
+
+
+@torch.no_grad()
+def bam_forward(dense, experts, routers, routing, config, ids):
+    """Float32 logits [T, vocab] of the attention-expert model.
+
+    dense: the non-attention tensors by transformers name; experts[l][e]: expert e's
+    q/k/v/o_proj weights in layer l; routers[l]: [E, D]. routing is "soft", "top2"
+    or "dense" (one expert, weight 1, no router). For "top2" also returns, per layer,
+    how many tokens picked each expert and the smallest top-2 margin (see bam_routing).
+    """
+    eps = config["rms_norm_eps"]
+    cos, sin = bam_rope(len(ids), config["head_dim"], config["rope_parameters"]["rope_theta"])
+    x = dense["model.embed_tokens.weight"][torch.tensor(ids)]
+    counts, margins = [], []
+    for layer, layer_experts in enumerate(experts):
+        pre = f"model.layers.{layer}."
+        n = bam_rms_norm(x, dense[pre + "input_layernorm.weight"], eps)
+        if routing == "dense":
+            assert len(layer_experts) == 1
+            a = bam_attention(n, layer_experts[0], config, cos, sin)
+        else:
+            weights, picked, margin = bam_routing(n, routers[layer], routing)
+            a = torch.zeros_like(x)
+            for e, attn in enumerate(layer_experts):
+                a = a + weights[:, e, None] * bam_attention(n, attn, config, cos, sin)
+            if picked is not None:
+                counts.append(torch.bincount(picked.flatten(), minlength=len(layer_experts)).tolist())
+                margins.append(margin)
+        h = x + a
+        m = bam_rms_norm(h, dense[pre + "post_attention_layernorm.weight"], eps)
+        gate = m @ dense[pre + "mlp.gate_proj.weight"].T
+        up = m @ dense[pre + "mlp.up_proj.weight"].T
+        x = h + (torch.nn.functional.silu(gate) * up) @ dense[pre + "mlp.down_proj.weight"].T
+    x = bam_rms_norm(x, dense["model.norm.weight"], eps)
+    return x @ dense["lm_head.weight"].T, ((counts, margins) if routing == "top2" else None)
+
+
+def bam_split(tensors, n_layers):
+    """(non-attention tensors, per-layer attention projections) of one checkpoint."""
+    attn = [{proj: tensors[f"model.layers.{layer}.self_attn.{proj}.weight"] for proj in BAM_ATTN}
+            for layer in range(n_layers)]
+    dense = {key: t for key, t in tensors.items() if ".self_attn." not in key}
+    assert len(dense) + 4 * n_layers == len(tensors)
+    return dense, attn
+
+
+def bam_golden_logits(name):
+    """The transformers logits of tests/golden/<name>/golden.json as a float32 tensor."""
+    golden = json.loads((GOLDEN / name / "golden.json").read_text(encoding="utf-8"))
+    assert golden["input_ids"] == INPUT_IDS
+    return torch.tensor(golden["logits"], dtype=torch.float32)
+
+
+def bam_max_diff(a, b):
+    """Largest absolute difference of two tensors, as a float."""
+    return float((a - b).abs().max())
+
+
+def make_bam():
+    """Write tests/golden/bam/: BAM attention experts over llama, llama_b and llama_c.
+
+    Every layer's attention is a routed mixture of the three models' attentions
+    (expert e = model e's q/k/v/o_proj); every other tensor is the float32 mean
+    (a + b + c) / 3. Layer l: n = RMSNorm(x); p = softmax(n R_l^T); the weights are
+    p (soft) or the two largest p renormalised (top2); x + sum_e w_e Attn_e(n), then
+    the averaged MLP block; then the averaged final norm and lm_head. With shared
+    key/values every expert uses the mean k_proj and v_proj and its own q/o_proj.
+    R_l = 0.5 * randn([3, D]) from torch.Generator seed BAM_ROUTER_SEED, layer 0
+    first, saved as routers.safetensors ("layers.{l}.attn.router", float32).
+    golden.json holds the float32 logits of INPUT_IDS for the four BAM_VARIANTS and
+    the per-layer top-2 pick counts of each expert (expert_kv_top2).
+    """
+    config = bam_config()
+    n_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    tensors = [load_file(MODELS / name / "model.safetensors") for name in BAM_MODELS]
+    for t in tensors:
+        assert t.keys() == tensors[0].keys()
+        assert all(v.dtype == torch.float32 for v in t.values())
+    split = [bam_split(t, n_layers) for t in tensors]
+
+    # The plain forward pass with one expert reproduces transformers on each source model.
+    dense_diffs = {}
+    for name, (dense, attn) in zip(BAM_MODELS, split):
+        logits, _ = bam_forward(dense, [[a] for a in attn], None, "dense", config, INPUT_IDS)
+        dense_diffs[name] = bam_max_diff(logits, bam_golden_logits(name))
+    print(f"bam: dense plain-torch vs transformers goldens, max abs diff {dense_diffs}")
+    assert max(dense_diffs.values()) <= BAM_TOLERANCE, dense_diffs
+
+    generator = torch.Generator().manual_seed(BAM_ROUTER_SEED)
+    routers = [BAM_ROUTER_SCALE * torch.randn(len(BAM_MODELS), hidden, generator=generator)
+               for _ in range(n_layers)]
+
+    # Three copies of model A's attention, A's own other tensors, soft routing: model A.
+    dense_a, attn_a = split[0]
+    logits, _ = bam_forward(dense_a, [[a] * len(BAM_MODELS) for a in attn_a], routers, "soft",
+                            config, INPUT_IDS)
+    copies_diff = bam_max_diff(logits, bam_golden_logits(BAM_MODELS[0]))
+    print(f"bam: three copies of {BAM_MODELS[0]}'s attention, soft routing, vs its golden: "
+          f"max abs diff {copies_diff:.3g}")
+    assert copies_diff <= BAM_TOLERANCE, copies_diff
+
+    mean = {key: (split[0][0][key] + split[1][0][key] + split[2][0][key]) / 3
+            for key in split[0][0]}
+    shared_kv = [{proj: (split[0][1][layer][proj] + split[1][1][layer][proj]
+                         + split[2][1][layer][proj]) / 3 for proj in ("k_proj", "v_proj")}
+                 for layer in range(n_layers)]
+    results, counts = {}, None
+    for variant, (shared, routing) in BAM_VARIANTS.items():
+        experts = [[{**attn[layer], **(shared_kv[layer] if shared else {})} for _, attn in split]
+                   for layer in range(n_layers)]
+        logits, picks = bam_forward(mean, experts, routers, routing, config, INPUT_IDS)
+        assert torch.isfinite(logits).all(), variant
+        results[variant] = logits
+        if routing == "top2":
+            counts_of, margin = picks
+            print(f"bam: {variant}: smallest top-2 margin per layer {margin}")
+            assert min(margin) > BAM_MIN_TOP2_MARGIN, \
+                f"{variant}: near-tie in the top-2 routing; change the router seed"
+            if variant == "expert_kv_top2":
+                counts = counts_of
+    names = list(results)
+    pair_diffs = {f"{a} vs {b}": bam_max_diff(results[a], results[b])
+                  for i, a in enumerate(names) for b in names[i + 1:]}
+    for pair, diff in pair_diffs.items():
+        print(f"bam: {pair}: max abs diff {diff:.4g}")
+    assert min(pair_diffs.values()) > BAM_MIN_VARIANT_DIFF, pair_diffs
+    print(f"bam: expert_kv_top2 picks per layer (experts {BAM_MODELS}): {counts}")
+    for layer_counts in counts:
+        assert sum(layer_counts) == BAM_TOP_K * len(INPUT_IDS), layer_counts
+        assert min(layer_counts) > 0, f"an expert is never picked: {counts}; change the router seed"
+
+    BAM_GOLDEN.mkdir(parents=True, exist_ok=True)
+    save_file({f"layers.{layer}.attn.router": r.contiguous() for layer, r in enumerate(routers)},
+              str(BAM_GOLDEN / "routers.safetensors"), metadata={"format": "pt"})
+    write_json(BAM_GOLDEN / "golden.json", {
+        "models": BAM_MODELS,
+        "input_ids": INPUT_IDS,
+        "router_seed": BAM_ROUTER_SEED,
+        "logits": {variant: [f32_list(row) for row in logits] for variant, logits in results.items()},
+        "per_layer_top2_counts": counts,
+    })
+    print("wrote bam")
+
+
 def make_tokenizer_golden(tokenizer):
     """Write sample texts and their ids; check they decode back to the text."""
     ids = [tokenizer.encode(text, add_special_tokens=False).ids for text in TOKENIZER_TEXTS]
@@ -592,6 +850,7 @@ def generate():
     for out_name in MERGES:
         make_merge(out_name)
         print(f"wrote {out_name}")
+    make_bam()
 
 
 def sha256(path):
@@ -1142,12 +1401,15 @@ def main(argv):
     if len(argv) == 2 and argv[0] == "merge":
         make_merge(argv[1])
         return 0
+    if argv == ["bam"]:
+        make_bam()
+        return 0
     if len(argv) == 3 and argv[0] == "check-emitted":
         return check_emitted(argv[1], argv[2])
     if len(argv) == 3 and argv[0] == "record-emitted":
         return record_emitted(argv[1], argv[2])
     print(__doc__, file=sys.stderr)
-    print("usage: make_fixtures.py [gguf | model NAME | merge NAME | smollm2 | smollm2-hf | check-smollm2-hf DIR | "
+    print("usage: make_fixtures.py [gguf | model NAME | merge NAME | bam | smollm2 | smollm2-hf | check-smollm2-hf DIR | "
           "check-emitted DIR NAME | record-emitted DIR NAME]",
           file=sys.stderr)
     return 2

@@ -225,10 +225,13 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
     manager.dump_ir = opts.dump_ir.clone();
     for spec in &p.passes {
         let mut spec = spec.clone();
-        if let PassSpec::Upcycle(u) = &mut spec {
-            if let RouterInit::DomainCentroid { texts, .. } = &mut u.router {
-                texts.values_mut().for_each(|t| *t = resolve(t));
-            }
+        let router = match &mut spec {
+            PassSpec::Upcycle(u) => Some(&mut u.router),
+            PassSpec::AttentionExperts(a) => Some(&mut a.router),
+            _ => None,
+        };
+        if let Some(RouterInit::DomainCentroid { texts, .. }) = router {
+            texts.values_mut().for_each(|t| *t = resolve(t));
         }
         manager.add(spec.into_pass());
     }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use upmix_ir::{
-    FeedForward, MappedFile, MixtureOfExperts, ModelMeta, Module, Op, RopePairs, SharedExpert,
-    Weight, WeightExpr, WeightId,
+    FeedForward, MappedFile, MixtureOfExperts, ModelMeta, Module, Op, RopePairs, Routing,
+    SharedExpert, Weight, WeightExpr, WeightId,
 };
 
 use upmix_formats::{canonical, hf, Family, Role};
@@ -410,8 +410,10 @@ impl Loader<'_> {
         Ok(Op::MixtureOfExperts(MixtureOfExperts {
             router,
             experts,
-            top_k: spec.top_k,
-            normalize_top_k: spec.normalize_top_k,
+            routing: Routing {
+                top_k: spec.top_k,
+                normalize: spec.normalize_top_k,
+            },
             shared_expert,
         }))
     }

@@ -76,6 +76,15 @@ impl GraphBuilder {
         self.node(name, Op::FeedForward(ffn), &[x])
     }
 
+    pub fn mixture_of_attention(
+        &mut self,
+        name: &str,
+        x: NodeId,
+        moa: crate::MixtureOfAttention,
+    ) -> NodeId {
+        self.node(name, Op::MixtureOfAttention(moa), &[x])
+    }
+
     pub fn mixture_of_experts(&mut self, name: &str, x: NodeId, moe: MixtureOfExperts) -> NodeId {
         self.node(name, Op::MixtureOfExperts(moe), &[x])
     }

@@ -24,8 +24,8 @@ pub use finite::NonFinite;
 pub use graph::{Edge, Graph, ModelMeta, Node, NodeId};
 pub use module::Module;
 pub use op::{
-    Attention, FeedForward, MixtureOfExperts, Op, QkNorm, Rope, RopePairs, RopeScaling,
-    SharedExpert,
+    Attention, FeedForward, MixtureOfAttention, MixtureOfExperts, Op, QkNorm, Rope, RopePairs,
+    RopeScaling, Routing, SharedExpert,
 };
 pub use print::print_graph;
 pub use runtime::{LogLikelihood, Runtime, RuntimeError, TokenScores};

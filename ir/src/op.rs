@@ -27,6 +27,8 @@ pub enum Op {
     FeedForward(FeedForward),
     /// A routed mixture of SwiGLU experts.
     MixtureOfExperts(MixtureOfExperts),
+    /// A routed mixture of attention experts (BAM).
+    MixtureOfAttention(MixtureOfAttention),
     /// Element-wise sum of its two inputs (the residual connection).
     Add,
     /// `x W^T (+ b)`; `weight` is `[out, in]` (the lm head: `[vocab, hidden]`, possibly the
@@ -53,6 +55,7 @@ impl Op {
             Op::Attention(_) => "Attention",
             Op::FeedForward(_) => "FeedForward",
             Op::MixtureOfExperts(_) => "MixtureOfExperts",
+            Op::MixtureOfAttention(_) => "MixtureOfAttention",
             Op::Add => "Add",
             Op::Linear { .. } => "Linear",
             Op::Output => "Output",
@@ -72,22 +75,11 @@ impl Op {
                     out.push(("bias".into(), *b));
                 }
             }
-            Op::Attention(a) => {
-                for (label, id) in [("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o)] {
-                    out.push((label.into(), id));
-                }
-                for (label, id) in [
-                    ("q_bias", a.q_bias),
-                    ("k_bias", a.k_bias),
-                    ("v_bias", a.v_bias),
-                ] {
-                    if let Some(id) = id {
-                        out.push((label.into(), id));
-                    }
-                }
-                if let Some(n) = &a.qk_norm {
-                    out.push(("q_norm".into(), n.q));
-                    out.push(("k_norm".into(), n.k));
+            Op::Attention(a) => a.push_weights("", &mut out),
+            Op::MixtureOfAttention(m) => {
+                out.push(("router".into(), m.router));
+                for (e, a) in m.experts.iter().enumerate() {
+                    a.push_weights(&format!("experts.{e}."), &mut out);
                 }
             }
             Op::FeedForward(f) => f.push_weights("", &mut out),
@@ -119,21 +111,10 @@ impl Op {
                     *b = f(*b);
                 }
             }
-            Op::Attention(a) => {
-                a.q = f(a.q);
-                a.k = f(a.k);
-                a.v = f(a.v);
-                a.o = f(a.o);
-                for b in [&mut a.q_bias, &mut a.k_bias, &mut a.v_bias]
-                    .into_iter()
-                    .flatten()
-                {
-                    *b = f(*b);
-                }
-                if let Some(n) = &mut a.qk_norm {
-                    n.q = f(n.q);
-                    n.k = f(n.k);
-                }
+            Op::Attention(a) => a.map_weights(&mut f),
+            Op::MixtureOfAttention(m) => {
+                m.router = f(m.router);
+                m.experts.iter_mut().for_each(|a| a.map_weights(&mut f));
             }
             Op::FeedForward(x) => x.map_weights(&mut f),
             Op::MixtureOfExperts(m) => {
@@ -174,6 +155,85 @@ pub struct Attention {
     /// Sliding-window attention: a query at position `p` sees only keys at positions
     /// `p - window < k <= p` (transformers' `sliding_window`); `None` sees every earlier key.
     pub window: Option<usize>,
+}
+
+impl Attention {
+    /// Rewrites every weight id the attention uses.
+    pub fn map_weights(&mut self, f: &mut impl FnMut(WeightId) -> WeightId) {
+        self.q = f(self.q);
+        self.k = f(self.k);
+        self.v = f(self.v);
+        self.o = f(self.o);
+        for b in [&mut self.q_bias, &mut self.k_bias, &mut self.v_bias]
+            .into_iter()
+            .flatten()
+        {
+            *b = f(*b);
+        }
+        if let Some(n) = &mut self.qk_norm {
+            n.q = f(n.q);
+            n.k = f(n.k);
+        }
+    }
+
+    fn push_weights(&self, prefix: &str, out: &mut Vec<(String, WeightId)>) {
+        for (label, id) in [("q", self.q), ("k", self.k), ("v", self.v), ("o", self.o)] {
+            out.push((format!("{prefix}{label}"), id));
+        }
+        for (label, id) in [
+            ("q_bias", self.q_bias),
+            ("k_bias", self.k_bias),
+            ("v_bias", self.v_bias),
+        ] {
+            if let Some(id) = id {
+                out.push((format!("{prefix}{label}"), id));
+            }
+        }
+        if let Some(n) = &self.qk_norm {
+            out.push((format!("{prefix}q_norm"), n.q));
+            out.push((format!("{prefix}k_norm"), n.k));
+        }
+    }
+
+    /// The same attention settings (heads, positions, window, norms' presence and eps),
+    /// whatever the weights.
+    pub fn same_settings(&self, other: &Attention) -> bool {
+        let strip = |a: &Attention| {
+            let mut a = a.clone();
+            a.map_weights(&mut |_| WeightId(0));
+            (
+                a.q_bias.is_some(),
+                a.k_bias.is_some(),
+                a.v_bias.is_some(),
+                a,
+            )
+        };
+        strip(self) == strip(other)
+    }
+}
+
+/// A routed mixture of attention experts (BAM, Zhang et al. 2024): every expert is an
+/// attention over the same input with its own weights, and the output is
+/// `sum_e p_e * attention_e(x)` with [`Routing`] weights from `router`. Soft routing (the
+/// paper's best) sends every token to every expert.
+///
+/// Experts share their settings (heads, head dimension, positions, window). Key/value
+/// sharing is expressed by the weights: when every expert's `k` and `v` (and their biases)
+/// are the same weights, the experts share one KV cache ([`MixtureOfAttention::shared_kv`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MixtureOfAttention {
+    /// `[n_experts, hidden]`.
+    pub router: WeightId,
+    pub experts: Vec<Attention>,
+    pub routing: Routing,
+}
+
+impl MixtureOfAttention {
+    /// Whether all experts read keys and values through the same weights.
+    pub fn shared_kv(&self) -> bool {
+        let kv = |a: &Attention| (a.k, a.v, a.k_bias, a.v_bias);
+        self.experts.windows(2).all(|w| kv(&w[0]) == kv(&w[1]))
+    }
 }
 
 /// Per-head LayerNorm of queries and keys over `head_dim`, without bias, each head with its
@@ -281,16 +341,39 @@ impl FeedForward {
     }
 }
 
-/// Token-choice mixture of experts, as Mixtral routes: `p = softmax(router x)`, keep the
-/// `top_k` largest, renormalise them to sum to one when `normalize_top_k`, output
-/// `sum_e p_e * expert_e(x)` (+ the shared expert, if any).
+/// How a mixture weighs its experts for each token: `p = softmax(router x)` over all
+/// experts, keep the `top_k` largest, renormalise them to sum to one when `normalize`.
+/// Soft routing (every token to every expert, weighted by `p`) is `top_k` equal to the
+/// expert count without renormalisation ([`Routing::soft`]). Both mixtures use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routing {
+    pub top_k: usize,
+    pub normalize: bool,
+}
+
+impl Routing {
+    /// Every token to all `experts`, weighted by the softmax.
+    pub fn soft(experts: usize) -> Self {
+        Routing {
+            top_k: experts,
+            normalize: false,
+        }
+    }
+
+    /// Whether this sends every token to all `experts` with the softmax's weights.
+    pub fn is_soft(&self, experts: usize) -> bool {
+        self.top_k == experts && !self.normalize
+    }
+}
+
+/// Token-choice mixture of experts, as Mixtral routes ([`Routing`]): output
+/// `sum_e p_e * expert_e(x)` over the routed experts (+ the shared expert, if any).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MixtureOfExperts {
     /// `[n_experts, hidden]`.
     pub router: WeightId,
     pub experts: Vec<FeedForward>,
-    pub top_k: usize,
-    pub normalize_top_k: bool,
+    pub routing: Routing,
     pub shared_expert: Option<SharedExpert>,
 }
 

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use crate::{Graph, Op, RopePairs, RopeScaling, WeightExpr, WeightId, WeightTable};
+use crate::{Attention, Graph, Op, RopePairs, RopeScaling, WeightExpr, WeightId, WeightTable};
 
 /// Prints `graph` with the weights it uses.
 pub fn print_graph(graph: &Graph, weights: &WeightTable) -> String {
@@ -85,43 +85,22 @@ impl Printer<'_> {
             Op::Scale { factor } => {
                 let _ = write!(s, " factor={factor:?}");
             }
-            Op::Attention(a) => {
+            Op::Attention(a) => attention_attrs(&mut s, a),
+            Op::MixtureOfAttention(m) => {
                 let _ = write!(
                     s,
-                    " heads={} kv_heads={} head_dim={}",
-                    a.n_heads, a.n_kv_heads, a.head_dim
+                    " experts={} top_k={} normalize_top_k={} kv={}",
+                    m.experts.len(),
+                    m.routing.top_k,
+                    m.routing.normalize,
+                    if m.shared_kv() {
+                        "shared"
+                    } else {
+                        "per_expert"
+                    }
                 );
-                match &a.rope {
-                    Some(rope) => {
-                        let _ = write!(s, " rope_theta={:?}", rope.theta);
-                        if rope.pairs == RopePairs::Interleaved {
-                            s.push_str(" rope_pairs=interleaved");
-                        }
-                    }
-                    None => s.push_str(" rope=none"),
-                }
-                if let Some(window) = a.window {
-                    let _ = write!(s, " window={window}");
-                }
-                if let Some(n) = &a.qk_norm {
-                    let _ = write!(s, " qk_norm_eps={:?}", n.eps);
-                }
-                match a.rope.as_ref().map(|r| &r.scaling) {
-                    None | Some(RopeScaling::None) => {}
-                    Some(RopeScaling::Linear { factor }) => {
-                        let _ = write!(s, " rope_scaling=linear(factor={factor:?})");
-                    }
-                    Some(RopeScaling::Llama3 {
-                        factor,
-                        low_freq_factor,
-                        high_freq_factor,
-                        original_max_position,
-                    }) => {
-                        let _ = write!(
-                            s,
-                            " rope_scaling=llama3(factor={factor:?}, low={low_freq_factor:?}, high={high_freq_factor:?}, original_max_positions={original_max_position})"
-                        );
-                    }
+                if let Some(a) = m.experts.first() {
+                    attention_attrs(&mut s, a);
                 }
             }
             Op::MixtureOfExperts(m) => {
@@ -129,8 +108,8 @@ impl Printer<'_> {
                     s,
                     " experts={} top_k={} normalize_top_k={}",
                     m.experts.len(),
-                    m.top_k,
-                    m.normalize_top_k
+                    m.routing.top_k,
+                    m.routing.normalize
                 );
             }
             _ => {}
@@ -186,5 +165,46 @@ impl Printer<'_> {
             }
         };
         format!("{} {}[{}] = {expr}", w.name, w.dtype, shape.join(", "))
+    }
+}
+
+/// An attention's settings (not its weights).
+fn attention_attrs(s: &mut String, a: &Attention) {
+    let _ = write!(
+        s,
+        " heads={} kv_heads={} head_dim={}",
+        a.n_heads, a.n_kv_heads, a.head_dim
+    );
+    match &a.rope {
+        Some(rope) => {
+            let _ = write!(s, " rope_theta={:?}", rope.theta);
+            if rope.pairs == RopePairs::Interleaved {
+                s.push_str(" rope_pairs=interleaved");
+            }
+        }
+        None => s.push_str(" rope=none"),
+    }
+    if let Some(window) = a.window {
+        let _ = write!(s, " window={window}");
+    }
+    if let Some(n) = &a.qk_norm {
+        let _ = write!(s, " qk_norm_eps={:?}", n.eps);
+    }
+    match a.rope.as_ref().map(|r| &r.scaling) {
+        None | Some(RopeScaling::None) => {}
+        Some(RopeScaling::Linear { factor }) => {
+            let _ = write!(s, " rope_scaling=linear(factor={factor:?})");
+        }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        }) => {
+            let _ = write!(
+                    s,
+                    " rope_scaling=llama3(factor={factor:?}, low={low_freq_factor:?}, high={high_freq_factor:?}, original_max_positions={original_max_position})"
+                );
+        }
     }
 }

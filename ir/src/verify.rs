@@ -14,7 +14,7 @@
 
 use std::fmt;
 
-use crate::{FeedForward, Graph, NodeId, Op, WeightId, WeightTable};
+use crate::{Attention, FeedForward, Graph, NodeId, Op, WeightId, WeightTable};
 
 /// One verifier finding.
 #[derive(Clone, Debug, PartialEq)]
@@ -288,36 +288,17 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
                 None => Act::Poison,
             };
         }
-        Op::Attention(a) => {
-            let (q, kv) = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
-            if a.n_heads == 0 || a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 {
-                c.err(format!(
-                    "n_heads {} must be a positive multiple of n_kv_heads {}",
-                    a.n_heads, a.n_kv_heads
-                ));
+        Op::Attention(a) => check_attention(c, "", a, hidden),
+        Op::MixtureOfAttention(m) => {
+            let n = m.experts.len();
+            let mut ok = c.shape("router", m.router, &[n, hidden]);
+            ok &= check_routing(c, m.routing.top_k, n);
+            if m.experts.iter().any(|a| !a.same_settings(&m.experts[0])) {
+                c.err("attention experts differ in their settings (heads, positions, window, biases, norms)".into());
+                ok = false;
             }
-            if a.head_dim % 2 != 0 && a.rope.is_some() {
-                c.err(format!("head_dim {} must be even for RoPE", a.head_dim));
-            }
-            let mut ok = c.shape("q", a.q, &[q, hidden])
-                & c.shape("k", a.k, &[kv, hidden])
-                & c.shape("v", a.v, &[kv, hidden])
-                & c.shape("o", a.o, &[hidden, q]);
-            for (label, bias, n) in [
-                ("q_bias", a.q_bias, q),
-                ("k_bias", a.k_bias, kv),
-                ("v_bias", a.v_bias, kv),
-            ] {
-                if let Some(b) = bias {
-                    ok &= c.shape(label, b, &[n]);
-                }
-            }
-            if let Some(n) = &a.qk_norm {
-                ok &= c.shape("q_norm", n.q, &[a.n_heads, a.head_dim])
-                    & c.shape("k_norm", n.k, &[a.n_kv_heads, a.head_dim]);
-                if n.eps.is_nan() || n.eps <= 0.0 {
-                    c.err(format!("q/k norm eps must be positive, is {}", n.eps));
-                }
+            for (e, a) in m.experts.iter().enumerate() {
+                ok &= check_attention(c, &format!("experts.{e}."), a, hidden);
             }
             ok
         }
@@ -325,13 +306,7 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
         Op::MixtureOfExperts(m) => {
             let n = m.experts.len();
             let mut ok = c.shape("router", m.router, &[n, hidden]);
-            if m.top_k == 0 || m.top_k > n {
-                c.err(format!(
-                    "top_k {} must be in 1..={n} (the expert count)",
-                    m.top_k
-                ));
-                ok = false;
-            }
+            ok &= check_routing(c, m.routing.top_k, n);
             let sizes: Vec<Option<usize>> = m
                 .experts
                 .iter()
@@ -356,4 +331,50 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
     } else {
         Act::Poison
     }
+}
+
+/// Shapes and settings of one attention, its weights labelled with `prefix`.
+fn check_attention(c: &mut Checker, prefix: &str, a: &Attention, hidden: usize) -> bool {
+    let (q, kv) = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
+    if a.n_heads == 0 || a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
+        c.err(format!(
+            "n_heads {} must be a positive multiple of n_kv_heads {}",
+            a.n_heads, a.n_kv_heads
+        ));
+    }
+    if !a.head_dim.is_multiple_of(2) && a.rope.is_some() {
+        c.err(format!("head_dim {} must be even for RoPE", a.head_dim));
+    }
+    let mut ok = c.shape(&format!("{prefix}q"), a.q, &[q, hidden])
+        & c.shape(&format!("{prefix}k"), a.k, &[kv, hidden])
+        & c.shape(&format!("{prefix}v"), a.v, &[kv, hidden])
+        & c.shape(&format!("{prefix}o"), a.o, &[hidden, q]);
+    for (label, bias, n) in [
+        ("q_bias", a.q_bias, q),
+        ("k_bias", a.k_bias, kv),
+        ("v_bias", a.v_bias, kv),
+    ] {
+        if let Some(b) = bias {
+            ok &= c.shape(&format!("{prefix}{label}"), b, &[n]);
+        }
+    }
+    if let Some(n) = &a.qk_norm {
+        ok &= c.shape(&format!("{prefix}q_norm"), n.q, &[a.n_heads, a.head_dim])
+            & c.shape(&format!("{prefix}k_norm"), n.k, &[a.n_kv_heads, a.head_dim]);
+        if n.eps.is_nan() || n.eps <= 0.0 {
+            c.err(format!("q/k norm eps must be positive, is {}", n.eps));
+        }
+    }
+    ok
+}
+
+/// `1 <= top_k <= experts`.
+fn check_routing(c: &mut Checker, top_k: usize, experts: usize) -> bool {
+    if top_k == 0 || top_k > experts {
+        c.err(format!(
+            "top_k {top_k} must be in 1..={experts} (the expert count)"
+        ));
+        return false;
+    }
+    true
 }

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use upmix_ir::{Module, Op, WeightId};
+use upmix_ir::{Module, Op, Weight, WeightExpr, WeightId};
 
 use crate::hyperparams::{first_difference, Hyperparams};
 use crate::pass::{graph, weight_err, PassError};
@@ -108,6 +108,41 @@ fn same_hyperparams(m: &Module, pass: &str, models: &[String]) -> Result<(), Pas
     Ok(())
 }
 
+/// The parameters a combining pass does not turn into experts: for each weight of the
+/// template (`models[0]` of `aligned`), model `base`'s weight when given, else a new
+/// weighted average over the first `weights.len()` models (normalised by their sum).
+pub(crate) fn combined_weights(
+    m: &mut Module,
+    pass: &str,
+    aligned: &HashMap<WeightId, Vec<WeightId>>,
+    template: &[WeightId],
+    (base, weights): (Option<usize>, &[f32]),
+) -> Result<HashMap<WeightId, WeightId>, PassError> {
+    let mut out = HashMap::new();
+    for &id in template {
+        let per_model = &aligned[&id];
+        let new = match base {
+            Some(b) => per_model[b],
+            None => {
+                let w = m.weights.get(id).map_err(weight_err(pass))?.clone();
+                let terms = weights.iter().copied().zip(per_model.iter().copied());
+                m.weights
+                    .add(Weight {
+                        expr: WeightExpr::WeightedSum {
+                            terms: terms.collect(),
+                            normalize: true,
+                        },
+                        dtype: w.dtype.plain(),
+                        ..w
+                    })
+                    .map_err(weight_err(pass))?
+            }
+        };
+        out.insert(id, new);
+    }
+    Ok(out)
+}
+
 /// Equal ops up to the identity of their weights.
 fn same_settings(a: &Op, b: &Op) -> bool {
     let strip = |op: &Op| {
@@ -143,7 +178,7 @@ fn settings(op: &Op) -> String {
         Op::MixtureOfExperts(moe) => format!(
             "MixtureOfExperts(experts={}, top_k={}, shared_expert={})",
             moe.experts.len(),
-            moe.top_k,
+            moe.routing.top_k,
             moe.shared_expert.is_some()
         ),
         other => other.kind().to_string(),

@@ -55,6 +55,13 @@ impl Hyperparams {
                         h.hidden = dim(*table, 1);
                     }
                 }
+                Op::MixtureOfAttention(m) if !m.experts.is_empty() => {
+                    let a = &m.experts[0];
+                    if h.layers == 0 {
+                        (h.heads, h.kv_heads, h.head_dim) = (a.n_heads, a.n_kv_heads, a.head_dim);
+                    }
+                    h.layers += 1;
+                }
                 Op::Attention(a) => {
                     if h.layers == 0 {
                         (h.heads, h.kv_heads, h.head_dim) = (a.n_heads, a.n_kv_heads, a.head_dim);

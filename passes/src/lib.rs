@@ -7,6 +7,7 @@
 //! this crate never depends on a tensor backend.
 
 mod align;
+mod attention_experts;
 mod cast;
 mod hyperparams;
 mod manager;
@@ -15,12 +16,15 @@ mod non_finite;
 mod pass;
 pub mod registry;
 mod router_init;
+mod share_kv;
 mod upcycle;
 
+pub use attention_experts::{AttentionExperts, AttentionRouting};
 pub use cast::Cast;
 pub use manager::{DumpIr, PassManager, PassReport};
 pub use merge::Merge;
 pub use pass::{Pass, PassContext, PassError, RuntimeProvider};
 pub use registry::{create, pass_names, PassInfo, PassSpec, REGISTRY};
 pub use router_init::RouterInit;
+pub use share_kv::ShareKv;
 pub use upcycle::Upcycle;

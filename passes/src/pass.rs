@@ -87,3 +87,24 @@ pub fn weight_err(pass: &str) -> impl Fn(WeightError) -> PassError + '_ {
         source,
     }
 }
+
+/// A pass's `layers` field (`"0..8"`, start < end), if given; another text is an error
+/// naming `pass`.
+pub(crate) fn layer_range(
+    pass: &str,
+    text: Option<&str>,
+) -> Result<Option<std::ops::Range<usize>>, PassError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let parsed = text
+        .split_once("..")
+        .and_then(|(a, b)| Some(a.trim().parse().ok()?..b.trim().parse().ok()?));
+    match parsed {
+        Some(r) if r.start < r.end => Ok(Some(r)),
+        _ => Err(PassError::Invalid {
+            pass: pass.to_string(),
+            message: format!("layers `{text}` is not a range like `0..8` (start < end)"),
+        }),
+    }
+}

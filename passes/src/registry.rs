@@ -7,7 +7,7 @@
 use serde::Deserialize;
 
 use crate::pass::{Pass, PassError};
-use crate::{Cast, Merge, Upcycle};
+use crate::{AttentionExperts, Cast, Merge, ShareKv, Upcycle};
 
 /// One pass as written in a pipeline file.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -15,6 +15,8 @@ pub enum PassSpec {
     Cast(Cast),
     Merge(Merge),
     Upcycle(Upcycle),
+    AttentionExperts(AttentionExperts),
+    ShareKv(ShareKv),
 }
 
 impl PassSpec {
@@ -24,6 +26,8 @@ impl PassSpec {
             PassSpec::Cast(p) => Box::new(p),
             PassSpec::Merge(p) => Box::new(p),
             PassSpec::Upcycle(p) => Box::new(p),
+            PassSpec::AttentionExperts(p) => Box::new(p),
+            PassSpec::ShareKv(p) => Box::new(p),
         }
     }
 }
@@ -47,6 +51,14 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "Upcycle",
         doc: "dense models into a mixture of experts: each model's FFN becomes an expert (BTX / sparse upcycling)",
+    },
+    PassInfo {
+        name: "AttentionExperts",
+        doc: "models' attention into a routed mixture of attention experts per layer (BAM), soft or top-k",
+    },
+    PassInfo {
+        name: "ShareKv",
+        doc: "attention experts share one key/value projection and KV cache (mean, or a named model's)",
     },
 ];
 

@@ -1,5 +1,6 @@
-//! Router initialisation for [`Upcycle`](crate::Upcycle): where each MoE layer's router
-//! rows (one per expert, `[experts, hidden]`) start before any training.
+//! Router initialisation for [`Upcycle`](crate::Upcycle) and
+//! [`AttentionExperts`](crate::AttentionExperts): where each mixture layer's router rows
+//! (one per expert, `[experts, hidden]`) start before any training.
 //!
 //! - `Random { seed, std }` and `Zeros` need nothing but the shape.
 //! - `Hidden` is mergekit-moe's `hidden` gate mode: run one model (the base) on each
@@ -18,9 +19,10 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Deserialize;
-use upmix_ir::{Graph, Module, Op, Runtime};
+use upmix_ir::{Graph, HostTensor, Module, Op, Runtime, WeightExpr};
 
 use crate::hyperparams::Hyperparams;
 use crate::pass::{graph, PassContext, PassError, RuntimeProvider};
@@ -143,6 +145,54 @@ impl RouterInit {
             )));
         }
         Ok(())
+    }
+
+    /// The `[experts, hidden]` router rows of mixture layer `index`, from `computed`
+    /// (`[expert][hidden]`, see [`RouterInit::activation_rows`]) for activation modes. Rows
+    /// of another width than `hidden` are an error naming the model they come from
+    /// (`default_model` unless the mode names one).
+    pub fn rows(
+        &self,
+        pass: &str,
+        (index, experts, hidden): (usize, usize, usize),
+        computed: Option<Vec<Vec<f32>>>,
+        default_model: &str,
+    ) -> Result<WeightExpr, PassError> {
+        let invalid = |message: String| PassError::Invalid {
+            pass: pass.to_string(),
+            message,
+        };
+        let rows = match self {
+            RouterInit::Random { seed, std } => {
+                return Ok(WeightExpr::Random {
+                    seed: seed.wrapping_add(index as u64),
+                    std: *std,
+                })
+            }
+            RouterInit::Zeros => vec![0.0; experts * hidden],
+            RouterInit::Hidden { .. } | RouterInit::DomainCentroid { .. } => {
+                let model = self.model(default_model).unwrap_or("?");
+                let rows = computed.ok_or_else(|| {
+                    invalid(format!(
+                        "router model `{model}` gave no rows for mixture layer {index}"
+                    ))
+                })?;
+                if let Some(bad) = rows.iter().find(|r| r.len() != hidden) {
+                    return Err(invalid(format!(
+                        "router model `{model}` gave rows of width {} for layer {index}, \
+                         but the experts have hidden size {hidden}",
+                        bad.len()
+                    )));
+                }
+                rows.concat()
+            }
+        };
+        let tensor = HostTensor::try_new(vec![experts, hidden], rows).ok_or_else(|| {
+            invalid(format!(
+                "router rows for layer {index} do not form a [{experts}, {hidden}] matrix"
+            ))
+        })?;
+        Ok(WeightExpr::Literal(Arc::new(tensor)))
     }
 
     /// For activation-based modes: the router rows `[experts][hidden]` of each layer in
@@ -297,12 +347,12 @@ fn names<'a>(keys: impl Iterator<Item = &'a String>) -> String {
 }
 
 /// For each decoder layer in order, the node whose output enters it: the input of the
-/// norm in front of its attention.
+/// norm in front of its attention (or mixture of attention experts).
 fn layer_inputs(g: &Graph) -> Vec<String> {
     let order = g.topo_order().unwrap_or_else(|_| g.node_ids());
     order
         .into_iter()
-        .filter(|&n| matches!(g.node(n).op, Op::Attention(_)))
+        .filter(|&n| matches!(g.node(n).op, Op::Attention(_) | Op::MixtureOfAttention(_)))
         .filter_map(|attn| {
             let norm = *g.inputs(attn).first()?;
             let input = *g.inputs(norm).first()?;

@@ -29,17 +29,16 @@
 //! renormalised): the routing weights then sum to one over identical experts.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use upmix_ir::{
-    FeedForward, HostTensor, MixtureOfExperts, Module, Op, SharedExpert, Weight, WeightExpr,
-    WeightId,
+    FeedForward, HostTensor, MixtureOfExperts, Module, Op, Routing, SharedExpert, Weight,
+    WeightExpr,
 };
 
-use crate::align::align;
-use crate::pass::{graph, weight_err, Pass, PassContext, PassError};
+use crate::align::{align, combined_weights};
+use crate::pass::{graph, layer_range, weight_err, Pass, PassContext, PassError};
 use crate::router_init::RouterInit;
 
 /// Pipeline spec:
@@ -84,22 +83,6 @@ impl Upcycle {
         PassError::Invalid {
             pass: self.name().into(),
             message,
-        }
-    }
-
-    /// The `layers` range, if given.
-    fn layer_range(&self) -> Result<Option<Range<usize>>, PassError> {
-        let Some(text) = &self.layers else {
-            return Ok(None);
-        };
-        let parsed = text
-            .split_once("..")
-            .and_then(|(a, b)| Some(a.trim().parse().ok()?..b.trim().parse().ok()?));
-        match parsed {
-            Some(r) if r.start < r.end => Ok(Some(r)),
-            _ => Err(self.invalid(format!(
-                "layers `{text}` is not a range like `0..8` (start < end)"
-            ))),
         }
     }
 }
@@ -148,7 +131,7 @@ impl Pass for Upcycle {
         if weights.len() != n {
             return Err(self.invalid(format!("{} weights given for {n} experts", weights.len())));
         }
-        let layers = self.layer_range()?;
+        let layers = layer_range(self.name(), self.layers.as_deref())?;
         self.router.check(self.name(), &self.experts)?;
         for name in self
             .experts
@@ -211,31 +194,13 @@ impl Pass for Upcycle {
         let template = graph(m, self.name(), &self.experts[0])?.clone();
 
         // Non-FFN parameters: the base model's, or the average over the experts.
-        let mut shared_params: HashMap<WeightId, WeightId> = HashMap::new();
-        for id in template.weight_ids() {
-            let per_model = &aligned[&id];
-            let new = match base {
-                Some(b) => per_model[b],
-                None => {
-                    let w = m.weights.get(id).map_err(weight_err(self.name()))?.clone();
-                    m.weights
-                        .add(Weight {
-                            expr: WeightExpr::WeightedSum {
-                                terms: weights
-                                    .iter()
-                                    .copied()
-                                    .zip(per_model[..n].iter().copied())
-                                    .collect(),
-                                normalize: true,
-                            },
-                            dtype: w.dtype.plain(),
-                            ..w
-                        })
-                        .map_err(weight_err(self.name()))?
-                }
-            };
-            shared_params.insert(id, new);
-        }
+        let shared_params = combined_weights(
+            m,
+            self.name(),
+            &aligned,
+            &template.weight_ids(),
+            (base, &weights),
+        )?;
 
         let mut moe = template;
         moe.name = self.into.clone();
@@ -272,7 +237,10 @@ impl Pass for Upcycle {
             let ((_, hidden), router_dtype) = (self.matrix(gate)?, gate.dtype.plain());
             // One row per model; repeated for its shards below.
             let computed = activation_rows.as_mut().and_then(|r| r.remove(&index));
-            let rows = self.router_rows(index, hidden, computed)?;
+            let default_model = self.default_router_model();
+            let rows =
+                self.router
+                    .rows(self.name(), (index, n, hidden), computed, default_model)?;
             let per_model = Weight {
                 name: format!("{name}.router"),
                 shape: vec![n, hidden],
@@ -311,8 +279,10 @@ impl Pass for Upcycle {
             moe.node_mut(node).op = Op::MixtureOfExperts(MixtureOfExperts {
                 router,
                 experts,
-                top_k: self.top_k,
-                normalize_top_k,
+                routing: Routing {
+                    top_k: self.top_k,
+                    normalize: normalize_top_k,
+                },
                 shared_expert: shared.map(|s| SharedExpert {
                     ffn: expert(s),
                     gate: shared_gate,
@@ -336,52 +306,6 @@ impl Pass for Upcycle {
 }
 
 impl Upcycle {
-    /// The `[experts, hidden]` router rows of MoE layer `index` (one per model), from
-    /// `computed` (`[expert][hidden]`) for activation modes. Rows of another width than
-    /// `hidden` are an error naming the model they come from.
-    fn router_rows(
-        &self,
-        index: usize,
-        hidden: usize,
-        computed: Option<Vec<Vec<f32>>>,
-    ) -> Result<WeightExpr, PassError> {
-        let n = self.experts.len();
-        let rows = match &self.router {
-            RouterInit::Random { seed, std } => {
-                return Ok(WeightExpr::Random {
-                    seed: seed.wrapping_add(index as u64),
-                    std: *std,
-                })
-            }
-            RouterInit::Zeros => vec![0.0; n * hidden],
-            RouterInit::Hidden { .. } | RouterInit::DomainCentroid { .. } => {
-                let model = self
-                    .router
-                    .model(self.default_router_model())
-                    .unwrap_or("?");
-                let rows = computed.ok_or_else(|| {
-                    self.invalid(format!(
-                        "router model `{model}` gave no rows for MoE layer {index}"
-                    ))
-                })?;
-                if let Some(bad) = rows.iter().find(|r| r.len() != hidden) {
-                    return Err(self.invalid(format!(
-                        "router model `{model}` gave rows of width {} for layer {index}, \
-                         but the experts have hidden size {hidden}",
-                        bad.len()
-                    )));
-                }
-                rows.concat()
-            }
-        };
-        let tensor = HostTensor::try_new(vec![n, hidden], rows).ok_or_else(|| {
-            self.invalid(format!(
-                "router rows for layer {index} do not form a [{n}, {hidden}] matrix"
-            ))
-        })?;
-        Ok(WeightExpr::Literal(Arc::new(tensor)))
-    }
-
     /// The model activation router modes run when they name none.
     fn default_router_model(&self) -> &str {
         let first = self.experts.first().map(String::as_str);

@@ -331,7 +331,7 @@ fn llama_family(s: &Stack, unsupported: &dyn Fn(String) -> EmitError) -> Result<
         .iter()
         .filter(|m| m.shared_expert.as_ref().is_some_and(|s| s.gate.is_some()))
         .count();
-    let renormalised = moes.iter().all(|m| m.normalize_top_k);
+    let renormalised = moes.iter().all(|m| m.routing.normalize);
     match (shared, gated, biased) {
         (0, _, 0) if renormalised => Ok(Family::Mixtral),
         (0, _, 0) => Err(unsupported(

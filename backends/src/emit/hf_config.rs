@@ -255,11 +255,11 @@ fn computed_fields(
                 None => unreachable!("architecture() requires shared experts"),
             };
             c["num_experts"] = json!(moe.experts.len());
-            c["num_experts_per_tok"] = json!(moe.top_k);
+            c["num_experts_per_tok"] = json!(moe.routing.top_k);
             c["moe_intermediate_size"] = json!(ffn);
             c["shared_expert_intermediate_size"] = json!(shared);
             c["intermediate_size"] = json!(shared);
-            c["norm_topk_prob"] = json!(moe.normalize_top_k);
+            c["norm_topk_prob"] = json!(moe.routing.normalize);
             c["decoder_sparse_step"] = json!(1);
             c["mlp_only_layers"] = json!([]);
             c["qkv_bias"] = json!(a.q_bias.is_some());
@@ -267,7 +267,7 @@ fn computed_fields(
         }
         (_, Some(moe)) => {
             c["num_local_experts"] = json!(moe.experts.len());
-            c["num_experts_per_tok"] = json!(moe.top_k);
+            c["num_experts_per_tok"] = json!(moe.routing.top_k);
             c["sliding_window"] = json!(window);
         }
         (Family::Mistral, None) => c["sliding_window"] = json!(window),

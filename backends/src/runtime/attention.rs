@@ -187,44 +187,54 @@ impl<B: Kernels> AttentionLayer<B> {
         frame: &mut Frame<B>,
         cache: Option<&mut CacheSet<B>>,
     ) -> Tensor<B, 2> {
+        let (k, v) = self.keys_values(params, x.clone(), frame, cache);
+        self.attend(params, x, (k, v), frame)
+    }
+
+    /// The keys and values the rows of `x` may attend to, `[batch, kv_heads, keys,
+    /// head_dim]` each: those of the call and, with `cache`, the columns cached before it
+    /// (the call's are written to the cache).
+    pub fn keys_values(
+        &self,
+        params: &Params<B>,
+        x: Tensor<B, 2>,
+        frame: &mut Frame<B>,
+        cache: Option<&mut CacheSet<B>>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let (b, n) = (frame.batch(), frame.tokens);
-        let (heads, kv_heads, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let repeats = heads / kv_heads;
-        let norms = self
-            .qk_norm
-            .map(|(q, k, eps)| (Some((q, eps)), Some((k, eps))));
-        let (q_norm, k_norm) = norms.unwrap_or((None, None));
-        let q = self.position(
-            params,
-            self.q.forward(params, x.clone()),
-            heads,
-            q_norm,
-            frame,
-        );
-        let k = self.position(
-            params,
-            self.k.forward(params, x.clone()),
-            kv_heads,
-            k_norm,
-            frame,
-        );
+        let (kv_heads, d) = (self.n_kv_heads, self.head_dim);
+        let k_norm = self.qk_norm.map(|(_, k, eps)| (k, eps));
+        let k = self.k.forward(params, x.clone());
+        let k = self.position(params, k, kv_heads, k_norm, frame);
         let v = self.v.forward(params, x);
         // [batch, kv_heads, tokens, head_dim]
         let k = k.reshape([b, n, kv_heads, d]).swap_dims(1, 2);
         let v = v.reshape([b, n, kv_heads, d]).swap_dims(1, 2);
-        let (k, v) = match cache {
+        match cache {
             None => (k, v),
             Some(set) => {
                 let capacity = set.capacity;
-                KvCache::write(
-                    &mut set.layers[self.cache_slot],
-                    frame.start,
-                    k,
-                    v,
-                    capacity,
-                )
+                let slot = &mut set.layers[self.cache_slot];
+                KvCache::write(slot, frame.start, k, v, capacity)
             }
-        };
+        }
+    }
+
+    /// The attention of the rows of `x` over keys and values `(k, v)` from
+    /// [`AttentionLayer::keys_values`], through the output projection.
+    pub fn attend(
+        &self,
+        params: &Params<B>,
+        x: Tensor<B, 2>,
+        (k, v): (Tensor<B, 4>, Tensor<B, 4>),
+        frame: &mut Frame<B>,
+    ) -> Tensor<B, 2> {
+        let (b, n) = (frame.batch(), frame.tokens);
+        let (heads, kv_heads, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let repeats = heads / kv_heads;
+        let q_norm = self.qk_norm.map(|(q, _, eps)| (q, eps));
+        let q = self.q.forward(params, x);
+        let q = self.position(params, q, heads, q_norm, frame);
         // Head h = g * repeats + r reads KV head g: stack its queries as rows r * tokens + i.
         let q = B::contiguous(
             q.reshape([b, n, kv_heads, repeats, d])

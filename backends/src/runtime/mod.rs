@@ -26,9 +26,11 @@ mod frame;
 mod generate;
 mod kernels;
 mod layers;
+mod mixture_attention;
 mod moe;
 mod params;
 mod plan;
+mod routing;
 #[cfg(test)]
 mod tests;
 

@@ -1,8 +1,6 @@
 //! A routed mixture of SwiGLU experts (Mixtral, Qwen2-MoE, upcycled models).
 //!
-//! Routing: softmax of the router logits, the top-k experts of each row with their
-//! probabilities (renormalised to sum to one if the op says so), taken on the device with
-//! `topk_with_indices` (which autodiff can differentiate). Dispatch: each expert gathers
+//! Routing: module `routing`. Dispatch: each expert gathers
 //! only the rows routed to it, runs on them, and its outputs, scaled by their routing
 //! weights, are added back into their rows (`select_assign` with `Add`). The expert ids are
 //! read back to the host to size each expert's gather; the rows and weights stay on the
@@ -12,13 +10,14 @@
 //! weighted by a mostly-zero `[rows, experts]` matrix, for tests.
 
 use super::kernels::Kernels;
-use burn_tensor::activation::{sigmoid, softmax};
-use burn_tensor::{IndexingUpdateOp, Int, Tensor};
+use burn_tensor::activation::sigmoid;
+use burn_tensor::{IndexingUpdateOp, Tensor};
 use upmix_ir::{MixtureOfExperts, RuntimeError, WeightTable};
 
 use super::frame::upload_rows;
 use super::layers::{Projection, SwiGlu};
 use super::params::Params;
+use super::routing::Router;
 use crate::BackendError;
 
 /// How a mixture gives rows to its experts.
@@ -40,11 +39,8 @@ pub(crate) struct SharedExpertLayer {
 
 /// One mixture-of-experts op, lowered.
 pub(crate) struct MoeLayer {
-    /// Router `[hidden, experts]` (already transposed).
-    pub router: Projection,
+    pub router: Router,
     pub experts: Vec<SwiGlu>,
-    pub top_k: usize,
-    pub normalize_top_k: bool,
     pub shared: Option<SharedExpertLayer>,
 }
 
@@ -65,14 +61,12 @@ impl MoeLayer {
             }),
         };
         Ok(MoeLayer {
-            router: Projection::new(params, weights, m.router, None)?,
+            router: Router::new(params, weights, m.router, m.routing, m.experts.len())?,
             experts: m
                 .experts
                 .iter()
                 .map(|f| SwiGlu::new(params, weights, f))
                 .collect::<Result<_, _>>()?,
-            top_k: m.top_k,
-            normalize_top_k: m.normalize_top_k,
             shared,
         })
     }
@@ -100,22 +94,6 @@ impl MoeLayer {
         })
     }
 
-    /// The top-k routing weights and expert ids of each row: `[rows, k]` each.
-    fn route<B: Kernels>(
-        &self,
-        params: &Params<B>,
-        x: Tensor<B, 2>,
-    ) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
-        let probs = softmax(self.router.forward(params, x), 1);
-        let (top, index) = probs.topk_with_indices(self.top_k, 1);
-        let top = if self.normalize_top_k {
-            top.clone() / top.sum_dim(1)
-        } else {
-            top
-        };
-        (top, index)
-    }
-
     /// Token dispatch: each expert on its own rows only.
     fn sparse<B: Kernels>(
         &self,
@@ -123,8 +101,8 @@ impl MoeLayer {
         x: Tensor<B, 2>,
     ) -> Result<Tensor<B, 2>, RuntimeError> {
         let [rows, _] = x.dims();
-        let k = self.top_k;
-        let (top, index) = self.route(params, x.clone());
+        let k = self.router.top_k();
+        let (top, index) = self.router.route(params, x.clone());
         let ids = super::ids_to_host(index)?;
         // Slots of the flattened [rows * k] routing table, by expert.
         let mut slots = vec![Vec::new(); self.experts.len()];
@@ -153,14 +131,7 @@ impl MoeLayer {
     /// The reference: every expert on every row, weighted by a dense `[rows, experts]`
     /// matrix that is zero outside each row's top-k.
     fn dense<B: Kernels>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [rows, _] = x.dims();
-        let (top, index) = self.route(params, x.clone());
-        let weights = Tensor::<B, 2>::zeros([rows, self.experts.len()], &x.device()).scatter(
-            1,
-            index,
-            top,
-            IndexingUpdateOp::Add,
-        );
+        let weights = self.router.dense_weights(params, x.clone());
         let mut out = x.zeros_like();
         for (e, expert) in self.experts.iter().enumerate() {
             let w = weights.clone().narrow(1, e, 1);

@@ -14,6 +14,7 @@ use upmix_ir::{Graph, Op, RuntimeError, WeightTable};
 use super::attention::{AttentionLayer, CacheSet};
 use super::frame::{upload_rows, Frame};
 use super::layers::{standardize, Embedding, Projection, SwiGlu};
+use super::mixture_attention::MixtureOfAttentionLayer;
 use super::moe::{MoeDispatch, MoeLayer};
 use super::params::{Form, Params, P};
 use crate::BackendError;
@@ -37,6 +38,7 @@ pub(crate) enum Layer<B: Kernels> {
     },
     Scale(f32),
     Attention(AttentionLayer<B>),
+    MixtureOfAttention(MixtureOfAttentionLayer<B>),
     FeedForward(SwiGlu),
     MixtureOfExperts(MoeLayer),
     Add,
@@ -102,7 +104,8 @@ pub(crate) struct Plan<B: Kernels> {
     pub output: usize,
     /// Rows of the embedding table: token ids must be below this.
     pub vocab: usize,
-    /// Number of attention layers (KV cache slots).
+    /// Number of KV cache slots (one per attention layer, one per expert of a mixture of
+    /// attention experts unless they share KV).
     pub attention_layers: usize,
     /// The step of the last attention layer.
     last_attention: Option<usize>,
@@ -190,6 +193,18 @@ impl<B: Kernels> Plan<B> {
                 Op::MixtureOfExperts(m) => {
                     Layer::MixtureOfExperts(MoeLayer::new(m, &mut params, weights)?)
                 }
+                Op::MixtureOfAttention(m) => {
+                    let layer = MixtureOfAttentionLayer::new(
+                        m,
+                        &mut params,
+                        weights,
+                        &mut ropes,
+                        &mut attention_layers,
+                        device,
+                    )?;
+                    last_attention = Some(i);
+                    Layer::MixtureOfAttention(layer)
+                }
             };
             steps.push(Step {
                 name: node.name.clone(),
@@ -264,6 +279,12 @@ impl<B: Kernels> Plan<B> {
                     Value::Hidden(next_hidden(&mut ins, name).mul_scalar(*factor))
                 }
                 Layer::Attention(a) => Value::Hidden(a.forward(
+                    params,
+                    next_hidden(&mut ins, name),
+                    frame,
+                    cache.as_deref_mut(),
+                )),
+                Layer::MixtureOfAttention(m) => Value::Hidden(m.forward(
                     params,
                     next_hidden(&mut ins, name),
                     frame,

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use burn_flex::{Flex, FlexDevice};
 use upmix_ir::{
     Attention, DecoderBlock, FeedForward, GraphBuilder, HostTensor, MixtureOfExperts, ModelMeta,
-    Module, Op, Rope, RopePairs, RopeScaling, Runtime, RuntimeError, SharedExpert, WeightExpr,
-    WeightId,
+    Module, Op, Rope, RopePairs, RopeScaling, Routing, Runtime, RuntimeError, SharedExpert,
+    WeightExpr, WeightId,
 };
 
 use super::generate::Decoder;
@@ -241,8 +241,10 @@ impl HostModel {
                         .enumerate()
                         .map(|(e, x)| ffn_weights(&mut m, &cfg, &format!("{p}.experts.{e}"), x))
                         .collect(),
-                    top_k: *top_k,
-                    normalize_top_k: *normalize,
+                    routing: Routing {
+                        top_k: *top_k,
+                        normalize: *normalize,
+                    },
                     shared_expert: shared.as_ref().map(|(x, gate)| SharedExpert {
                         ffn: ffn_weights(&mut m, &cfg, &format!("{p}.shared"), x),
                         gate: gate

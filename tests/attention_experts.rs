@@ -1,0 +1,241 @@
+//! `AttentionExperts` (BAM attention experts): invariants and KV-cached decoding.
+
+mod common;
+
+use common::{device, golden, golden_dir, ids, model_dir, tolerance};
+use upmix::backends::load_runtime;
+use upmix::frontend::SafetensorsFile;
+use upmix::ir::{HostTensor, Module, Op};
+use upmix::passes::{
+    AttentionExperts, AttentionRouting, Pass, PassContext, PassManager, RouterInit, ShareKv,
+};
+
+const TOKENS: [u32; 12] = [5, 17, 42, 99, 3, 250, 7, 64, 1, 200, 31, 8];
+
+fn load(models: &[(&str, &str)]) -> Module {
+    let mut m = Module::new();
+    for (name, fixture) in models {
+        upmix::frontend::load(&model_dir(fixture), name, &mut m).unwrap();
+    }
+    m
+}
+
+fn pass(experts: &[&str], routing: AttentionRouting, router: RouterInit) -> AttentionExperts {
+    AttentionExperts {
+        into: "bam".into(),
+        experts: experts.iter().map(|s| s.to_string()).collect(),
+        routing,
+        router,
+        base: None,
+        weights: None,
+        layers: None,
+        split_heads: None,
+    }
+}
+
+fn run(m: &mut Module, pass: impl Pass + 'static) -> Result<(), String> {
+    let mut pm = PassManager::new();
+    pm.add(Box::new(pass));
+    pm.run(m, &mut PassContext::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn logits(m: &Module, graph: &str) -> HostTensor {
+    load_runtime(m, graph, &device())
+        .unwrap()
+        .logits(&TOKENS)
+        .unwrap()
+}
+
+fn mixtures(m: &Module) -> usize {
+    let g = &m.graphs["bam"];
+    g.node_ids()
+        .into_iter()
+        .filter(|n| matches!(g.node(*n).op, Op::MixtureOfAttention(_)))
+        .count()
+}
+
+#[test]
+fn copies_of_one_model_under_soft_routing_equal_it() {
+    // Llama; Cohere2 (parallel blocks, a window of 4 on three layers, a layer without RoPE).
+    for (fixture, layers) in [("llama", 2), ("cohere2", 4)] {
+        let mut m = load(&[("a", fixture), ("b", fixture), ("c", fixture)]);
+        let router = RouterInit::Random { seed: 5, std: 1.0 };
+        run(
+            &mut m,
+            pass(&["a", "b", "c"], AttentionRouting::Soft, router),
+        )
+        .unwrap();
+        assert_eq!(mixtures(&m), layers);
+        let diff = logits(&m, "a").max_abs_diff(&logits(&m, "bam"));
+        assert!(diff <= 1e-5, "{fixture}: {diff}");
+    }
+}
+
+#[test]
+fn split_heads_under_uniform_routing_equal_the_dense_attention() {
+    let mut m = load(&[("a", "llama")]);
+    let mut p = pass(&["a"], AttentionRouting::Soft, RouterInit::Zeros);
+    p.split_heads = Some(2);
+    run(&mut m, p).unwrap();
+    let g = &m.graphs["bam"];
+    let moa = g
+        .node_ids()
+        .into_iter()
+        .find_map(|n| match &g.node(n).op {
+            Op::MixtureOfAttention(x) => Some(x.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(moa.experts.len(), 2);
+    assert_eq!((moa.experts[0].n_heads, moa.experts[0].n_kv_heads), (2, 1));
+    let diff = logits(&m, "a").max_abs_diff(&logits(&m, "bam"));
+    assert!(diff <= 1e-5, "{diff}");
+    // A router that is not uniform changes the function: the test can fail.
+    let mut m = load(&[("a", "llama")]);
+    let mut p = pass(
+        &["a"],
+        AttentionRouting::Soft,
+        RouterInit::Random { seed: 1, std: 1.0 },
+    );
+    p.split_heads = Some(2);
+    run(&mut m, p).unwrap();
+    let diff = logits(&m, "a").max_abs_diff(&logits(&m, "bam"));
+    assert!(diff > 1e-3, "{diff}");
+}
+
+fn share_kv() -> ShareKv {
+    ShareKv {
+        model: "bam".into(),
+        from: None,
+    }
+}
+
+/// A BAM model written independently in plain torch from the formulas
+/// (`make_fixtures.py bam`): attention experts of llama, llama_b and llama_c with expert or
+/// shared (averaged) K/V, soft or top-2 routing, every other parameter averaged, the
+/// routers read from the golden.
+#[test]
+fn bam_layers_match_a_torch_golden() {
+    let g = golden("bam/golden.json");
+    let routers = golden_dir().join("bam/routers.safetensors");
+    let file = SafetensorsFile::open(&routers).unwrap();
+    for (variant, routing, shared) in [
+        ("expert_kv_soft", AttentionRouting::Soft, false),
+        ("expert_kv_top2", AttentionRouting::TopK(2), false),
+        ("shared_kv_soft", AttentionRouting::Soft, true),
+        ("shared_kv_top2", AttentionRouting::TopK(2), true),
+    ] {
+        let mut m = load(&[("a", "llama"), ("b", "llama_b"), ("c", "llama_c")]);
+        run(&mut m, pass(&["a", "b", "c"], routing, RouterInit::Zeros)).unwrap();
+        if shared {
+            run(&mut m, share_kv()).unwrap();
+        }
+        let graph = &m.graphs["bam"];
+        let mut swaps = Vec::new();
+        for id in graph.node_ids() {
+            if let Op::MixtureOfAttention(moa) = &graph.node(id).op {
+                assert_eq!(moa.shared_kv(), shared);
+                let name = format!("{}.router", graph.node(id).name);
+                let info = &file.tensors[&name];
+                let bytes = &file.file.bytes()
+                    [info.offset..info.offset + info.shape.iter().product::<usize>() * 4];
+                let values = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                swaps.push((moa.router, HostTensor::new(info.shape.clone(), values)));
+            }
+        }
+        assert_eq!(swaps.len(), 2);
+        let mut rt = load_runtime(&m, "bam", &device()).unwrap();
+        rt.replace_weights(&swaps).unwrap();
+        let logits = rt.logits(&ids(&g["input_ids"])).unwrap();
+        let expected = g["logits"][variant].as_array().unwrap();
+        let mut worst = 0f32;
+        for (t, row) in expected.iter().enumerate() {
+            for (v, x) in row.as_array().unwrap().iter().enumerate() {
+                worst = worst.max((logits.row(t)[v] - x.as_f64().unwrap() as f32).abs());
+            }
+        }
+        println!(
+            "bam {variant} on {}: max abs logit difference {worst:e}",
+            device()
+        );
+        assert!(worst <= tolerance().tiny_logits, "{variant}: {worst}");
+    }
+}
+
+#[test]
+fn sharing_kv_of_copies_changes_nothing() {
+    let mut m = load(&[("a", "cohere2"), ("b", "cohere2")]);
+    let router = RouterInit::Random { seed: 2, std: 1.0 };
+    run(&mut m, pass(&["a", "b"], AttentionRouting::TopK(1), router)).unwrap();
+    let before = logits(&m, "bam");
+    run(&mut m, share_kv()).unwrap();
+    let diff = before.max_abs_diff(&logits(&m, "bam"));
+    assert!(diff <= 1e-5, "{diff}");
+}
+
+/// Greedy generation (KV-cached: one cache per expert, or one shared) picks at every step
+/// the argmax of a full recomputation over the sequence so far.
+#[test]
+fn cached_decoding_equals_full_recomputation() {
+    let variants = [
+        (AttentionRouting::Soft, false),
+        (AttentionRouting::TopK(1), false),
+        (AttentionRouting::Soft, true),
+    ];
+    for (routing, shared) in variants {
+        let mut m = load(&[("a", "llama"), ("b", "llama_b")]);
+        let router = RouterInit::Random { seed: 9, std: 1.0 };
+        run(&mut m, pass(&["a", "b"], routing, router)).unwrap();
+        if shared {
+            run(&mut m, share_kv()).unwrap();
+        }
+        let mut rt = load_runtime(&m, "bam", &device()).unwrap();
+        let prompt = &TOKENS[..5];
+        let out = rt.generate(prompt, 12, None).unwrap();
+        let mut seq = prompt.to_vec();
+        seq.extend(&out);
+        let full = rt.logits(&seq[..seq.len() - 1]).unwrap();
+        for (i, &token) in out.iter().enumerate() {
+            let row = full.row(prompt.len() - 1 + i);
+            let best = (0..row.len())
+                .max_by(|&x, &y| row[x].total_cmp(&row[y]))
+                .unwrap();
+            assert_eq!(best as u32, token, "{routing:?} shared {shared} step {i}");
+        }
+    }
+}
+
+#[test]
+fn bad_requests_are_clear_errors_and_create_nothing() {
+    let cases: [(AttentionExperts, &str); 3] = [
+        (
+            pass(&["a", "b"], AttentionRouting::TopK(3), RouterInit::Zeros),
+            "TopK(3) must be between 1 and the number of experts (2)",
+        ),
+        (
+            AttentionExperts {
+                split_heads: Some(2),
+                ..pass(&["a", "b"], AttentionRouting::Soft, RouterInit::Zeros)
+            },
+            "split_heads cuts one model's heads; 2 models are given",
+        ),
+        (
+            AttentionExperts {
+                split_heads: Some(3),
+                ..pass(&["a"], AttentionRouting::Soft, RouterInit::Zeros)
+            },
+            "split_heads 3 must divide both the 4 heads and the 2 KV heads",
+        ),
+    ];
+    for (p, message) in cases {
+        let mut m = load(&[("a", "llama"), ("b", "llama_b")]);
+        let err = run(&mut m, p).unwrap_err();
+        assert!(err.contains(message), "{err}");
+        assert!(m.graph("bam").is_none());
+    }
+}
