@@ -7,7 +7,7 @@
 use serde::Deserialize;
 
 use crate::pass::{Pass, PassError};
-use crate::{AttentionExperts, Cast, Merge, ShareKv, Upcycle};
+use crate::{AttentionExperts, Cast, Merge, ParallelAttention, ShareKv, Upcycle};
 
 /// One pass as written in a pipeline file.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -17,6 +17,7 @@ pub enum PassSpec {
     Upcycle(Upcycle),
     AttentionExperts(AttentionExperts),
     ShareKv(ShareKv),
+    ParallelAttention(ParallelAttention),
 }
 
 impl PassSpec {
@@ -28,6 +29,7 @@ impl PassSpec {
             PassSpec::Upcycle(p) => Box::new(p),
             PassSpec::AttentionExperts(p) => Box::new(p),
             PassSpec::ShareKv(p) => Box::new(p),
+            PassSpec::ParallelAttention(p) => Box::new(p),
         }
     }
 }
@@ -59,6 +61,10 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "ShareKv",
         doc: "attention experts share one key/value projection and KV cache (mean, or a named model's)",
+    },
+    PassInfo {
+        name: "ParallelAttention",
+        doc: "sequential blocks into parallel ones (one norm feeds attention and FFN); changes the function",
     },
 ];
 
