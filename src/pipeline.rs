@@ -228,6 +228,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
         let router = match &mut spec {
             PassSpec::Upcycle(u) => Some(&mut u.router),
             PassSpec::AttentionExperts(a) => Some(&mut a.router),
+            PassSpec::Bam(b) => Some(&mut b.router),
             _ => None,
         };
         if let Some(RouterInit::DomainCentroid { texts, .. }) = router {

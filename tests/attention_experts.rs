@@ -7,7 +7,8 @@ use upmix::backends::load_runtime;
 use upmix::frontend::SafetensorsFile;
 use upmix::ir::{HostTensor, Module, Op};
 use upmix::passes::{
-    AttentionExperts, AttentionRouting, Pass, PassContext, PassManager, RouterInit, ShareKv,
+    AttentionExperts, AttentionRouting, Bam, KeptNorm, KvSource, Pass, PassContext, PassManager,
+    RouterInit, ShareKv,
 };
 
 const TOKENS: [u32; 12] = [5, 17, 42, 99, 3, 250, 7, 64, 1, 200, 31, 8];
@@ -237,5 +238,81 @@ fn bad_requests_are_clear_errors_and_create_nothing() {
         let err = run(&mut m, p).unwrap_err();
         assert!(err.contains(message), "{err}");
         assert!(m.graph("bam").is_none());
+    }
+}
+
+fn bam(experts: &[&str], top_k: usize, kv: KvSource) -> Bam {
+    Bam {
+        into: "bam".into(),
+        experts: experts.iter().map(|s| s.to_string()).collect(),
+        top_k,
+        router: RouterInit::Random { seed: 4, std: 1.0 },
+        attention: AttentionRouting::Soft,
+        kv,
+        parallel: None,
+        base: None,
+        weights: None,
+        layers: None,
+    }
+}
+
+fn count(m: &Module, kind: &str) -> usize {
+    let g = &m.graphs["bam"];
+    g.node_ids()
+        .into_iter()
+        .filter(|n| g.node(*n).op.kind() == kind)
+        .count()
+}
+
+#[test]
+fn bam_of_copies_keeps_the_dense_logits() {
+    for fixture in ["llama", "cohere2"] {
+        for kv in [
+            KvSource::Expert,
+            KvSource::Shared,
+            KvSource::From("a".into()),
+        ] {
+            for top_k in [1, 2] {
+                let mut m = load(&[("a", fixture), ("b", fixture)]);
+                run(&mut m, bam(&["a", "b"], top_k, kv.clone())).unwrap();
+                assert!(count(&m, "MixtureOfAttention") >= 2);
+                assert_eq!(
+                    count(&m, "MixtureOfAttention"),
+                    count(&m, "MixtureOfExperts")
+                );
+                assert_eq!(m.graphs.len(), 3, "no helper model is left behind");
+                let diff = logits(&m, "a").max_abs_diff(&logits(&m, "bam"));
+                assert!(diff <= 1e-5, "{fixture} {kv:?} top_k {top_k}: {diff}");
+            }
+        }
+    }
+}
+
+/// Attention experts and sparse FFN experts in one block, decoded with the KV cache,
+/// equal a full recomputation at every step; in parallel blocks too.
+#[test]
+fn bam_decoding_equals_full_recomputation() {
+    for (kv, parallel) in [
+        (KvSource::Expert, None),
+        (KvSource::Shared, None),
+        (KvSource::Shared, Some(KeptNorm::Attention)),
+    ] {
+        let mut m = load(&[("a", "llama"), ("b", "llama_b"), ("c", "llama_c")]);
+        let mut p = bam(&["a", "b", "c"], 2, kv.clone());
+        p.parallel = parallel;
+        run(&mut m, p).unwrap();
+        let mut rt = load_runtime(&m, "bam", &device()).unwrap();
+        let prompt = &TOKENS[..5];
+        let out = rt.generate(prompt, 12, None).unwrap();
+        let mut seq = prompt.to_vec();
+        seq.extend(&out);
+        let full = rt.logits(&seq[..seq.len() - 1]).unwrap();
+        for (i, &token) in out.iter().enumerate() {
+            let row = full.row(prompt.len() - 1 + i);
+            let best = (0..row.len())
+                .max_by(|&x, &y| row[x].total_cmp(&row[y]))
+                .unwrap();
+            assert_eq!(best as u32, token, "{kv:?} {parallel:?} step {i}");
+        }
     }
 }

@@ -21,7 +21,11 @@ fn block_shape(g: &Graph, layer: usize) -> Vec<(String, String, Vec<String>)> {
                 Op::RmsNorm { .. } | Op::LayerNorm { .. } => "Norm".to_string(),
                 ref op => op.kind().to_string(),
             };
-            let inputs = g.inputs(n).iter().map(|i| g.node(*i).name.clone()).collect();
+            let inputs = g
+                .inputs(n)
+                .iter()
+                .map(|i| g.node(*i).name.clone())
+                .collect();
             (g.node(n).name.clone(), kind, inputs)
         })
         .collect();
@@ -94,5 +98,8 @@ fn parallel_blocks_are_refused_a_second_time() {
         .run(&mut m, &mut PassContext::default())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("`layers.0.attn` is not in a sequential block"), "{err}");
+    assert!(
+        err.contains("`layers.0.attn` is not in a sequential block"),
+        "{err}"
+    );
 }

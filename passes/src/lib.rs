@@ -8,6 +8,7 @@
 
 mod align;
 mod attention_experts;
+mod bam;
 mod cast;
 mod hyperparams;
 mod manager;
@@ -21,6 +22,7 @@ mod share_kv;
 mod upcycle;
 
 pub use attention_experts::{AttentionExperts, AttentionRouting};
+pub use bam::{Bam, KvSource};
 pub use cast::Cast;
 pub use manager::{DumpIr, PassManager, PassReport};
 pub use merge::Merge;

@@ -7,7 +7,7 @@
 use serde::Deserialize;
 
 use crate::pass::{Pass, PassError};
-use crate::{AttentionExperts, Cast, Merge, ParallelAttention, ShareKv, Upcycle};
+use crate::{AttentionExperts, Bam, Cast, Merge, ParallelAttention, ShareKv, Upcycle};
 
 /// One pass as written in a pipeline file.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -18,6 +18,7 @@ pub enum PassSpec {
     AttentionExperts(AttentionExperts),
     ShareKv(ShareKv),
     ParallelAttention(ParallelAttention),
+    Bam(Bam),
 }
 
 impl PassSpec {
@@ -30,6 +31,7 @@ impl PassSpec {
             PassSpec::AttentionExperts(p) => Box::new(p),
             PassSpec::ShareKv(p) => Box::new(p),
             PassSpec::ParallelAttention(p) => Box::new(p),
+            PassSpec::Bam(p) => Box::new(p),
         }
     }
 }
@@ -65,6 +67,10 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "ParallelAttention",
         doc: "sequential blocks into parallel ones (one norm feeds attention and FFN); changes the function",
+    },
+    PassInfo {
+        name: "Bam",
+        doc: "Branch-Attend-Mix: FFN experts and attention experts from dense branches, expert or shared KV, optionally parallel",
     },
 ];
 
