@@ -110,7 +110,7 @@ fn build(m: &mut Module, name: &str, mut seed: u64) {
         };
         let block = DecoderBlock {
             attn_norm: ones(m, &format!("{p}.attn_norm.weight")),
-            attn,
+            attn: Op::Attention(attn),
             ffn_norm: ones(m, &format!("{p}.ffn_norm.weight")),
             mlp: Op::FeedForward(ffn),
             eps: 1e-5,

@@ -65,6 +65,15 @@ for the fixed input ids, a 16-token greedy continuation and the files' hashes:
 
     make_fixtures.py record-emitted DIR NAME
 
+A fourth does the same for a BAM checkpoint written by upmix (attention experts
+and FFN experts, run by the remote code upmix writes next to the weights, loaded
+with trust_remote_code): the float32 logits for the fixed input ids, then one
+AdamW training step on them (labels = the input ids) with its loss and the
+gradient norm of every expert and router parameter (each must be nonzero), and
+the hashes of the weights, config.json and the two .py files:
+
+    make_fixtures.py record-bam DIR NAME
+
 How to run (from the repository root):
 
     scripts/setup-fixture-env.sh && .venv-fixtures/bin/python scripts/make_fixtures.py
@@ -904,6 +913,77 @@ def record_emitted(directory, name):
     return 0
 
 
+BAM_REMOTE_CODE = ("configuration_upmix_bam.py", "modeling_upmix_bam.py")
+BAM_TRAIN_LR = 1e-3
+
+
+def bam_routed_param(name):
+    """Whether a parameter belongs to an expert or a router of a BAM model.
+
+    Attention experts and FFN experts live under `.experts.`; the attention router
+    is `self_attn.router`, the FFN router `mlp.gate`.
+    """
+    return "experts" in name or "router" in name or name.endswith(".mlp.gate.weight")
+
+
+def f32_value(x):
+    """A float32 scalar as the shortest decimal that round-trips (as f32_list)."""
+    return float(str(np.float32(float(x))))
+
+
+def record_bam(directory, name):
+    """Record logits, one training step's loss and expert gradients of an upmix BAM checkpoint.
+
+    Loads DIR through its own remote code in float32, computes the logits of
+    INPUT_IDS, then takes one torch.optim.AdamW step (lr BAM_TRAIN_LR, all
+    parameters) on the next-token loss with labels = INPUT_IDS. Asserts that the
+    loss is finite, that every expert and router parameter got a nonzero
+    gradient and that every parameter is still finite after the step. Writes
+    tests/golden/emitted/NAME.json: the logits, the loss, the gradient norm of
+    each expert and router parameter and the sha256 of the weights, config.json
+    and the remote code files.
+    """
+    directory = Path(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32)
+    model.eval()
+    logits = forward_logits(model, INPUT_IDS)
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=BAM_TRAIN_LR)
+    ids = torch.tensor([INPUT_IDS])
+    loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss), f"{name}: loss {float(loss)}"
+    loss.backward()
+    grad_norms = {}
+    for param_name, param in model.named_parameters():
+        if not bam_routed_param(param_name):
+            continue
+        assert param.grad is not None, f"{name}: {param_name} got no gradient"
+        norm = float(param.grad.norm())
+        assert norm > 0 and math.isfinite(norm), f"{name}: {param_name} gradient norm {norm}"
+        grad_norms[param_name] = f32_value(norm)
+    assert grad_norms, f"{name}: no expert or router parameters; not a BAM model"
+    optimizer.step()
+    for param_name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), f"{name}: {param_name} not finite after the step"
+
+    files = weight_file_hashes(directory)
+    for code in BAM_REMOTE_CODE:
+        files[code] = sha256(directory / code)
+    report = {
+        "model": name,
+        "input_ids": INPUT_IDS,
+        "logits": [f32_list(row) for row in logits],
+        "loss": f32_value(loss.detach()),
+        "grad_norms": grad_norms,
+        "files": files,
+    }
+    write_json(GOLDEN / "emitted" / f"{name}.json", report)
+    print(f"{name}: recorded {model.config.architectures[0]} logits, loss {report['loss']:.6g} "
+          f"and {len(grad_norms)} expert/router gradient norms")
+    return 0
+
+
 # --- GGUF block-quantization goldens -----------------------------------------
 
 GGUF_GOLDEN = GOLDEN / "gguf"
@@ -1408,9 +1488,11 @@ def main(argv):
         return check_emitted(argv[1], argv[2])
     if len(argv) == 3 and argv[0] == "record-emitted":
         return record_emitted(argv[1], argv[2])
+    if len(argv) == 3 and argv[0] == "record-bam":
+        return record_bam(argv[1], argv[2])
     print(__doc__, file=sys.stderr)
     print("usage: make_fixtures.py [gguf | model NAME | merge NAME | bam | smollm2 | smollm2-hf | check-smollm2-hf DIR | "
-          "check-emitted DIR NAME | record-emitted DIR NAME]",
+          "check-emitted DIR NAME | record-emitted DIR NAME | record-bam DIR NAME]",
           file=sys.stderr)
     return 2
 

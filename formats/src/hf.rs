@@ -13,6 +13,7 @@ pub const ARCHITECTURES: &[(&str, &str, Family)] = &[
     ("Qwen2MoeForCausalLM", "qwen2_moe", Family::Qwen2Moe),
     ("CohereForCausalLM", "cohere", Family::Cohere),
     ("Cohere2ForCausalLM", "cohere2", Family::Cohere2),
+    ("UpmixBamForCausalLM", "upmix_bam", Family::UpmixBam),
 ];
 
 /// The `(architectures[0], model_type)` of `family`.
@@ -55,6 +56,39 @@ const COHERE: &[(Role, &str)] = &[
     (Role::BlockNorm, "model.layers.{L}.input_layernorm.weight"),
     (Role::QkNorm(0), "model.layers.{L}.self_attn.q_norm.weight"),
     (Role::QkNorm(1), "model.layers.{L}.self_attn.k_norm.weight"),
+];
+
+/// upmix's BAM layout: attention experts (shared keys and values keep the plain
+/// `self_attn.k_proj` / `v_proj` names), and the block norm of parallel blocks.
+const UPMIX_BAM: &[(Role, &str)] = &[
+    (Role::AttnRouter, "model.layers.{L}.self_attn.router.weight"),
+    (
+        Role::ExpertAttn(0),
+        "model.layers.{L}.self_attn.experts.{E}.q_proj.weight",
+    ),
+    (
+        Role::ExpertAttn(1),
+        "model.layers.{L}.self_attn.experts.{E}.k_proj.weight",
+    ),
+    (
+        Role::ExpertAttn(2),
+        "model.layers.{L}.self_attn.experts.{E}.v_proj.weight",
+    ),
+    (
+        Role::ExpertAttn(3),
+        "model.layers.{L}.self_attn.experts.{E}.o_proj.weight",
+    ),
+    (Role::BlockNorm, "model.layers.{L}.input_layernorm.weight"),
+];
+
+/// The remote-code module written with [`Family::UpmixBam`] checkpoints, as `auto_map`
+/// names it.
+pub const UPMIX_BAM_AUTO_MAP: &[(&str, &str)] = &[
+    ("AutoConfig", "configuration_upmix_bam.UpmixBamConfig"),
+    (
+        "AutoModelForCausalLM",
+        "modeling_upmix_bam.UpmixBamForCausalLM",
+    ),
 ];
 
 /// Mixtral's classic layout: one tensor per expert projection (`w1` gate, `w3` up,
@@ -125,6 +159,7 @@ fn parts(family: Family) -> &'static [&'static [(Role, &'static str)]] {
         Family::Mixtral => &[MIXTRAL, SEQUENTIAL, DECODER],
         Family::Qwen2Moe => &[QWEN2_MOE, SEQUENTIAL, DECODER],
         Family::Cohere | Family::Cohere2 => &[COHERE, DECODER],
+        Family::UpmixBam => &[UPMIX_BAM, QWEN2_MOE, SEQUENTIAL, DECODER],
     }
 }
 

@@ -37,6 +37,11 @@ pub enum Role {
     Shared(usize),
     /// The shared expert's sigmoid gate.
     SharedGate,
+    /// The router of a mixture of attention experts.
+    AttnRouter,
+    /// Attention expert `{E}`'s q, k, v, o (index 0..4); shared keys and values are
+    /// `Attn(1)` and `Attn(2)`.
+    ExpertAttn(usize),
 }
 
 /// Canonical IR weight names by role.
@@ -67,6 +72,11 @@ const CANONICAL: &[(Role, &str)] = &[
     (Role::Shared(1), "layers.{L}.ffn.shared.up"),
     (Role::Shared(2), "layers.{L}.ffn.shared.down"),
     (Role::SharedGate, "layers.{L}.ffn.shared.gate_proj"),
+    (Role::AttnRouter, "layers.{L}.attn.router"),
+    (Role::ExpertAttn(0), "layers.{L}.attn.experts.{E}.q"),
+    (Role::ExpertAttn(1), "layers.{L}.attn.experts.{E}.k"),
+    (Role::ExpertAttn(2), "layers.{L}.attn.experts.{E}.v"),
+    (Role::ExpertAttn(3), "layers.{L}.attn.experts.{E}.o"),
 ];
 
 /// The canonical name of the tensor with `role` in `layer` (and `expert`).
@@ -107,10 +117,13 @@ pub enum Family {
     /// Cohere with sliding-window layers and global layers without RoPE (Command R7B,
     /// Command A).
     Cohere2,
+    /// upmix's own BAM layout: Llama's, with optional parallel blocks, attention experts
+    /// and FFN experts; written with a remote-code module for transformers.
+    UpmixBam,
 }
 
 impl Family {
-    /// Whether blocks are parallel (one norm feeding attention and FFN).
+    /// Whether blocks are always parallel (one norm feeding attention and FFN).
     pub fn parallel(self) -> bool {
         matches!(self, Family::Cohere | Family::Cohere2)
     }
@@ -135,7 +148,14 @@ mod tests {
     #[test]
     fn names_are_unique_within_a_family() {
         for (_, _, family) in hf::ARCHITECTURES {
-            let mut names: Vec<_> = hf::table(*family).iter().map(|(_, n)| *n).collect();
+            // Only a sequential block's attention norm and a parallel block's one norm
+            // share a name (`input_layernorm`).
+            let table = hf::table(*family);
+            let mut names: Vec<_> = table
+                .iter()
+                .filter(|(role, _)| *role != Role::BlockNorm)
+                .map(|(_, n)| *n)
+                .collect();
             let n = names.len();
             names.sort();
             names.dedup();

@@ -33,6 +33,19 @@ pub struct HfConfig {
     /// Cohere: per-head LayerNorms of queries and keys.
     #[serde(default)]
     pub use_qk_norm: Option<bool>,
+    /// upmix's BAM layout (`UpmixBamForCausalLM`): parallel blocks, and attention experts
+    /// (`attention_experts`, 0 for none) routed to `attention_top_k`, renormalised when
+    /// `attention_normalize`, sharing K/V when `shared_kv`.
+    #[serde(default)]
+    pub parallel_blocks: Option<bool>,
+    #[serde(default)]
+    pub attention_experts: Option<usize>,
+    #[serde(default)]
+    pub attention_top_k: Option<usize>,
+    #[serde(default)]
+    pub attention_normalize: Option<bool>,
+    #[serde(default)]
+    pub shared_kv: Option<bool>,
     /// Cohere2 before `layer_types`: layer `i` is global when `(i + 1) % pattern == 0`.
     #[serde(default)]
     pub sliding_window_pattern: Option<usize>,

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use upmix_formats::{Family, Role};
 use upmix_ir::{
-    Attention, DecoderBlock, FeedForward, Graph, GraphBuilder, ModelMeta, Op, ParallelBlock,
-    QkNorm, Rope, WeightId,
+    Attention, DecoderBlock, FeedForward, Graph, GraphBuilder, MixtureOfAttention, ModelMeta, Op,
+    ParallelBlock, QkNorm, Rope, Routing, WeightId,
 };
 
 use crate::config::Windows;
@@ -47,8 +47,20 @@ pub(crate) struct Hyper {
     pub attn_bias: bool,
     /// Which layers attend through a sliding window.
     pub windows: Windows,
-    /// Cohere's layout: parallel blocks, LayerNorms, a logit scale; see [`CohereParts`].
+    /// Cohere's layout: LayerNorms, a logit scale; see [`CohereParts`].
     pub cohere: Option<CohereParts>,
+    /// One norm feeds attention and FFN (Cohere; upmix's BAM layout when asked).
+    pub parallel: bool,
+    /// Every layer's attention is a mixture of experts (upmix's BAM layout).
+    pub attention_experts: Option<AttentionMix>,
+}
+
+/// A layer's attention experts: how many, their routing, whether they share K/V.
+#[derive(Clone, Debug)]
+pub(crate) struct AttentionMix {
+    pub experts: usize,
+    pub routing: Routing,
+    pub shared_kv: bool,
 }
 
 /// What a Cohere-family decoder adds to a Llama-style one: parallel blocks with one
@@ -148,6 +160,18 @@ pub(crate) trait TensorSource {
         shape: &[usize],
     ) -> Result<WeightId, FrontendError>;
 
+    /// The tensor for `role` of expert `expert` in `layer`; only formats with attention
+    /// experts have such tensors.
+    fn expert_tensor(
+        &mut self,
+        role: Role,
+        (layer, expert): (usize, usize),
+        shape: &[usize],
+    ) -> Result<WeightId, FrontendError> {
+        let _ = (layer, expert, shape);
+        unreachable!("{role:?}: only formats with attention experts are asked for them")
+    }
+
     /// Whether the checkpoint has a separate lm head (otherwise it is tied).
     fn has_lm_head(&self) -> bool;
 
@@ -188,8 +212,8 @@ pub(crate) fn build_decoder(
     let mut x = b.embedding(input, embed);
     for layer in 0..h.layers {
         let attn = attention(src, layer, h)?;
-        x = match &h.cohere {
-            Some(_) => {
+        x = match h.parallel {
+            true => {
                 let block = ParallelBlock {
                     norm: h.norm(src.tensor(Role::BlockNorm, layer, &[d])?),
                     attn,
@@ -197,7 +221,7 @@ pub(crate) fn build_decoder(
                 };
                 b.parallel_block(layer, x, block)
             }
-            None => {
+            false => {
                 let block = DecoderBlock {
                     attn_norm: src.tensor(Role::AttnNorm, layer, &[d])?,
                     attn,
@@ -223,8 +247,64 @@ pub(crate) fn build_decoder(
     Ok(b.output(x))
 }
 
-/// The attention op of `layer`.
-fn attention(
+/// The attention op of `layer`: one attention, or a mixture of attention experts.
+fn attention(src: &mut dyn TensorSource, layer: usize, h: &Hyper) -> Result<Op, FrontendError> {
+    let Some(mix) = &h.attention_experts else {
+        return Ok(Op::Attention(one_attention(src, layer, h)?));
+    };
+    let (d, q, kv) = (
+        h.hidden,
+        h.heads.saturating_mul(h.head_dim),
+        h.kv_heads.saturating_mul(h.head_dim),
+    );
+    let router = src.tensor(Role::AttnRouter, layer, &[mix.experts, d])?;
+    let shared = match mix.shared_kv {
+        true => Some((
+            src.tensor(Role::Attn(1), layer, &[kv, d])?,
+            src.tensor(Role::Attn(2), layer, &[kv, d])?,
+        )),
+        false => None,
+    };
+    let template = Attention {
+        q: router,
+        k: router,
+        v: router,
+        o: router,
+        q_bias: None,
+        k_bias: None,
+        v_bias: None,
+        n_heads: h.heads,
+        n_kv_heads: h.kv_heads,
+        head_dim: h.head_dim,
+        rope: Some(h.rope.clone()),
+        qk_norm: None,
+        window: h.windows.of(layer),
+    };
+    let mut experts = Vec::with_capacity(mix.experts);
+    for e in 0..mix.experts {
+        let mut one =
+            |i: usize, shape: &[usize]| src.expert_tensor(Role::ExpertAttn(i), (layer, e), shape);
+        let (k, v) = match shared {
+            Some(kv) => kv,
+            None => (one(1, &[kv, d])?, one(2, &[kv, d])?),
+        };
+        experts.push(Attention {
+            q: one(0, &[q, d])?,
+            k,
+            v,
+            o: one(3, &[d, q])?,
+            ..template.clone()
+        });
+    }
+    Ok(Op::MixtureOfAttention(MixtureOfAttention {
+        router,
+        experts,
+        routing: mix.routing,
+    }))
+}
+
+/// One attention of `layer`.
+fn one_attention(
     src: &mut dyn TensorSource,
     layer: usize,
     h: &Hyper,

@@ -89,6 +89,8 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
             }),
             false => None,
         },
+        parallel: cohere,
+        attention_experts: None,
     };
     let token = |k: &str| gguf.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
     let meta = ModelMeta {

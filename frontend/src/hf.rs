@@ -16,7 +16,9 @@ use upmix_ir::{
 use upmix_formats::{canonical, hf, Family, Role};
 
 use crate::config::HfConfig;
-use crate::decoder::{build_decoder, dense_mlp, family, CohereParts, Hyper, TensorSource};
+use crate::decoder::{
+    build_decoder, dense_mlp, family, AttentionMix, CohereParts, Hyper, TensorSource,
+};
 use crate::error::{io, FrontendError};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
 
@@ -109,6 +111,8 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
         },
         windows: config.windows(family).map_err(bad_config)?,
         cohere,
+        parallel: family.parallel() || config.parallel_blocks == Some(true),
+        attention_experts: attention_experts(&config).map_err(bad_config)?,
     };
     let need = |v: Option<usize>, field: &str| {
         v.ok_or_else(|| bad_config(format!("missing field `{field}`")))
@@ -119,6 +123,15 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             top_k: need(config.num_experts_per_tok, "num_experts_per_tok")?,
             ffn: config.intermediate_size,
             normalize_top_k: true,
+            shared_ffn: None,
+            sparse_step: 1,
+            dense_layers: Vec::new(),
+        }),
+        Family::UpmixBam if config.num_experts.unwrap_or(0) > 0 => Some(MoeSpec {
+            experts: need(config.num_experts, "num_experts")?,
+            top_k: need(config.num_experts_per_tok, "num_experts_per_tok")?,
+            ffn: config.intermediate_size,
+            normalize_top_k: config.norm_topk_prob.unwrap_or(false),
             shared_ffn: None,
             sparse_step: 1,
             dense_layers: Vec::new(),
@@ -166,6 +179,31 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
     let graph = build_decoder(name, meta, (&hyper, &config_path), tied, &mut loader)?;
     module.insert(graph);
     Ok(())
+}
+
+/// The attention experts of an `UpmixBamForCausalLM` config, checked: `None` without
+/// (`attention_experts` absent or 0).
+fn attention_experts(config: &HfConfig) -> Result<Option<AttentionMix>, String> {
+    let experts = config.attention_experts.unwrap_or(0);
+    if experts == 0 {
+        return Ok(None);
+    }
+    let top_k = config
+        .attention_top_k
+        .ok_or("missing field `attention_top_k`")?;
+    if top_k == 0 || top_k > experts {
+        return Err(format!(
+            "`attention_top_k` {top_k} must be between 1 and `attention_experts` ({experts})"
+        ));
+    }
+    Ok(Some(AttentionMix {
+        experts,
+        routing: Routing {
+            top_k,
+            normalize: config.attention_normalize.unwrap_or(false),
+        },
+        shared_kv: config.shared_kv.unwrap_or(false),
+    }))
 }
 
 /// Opens `model.safetensors`, or every shard named in `model.safetensors.index.json`.
@@ -281,6 +319,17 @@ impl TensorSource for Loader<'_> {
         let name = hf::name(self.family, role, layer, 0)
             .expect("the decoder asks only for its family's roles");
         self.weight(role, (layer, 0), &name, shape)
+    }
+
+    fn expert_tensor(
+        &mut self,
+        role: Role,
+        (layer, expert): (usize, usize),
+        shape: &[usize],
+    ) -> Result<WeightId, FrontendError> {
+        let name = hf::name(self.family, role, layer, expert)
+            .expect("the decoder asks only for its family's roles");
+        self.weight(role, (layer, expert), &name, shape)
     }
 
     fn has_lm_head(&self) -> bool {

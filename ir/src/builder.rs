@@ -103,7 +103,7 @@ impl GraphBuilder {
     pub fn decoder_block(&mut self, layer: usize, x: NodeId, block: DecoderBlock) -> NodeId {
         let p = format!("layers.{layer}");
         let n1 = self.rms_norm(&format!("{p}.attn_norm"), x, block.attn_norm, block.eps);
-        let a = self.attention(&format!("{p}.attn"), n1, block.attn);
+        let a = self.node(&format!("{p}.attn"), block.attn, &[n1]);
         let h = self.add(&format!("{p}.attn_residual"), x, a);
         let n2 = self.rms_norm(&format!("{p}.ffn_norm"), h, block.ffn_norm, block.eps);
         let f = self.node(&format!("{p}.ffn"), block.mlp, &[n2]);
@@ -115,7 +115,7 @@ impl GraphBuilder {
     pub fn parallel_block(&mut self, layer: usize, x: NodeId, block: ParallelBlock) -> NodeId {
         let p = format!("layers.{layer}");
         let n = self.node(&format!("{p}.norm"), block.norm, &[x]);
-        let a = self.attention(&format!("{p}.attn"), n, block.attn);
+        let a = self.node(&format!("{p}.attn"), block.attn, &[n]);
         let f = self.node(&format!("{p}.ffn"), block.mlp, &[n]);
         let h = self.add(&format!("{p}.attn_residual"), x, a);
         self.add(&format!("{p}.ffn_residual"), h, f)
@@ -131,7 +131,8 @@ impl GraphBuilder {
 /// The weights and settings of one pre-norm decoder block.
 pub struct DecoderBlock {
     pub attn_norm: WeightId,
-    pub attn: Attention,
+    /// `Op::Attention` or `Op::MixtureOfAttention`.
+    pub attn: Op,
     pub ffn_norm: WeightId,
     /// `Op::FeedForward` or `Op::MixtureOfExperts`.
     pub mlp: Op,
@@ -142,7 +143,8 @@ pub struct DecoderBlock {
 pub struct ParallelBlock {
     /// `Op::LayerNorm` or `Op::RmsNorm`.
     pub norm: Op,
-    pub attn: Attention,
+    /// `Op::Attention` or `Op::MixtureOfAttention`.
+    pub attn: Op,
     /// `Op::FeedForward` or `Op::MixtureOfExperts`.
     pub mlp: Op,
 }

@@ -86,6 +86,19 @@ pub struct HfEmitReport {
 
 const FORMAT: &str = "a Hugging Face checkpoint";
 
+/// The remote-code module written beside an `UpmixBamForCausalLM` checkpoint, so that
+/// transformers loads it with `trust_remote_code=True` (`auto_map` in its config.json).
+const UPMIX_BAM_CODE: &[(&str, &str)] = &[
+    (
+        "configuration_upmix_bam.py",
+        include_str!("remote_code/configuration_upmix_bam.py"),
+    ),
+    (
+        "modeling_upmix_bam.py",
+        include_str!("remote_code/modeling_upmix_bam.py"),
+    ),
+];
+
 /// Writes graph `graph` of `m` to `dir` as a Hugging Face checkpoint.
 pub fn emit_hf(
     m: &Module,
@@ -162,6 +175,12 @@ pub fn emit_hf(
             write_json(&tmp.join("model.safetensors.index.json"), &index)?;
         }
         write_json(&tmp.join("config.json"), &config)?;
+        if family == Family::UpmixBam {
+            for (file, text) in UPMIX_BAM_CODE {
+                let path = tmp.join(file);
+                std::fs::write(&path, text).map_err(io(&path))?;
+            }
+        }
         for aux in &g.meta.aux_files {
             copy_aux(aux, tmp)?;
         }
@@ -202,7 +221,10 @@ fn architecture(
     s: &Stack,
     unsupported: &dyn Fn(String) -> EmitError,
 ) -> Result<(&'static str, Family), EmitError> {
+    let mixtures = s.layers.iter().any(|l| l.mixture.is_some());
+    let rms_parallel = s.parallel() == Some(true) && s.layers.iter().all(|l| !l.attn_norm.layer);
     let family = match s.parallel() {
+        _ if mixtures || rms_parallel => upmix_bam_family(s, unsupported)?,
         None => return Err(unsupported("mixes parallel and sequential blocks".into())),
         Some(true) => cohere_family(s, unsupported)?,
         Some(false) => llama_family(s, unsupported)?,
@@ -216,7 +238,7 @@ fn architecture(
     if norms.iter().any(|n| n.layer != cohere || n.bias.is_some()) {
         return Err(unsupported(match cohere {
             true => "Cohere models use LayerNorms without bias in every norm".into(),
-            false => "sequential blocks are written with RMSNorms only".into(),
+            false => "this architecture is written with RMSNorms only".into(),
         }));
     }
     let pairs = match cohere {
@@ -275,6 +297,52 @@ fn cohere_family(
         return Err(unsupported("Cohere2 has no q/k norms".into()));
     }
     Ok(Family::Cohere2)
+}
+
+/// upmix's BAM layout: Llama's attention settings, every layer alike (attention experts
+/// or not, FFN experts or not, parallel or not).
+fn upmix_bam_family(
+    s: &Stack,
+    unsupported: &dyn Fn(String) -> EmitError,
+) -> Result<Family, EmitError> {
+    let refuse = |what: &str| {
+        Err(unsupported(format!(
+            "the BAM checkpoint format has no {what}"
+        )))
+    };
+    if s.parallel().is_none() {
+        return refuse("mix of parallel and sequential blocks");
+    }
+    let first = &s.layers[0];
+    for l in &s.layers {
+        let a = l.attn;
+        if a.window.is_some() || a.rope.is_none() {
+            return refuse("sliding windows or layers without RoPE");
+        }
+        if a.qk_norm.is_some() || a.q_bias.is_some() || a.k_bias.is_some() || a.v_bias.is_some() {
+            return refuse("attention biases or q/k norms");
+        }
+        let routing = |l: &super::stack::Block| {
+            l.mixture
+                .map(|m| (m.experts.len(), m.routing, m.shared_kv()))
+        };
+        if routing(l) != routing(first) {
+            return refuse("layers that differ in their attention experts");
+        }
+        let ffn = |op: &Op| match op {
+            Op::MixtureOfExperts(m) => {
+                Some((m.experts.len(), m.routing, m.shared_expert.is_some()))
+            }
+            _ => None,
+        };
+        if ffn(l.mlp) != ffn(first.mlp) {
+            return refuse("layers that differ in their FFN experts");
+        }
+        if ffn(l.mlp).is_some_and(|(_, _, shared)| shared) {
+            return refuse("shared FFN expert");
+        }
+    }
+    Ok(Family::UpmixBam)
 }
 
 /// Llama, Qwen2, Mixtral or Qwen2-MoE, from the FFNs and attention biases.
@@ -386,8 +454,13 @@ fn tensor_list(
         };
         t.push(norm_role, (i, 0), l.attn_norm.weight);
         let a = l.attn;
-        for (k, w) in [a.q, a.k, a.v, a.o].into_iter().enumerate() {
-            t.push(Role::Attn(k), (i, 0), w);
+        match l.mixture {
+            Some(moa) => attention_experts(&mut t, i, moa),
+            None => {
+                for (k, w) in [a.q, a.k, a.v, a.o].into_iter().enumerate() {
+                    t.push(Role::Attn(k), (i, 0), w);
+                }
+            }
         }
         for (k, b) in [a.q_bias, a.k_bias, a.v_bias].into_iter().enumerate() {
             if let Some(b) = b {
@@ -427,6 +500,25 @@ fn tensor_list(
         t.push(Role::LmHead, (0, 0), s.lm_head);
     }
     Ok(t.list)
+}
+
+/// A mixture of attention experts: the router, each expert's projections, and with shared
+/// keys and values those once under the plain attention names.
+fn attention_experts(t: &mut Names, i: usize, moa: &upmix_ir::MixtureOfAttention) {
+    let shared = moa.shared_kv();
+    t.push(Role::AttnRouter, (i, 0), moa.router);
+    for (e, a) in moa.experts.iter().enumerate() {
+        t.push(Role::ExpertAttn(0), (i, e), a.q);
+        if !shared {
+            t.push(Role::ExpertAttn(1), (i, e), a.k);
+            t.push(Role::ExpertAttn(2), (i, e), a.v);
+        }
+        t.push(Role::ExpertAttn(3), (i, e), a.o);
+    }
+    if shared {
+        t.push(Role::Attn(1), (i, 0), moa.experts[0].k);
+        t.push(Role::Attn(2), (i, 0), moa.experts[0].v);
+    }
 }
 
 /// Mixtral's fused layout: the router (named as in Qwen2-MoE), then every expert's gate and

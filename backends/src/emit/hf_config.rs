@@ -249,6 +249,23 @@ fn computed_fields(
         c.insert("logit_scale".into(), json!(scale));
     }
     match (family, experts) {
+        (Family::UpmixBam, moe) => {
+            let mixture = first.mixture;
+            let routing = mixture.map(|m| m.routing);
+            c["parallel_blocks"] = json!(s.parallel() == Some(true));
+            c["attention_experts"] = json!(mixture.map_or(0, |m| m.experts.len()));
+            c["attention_top_k"] = json!(routing.map_or(0, |r| r.top_k));
+            c["attention_normalize"] = json!(routing.is_some_and(|r| r.normalize));
+            c["shared_kv"] = json!(mixture.is_some_and(|m| m.shared_kv()));
+            c["num_experts"] = json!(moe.map_or(0, |m| m.experts.len()));
+            c["num_experts_per_tok"] = json!(moe.map_or(0, |m| m.routing.top_k));
+            c["norm_topk_prob"] = json!(moe.is_some_and(|m| m.routing.normalize));
+            let auto_map: Map<String, Value> = hf::UPMIX_BAM_AUTO_MAP
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            c["auto_map"] = Value::Object(auto_map);
+        }
         (Family::Qwen2Moe, Some(moe)) => {
             let shared = match &moe.shared_expert {
                 Some(s) => w.get(s.ffn.gate)?.shape[0],

@@ -9,7 +9,7 @@
 //! with the node where the walk stopped, so an emitter never writes a model whose
 //! function it does not express.
 
-use upmix_ir::{Attention, Graph, NodeId, Op, WeightId};
+use upmix_ir::{Attention, Graph, MixtureOfAttention, NodeId, Op, WeightId};
 
 use super::EmitError;
 
@@ -27,7 +27,10 @@ pub(crate) struct Norm {
 pub(crate) struct Block<'g> {
     /// The norm feeding attention (in a parallel block, the FFN too).
     pub attn_norm: Norm,
+    /// The attention, or the first expert of a mixture of attention experts (whose
+    /// experts share its settings).
     pub attn: &'g Attention,
+    pub mixture: Option<&'g MixtureOfAttention>,
     /// The norm feeding the FFN of a sequential block; `None` in a parallel block.
     pub ffn_norm: Option<Norm>,
     /// `FeedForward` or `MixtureOfExperts`.
@@ -172,10 +175,15 @@ impl<'g> Walk<'g> {
         let attn_id = branches
             .iter()
             .copied()
-            .find(|&u| matches!(self.op(u), Op::Attention(_)))
+            .find(|&u| matches!(self.op(u), Op::Attention(_) | Op::MixtureOfAttention(_)))
             .ok_or_else(|| self.bad(norm_id, "expected attention after this norm"))?;
-        let Op::Attention(attn) = self.op(attn_id) else {
-            unreachable!("found as attention")
+        let (attn, mixture) = match self.op(attn_id) {
+            Op::Attention(a) => (a, None),
+            Op::MixtureOfAttention(m) => match m.experts.first() {
+                Some(a) => (a, Some(m)),
+                None => return Err(self.bad(attn_id, "a mixture without experts")),
+            },
+            _ => unreachable!("found as attention"),
         };
         let h = self.residual_add(attn_id, x)?;
         let (mlp_id, ffn_norm) = match branches.len() {
@@ -202,6 +210,7 @@ impl<'g> Walk<'g> {
         let block = Block {
             attn_norm,
             attn,
+            mixture,
             ffn_norm,
             mlp,
         };

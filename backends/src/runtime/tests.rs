@@ -255,7 +255,7 @@ impl HostModel {
             };
             let block = DecoderBlock {
                 attn_norm: lit(&mut m, &format!("{p}.attn_norm"), vec![h], &l.attn_norm),
-                attn,
+                attn: Op::Attention(attn),
                 ffn_norm: lit(&mut m, &format!("{p}.ffn_norm"), vec![h], &l.ffn_norm),
                 mlp,
                 eps: cfg.eps,
