@@ -12,6 +12,7 @@ commit and to run on a CPU:
   examples/models/seed/                     dense Llama trained on all three domains
   examples/models/{code,law,math}/          the seed, further trained on one domain
   examples/models/perplexity.json           {"model": {"domain": perplexity}}
+  examples/models/full/...                  only with `full-branches`, see 6.
 
 Run it with the fixture environment's Python (pinned torch, transformers and
 tokenizers; scripts/setup-fixture-env.sh makes it in .venv-fixtures, or wherever
@@ -19,6 +20,7 @@ UPMIX_FIXTURE_VENV points):
 
     scripts/setup-fixture-env.sh
     /path/to/venv/bin/python scripts/train_examples.py    # e.g. .venv-fixtures/bin/python
+    /path/to/venv/bin/python scripts/train_examples.py full-branches    # 6. only
 
 The recipe, top to bottom:
 
@@ -54,6 +56,16 @@ The recipe, top to bottom:
    windows of 127 tokens, each preceded by bos (128 positions); the mean natural-log
    loss over all predicted tokens, exponentiated.
 
+6. Full branches (`full-branches`, a separate run): a second set of branches for
+   the Branch-Attend-Mix (BAM) style example, whose attention experts come from the
+   branches' attention blocks, so the branches must train everything: BAM's branches
+   do. This mode reads the committed corpora, tokenizer and seed and rewrites none of
+   the files above; it trains one branch per domain like 4. (same data mix, steps,
+   learning rate schedule and seeds) but with every parameter trainable, and writes
+       examples/models/full/{code,law,math}/     the seed, fully trained on one domain
+       examples/models/full/perplexity.json      the seed's and these branches' rows
+   It checks that every attention weight of each full branch differs from the seed's.
+
 Everything is seeded and runs in float32 on the CPU with two threads, so a rerun on
 the same machine and versions writes the same files. It takes a few minutes.
 """
@@ -62,6 +74,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -368,6 +381,72 @@ def check_shared_weights():
     print(f"shared weights: every untrained tensor of {', '.join(DOMAINS)} equals the seed's")
 
 
+ATTENTION = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj.")
+
+
+def check_full_branches():
+    """Every attention weight of each full branch differs from the seed's."""
+    seed = load_file(MODELS / "seed" / "model.safetensors")
+    attention = [k for k in seed if any(a in k for a in ATTENTION)]
+    assert len(attention) == 4 * llama_config().num_hidden_layers
+    for d in DOMAINS:
+        branch = load_file(MODELS / "full" / d / "model.safetensors")
+        assert branch.keys() == seed.keys()
+        same = [k for k in attention if torch.equal(branch[k], seed[k])]
+        assert not same, f"full/{d}: attention weights equal the seed's: {same}"
+        unchanged = [k for k, v in seed.items() if torch.equal(branch[k], v)]
+        print(f"  full/{d}: all {len(attention)} attention weights differ from the seed's; "
+              f"{len(unchanged)} of {len(seed)} tensors unchanged")
+
+
+def full_branches():
+    """6.: branches of the committed seed with every parameter trainable."""
+    t0 = time.time()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    hf_logging.disable_progress_bar()
+
+    print("reading the committed corpora, tokenizer and seed")
+    corpora = {d: {s: (DATA / d / f"{s}.txt").read_text() for s in ("train", "eval")}
+               for d in DOMAINS}
+    tok = Tokenizer.from_file(str(MODELS / "seed" / "tokenizer.json"))
+    assert tok.token_to_id(EOT) == 0 and tok.get_vocab_size() == 512
+    ids = {d: {s: torch.tensor(tok.encode(t).ids) for s, t in corpora[d].items()}
+           for d in DOMAINS}
+    for d in DOMAINS:
+        print(f"  {d}: train {len(ids[d]['train']):,} tokens, eval {len(ids[d]['eval']):,}")
+    seed = LlamaForCausalLM.from_pretrained(MODELS / "seed", dtype=torch.float32)
+    seed.eval()
+    trained = {"seed": seed}
+
+    print("6. full branches")
+    for i, d in enumerate(DOMAINS):
+        branch = LlamaForCausalLM(llama_config())
+        branch.load_state_dict(seed.state_dict())
+        for p in branch.parameters():
+            p.requires_grad_(True)
+        others = [ids[o]["train"] for o in DOMAINS if o != d]
+        streams = [ids[d]["train"]] * BRANCH_OWN_SHARE + others
+        train(branch, streams, BRANCH_STEPS, BRANCH_LR, 1 + i, f"full/{d}")
+        save(branch, tok, f"full/{d}")
+        trained[d] = branch
+    check_full_branches()
+
+    print("perplexity on eval.txt")
+    table = {m: {d: round(perplexity(model, ids[d]["eval"]), 4) for d in DOMAINS}
+             for m, model in trained.items()}
+    committed = json.loads((MODELS / "perplexity.json").read_text())["seed"]
+    assert all(abs(table["seed"][d] - committed[d]) <= 1e-3 * committed[d] for d in DOMAINS), \
+        f"the seed's perplexity {table['seed']} is not the committed {committed}"
+    (MODELS / "full" / "perplexity.json").write_text(json.dumps(table, indent=2) + "\n")
+    print(f"  {'model':<6}" + "".join(f"{d:>10}" for d in DOMAINS))
+    for m, row in table.items():
+        print(f"  {m:<6}" + "".join(f"{row[d]:>10.3f}" for d in DOMAINS))
+    full = MODELS / "full"
+    size = sum(f.stat().st_size for f in full.rglob("*") if f.is_file())
+    print(f"examples/models/full: {size / 2**20:.2f} MiB; {time.time() - t0:.0f} s in all")
+
+
 def main():
     t0 = time.time()
     torch.set_num_threads(2)
@@ -419,4 +498,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    modes = {"full-branches": full_branches}
+    if len(sys.argv) == 1:
+        main()
+    elif len(sys.argv) == 2 and sys.argv[1] in modes:
+        modes[sys.argv[1]]()
+    else:
+        sys.exit(f"usage: {sys.argv[0]} [{' | '.join(modes)}]")

@@ -5,9 +5,12 @@
 //! Keys and values: with expert KV each expert projects its own and keeps its own cache;
 //! with shared KV (every expert's k/v are the same weights) they are projected once into
 //! one cache and every expert attends to them with its own queries. Every expert sees
-//! every key, so each one's keys are computed for all rows whatever the routing; an expert
-//! also runs its queries on every row (top-k routing zeroes the weights of the others),
-//! which is exact and leaves sparse query dispatch as a later optimisation.
+//! every key, so each one's keys are computed for all rows whatever the routing. With
+//! top-k routing and sparse dispatch, an expert no row is routed to skips its queries,
+//! attention and output projection (in decoding, most experts); an expert that is routed
+//! to runs on every row of the call and its output is weighted by the routing (zero for
+//! the rows that did not pick it). [`MoeDispatch::Dense`] runs every expert, the
+//! reference the sparse path is tested against.
 
 use super::kernels::Kernels;
 use burn_tensor::Tensor;
@@ -15,6 +18,7 @@ use upmix_ir::{MixtureOfAttention, WeightTable};
 
 use super::attention::{AttentionLayer, CacheSet};
 use super::frame::Frame;
+use super::moe::MoeDispatch;
 use super::params::Params;
 use super::routing::Router;
 use crate::BackendError;
@@ -64,8 +68,17 @@ impl<B: Kernels> MixtureOfAttentionLayer<B> {
         x: Tensor<B, 2>,
         frame: &mut Frame<B>,
         mut cache: Option<&mut CacheSet<B>>,
-    ) -> Tensor<B, 2> {
-        let weights = self.router.dense_weights(params, x.clone());
+        dispatch: MoeDispatch,
+    ) -> Result<Tensor<B, 2>, upmix_ir::RuntimeError> {
+        let (top, index) = self.router.route(params, x.clone());
+        let mut routed = vec![true; self.experts.len()];
+        if dispatch == MoeDispatch::Sparse && !self.router.is_soft() {
+            routed.fill(false);
+            for e in super::ids_to_host(index.clone())? {
+                routed[e as usize] = true;
+            }
+        }
+        let weights = self.router.scatter(top, index);
         let shared = match self.shared_kv {
             true => {
                 Some(self.experts[0].keys_values(params, x.clone(), frame, cache.as_deref_mut()))
@@ -74,13 +87,16 @@ impl<B: Kernels> MixtureOfAttentionLayer<B> {
         };
         let mut out = x.zeros_like();
         for (e, expert) in self.experts.iter().enumerate() {
+            // Keys and values go to the cache whether or not any row picks the expert.
             let kv = match &shared {
                 Some(kv) => kv.clone(),
                 None => expert.keys_values(params, x.clone(), frame, cache.as_deref_mut()),
             };
-            let y = expert.attend(params, x.clone(), kv, frame);
-            out = out + y * weights.clone().narrow(1, e, 1);
+            if routed[e] {
+                let y = expert.attend(params, x.clone(), kv, frame);
+                out = out + y * weights.clone().narrow(1, e, 1);
+            }
         }
-        out
+        Ok(out)
     }
 }

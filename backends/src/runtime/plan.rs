@@ -289,7 +289,8 @@ impl<B: Kernels> Plan<B> {
                     next_hidden(&mut ins, name),
                     frame,
                     cache.as_deref_mut(),
-                )),
+                    dispatch,
+                )?),
                 Layer::FeedForward(f) => {
                     Value::Hidden(f.forward(params, next_hidden(&mut ins, name)))
                 }

@@ -58,14 +58,24 @@ impl Router {
 
     /// Every row's weight for every expert, `[rows, experts]`: zero outside its top-k.
     pub fn dense_weights<B: Kernels>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [rows, _] = x.dims();
-        let device = x.device();
         let (top, index) = self.route(params, x);
-        Tensor::<B, 2>::zeros([rows, self.experts], &device).scatter(
+        self.scatter(top, index)
+    }
+
+    /// Routing weights `top` of experts `index` (`[rows, top_k]` each, from
+    /// [`Router::route`]) spread into `[rows, experts]`.
+    pub fn scatter<B: Kernels>(&self, top: Tensor<B, 2>, index: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [rows, _] = top.dims();
+        Tensor::<B, 2>::zeros([rows, self.experts], &top.device()).scatter(
             1,
             index,
             top,
             IndexingUpdateOp::Add,
         )
+    }
+
+    /// Whether every expert takes every row (soft routing): no expert can be skipped.
+    pub fn is_soft(&self) -> bool {
+        self.routing.is_soft(self.experts)
     }
 }

@@ -90,9 +90,9 @@ class UpmixBamConfig(PretrainedConfig):
         if rope_type != "default":
             raise ValueError(f"upmix_bam supports only the default RoPE, not {rope_type!r}")
         self.rope_theta = self.rope_parameters["rope_theta"]
-        self.check()
+        self._check_settings()
 
-    def check(self):
+    def _check_settings(self):
         """Raise ValueError on settings the model cannot run."""
         if self.hidden_act != "silu":
             raise ValueError(f"upmix_bam supports only hidden_act 'silu', not {self.hidden_act!r}")

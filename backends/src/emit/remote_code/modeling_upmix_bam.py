@@ -259,6 +259,8 @@ class UpmixBamDecoderLayer(nn.Module):
 
 
 class UpmixBamPreTrainedModel(PreTrainedModel):
+    """Base of the upmix BAM models: the config class and the init of missing weights."""
+
     config_class = UpmixBamConfig
     config: UpmixBamConfig
     base_model_prefix = "model"
