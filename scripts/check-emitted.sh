@@ -4,7 +4,8 @@
 # transformers loaded, in tests/golden/emitted/<name>.json. tests/roundtrip.rs checks
 # that upmix still writes exactly those bytes. Then upcycles two fixtures into a Mixtral
 # MoE and, with a shared expert, a Qwen2-MoE, and records transformers' logits for each
-# (tests/golden/emitted/upcycle_*.json, checked by tests/upcycle.rs). Last, SmolLM2 as
+# (tests/golden/emitted/upcycle_*.json, checked by tests/upcycle.rs), and BAM models
+# through upmix's remote-code module (bam_*.json). Last, SmolLM2 as
 # transformers 5 saves it goes through a Cast, and transformers checks what it needs of it.
 #
 # Usage: scripts/setup-fixture-env.sh && scripts/check-emitted.sh
@@ -57,6 +58,27 @@ Pipeline(
 RON
 "$upmix" run "$work/upcycle_qwen2_moe.ron"
 HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/upcycle_qwen2_moe" upcycle_qwen2_moe
+
+# BAM (llama, llama_b, llama_c): attention experts with a KV cache per expert and soft
+# routing, and with shared K/V, top-2 attention routing and parallel blocks; FFN experts in
+# both. transformers loads each through upmix's remote-code module, records its logits, and
+# runs one training step (tests/attention_experts.rs checks them).
+for variant in "bam_expert_kv:kv: Expert" "bam_shared_kv_parallel:kv: Shared, attention: TopK(2), parallel: Attention"; do
+  name="${variant%%:*}"
+  cat > "$work/$name.ron" <<RON
+Pipeline(
+    models: {
+        "a": Hf("$PWD/tests/golden/models/llama"),
+        "b": Hf("$PWD/tests/golden/models/llama_b"),
+        "c": Hf("$PWD/tests/golden/models/llama_c"),
+    },
+    passes: [ Bam(into: "bam", experts: ["a", "b", "c"], top_k: 2, router: Random(seed: 4, std: 1.0), ${variant#*:}) ],
+    emit: [ Hf(model: "bam", dir: "$work/out/$name") ],
+)
+RON
+  "$upmix" run "$work/$name.ron"
+  HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-bam "$work/out/$name" "$name"
+done
 
 # SmolLM2 as transformers 5 saves it (tests/golden/smollm2_hf plus the weights that
 # scripts/fetch-models.sh converted), through a bf16 Cast: transformers checks that the

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{device, golden, golden_dir, ids, model_dir, tolerance};
+use sha2::Digest;
 use upmix::backends::emit::{emit_hf, HfEmitOptions};
 use upmix::backends::load_runtime;
 use upmix::frontend::SafetensorsFile;
@@ -409,6 +410,81 @@ fn sparse_and_dense_dispatch_agree() {
             // Products of fewer rows may round differently in gemm: not bit-exact.
             let diff = common::sparse_dense_diff(&m, "bam", tokens);
             assert!(diff <= 1e-5, "{kv:?}, {} tokens: {diff}", tokens.len());
+        }
+    }
+}
+
+/// The BAM checkpoints `scripts/check-emitted.sh` had transformers load through upmix's
+/// remote-code module: upmix writes the same bytes, its logits equal those transformers
+/// computed, and transformers' one training step had a finite loss and gave every expert
+/// and router a gradient.
+#[test]
+fn transformers_loads_and_trains_the_emitted_bam_checkpoints() {
+    let variants = [
+        (
+            "bam_expert_kv",
+            KvSource::Expert,
+            AttentionRouting::Soft,
+            None,
+        ),
+        (
+            "bam_shared_kv_parallel",
+            KvSource::Shared,
+            AttentionRouting::TopK(2),
+            Some(KeptNorm::Attention),
+        ),
+    ];
+    for (name, kv, attention, parallel) in variants {
+        let g = golden(&format!("emitted/{name}.json"));
+        let mut m = load(&[("a", "llama"), ("b", "llama_b"), ("c", "llama_c")]);
+        let mut p = bam(&["a", "b", "c"], 2, kv);
+        (p.attention, p.parallel) = (attention, parallel);
+        run(&mut m, p).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join(name);
+        emit_hf(&m, "bam", &out, &HfEmitOptions::default()).unwrap();
+        for (file, hash) in g["files"].as_object().unwrap() {
+            let bytes = std::fs::read(out.join(file)).unwrap();
+            let got: String = sha2::Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(
+                &got,
+                hash.as_str().unwrap(),
+                "{name}/{file}; rerun scripts/check-emitted.sh"
+            );
+        }
+        let got = load_runtime(&m, "bam", &device())
+            .unwrap()
+            .logits(&ids(&g["input_ids"]))
+            .unwrap();
+        let mut worst = 0f32;
+        for (t, row) in g["logits"].as_array().unwrap().iter().enumerate() {
+            for (v, x) in row.as_array().unwrap().iter().enumerate() {
+                worst = worst.max((got.row(t)[v] - x.as_f64().unwrap() as f32).abs());
+            }
+        }
+        println!(
+            "{name} on {}: max abs logit difference to transformers {worst:e}",
+            device()
+        );
+        assert!(worst <= tolerance().tiny_logits, "{name}: {worst}");
+        assert!(g["loss"].as_f64().unwrap().is_finite(), "{name}");
+        let norms = g["grad_norms"].as_object().unwrap();
+        // Every attention expert's q and o, every FFN expert, both routers, in both layers.
+        let expected = 2 * (3 * 2 + 3 * 3 + 2)
+            + if name == "bam_expert_kv" {
+                2 * 3 * 2
+            } else {
+                0
+            };
+        assert_eq!(norms.len(), expected, "{name}: {:?}", norms.keys());
+        for (param, norm) in norms {
+            assert!(
+                norm.as_f64().unwrap() > 0.0,
+                "{name}: {param} got no gradient"
+            );
         }
     }
 }
