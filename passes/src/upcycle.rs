@@ -34,12 +34,34 @@ use std::sync::Arc;
 use serde::Deserialize;
 use upmix_ir::{
     FeedForward, HostTensor, MixtureOfExperts, Module, Op, Routing, SharedExpert, Weight,
-    WeightExpr,
+    WeightExpr, WeightId,
 };
 
 use crate::align::{align, combined_weights};
 use crate::pass::{graph, layer_range, weight_err, Pass, PassContext, PassError};
 use crate::router_init::RouterInit;
+
+/// What [`Upcycle::plan`] works out from the request.
+struct Plan {
+    granularity: usize,
+    routing: Routing,
+    /// Output scale of each FFN shard (see the module doc).
+    shard_scale: f32,
+    /// Averaging weights, one per expert model.
+    weights: Vec<f32>,
+    /// Indices of the FFN layers that become MoE layers.
+    moe_layers: Vec<usize>,
+}
+
+/// One FFN becoming a mixture: its layer index, node name and weights, router rows
+/// computed from activations (if the mode does), and the shared expert's model index.
+struct MoeLayerParts {
+    index: usize,
+    name: String,
+    ffn: FeedForward,
+    computed: Option<Vec<Vec<f32>>>,
+    shared: Option<usize>,
+}
 
 /// Pipeline spec:
 /// `Upcycle(into: "moe", experts: ["code", "law", "math"], top_k: 2, router: Random(seed: 0, std: 0.02))`.
@@ -93,6 +115,88 @@ impl Pass for Upcycle {
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
+        let plan = self.plan(m, cx)?;
+        // Router rows computed from activations, per MoE layer, when the mode needs them.
+        let mut activation_rows = match self.router.needs_runtime() {
+            true => {
+                let rows = self.router.activation_rows(
+                    m,
+                    cx,
+                    self.name(),
+                    &self.experts,
+                    &plan.moe_layers,
+                    self.default_router_model(),
+                )?;
+                plan.moe_layers.iter().copied().zip(rows).collect()
+            }
+            false => HashMap::new(),
+        };
+
+        // Align every model involved: experts, then base and shared expert.
+        let mut models = self.experts.clone();
+        let base = self.base.as_ref().map(|b| {
+            models.push(b.clone());
+            models.len() - 1
+        });
+        let shared = self.shared_expert.as_ref().map(|s| {
+            models.push(s.clone());
+            models.len() - 1
+        });
+        let aligned = align(m, self.name(), &models)?;
+        let template = graph(m, self.name(), &self.experts[0])?.clone();
+        // Non-FFN parameters: the base model's, or the average over the experts.
+        let ids = template.weight_ids();
+        let averaged = combined_weights(m, self.name(), &aligned, &ids, (base, &plan.weights))?;
+
+        let mut moe = template;
+        moe.name = self.into.clone();
+        // Tokenizer files and config fields travel from the base model, when there is one.
+        if let Some(base) = &self.base {
+            moe.meta = graph(m, self.name(), base)?.meta.clone();
+        }
+        let order = moe.topo_order().unwrap_or_else(|_| moe.node_ids());
+        let mut index = 0;
+        for node in order {
+            let op = moe.node(node).op.clone();
+            let ffn = match op {
+                Op::FeedForward(ffn) => {
+                    index += 1;
+                    Some(ffn).filter(|_| plan.moe_layers.contains(&(index - 1)))
+                }
+                _ => None,
+            };
+            let Some(ffn) = ffn else {
+                moe.node_mut(node).op.map_weights(|id| averaged[&id]);
+                continue;
+            };
+            let layer = MoeLayerParts {
+                index: index - 1,
+                name: moe.node(node).name.clone(),
+                ffn,
+                computed: activation_rows.remove(&(index - 1)),
+                shared,
+            };
+            moe.node_mut(node).op = self.moe_layer(m, &plan, &aligned, layer)?;
+        }
+        m.insert(moe);
+        Ok(vec![self.into.clone()])
+    }
+
+    fn reads(&self) -> Vec<String> {
+        let mut models = self.experts.clone();
+        models.extend(self.base.iter().chain(&self.shared_expert).cloned());
+        if let Some(router) = self.router.model(self.default_router_model()) {
+            models.push(router.to_string());
+        }
+        let mut seen = std::collections::HashSet::new();
+        models.retain(|name| seen.insert(name.clone()));
+        models
+    }
+}
+
+impl Upcycle {
+    /// Checks the request and works out the expert layout.
+    fn plan(&self, m: &Module, cx: &mut PassContext) -> Result<Plan, PassError> {
         let n = self.experts.len();
         if n == 0 {
             return Err(self.invalid("needs at least one expert model".into()));
@@ -117,9 +221,12 @@ impl Pass for Upcycle {
                 self.top_k
             ));
         }
-        let normalize_top_k = self.normalize_top_k.unwrap_or(true);
+        let routing = Routing {
+            top_k: self.top_k,
+            normalize: self.normalize_top_k.unwrap_or(true),
+        };
         // Output scale of each shard; see the module doc.
-        let shard_scale = if normalize_top_k {
+        let shard_scale = if routing.normalize {
             granularity as f32
         } else {
             (total * granularity) as f32 / self.top_k as f32
@@ -133,15 +240,10 @@ impl Pass for Upcycle {
         }
         let layers = layer_range(self.name(), self.layers.as_deref())?;
         self.router.check(self.name(), &self.experts)?;
-        for name in self
-            .experts
-            .iter()
-            .chain(&self.base)
-            .chain(&self.shared_expert)
-        {
+        let others = self.base.iter().chain(&self.shared_expert);
+        for name in self.experts.iter().chain(others) {
             graph(m, self.name(), name)?;
         }
-
         // Indices of the FFN layers that become MoE layers.
         let first = graph(m, self.name(), &self.experts[0])?;
         let ffn_count = first
@@ -158,154 +260,84 @@ impl Pass for Upcycle {
                 self.experts[0], self.layers
             )));
         }
-        // Router rows computed from activations, per MoE layer, when the mode needs them.
-        let mut activation_rows = if self.router.needs_runtime() {
-            let default_model = self.default_router_model();
-            let rows = self.router.activation_rows(
-                m,
-                cx,
-                self.name(),
-                &self.experts,
-                &moe_layers,
-                default_model,
-            )?;
-            Some(
-                moe_layers
-                    .iter()
-                    .copied()
-                    .zip(rows)
-                    .collect::<HashMap<_, _>>(),
-            )
-        } else {
-            None
+        Ok(Plan {
+            granularity,
+            routing,
+            shard_scale,
+            weights,
+            moe_layers,
+        })
+    }
+
+    /// The mixture of experts replacing one FFN: each model's FFN (in shards), its router,
+    /// and the shared expert behind a gate that starts at zero.
+    fn moe_layer(
+        &self,
+        m: &mut Module,
+        plan: &Plan,
+        aligned: &HashMap<WeightId, Vec<WeightId>>,
+        layer: MoeLayerParts,
+    ) -> Result<Op, PassError> {
+        let (n, g) = (self.experts.len(), plan.granularity);
+        let MoeLayerParts {
+            index,
+            name,
+            ffn,
+            computed,
+            shared,
+        } = layer;
+        let expert = |i: usize| FeedForward {
+            gate: aligned[&ffn.gate][i],
+            up: aligned[&ffn.up][i],
+            down: aligned[&ffn.down][i],
         };
-
-        // Align every model involved: experts, then base and shared expert.
-        let mut models = self.experts.clone();
-        let base = self.base.as_ref().map(|b| {
-            models.push(b.clone());
-            models.len() - 1
-        });
-        let shared = self.shared_expert.as_ref().map(|s| {
-            models.push(s.clone());
-            models.len() - 1
-        });
-        let aligned = align(m, self.name(), &models)?;
-        let template = graph(m, self.name(), &self.experts[0])?.clone();
-
-        // Non-FFN parameters: the base model's, or the average over the experts.
-        let shared_params = combined_weights(
-            m,
-            self.name(),
-            &aligned,
-            &template.weight_ids(),
-            (base, &weights),
-        )?;
-
-        let mut moe = template;
-        moe.name = self.into.clone();
-        // Tokenizer files and config fields travel from the base model, when there is one.
-        if let Some(base) = &self.base {
-            moe.meta = graph(m, self.name(), base)?.meta.clone();
+        let mut experts = Vec::with_capacity(n * g);
+        for i in 0..n {
+            experts.extend(self.shards(m, &expert(i), g, plan.shard_scale, &name)?);
         }
-        let order = moe.topo_order().unwrap_or_else(|_| moe.node_ids());
-        let mut layer = 0;
-        for node in order {
-            let Op::FeedForward(ffn) = moe.node(node).op.clone() else {
-                let op = &mut moe.node_mut(node).op;
-                op.map_weights(|id| shared_params[&id]);
-                continue;
-            };
-            let index = layer;
-            layer += 1;
-            if !moe_layers.contains(&index) {
-                let op = &mut moe.node_mut(node).op;
-                op.map_weights(|id| shared_params[&id]);
-                continue;
-            }
-            let expert = |i: usize| FeedForward {
-                gate: aligned[&ffn.gate][i],
-                up: aligned[&ffn.up][i],
-                down: aligned[&ffn.down][i],
-            };
-            let name = moe.node(node).name.clone();
-            let mut experts = Vec::with_capacity(total);
-            for i in 0..n {
-                experts.extend(self.shards(m, &expert(i), granularity, shard_scale, &name)?);
-            }
-            let gate = m.weights.get(ffn.gate).map_err(weight_err(self.name()))?;
-            let ((_, hidden), router_dtype) = (self.matrix(gate)?, gate.dtype.plain());
-            // One row per model; repeated for its shards below.
-            let computed = activation_rows.as_mut().and_then(|r| r.remove(&index));
-            let default_model = self.default_router_model();
-            let rows =
-                self.router
-                    .rows(self.name(), (index, n, hidden), computed, default_model)?;
-            let per_model = Weight {
-                name: format!("{name}.router"),
-                shape: vec![n, hidden],
-                dtype: router_dtype,
-                expr: rows,
-            };
-            let router = if granularity == 1 {
-                per_model
-            } else {
-                let id = m.weights.add(per_model).map_err(weight_err(self.name()))?;
-                let repeat: Vec<u32> = (0..total).map(|e| (e / granularity) as u32).collect();
-                Weight {
-                    name: format!("{name}.router.grouped"),
-                    shape: vec![total, hidden],
-                    dtype: router_dtype,
-                    expr: WeightExpr::Rows(id, repeat.into()),
-                }
-            };
-            let router = m.weights.add(router).map_err(weight_err(self.name()))?;
-            let shared_gate = match shared {
-                None => None,
-                Some(_) => Some(
-                    m.weights
-                        .add(Weight {
-                            name: format!("{name}.shared.gate_proj"),
-                            shape: vec![1, hidden],
-                            dtype: router_dtype,
-                            expr: WeightExpr::Literal(Arc::new(HostTensor::new(
-                                vec![1, hidden],
-                                vec![0.0; hidden],
-                            ))),
-                        })
-                        .map_err(weight_err(self.name()))?,
-                ),
-            };
-            moe.node_mut(node).op = Op::MixtureOfExperts(MixtureOfExperts {
-                router,
-                experts,
-                routing: Routing {
-                    top_k: self.top_k,
-                    normalize: normalize_top_k,
-                },
-                shared_expert: shared.map(|s| SharedExpert {
+        let gate = m.weights.get(ffn.gate).map_err(weight_err(self.name()))?;
+        let ((_, hidden), dtype) = (self.matrix(gate)?, gate.dtype.plain());
+        // One row per model; repeated for its shards below.
+        let default_model = self.default_router_model();
+        let rows = self
+            .router
+            .rows(self.name(), (index, n, hidden), computed, default_model)?;
+        let mut add = |name: String, shape: Vec<usize>, expr| {
+            m.weights
+                .add(Weight {
+                    name,
+                    shape,
+                    dtype,
+                    expr,
+                })
+                .map_err(weight_err(self.name()))
+        };
+        let mut router = add(format!("{name}.router"), vec![n, hidden], rows)?;
+        if g > 1 {
+            let repeat: Vec<u32> = (0..n * g).map(|e| (e / g) as u32).collect();
+            let rows = WeightExpr::Rows(router, repeat.into());
+            router = add(format!("{name}.router.grouped"), vec![n * g, hidden], rows)?;
+        }
+        let shared_expert = match shared {
+            None => None,
+            Some(s) => {
+                let zeros = HostTensor::new(vec![1, hidden], vec![0.0; hidden]);
+                let zeros = WeightExpr::Literal(Arc::new(zeros));
+                let gate = add(format!("{name}.shared.gate_proj"), vec![1, hidden], zeros)?;
+                Some(SharedExpert {
                     ffn: expert(s),
-                    gate: shared_gate,
-                }),
-            });
-        }
-        m.insert(moe);
-        Ok(vec![self.into.clone()])
+                    gate: Some(gate),
+                })
+            }
+        };
+        Ok(Op::MixtureOfExperts(MixtureOfExperts {
+            router,
+            experts,
+            routing: plan.routing,
+            shared_expert,
+        }))
     }
 
-    fn reads(&self) -> Vec<String> {
-        let mut models = self.experts.clone();
-        models.extend(self.base.iter().chain(&self.shared_expert).cloned());
-        if let Some(router) = self.router.model(self.default_router_model()) {
-            models.push(router.to_string());
-        }
-        let mut seen = std::collections::HashSet::new();
-        models.retain(|name| seen.insert(name.clone()));
-        models
-    }
-}
-
-impl Upcycle {
     /// The model activation router modes run when they name none.
     fn default_router_model(&self) -> &str {
         let first = self.experts.first().map(String::as_str);
