@@ -21,6 +21,8 @@
 //! router: the weights sum to one over identical experts), and for `split_heads` under a
 //! uniform router.
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
 use upmix_ir::{Attention, MixtureOfAttention, Module, Op, Routing, Weight, WeightExpr, WeightId};
 
@@ -100,6 +102,79 @@ impl AttentionExperts {
                 "TopK({k}) must be between 1 and the number of experts ({experts})"
             ))),
         }
+    }
+
+    /// Checks the router request and the layer range; the indices of the attention layers
+    /// that become mixtures.
+    fn selected_layers(&self, m: &Module) -> Result<Vec<usize>, PassError> {
+        let layers = layer_range(self.name(), self.layers.as_deref())?;
+        if self.split_heads.is_none() {
+            self.router.check(self.name(), &self.experts)?;
+        } else if self.router.needs_runtime() {
+            return Err(self.invalid(
+                "split_heads experts have no models of their own to take router rows from; \
+                 use Random or Zeros"
+                    .into(),
+            ));
+        }
+        let first = graph(m, self.name(), &self.experts[0])?;
+        let attention_count = first
+            .node_ids()
+            .into_iter()
+            .filter(|&id| matches!(first.node(id).op, Op::Attention(_)))
+            .count();
+        let selected: Vec<usize> = (0..attention_count)
+            .filter(|i| layers.as_ref().is_none_or(|r| r.contains(i)))
+            .collect();
+        if selected.is_empty() {
+            return Err(self.invalid(format!(
+                "no attention layer of `{}` lies in layers {:?} (it has {attention_count})",
+                self.experts[0], self.layers
+            )));
+        }
+        Ok(selected)
+    }
+
+    /// The mixture replacing attention `attn` (layer `index`, node `name`): one expert per
+    /// model (or per head group), and a router of rows from `computed` or the init mode.
+    fn mixture(
+        &self,
+        m: &mut Module,
+        aligned: &HashMap<WeightId, Vec<WeightId>>,
+        (index, name, attn): (usize, &str, &Attention),
+        computed: Option<Vec<Vec<f32>>>,
+        routing: Routing,
+    ) -> Result<Op, PassError> {
+        let of_model = |i: usize| {
+            let mut a = attn.clone();
+            a.map_weights(&mut |id| aligned[&id][i]);
+            a
+        };
+        let experts = match self.split_heads {
+            Some(g) => self.split(m, &of_model(0), g)?,
+            None => (0..self.experts.len()).map(of_model).collect(),
+        };
+        let total = experts.len();
+        let q = m.weights.get(attn.q).map_err(weight_err(self.name()))?;
+        let (hidden, dtype) = (q.shape[1], q.dtype.plain());
+        let default_model = self.default_router_model();
+        let rows =
+            self.router
+                .rows(self.name(), (index, total, hidden), computed, default_model)?;
+        let router = m
+            .weights
+            .add(Weight {
+                name: format!("{name}.router"),
+                shape: vec![total, hidden],
+                dtype,
+                expr: rows,
+            })
+            .map_err(weight_err(self.name()))?;
+        Ok(Op::MixtureOfAttention(MixtureOfAttention {
+            router,
+            experts,
+            routing,
+        }))
     }
 
     /// The model activation router modes run when they name none.
@@ -216,16 +291,7 @@ impl Pass for AttentionExperts {
         if weights.len() != n {
             return Err(self.invalid(format!("{} weights given for {n} models", weights.len())));
         }
-        let layers = layer_range(self.name(), self.layers.as_deref())?;
-        if self.split_heads.is_none() {
-            self.router.check(self.name(), &self.experts)?;
-        } else if self.router.needs_runtime() {
-            return Err(self.invalid(
-                "split_heads experts have no models of their own to take router rows from; \
-                 use Random or Zeros"
-                    .into(),
-            ));
-        }
+        let selected = self.selected_layers(m)?;
         let mut models = self.experts.clone();
         let base = self.base.as_ref().map(|b| {
             models.push(b.clone());
@@ -233,20 +299,6 @@ impl Pass for AttentionExperts {
         });
         let aligned = align(m, self.name(), &models)?;
         let template = graph(m, self.name(), &self.experts[0])?.clone();
-        let attention_count = template
-            .node_ids()
-            .into_iter()
-            .filter(|&id| matches!(template.node(id).op, Op::Attention(_)))
-            .count();
-        let selected: Vec<usize> = (0..attention_count)
-            .filter(|i| layers.as_ref().is_none_or(|r| r.contains(i)))
-            .collect();
-        if selected.is_empty() {
-            return Err(self.invalid(format!(
-                "no attention layer of `{}` lies in layers {:?} (it has {attention_count})",
-                self.experts[0], self.layers
-            )));
-        }
         let mut activation_rows = match self.router.needs_runtime() {
             true => {
                 let rows = self.router.activation_rows(
@@ -259,7 +311,7 @@ impl Pass for AttentionExperts {
                 )?;
                 selected.iter().copied().zip(rows).collect()
             }
-            false => std::collections::HashMap::new(),
+            false => HashMap::new(),
         };
         let ids = template.weight_ids();
         let params = combined_weights(m, self.name(), &aligned, &ids, (base, &weights))?;
@@ -281,38 +333,10 @@ impl Pass for AttentionExperts {
                 out.node_mut(node).op.map_weights(|id| params[&id]);
                 continue;
             }
-            let of_model = |i: usize| {
-                let mut a = attn.clone();
-                a.map_weights(&mut |id| aligned[&id][i]);
-                a
-            };
-            let experts = match self.split_heads {
-                Some(g) => self.split(m, &of_model(0), g)?,
-                None => (0..n).map(of_model).collect(),
-            };
-            let q = m.weights.get(attn.q).map_err(weight_err(self.name()))?;
-            let (hidden, dtype) = (q.shape[1], q.dtype.plain());
             let name = out.node(node).name.clone();
-            let rows = self.router.rows(
-                self.name(),
-                (index - 1, total, hidden),
-                activation_rows.remove(&(index - 1)),
-                self.default_router_model(),
-            )?;
-            let router = m
-                .weights
-                .add(Weight {
-                    name: format!("{name}.router"),
-                    shape: vec![total, hidden],
-                    dtype,
-                    expr: rows,
-                })
-                .map_err(weight_err(self.name()))?;
-            out.node_mut(node).op = Op::MixtureOfAttention(MixtureOfAttention {
-                router,
-                experts,
-                routing,
-            });
+            let computed = activation_rows.remove(&(index - 1));
+            let layer = (index - 1, name.as_str(), &attn);
+            out.node_mut(node).op = self.mixture(m, &aligned, layer, computed, routing)?;
         }
         m.insert(out);
         Ok(vec![self.into.clone()])
