@@ -80,6 +80,22 @@ RON
   HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-bam "$work/out/$name" "$name"
 done
 
+# The shared-KV BAM with top-2 routing of both mixtures is a JetMoE: written as
+# JetMoeForCausalLM, transformers' own JetMoE records its logits.
+cat > "$work/bam_jetmoe.ron" <<RON
+Pipeline(
+    models: {
+        "a": Hf("$PWD/tests/golden/models/llama"),
+        "b": Hf("$PWD/tests/golden/models/llama_b"),
+        "c": Hf("$PWD/tests/golden/models/llama_c"),
+    },
+    passes: [ Bam(into: "bam", experts: ["a", "b", "c"], top_k: 2, router: Random(seed: 4, std: 1.0), attention: TopK(2), kv: Shared) ],
+    emit: [ Hf(model: "bam", dir: "$work/out/bam_jetmoe", architecture: "JetMoeForCausalLM") ],
+)
+RON
+"$upmix" run "$work/bam_jetmoe.ron"
+HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/bam_jetmoe" bam_jetmoe
+
 # SmolLM2 as transformers 5 saves it (tests/golden/smollm2_hf plus the weights that
 # scripts/fetch-models.sh converted), through a bf16 Cast: transformers checks that the
 # output keeps every saved file, the token ids and the chat template.

@@ -101,6 +101,10 @@ pub enum Emit {
         moe_layout: Option<String>,
         #[serde(default)]
         overwrite: Option<bool>,
+        /// Another architecture than the graph's default: `"JetMoeForCausalLM"` for a BAM
+        /// model with shared K/V and top-k routing.
+        #[serde(default)]
+        architecture: Option<String>,
     },
 }
 
@@ -327,6 +331,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             max_shard_mb,
             moe_layout,
             overwrite,
+            architecture,
         } = e;
         let moe_layout = match moe_layout.as_deref() {
             None | Some("classic") => MoeLayout::Classic,
@@ -342,6 +347,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             moe_layout,
             progress: None,
             overwrite: opts.overwrite || overwrite.unwrap_or(false),
+            architecture: architecture.clone(),
         };
         // A progress bar with bytes/s on stderr (hidden when stderr is not a terminal).
         let bar = indicatif::ProgressBar::new(0).with_style(

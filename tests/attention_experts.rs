@@ -488,3 +488,62 @@ fn transformers_loads_and_trains_the_emitted_bam_checkpoints() {
         }
     }
 }
+
+/// A BAM model with shared K/V and top-2 routing of both mixtures is exactly a JetMoE:
+/// written as `JetMoeForCausalLM` (grouped-query K/V repeated per query head, the residual
+/// stream scaled for JetMoE's fixed norm epsilon), transformers' own JetMoE computes the
+/// logits and greedy continuation of upmix's runtime (`scripts/check-emitted.sh` records
+/// them). A soft-routed model is refused, with the reason.
+#[test]
+fn a_shared_kv_top_k_bam_model_is_written_as_jetmoe() {
+    let g = golden("emitted/bam_jetmoe.json");
+    assert_eq!(g["architecture"], "JetMoeForCausalLM");
+    let mut m = load(&[("a", "llama"), ("b", "llama_b"), ("c", "llama_c")]);
+    let mut p = bam(&["a", "b", "c"], 2, KvSource::Shared);
+    p.attention = AttentionRouting::TopK(2);
+    run(&mut m, p).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("jetmoe");
+    let opts = HfEmitOptions {
+        architecture: Some("JetMoeForCausalLM".into()),
+        ..Default::default()
+    };
+    emit_hf(&m, "bam", &out, &opts).unwrap();
+    for (file, hash) in g["files"].as_object().unwrap() {
+        let bytes = std::fs::read(out.join(file)).unwrap();
+        let got: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            &got,
+            hash.as_str().unwrap(),
+            "{file}; rerun scripts/check-emitted.sh"
+        );
+    }
+    let mut rt = load_runtime(&m, "bam", &device()).unwrap();
+    let got = rt.logits(&ids(&g["input_ids"])).unwrap();
+    let mut worst = 0f32;
+    for (t, row) in g["logits"].as_array().unwrap().iter().enumerate() {
+        for (v, x) in row.as_array().unwrap().iter().enumerate() {
+            worst = worst.max((got.row(t)[v] - x.as_f64().unwrap() as f32).abs());
+        }
+    }
+    println!(
+        "bam as JetMoE on {}: max abs logit difference to transformers {worst:e}",
+        device()
+    );
+    assert!(worst <= tolerance().tiny_logits, "{worst}");
+    let greedy = rt.generate(&ids(&g["prompt"]), 16, None).unwrap();
+    assert_eq!(greedy, ids(&g["greedy"]));
+
+    let mut m = load(&[("a", "llama"), ("b", "llama_b")]);
+    run(&mut m, bam(&["a", "b"], 2, KvSource::Shared)).unwrap();
+    let err = emit_hf(&m, "bam", &tmp.path().join("soft"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("JetMoE renormalises the top-k routing weights"),
+        "{err}"
+    );
+}

@@ -14,6 +14,7 @@ pub const ARCHITECTURES: &[(&str, &str, Family)] = &[
     ("CohereForCausalLM", "cohere", Family::Cohere),
     ("Cohere2ForCausalLM", "cohere2", Family::Cohere2),
     ("UpmixBamForCausalLM", "upmix_bam", Family::UpmixBam),
+    ("JetMoeForCausalLM", "jetmoe", Family::JetMoe),
 ];
 
 /// The `(architectures[0], model_type)` of `family`.
@@ -80,6 +81,27 @@ const UPMIX_BAM: &[(Role, &str)] = &[
     ),
     (Role::BlockNorm, "model.layers.{L}.input_layernorm.weight"),
 ];
+
+/// JetMoE's per-layer tensors with a role; the stacked expert tensors follow.
+const JETMOE: &[(Role, &str)] = &[
+    (
+        Role::AttnRouter,
+        "model.layers.{L}.self_attention.experts.router.layer.weight",
+    ),
+    (Role::Router, "model.layers.{L}.mlp.router.layer.weight"),
+];
+
+/// JetMoE's stacked tensors: attention experts' q (`[E, H * hd, D]`) and o
+/// (`[E, D, H * hd]`) and their output bias (`[D]`), the shared `[K; V]` projection
+/// (`[2 * H * hd, D]`: JetMoE has as many KV heads as query heads per expert), FFN
+/// experts' `[gate; up]` (`[E, 2F, D]`) and down (`[E, D, F]`) and their output bias.
+pub const JETMOE_ATTN_Q: &str = "model.layers.{L}.self_attention.experts.input_linear.weight";
+pub const JETMOE_ATTN_O: &str = "model.layers.{L}.self_attention.experts.output_linear.weight";
+pub const JETMOE_ATTN_BIAS: &str = "model.layers.{L}.self_attention.experts.bias";
+pub const JETMOE_KV: &str = "model.layers.{L}.self_attention.kv_proj.weight";
+pub const JETMOE_FFN_GATE_UP: &str = "model.layers.{L}.mlp.input_linear.weight";
+pub const JETMOE_FFN_DOWN: &str = "model.layers.{L}.mlp.output_linear.weight";
+pub const JETMOE_FFN_BIAS: &str = "model.layers.{L}.mlp.bias";
 
 /// The remote-code module written with [`Family::UpmixBam`] checkpoints, as `auto_map`
 /// names it.
@@ -160,6 +182,7 @@ fn parts(family: Family) -> &'static [&'static [(Role, &'static str)]] {
         Family::Qwen2Moe => &[QWEN2_MOE, SEQUENTIAL, DECODER],
         Family::Cohere | Family::Cohere2 => &[COHERE, DECODER],
         Family::UpmixBam => &[UPMIX_BAM, QWEN2_MOE, SEQUENTIAL, DECODER],
+        Family::JetMoe => &[JETMOE, SEQUENTIAL, DECODER],
     }
 }
 

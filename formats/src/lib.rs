@@ -120,6 +120,9 @@ pub enum Family {
     /// upmix's own BAM layout: Llama's, with optional parallel blocks, attention experts
     /// and FFN experts; written with a remote-code module for transformers.
     UpmixBam,
+    /// JetMoE: a top-k mixture of attention experts with shared keys and values and a
+    /// top-k SwiGLU mixture in every layer, their experts stacked in fused tensors.
+    JetMoe,
 }
 
 impl Family {

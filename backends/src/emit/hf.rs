@@ -20,6 +20,7 @@ use upmix_ir::{
 };
 
 use super::hf_config::config_json;
+use super::jetmoe;
 use super::safetensors::write_safetensors;
 use super::stack::{read_stack, Stack};
 use super::{input_files, io, write_dir_atomically, EmitError};
@@ -36,6 +37,10 @@ pub struct HfEmitOptions {
     pub progress: Option<Arc<Progress>>,
     /// Replace an existing destination even when it holds files upmix did not write.
     pub overwrite: bool,
+    /// Write this architecture instead of the one the graph maps to by default: today
+    /// `JetMoeForCausalLM`, for a BAM model with shared K/V and top-k routing (module
+    /// `jetmoe`). A graph the architecture cannot express is an error saying why.
+    pub architecture: Option<String>,
 }
 
 /// A progress callback: `(bytes written so far, total bytes)`.
@@ -48,6 +53,7 @@ impl std::fmt::Debug for HfEmitOptions {
             .field("moe_layout", &self.moe_layout)
             .field("progress", &self.progress.is_some())
             .field("overwrite", &self.overwrite)
+            .field("architecture", &self.architecture)
             .finish()
     }
 }
@@ -59,6 +65,7 @@ impl Default for HfEmitOptions {
             moe_layout: MoeLayout::Classic,
             progress: None,
             overwrite: false,
+            architecture: None,
         }
     }
 }
@@ -121,7 +128,23 @@ pub fn emit_hf(
         format: FORMAT,
         message,
     };
-    let (arch, family) = architecture(&stack, &unsupported)?;
+    let (arch, family) = match opts.architecture.as_deref() {
+        Some("JetMoeForCausalLM") => {
+            jetmoe::check(&stack).map_err(&unsupported)?;
+            ("JetMoeForCausalLM", Family::JetMoe)
+        }
+        asked => {
+            let found = architecture(&stack, &unsupported)?;
+            if asked.is_some_and(|a| a != found.0) {
+                return Err(unsupported(format!(
+                    "it is written as {} (JetMoeForCausalLM may be asked for BAM models), not {}",
+                    found.0,
+                    asked.unwrap_or_default()
+                )));
+            }
+            found
+        }
+    };
     // Fused experts are new (concatenated) tensors: add them to a copy of the table.
     let mut table = m.weights.clone();
     let layout = match family {
@@ -414,13 +437,13 @@ fn llama_family(s: &Stack, unsupported: &dyn Fn(String) -> EmitError) -> Result<
 }
 
 /// Tensor names of one family, collected in file order.
-struct Names {
+pub(super) struct Names {
     family: Family,
-    list: Vec<(String, WeightId)>,
+    pub(super) list: Vec<(String, WeightId)>,
 }
 
 impl Names {
-    fn push(&mut self, role: Role, (layer, expert): (usize, usize), id: WeightId) {
+    pub(super) fn push(&mut self, role: Role, (layer, expert): (usize, usize), id: WeightId) {
         let name = hf::name(self.family, role, layer, expert)
             .unwrap_or_else(|| panic!("{:?} has no {role:?} tensor", self.family));
         self.list.push((name, id));
@@ -446,6 +469,10 @@ fn tensor_list(
         family,
         list: Vec::new(),
     };
+    if family == Family::JetMoe {
+        jetmoe::tensors(s, &mut t, table)?;
+        return Ok(t.list);
+    }
     t.push(Role::Embed, (0, 0), s.embed);
     for (i, l) in s.layers.iter().enumerate() {
         let norm_role = match l.ffn_norm {

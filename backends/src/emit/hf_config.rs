@@ -51,8 +51,20 @@ const FAMILY_FIELDS: &[(&str, &[&str])] = &[
 
 /// Fields the computed config of one family replaces wholesale, dropped from the kept base
 /// config first: Cohere2's `sliding_window_pattern` would otherwise contradict the written
-/// `layer_types`.
-const REPLACED_FIELDS: &[(&str, &[&str])] = &[("cohere2", &["sliding_window_pattern"])];
+/// `layer_types`, and JetMoE derives its head count and names its activation otherwise.
+const REPLACED_FIELDS: &[(&str, &[&str])] = &[
+    ("cohere2", &["sliding_window_pattern"]),
+    (
+        "jetmoe",
+        &[
+            "num_attention_heads",
+            "head_dim",
+            "hidden_act",
+            "mlp_bias",
+            "attention_bias",
+        ],
+    ),
+];
 
 /// Fields never kept: remote-code hooks and names that point at the base model, a
 /// quantisation the emitted (plain float) weights do not have, and the transformers 4
@@ -249,6 +261,25 @@ fn computed_fields(
         c.insert("logit_scale".into(), json!(scale));
     }
     match (family, experts) {
+        (Family::JetMoe, Some(moe)) => {
+            let c = c.as_object_mut().expect("an object");
+            for field in [
+                "num_attention_heads",
+                "head_dim",
+                "hidden_act",
+                "mlp_bias",
+                "attention_bias",
+            ] {
+                c.remove(field);
+            }
+            // JetMoE: as many KV heads as query heads per expert (`kv_channels` each).
+            c.insert("num_key_value_heads".into(), json!(a.n_heads));
+            c.insert("kv_channels".into(), json!(a.head_dim));
+            c.insert("num_local_experts".into(), json!(moe.experts.len()));
+            c.insert("num_experts_per_tok".into(), json!(moe.routing.top_k));
+            c.insert("activation_function".into(), json!("silu"));
+            c.insert("rms_norm_eps".into(), json!(super::jetmoe::NORM_EPS));
+        }
         (Family::UpmixBam, moe) => {
             let mixture = first.mixture;
             let routing = mixture.map(|m| m.routing);

@@ -7,6 +7,7 @@
 
 mod hf;
 mod hf_config;
+mod jetmoe;
 mod output;
 mod safetensors;
 mod stack;
