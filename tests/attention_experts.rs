@@ -2,25 +2,19 @@
 
 mod common;
 
-use common::{device, golden, golden_dir, ids, model_dir, tolerance};
-use sha2::Digest;
+use common::{device, golden, golden_dir, ids, tolerance};
 use upmix::backends::emit::{emit_hf, HfEmitOptions};
 use upmix::backends::load_runtime;
 use upmix::frontend::SafetensorsFile;
 use upmix::ir::{HostTensor, Module, Op};
 use upmix::passes::{
-    AttentionExperts, AttentionRouting, Bam, KeptNorm, KvSource, Pass, PassContext, PassManager,
-    RouterInit, ShareKv,
+    AttentionExperts, AttentionRouting, Bam, KeptNorm, KvSource, Pass, RouterInit, ShareKv,
 };
 
 const TOKENS: [u32; 12] = [5, 17, 42, 99, 3, 250, 7, 64, 1, 200, 31, 8];
 
 fn load(models: &[(&str, &str)]) -> Module {
-    let mut m = Module::new();
-    for (name, fixture) in models {
-        upmix::frontend::load(&model_dir(fixture), name, &mut m).unwrap();
-    }
-    m
+    common::load_all(models)
 }
 
 fn pass(experts: &[&str], routing: AttentionRouting, router: RouterInit) -> AttentionExperts {
@@ -37,11 +31,7 @@ fn pass(experts: &[&str], routing: AttentionRouting, router: RouterInit) -> Atte
 }
 
 fn run(m: &mut Module, pass: impl Pass + 'static) -> Result<(), String> {
-    let mut pm = PassManager::new();
-    pm.add(Box::new(pass));
-    pm.run(m, &mut PassContext::default())
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    common::run_pass(m, pass)
 }
 
 fn logits(m: &Module, graph: &str) -> HostTensor {
@@ -155,13 +145,7 @@ fn bam_layers_match_a_torch_golden() {
         let mut rt = load_runtime(&m, "bam", &device()).unwrap();
         rt.replace_weights(&swaps).unwrap();
         let logits = rt.logits(&ids(&g["input_ids"])).unwrap();
-        let expected = g["logits"][variant].as_array().unwrap();
-        let mut worst = 0f32;
-        for (t, row) in expected.iter().enumerate() {
-            for (v, x) in row.as_array().unwrap().iter().enumerate() {
-                worst = worst.max((logits.row(t)[v] - x.as_f64().unwrap() as f32).abs());
-            }
-        }
+        let worst = common::golden_logit_diff(&g["logits"][variant], &logits);
         println!(
             "bam {variant} on {}: max abs logit difference {worst:e}",
             device()
@@ -443,28 +427,12 @@ fn transformers_loads_and_trains_the_emitted_bam_checkpoints() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join(name);
         emit_hf(&m, "bam", &out, &HfEmitOptions::default()).unwrap();
-        for (file, hash) in g["files"].as_object().unwrap() {
-            let bytes = std::fs::read(out.join(file)).unwrap();
-            let got: String = sha2::Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            assert_eq!(
-                &got,
-                hash.as_str().unwrap(),
-                "{name}/{file}; rerun scripts/check-emitted.sh"
-            );
-        }
+        common::assert_same_files(&g["files"], &out);
         let got = load_runtime(&m, "bam", &device())
             .unwrap()
             .logits(&ids(&g["input_ids"]))
             .unwrap();
-        let mut worst = 0f32;
-        for (t, row) in g["logits"].as_array().unwrap().iter().enumerate() {
-            for (v, x) in row.as_array().unwrap().iter().enumerate() {
-                worst = worst.max((got.row(t)[v] - x.as_f64().unwrap() as f32).abs());
-            }
-        }
+        let worst = common::golden_logit_diff(&g["logits"], &got);
         println!(
             "{name} on {}: max abs logit difference to transformers {worst:e}",
             device()
@@ -509,26 +477,10 @@ fn a_shared_kv_top_k_bam_model_is_written_as_jetmoe() {
         ..Default::default()
     };
     emit_hf(&m, "bam", &out, &opts).unwrap();
-    for (file, hash) in g["files"].as_object().unwrap() {
-        let bytes = std::fs::read(out.join(file)).unwrap();
-        let got: String = sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(
-            &got,
-            hash.as_str().unwrap(),
-            "{file}; rerun scripts/check-emitted.sh"
-        );
-    }
+    common::assert_same_files(&g["files"], &out);
     let mut rt = load_runtime(&m, "bam", &device()).unwrap();
     let got = rt.logits(&ids(&g["input_ids"])).unwrap();
-    let mut worst = 0f32;
-    for (t, row) in g["logits"].as_array().unwrap().iter().enumerate() {
-        for (v, x) in row.as_array().unwrap().iter().enumerate() {
-            worst = worst.max((got.row(t)[v] - x.as_f64().unwrap() as f32).abs());
-        }
-    }
+    let worst = common::golden_logit_diff(&g["logits"], &got);
     println!(
         "bam as JetMoE on {}: max abs logit difference to transformers {worst:e}",
         device()

@@ -345,11 +345,7 @@ impl Pass for AttentionExperts {
     fn reads(&self) -> Vec<String> {
         let mut models = self.experts.clone();
         models.extend(self.base.iter().cloned());
-        if let Some(router) = self.router.model(self.default_router_model()) {
-            models.push(router.to_string());
-        }
-        let mut seen = std::collections::HashSet::new();
-        models.retain(|name| seen.insert(name.clone()));
-        models
+        self.router
+            .with_router_model(models, self.default_router_model())
     }
 }

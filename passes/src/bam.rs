@@ -95,15 +95,9 @@ impl Pass for Bam {
         if let KvSource::From(model) = &self.kv {
             models.push(model.clone());
         }
-        if let Some(router) = self
-            .router
-            .model(self.base.as_deref().unwrap_or(&self.experts[0]))
-        {
-            models.push(router.to_string());
-        }
-        let mut seen = std::collections::HashSet::new();
-        models.retain(|name| seen.insert(name.clone()));
-        models
+        let first = self.experts.first().map(String::as_str);
+        let default_model = self.base.as_deref().or(first).unwrap_or_default();
+        self.router.with_router_model(models, default_model)
     }
 }
 

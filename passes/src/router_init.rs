@@ -89,6 +89,17 @@ impl RouterInit {
         }
     }
 
+    /// The models a pass reads: `models`, then the model this mode runs (`default_model`
+    /// unless the mode names one), each once, in that order.
+    pub fn with_router_model(&self, mut models: Vec<String>, default_model: &str) -> Vec<String> {
+        if let Some(router) = self.model(default_model) {
+            models.push(router.to_string());
+        }
+        let mut seen = std::collections::HashSet::new();
+        models.retain(|name| seen.insert(name.clone()));
+        models
+    }
+
     /// Whether the rows come from running a model.
     pub fn needs_runtime(&self) -> bool {
         matches!(

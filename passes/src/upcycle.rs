@@ -185,12 +185,8 @@ impl Pass for Upcycle {
     fn reads(&self) -> Vec<String> {
         let mut models = self.experts.clone();
         models.extend(self.base.iter().chain(&self.shared_expert).cloned());
-        if let Some(router) = self.router.model(self.default_router_model()) {
-            models.push(router.to_string());
-        }
-        let mut seen = std::collections::HashSet::new();
-        models.retain(|name| seen.insert(name.clone()));
-        models
+        self.router
+            .with_router_model(models, self.default_router_model())
     }
 }
 

@@ -183,3 +183,51 @@ pub fn add_rewidthed_copy(m: &mut Module, src: &str, dst: &str, hidden: usize) {
     upmix::ir::verify(&g, &m.weights).unwrap();
     m.insert(g);
 }
+
+/// Loads each fixture `fixture` as the graph `name` of one module.
+pub fn load_all(models: &[(&str, &str)]) -> Module {
+    let mut m = Module::new();
+    for (name, fixture) in models {
+        upmix::frontend::load(&model_dir(fixture), name, &mut m)
+            .unwrap_or_else(|e| panic!("loading fixture {fixture}: {e}"));
+    }
+    m
+}
+
+/// Runs one pass over `m`; its error as text.
+pub fn run_pass(m: &mut Module, pass: impl upmix::passes::Pass + 'static) -> Result<(), String> {
+    let mut pm = upmix::passes::PassManager::new();
+    pm.add(Box::new(pass));
+    pm.run(m, &mut upmix::passes::PassContext::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The largest absolute difference between `got` and golden logit rows `rows`.
+pub fn golden_logit_diff(rows: &serde_json::Value, got: &upmix::ir::HostTensor) -> f32 {
+    let mut worst = 0f32;
+    for (t, row) in rows.as_array().unwrap().iter().enumerate() {
+        for (v, x) in row.as_array().unwrap().iter().enumerate() {
+            worst = worst.max((got.row(t)[v] - x.as_f64().unwrap() as f32).abs());
+        }
+    }
+    worst
+}
+
+/// Asserts that every file of `files` (`{name: sha256}`, as `make_fixtures.py` records
+/// what transformers loaded) has that hash in `dir`.
+pub fn assert_same_files(files: &serde_json::Value, dir: &std::path::Path) {
+    use sha2::Digest;
+    for (file, hash) in files.as_object().unwrap() {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        let got: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            &got,
+            hash.as_str().unwrap(),
+            "{file} differs from what transformers loaded; rerun scripts/check-emitted.sh"
+        );
+    }
+}
