@@ -98,6 +98,24 @@ fn split_heads_under_uniform_routing_equal_the_dense_attention() {
     assert!(diff > 1e-3, "{diff}");
 }
 
+/// Greedy generation of `bam` (KV-cached) picks at every step the argmax of a full
+/// recomputation over the sequence so far.
+fn assert_cached_decoding_equals_recomputation(m: &Module, label: &str) {
+    let mut rt = load_runtime(m, "bam", &device()).unwrap();
+    let prompt = &TOKENS[..5];
+    let out = rt.generate(prompt, 12, None).unwrap();
+    let mut seq = prompt.to_vec();
+    seq.extend(&out);
+    let full = rt.logits(&seq[..seq.len() - 1]).unwrap();
+    for (i, &token) in out.iter().enumerate() {
+        let row = full.row(prompt.len() - 1 + i);
+        let best = (0..row.len())
+            .max_by(|&x, &y| row[x].total_cmp(&row[y]))
+            .unwrap();
+        assert_eq!(best as u32, token, "{label} step {i}");
+    }
+}
+
 fn share_kv() -> ShareKv {
     ShareKv {
         model: "bam".into(),
@@ -181,19 +199,7 @@ fn cached_decoding_equals_full_recomputation() {
         if shared {
             run(&mut m, share_kv()).unwrap();
         }
-        let mut rt = load_runtime(&m, "bam", &device()).unwrap();
-        let prompt = &TOKENS[..5];
-        let out = rt.generate(prompt, 12, None).unwrap();
-        let mut seq = prompt.to_vec();
-        seq.extend(&out);
-        let full = rt.logits(&seq[..seq.len() - 1]).unwrap();
-        for (i, &token) in out.iter().enumerate() {
-            let row = full.row(prompt.len() - 1 + i);
-            let best = (0..row.len())
-                .max_by(|&x, &y| row[x].total_cmp(&row[y]))
-                .unwrap();
-            assert_eq!(best as u32, token, "{routing:?} shared {shared} step {i}");
-        }
+        assert_cached_decoding_equals_recomputation(&m, &format!("{routing:?} shared {shared}"));
     }
 }
 
@@ -287,19 +293,7 @@ fn bam_decoding_equals_full_recomputation() {
         let mut p = bam(&["a", "b", "c"], 2, kv.clone());
         p.parallel = parallel;
         run(&mut m, p).unwrap();
-        let mut rt = load_runtime(&m, "bam", &device()).unwrap();
-        let prompt = &TOKENS[..5];
-        let out = rt.generate(prompt, 12, None).unwrap();
-        let mut seq = prompt.to_vec();
-        seq.extend(&out);
-        let full = rt.logits(&seq[..seq.len() - 1]).unwrap();
-        for (i, &token) in out.iter().enumerate() {
-            let row = full.row(prompt.len() - 1 + i);
-            let best = (0..row.len())
-                .max_by(|&x, &y| row[x].total_cmp(&row[y]))
-                .unwrap();
-            assert_eq!(best as u32, token, "{kv:?} {parallel:?} step {i}");
-        }
+        assert_cached_decoding_equals_recomputation(&m, &format!("{kv:?} {parallel:?}"));
     }
 }
 

@@ -4,7 +4,6 @@
 mod common;
 
 use common::{device, model_dir};
-use sha2::Digest;
 use upmix::backends::emit::{emit_hf, HfEmitOptions, MoeLayout};
 use upmix::backends::load_runtime;
 use upmix::ir::{HostTensor, Module, Op};
@@ -254,18 +253,7 @@ fn check_against_transformers(name: &str, architecture: &str, pass: Upcycle, lay
     upmix::frontend::load(&out, "moe", &mut back).unwrap();
     let diff = logits(&m, "moe").max_abs_diff(&logits(&back, "moe"));
     assert!(diff <= 1e-5, "{name}: reloaded logits differ by {diff}");
-    for (file, hash) in golden["files"].as_object().unwrap() {
-        let bytes = std::fs::read(out.join(file)).unwrap();
-        let got: String = sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(
-            &got,
-            hash.as_str().unwrap(),
-            "{file}; rerun scripts/check-emitted.sh"
-        );
-    }
+    common::assert_same_files(&golden["files"], &out);
 
     let mut rt = load_runtime(&m, "moe", &device()).unwrap();
     let got = rt.logits(&common::ids(&golden["input_ids"])).unwrap();
