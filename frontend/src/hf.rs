@@ -316,9 +316,7 @@ impl TensorSource for Loader<'_> {
         layer: usize,
         shape: &[usize],
     ) -> Result<WeightId, FrontendError> {
-        let name = hf::name(self.family, role, layer, 0)
-            .expect("the decoder asks only for its family's roles");
-        self.weight(role, (layer, 0), &name, shape)
+        self.expert_tensor(role, (layer, 0), shape)
     }
 
     fn expert_tensor(
