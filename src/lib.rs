@@ -5,7 +5,9 @@
 //! of them; the `upmix` binary is a thin CLI over this crate.
 
 pub mod check;
+pub mod dtm;
 pub mod pipeline;
+pub mod sensitivity;
 
 pub use upmix_backends as backends;
 pub use upmix_formats as formats;

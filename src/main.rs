@@ -6,9 +6,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use upmix::backends::DeviceSpec;
 use upmix::check::check_non_finite;
+use upmix::dtm;
 use upmix::ir::{print_graph, Module};
+use upmix::passes::sensitivity::Compression;
 use upmix::passes::{DumpIr, REGISTRY};
 use upmix::pipeline::{self, RunOptions};
+use upmix::sensitivity::{self, SensitivityOptions};
 
 // Reuses freed activation buffers instead of returning them to the OS and faulting in
 // fresh zeroed pages on the next forward pass (measurably faster prefill and decode).
@@ -84,8 +87,62 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
+    /// Divergent Token Metrics of CANDIDATE against BASE: how many tokens of BASE's greedy
+    /// continuation CANDIDATE follows (FDT: first divergent token) and how many it misses
+    /// (SDT: share of divergent tokens), per prompt and summarised.
+    Dtm {
+        base: PathBuf,
+        candidate: PathBuf,
+        /// A text file, one prompt per line.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Tokens of each continuation.
+        #[arg(short = 'n', long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Print per-prompt rows as JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
+    /// Compress each component (q, k, v, o, gate, up, down of every layer) alone and
+    /// measure its Divergent Token Metrics: a table (JSON, CSV) and heat-maps (SVG).
+    Sensitivity {
+        model: PathBuf,
+        /// A text file, one prompt per line.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Tokens of each continuation.
+        #[arg(short = 'n', long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// METHOD:LEVELS, e.g. `magnitude:0.9`, `magnitude:0.5,0.75,0.9`, `wanda:0.5`,
+        /// `magnitude:2:4` (`prune` means magnitude).
+        #[arg(long, default_value = "magnitude:0.9")]
+        method: String,
+        /// Calibration text for `wanda` levels.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// Calibration window in tokens.
+        #[arg(long, default_value_t = 128)]
+        window: usize,
+        /// Directory for sensitivity.json, sensitivity.csv and the heat-maps.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
     /// List the available passes.
     Passes,
+}
+
+/// Loads two checkpoints into one module, as `base` and `candidate`.
+fn load_pair(base: &Path, candidate: &Path) -> Result<Module> {
+    let mut m = Module::new();
+    upmix::frontend::load(base, "base", &mut m)
+        .with_context(|| format!("loading {}", base.display()))?;
+    upmix::frontend::load(candidate, "candidate", &mut m)
+        .with_context(|| format!("loading {}", candidate.display()))?;
+    Ok(m)
 }
 
 fn load(path: &Path) -> Result<Module> {
@@ -191,6 +248,73 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("reading {}", text.display()))?;
             let (ppl, tokens) = pipeline::perplexity(&m, "model", &content, window, &device)?;
             println!("perplexity {ppl:.4} over {tokens} tokens");
+        }
+        Command::Dtm {
+            base,
+            candidate,
+            prompts,
+            max_new_tokens,
+            json,
+            device,
+        } => {
+            let m = load_pair(&base, &candidate)?;
+            let report =
+                dtm::divergence(&m, "base", "candidate", &prompts, max_new_tokens, &device)?;
+            if json {
+                print!("{}", report.json_rows());
+            } else {
+                print!("{}", report.table());
+            }
+        }
+        Command::Sensitivity {
+            model,
+            prompts,
+            max_new_tokens,
+            method,
+            calibration,
+            window,
+            out,
+            device,
+        } => {
+            let levels =
+                Compression::parse_list(&method).map_err(|e| anyhow::anyhow!("--method: {e}"))?;
+            let m = load(&model)?;
+            let opts = SensitivityOptions {
+                prompts,
+                n: max_new_tokens,
+                levels,
+                calibration,
+                window,
+                device,
+            };
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "sensitivity [{bar:30}] {pos}/{len} {msg} elapsed {elapsed} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            let start = std::time::Instant::now();
+            let table = sensitivity::sweep(&m, "model", &opts, &mut |done, total, what| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(what.to_string());
+            })?;
+            bar.finish_and_clear();
+            for path in sensitivity::write_outputs(&table, &out)? {
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "{} variants of {} components in {:.1}s",
+                table.rows.len(),
+                table
+                    .rows
+                    .iter()
+                    .map(|r| &r.component)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len(),
+                start.elapsed().as_secs_f64()
+            );
         }
         Command::Passes => {
             for p in REGISTRY {

@@ -26,7 +26,9 @@ use upmix_backends::emit::{emit_hf, HfEmitOptions, MoeLayout};
 use upmix_backends::{load_runtime, DeviceSpec};
 use upmix_frontend::TextTokenizer;
 use upmix_ir::{Module, Runtime, RuntimeError};
-use upmix_passes::{DumpIr, PassContext, PassManager, PassSpec, RouterInit, RuntimeProvider};
+use upmix_passes::{
+    DumpIr, PassContext, PassManager, PassSpec, PruneMethod, RouterInit, RuntimeProvider,
+};
 
 /// A whole pipeline file.
 #[derive(Clone, Debug, Deserialize)]
@@ -76,6 +78,15 @@ pub enum Eval {
         texts: BTreeMap<String, PathBuf>,
         #[serde(default)]
         window: Option<usize>,
+    },
+    /// Divergent Token Metrics of `candidate` against `base` on the prompts of the text
+    /// file `prompts` (one per line) over `max_new_tokens` (default 64) tokens.
+    Divergence {
+        base: String,
+        candidate: String,
+        prompts: PathBuf,
+        #[serde(default)]
+        max_new_tokens: Option<usize>,
     },
     /// Greedy continuation of `prompt` by `max_new_tokens` (default 20) tokens.
     Generate {
@@ -238,6 +249,18 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
         if let Some(RouterInit::DomainCentroid { texts, .. }) = router {
             texts.values_mut().for_each(|t| *t = resolve(t));
         }
+        let method = match &mut spec {
+            PassSpec::Prune(p) => Some(&mut p.method),
+            PassSpec::Plan(p) => {
+                p.table = resolve(&p.table);
+                p.fragment = p.fragment.as_deref().map(&resolve);
+                Some(&mut p.method)
+            }
+            _ => None,
+        };
+        if let Some(PruneMethod::Wanda { calibration, .. }) = method {
+            *calibration = resolve(calibration);
+        }
         manager.add(spec.into_pass());
     }
     let mut provider = DeviceRuntimes::new(device);
@@ -305,6 +328,26 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                     }
                     writeln!(out)?;
                 }
+            }
+            Eval::Divergence {
+                base,
+                candidate,
+                prompts,
+                max_new_tokens,
+            } => {
+                let report = crate::dtm::divergence(
+                    &m,
+                    base,
+                    candidate,
+                    &resolve(prompts),
+                    max_new_tokens.unwrap_or(64),
+                    &device,
+                )?;
+                write!(
+                    out,
+                    "eval   divergence of {candidate} from {base}: {}",
+                    report.summary_line()
+                )?;
             }
             Eval::Generate {
                 model,

@@ -148,9 +148,9 @@ impl WeightTable {
             WeightExpr::Mean(_) | WeightExpr::WeightedSum { .. } | WeightExpr::Scale(..) => true,
             WeightExpr::Source { dtype, .. } => narrows(to, *dtype),
             WeightExpr::Literal(_) | WeightExpr::Random { .. } => narrows(to, DType::F32),
-            WeightExpr::Rows(id, _) | WeightExpr::Columns { of: id, .. } => {
-                narrows(to, self.get(*id)?.dtype)
-            }
+            WeightExpr::Rows(id, _)
+            | WeightExpr::Columns { of: id, .. }
+            | WeightExpr::Pruned { of: id, .. } => narrows(to, self.get(*id)?.dtype),
             WeightExpr::Concat(ids) => {
                 let mut any = false;
                 for id in ids {

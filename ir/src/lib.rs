@@ -14,6 +14,7 @@ mod op;
 mod print;
 pub mod quant;
 mod runtime;
+mod sparsity;
 mod tensor;
 mod verify;
 mod weights;
@@ -29,6 +30,7 @@ pub use op::{
 };
 pub use print::print_graph;
 pub use runtime::{LogLikelihood, Runtime, RuntimeError, TokenScores};
+pub use sparsity::{Pattern, PruneRule};
 pub use tensor::HostTensor;
 pub use verify::{verify, VerifyError, VerifyErrors};
 pub use weights::{FileRange, MappedFile, Weight, WeightError, WeightExpr, WeightId, WeightTable};

@@ -145,6 +145,14 @@ impl Printer<'_> {
             WeightExpr::Columns { of, start } => {
                 format!("columns({}, from {start})", self.num(*of))
             }
+            WeightExpr::Pruned { of, rule } => {
+                let by = if rule.column_scale.is_some() {
+                    "wanda"
+                } else {
+                    "magnitude"
+                };
+                format!("pruned({}, {by} {})", self.num(*of), rule.pattern)
+            }
             WeightExpr::Random { seed, std } => format!("random(seed={seed}, std={std:?})"),
             WeightExpr::Concat(xs) => {
                 let args: Vec<String> = xs.iter().map(|x| self.num(*x)).collect();

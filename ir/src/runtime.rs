@@ -86,6 +86,24 @@ pub trait Runtime {
     /// Puts back the original value of every replaced weight.
     fn restore_weights(&mut self);
 
+    /// Runs `sequences` once and keeps, for each of `nodes`, the activations the graph
+    /// holds just before that node runs, so that [`score_saved`](Self::score_saved) can
+    /// resume there. Replaces states saved before.
+    fn save_states(&mut self, sequences: &[&[u32]], nodes: &[&str]) -> Result<(), RuntimeError>;
+
+    /// [`score`](Self::score) of the sequences given to
+    /// [`save_states`](Self::save_states), resuming at `node`: the nodes before it are not
+    /// run again. Exact as long as the weights replaced since are used only from `node` on.
+    fn score_saved(&mut self, node: &str) -> Result<Vec<TokenScores>, RuntimeError>;
+
+    /// For every linear weight `W` (`[out, in]`) the model multiplies by, `||X_j||_2` for
+    /// each input feature `j`: the norm of column `j` of its inputs over every position of
+    /// every sequence (Wanda's activation norms). A weight used twice sums both uses.
+    fn linear_input_norms(
+        &mut self,
+        sequences: &[&[u32]],
+    ) -> Result<Vec<(WeightId, Vec<f32>)>, RuntimeError>;
+
     /// Logits for every position of `tokens`: `[tokens.len(), vocab]`.
     fn logits(&mut self, tokens: &[u32]) -> Result<HostTensor, RuntimeError> {
         Ok(self.logits_batch(&[tokens])?.remove(0))

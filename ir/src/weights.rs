@@ -13,7 +13,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use thiserror::Error;
 
-use crate::{DType, HostTensor};
+use crate::{DType, HostTensor, PruneRule};
 
 /// `len` bytes at `offset` of a file.
 pub type FileRange = (Arc<MappedFile>, usize, usize);
@@ -110,6 +110,8 @@ pub enum WeightExpr {
     /// The operands' values one after another (row-major), e.g. per-expert matrices
     /// stacked into one `[experts, rows, cols]` tensor; the element counts must add up.
     Concat(Vec<WeightId>),
+    /// A 2-D weight with the entries `rule` selects set to zero (module `sparsity`).
+    Pruned { of: WeightId, rule: Arc<PruneRule> },
 }
 
 impl WeightExpr {
@@ -123,7 +125,7 @@ impl WeightExpr {
             WeightExpr::Mean(ids) | WeightExpr::Concat(ids) => ids.clone(),
             WeightExpr::WeightedSum { terms, .. } => terms.iter().map(|(_, id)| *id).collect(),
             WeightExpr::Scale(_, id) | WeightExpr::Rows(id, _) => vec![*id],
-            WeightExpr::Columns { of, .. } => vec![*of],
+            WeightExpr::Columns { of, .. } | WeightExpr::Pruned { of, .. } => vec![*of],
         }
     }
 }
@@ -322,6 +324,21 @@ impl WeightTable {
                 }
                 return Ok(());
             }
+            WeightExpr::Pruned { of, rule } => {
+                let operand = self.get(*of)?;
+                if operand.shape != weight.shape {
+                    return Err(Self::invalid(
+                        weight,
+                        format!(
+                            "operand `{}` has shape {:?}, expected {:?}",
+                            operand.name, operand.shape, weight.shape
+                        ),
+                    ));
+                }
+                return rule
+                    .check(&weight.shape)
+                    .map_err(|m| Self::invalid(weight, m));
+            }
             WeightExpr::Rows(id, rows) => {
                 let operand = self.get(*id)?;
                 let bad = operand.shape.len() != 2
@@ -513,6 +530,11 @@ impl WeightTable {
                     out.extend_from_slice(&src.row(r)[*start..*start + width]);
                 }
                 out
+            }
+            WeightExpr::Pruned { of, rule } => {
+                let mut v = self.materialize(*of)?.data;
+                rule.apply(&mut v, weight.shape[1]);
+                v
             }
             WeightExpr::Scale(factor, id) => {
                 let mut v = self.materialize(*id)?.data;

@@ -7,7 +7,7 @@
 use serde::Deserialize;
 
 use crate::pass::{Pass, PassError};
-use crate::{AttentionExperts, Bam, Cast, Merge, ParallelAttention, ShareKv, Upcycle};
+use crate::{AttentionExperts, Bam, Cast, Merge, ParallelAttention, Plan, Prune, ShareKv, Upcycle};
 
 /// One pass as written in a pipeline file.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -19,6 +19,8 @@ pub enum PassSpec {
     ShareKv(ShareKv),
     ParallelAttention(ParallelAttention),
     Bam(Bam),
+    Prune(Prune),
+    Plan(Plan),
 }
 
 impl PassSpec {
@@ -32,6 +34,8 @@ impl PassSpec {
             PassSpec::ShareKv(p) => Box::new(p),
             PassSpec::ParallelAttention(p) => Box::new(p),
             PassSpec::Bam(p) => Box::new(p),
+            PassSpec::Prune(p) => Box::new(p),
+            PassSpec::Plan(p) => Box::new(p),
         }
     }
 }
@@ -71,6 +75,14 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "Bam",
         doc: "Branch-Attend-Mix: FFN experts and attention experts from dense branches, expert or shared KV, optionally parallel",
+    },
+    PassInfo {
+        name: "Prune",
+        doc: "zero the lowest-scoring weights of selected projections: magnitude or Wanda, per row, per tensor or N:M (2:4)",
+    },
+    PassInfo {
+        name: "Plan",
+        doc: "per-component pruning levels from a sensitivity table by a threshold sweep on FDT (Divergent Token Metrics)",
     },
 ];
 

@@ -70,6 +70,8 @@ impl<B: Kernels> Decoder<B> {
                 keep: &[rt.plan.output],
                 rows,
                 dispatch: rt.dispatch,
+                resume: None,
+                save: None,
             },
         )?;
         self.filled += count;

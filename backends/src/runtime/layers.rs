@@ -50,6 +50,7 @@ impl Projection {
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward<B: Kernels>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        params.tap(self.weight_t, &x);
         let y = B::project(x, params.get(self.weight_t));
         match self.bias {
             Some(b) => y + params.get(b),

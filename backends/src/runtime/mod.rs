@@ -30,6 +30,7 @@ mod mixture_attention;
 mod moe;
 mod params;
 mod plan;
+mod resume;
 mod routing;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ use frame::{upload_batch, Columns, Frame};
 pub use kernels::Kernels;
 pub use moe::MoeDispatch;
 use plan::{Plan, RunArgs, Value};
+use resume::SavedStates;
 
 /// A graph lowered for execution on burn backend `B`.
 pub struct BurnRuntime<B: Kernels> {
@@ -50,6 +52,8 @@ pub struct BurnRuntime<B: Kernels> {
     plan: Plan<B>,
     device: B::Device,
     dispatch: MoeDispatch,
+    /// Activations kept by `save_states`.
+    saved: Option<SavedStates<B>>,
 }
 
 impl<B: Kernels> BurnRuntime<B> {
@@ -65,6 +69,7 @@ impl<B: Kernels> BurnRuntime<B> {
             plan,
             device: device.clone(),
             dispatch: MoeDispatch::default(),
+            saved: None,
         })
     }
 
@@ -122,9 +127,53 @@ impl<B: Kernels> BurnRuntime<B> {
                 keep,
                 rows: None,
                 dispatch: self.dispatch,
+                resume: None,
+                save: None,
             },
         )?;
         Ok((values, columns))
+    }
+
+    /// Per-position argmax ids and next-token log-probabilities of `sequences` from their
+    /// logits (`[batch * width, vocab]` in the layout of `columns`), computed on the device.
+    fn token_scores(
+        device: &B::Device,
+        logits: Tensor<B, 2>,
+        columns: &Columns,
+        sequences: &[&[u32]],
+    ) -> Result<Vec<TokenScores>, RuntimeError> {
+        let [rows, width] = logits.dims();
+        // The lm head may be narrower than the embedding table.
+        if let Some(&token) = sequences
+            .iter()
+            .flat_map(|s| &s[1..])
+            .find(|&&t| t as usize >= width)
+        {
+            return Err(RuntimeError::TokenOutOfRange {
+                token,
+                vocab: width,
+            });
+        }
+        let mut targets = Vec::with_capacity(rows);
+        for seq in sequences {
+            targets.extend(seq[1..].iter().map(|&t| t as i64));
+            targets.extend(std::iter::repeat_n(0, columns.prompt + 1 - seq.len()));
+        }
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), device);
+        let argmax = ids_to_host(logits.clone().argmax(1))?;
+        let picked = to_host(log_softmax(logits, 1).gather(1, targets))?;
+        Ok(columns
+            .lengths
+            .iter()
+            .enumerate()
+            .map(|(s, &len)| {
+                let row = s * columns.prompt;
+                TokenScores {
+                    argmax: argmax[row..row + len].to_vec(),
+                    log_probs: picked.data[row..row + len - 1].to_vec(),
+                }
+            })
+            .collect())
     }
 
     /// The logits of one uncached pass, `[batch * width, vocab]`.
@@ -217,39 +266,7 @@ impl<B: Kernels> Runtime for BurnRuntime<B> {
             return Ok(Vec::new());
         }
         let (logits, columns) = self.forward_logits(sequences)?;
-        let [rows, width] = logits.dims();
-        // The lm head may be narrower than the embedding table.
-        if let Some(&token) = sequences
-            .iter()
-            .flat_map(|s| &s[1..])
-            .find(|&&t| t as usize >= width)
-        {
-            return Err(RuntimeError::TokenOutOfRange {
-                token,
-                vocab: width,
-            });
-        }
-        let mut targets = Vec::with_capacity(rows);
-        for seq in sequences {
-            targets.extend(seq[1..].iter().map(|&t| t as i64));
-            targets.extend(std::iter::repeat_n(0, columns.prompt + 1 - seq.len()));
-        }
-        let targets =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), &self.device);
-        let argmax = ids_to_host(logits.clone().argmax(1))?;
-        let picked = to_host(log_softmax(logits, 1).gather(1, targets))?;
-        Ok(columns
-            .lengths
-            .iter()
-            .enumerate()
-            .map(|(s, &len)| {
-                let row = s * columns.prompt;
-                TokenScores {
-                    argmax: argmax[row..row + len].to_vec(),
-                    log_probs: picked.data[row..row + len - 1].to_vec(),
-                }
-            })
-            .collect())
+        Self::token_scores(&self.device, logits, &columns, sequences)
     }
 
     fn replace_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
@@ -258,6 +275,21 @@ impl<B: Kernels> Runtime for BurnRuntime<B> {
 
     fn restore_weights(&mut self) {
         self.plan.params.restore();
+    }
+
+    fn save_states(&mut self, sequences: &[&[u32]], nodes: &[&str]) -> Result<(), RuntimeError> {
+        self.save_states_of(sequences, nodes)
+    }
+
+    fn score_saved(&mut self, node: &str) -> Result<Vec<TokenScores>, RuntimeError> {
+        self.score_saved_at(node)
+    }
+
+    fn linear_input_norms(
+        &mut self,
+        sequences: &[&[u32]],
+    ) -> Result<Vec<(WeightId, Vec<f32>)>, RuntimeError> {
+        self.input_norms(sequences)
     }
 
     fn hidden_states_at(

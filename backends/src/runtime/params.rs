@@ -9,6 +9,7 @@
 //! two roles, a tied embedding table that is also the lm head, is uploaded once, in the
 //! lm head's transposed layout; the embedding reads its rows from that buffer.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use super::kernels::Kernels;
@@ -48,6 +49,9 @@ pub(crate) struct Params<B: Kernels> {
     /// Original tensors of replaced entries, by entry index.
     saved: HashMap<usize, Tensor<B, 2>>,
     device: B::Device,
+    /// While recording: per entry, the column sums of the squares of every input a
+    /// projection multiplied by it (`[1, in]`), see [`Params::tap`].
+    taps: RefCell<Option<HashMap<usize, Tensor<B, 2>>>>,
 }
 
 impl<B: Kernels> Params<B> {
@@ -56,6 +60,7 @@ impl<B: Kernels> Params<B> {
             entries: Vec::new(),
             saved: HashMap::new(),
             device: device.clone(),
+            taps: RefCell::new(None),
         }
     }
 
@@ -139,6 +144,33 @@ impl<B: Kernels> Params<B> {
         for (i, tensor) in self.saved.drain() {
             self.entries[i].tensor = tensor;
         }
+    }
+
+    /// Starts recording projection inputs (see [`tap`](Self::tap)), dropping earlier ones.
+    pub fn start_taps(&self) {
+        *self.taps.borrow_mut() = Some(HashMap::new());
+    }
+
+    /// While recording, adds the column sums of `x * x` (`x`: `[rows, in]`, the input of
+    /// a projection by entry `p`) to `p`'s record: summed over calls, `||X_j||^2` of every
+    /// input feature `j`, as Wanda's pruning score needs.
+    pub fn tap(&self, p: P, x: &Tensor<B, 2>) {
+        if let Some(taps) = self.taps.borrow_mut().as_mut() {
+            let sums = x.clone().square().sum_dim(0);
+            let total = match taps.remove(&p.0) {
+                Some(t) => t + sums,
+                None => sums,
+            };
+            taps.insert(p.0, total);
+        }
+    }
+
+    /// Stops recording; returns each record with the weight it belongs to.
+    pub fn take_taps(&self) -> Vec<(WeightId, Tensor<B, 2>)> {
+        let taps = self.taps.borrow_mut().take().unwrap_or_default();
+        taps.into_iter()
+            .map(|(i, t)| (self.entries[i].weight, t))
+            .collect()
     }
 
     /// How many device tensors hold weight `id`.

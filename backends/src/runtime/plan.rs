@@ -94,6 +94,18 @@ pub(crate) struct RunArgs<'a, B: Kernels> {
     /// row-wise): generation needs the lm head of each sequence's last position only.
     pub rows: Option<&'a [usize]>,
     pub dispatch: MoeDispatch,
+    /// Start at this snapshot's step with its activations instead of at the tokens.
+    pub resume: Option<&'a Snapshot<B>>,
+    /// Steps before which to take a [`Snapshot`], and where to put them.
+    pub save: Option<(&'a [usize], &'a mut Vec<Snapshot<B>>)>,
+}
+
+/// The live activations before one step of a run: all that the steps from there on read,
+/// so a later run can resume there (the steps before it are not run again).
+#[derive(Clone)]
+pub(crate) struct Snapshot<B: Kernels> {
+    pub step: usize,
+    slots: Vec<(usize, Value<B>)>,
 }
 
 /// A graph lowered to steps over device tensors.
@@ -246,13 +258,28 @@ impl<B: Kernels> Plan<B> {
             keep,
             rows,
             dispatch,
+            resume,
+            mut save,
         } = args;
         let params = &self.params;
         let until = keep.iter().copied().max().unwrap_or(0);
         let mut kept: Vec<Option<Value<B>>> = vec![None; keep.len()];
         let mut slots: Vec<Option<Value<B>>> = vec![None; self.steps.len()];
         let mut tokens = Some(tokens);
-        for (i, step) in self.steps.iter().enumerate().take(until + 1) {
+        let first = resume.map_or(0, |r| r.step);
+        for (slot, value) in resume.iter().flat_map(|r| &r.slots) {
+            slots[*slot] = Some(value.clone());
+        }
+        for (i, step) in self.steps.iter().enumerate().take(until + 1).skip(first) {
+            match save.as_mut() {
+                Some((at, out)) if at.contains(&i) => out.push(Snapshot {
+                    step: i,
+                    slots: (0..i)
+                        .filter_map(|s| Some((s, slots[s].clone()?)))
+                        .collect(),
+                }),
+                _ => {}
+            }
             let mut ins = step
                 .inputs
                 .iter()
