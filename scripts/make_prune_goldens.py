@@ -10,7 +10,8 @@ self_attn.{q,k,v,o}_proj.weight and mlp.{gate,up,down}_proj.weight. A weight is
 
 Rules (k = floor(s * n), with s * n computed in float64; every sort below is a *stable*
 ascending sort, torch.sort(..., stable=True), so equal values keep column order and the
-lower index is zeroed first):
+lower index is zeroed first; a zeroed entry is +0.0, set by assignment as Wanda's reference
+code does, never weight * mask, which would leave -0.0 for negative weights):
 
 1. Magnitude per row, sparsity s: in each row of n entries, zero the first k entries of
    the stable ascending sort of |w| along the row.
@@ -150,7 +151,7 @@ def zero_lowest_per_row(weight, score, sparsity):
     order = torch.sort(score, dim=1, stable=True).indices
     mask = torch.ones_like(weight, dtype=torch.bool)
     mask.scatter_(1, order[:, :k], False)
-    return weight * mask, mask
+    return weight.masked_fill(~mask, 0.0), mask
 
 
 def zero_lowest_per_tensor(weight, score, sparsity):
@@ -160,7 +161,7 @@ def zero_lowest_per_tensor(weight, score, sparsity):
     mask = torch.ones(weight.numel(), dtype=torch.bool)
     mask[order[:k]] = False
     mask = mask.reshape(weight.shape)
-    return weight * mask, mask
+    return weight.masked_fill(~mask, 0.0), mask
 
 
 def zero_n_of_m(weight, score):
@@ -173,7 +174,7 @@ def zero_n_of_m(weight, score):
     mask = torch.ones(grouped.shape, dtype=torch.bool)
     mask.scatter_(2, order[:, :, :n], False)
     mask = mask.reshape(rows, cols)
-    return weight * mask, mask
+    return weight.masked_fill(~mask, 0.0), mask
 
 
 def relative_gap(lo, hi):

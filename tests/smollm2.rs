@@ -424,3 +424,118 @@ fn teacher_forced_argmax_agrees_with_greedy_generation() {
         assert_eq!(predicted, cont.as_slice(), "{:?}", tok.decode(prompt));
     }
 }
+
+/// Divergent Token Metrics of a magnitude-pruned SmolLM2 against an independent
+/// transformers computation (scripts/make_dtm_goldens.py): the same entries zeroed (the
+/// Q4_1 weights tie often, so this checks the tie rule), the same base continuations, and
+/// per prompt the same FDT, SDT and divergent positions.
+#[test]
+fn divergent_token_metrics_of_a_pruned_model_match_transformers() {
+    use upmix::passes::{Prune, PruneMethod, PruneTarget};
+
+    let g = golden("dtm/golden.json");
+    let p = &g["pruning"];
+    assert_eq!(p["method"], "magnitude_row");
+    let layers = p["layers"].as_array().unwrap();
+    let (start, end) = (layers[0].as_u64().unwrap(), layers[1].as_u64().unwrap());
+    let mut m = model().clone();
+    let pass = Prune {
+        model: "smollm2".into(),
+        into: Some("pruned".into()),
+        method: PruneMethod::Magnitude,
+        scope: None,
+        targets: vec![PruneTarget {
+            select: vec!["attn.*".into(), "ffn.*".into()],
+            layers: Some(format!("{start}..{end}")),
+            sparsity: Some(p["sparsity"].as_f64().unwrap()),
+            pattern: None,
+        }],
+        ignore: Vec::new(),
+    };
+    common::run_pass(&mut m, pass).unwrap();
+    // The zeroed entries: count, sum of |w| and sum of column indices per tensor.
+    let by_name: std::collections::HashMap<String, upmix::ir::WeightId> = m.graphs["pruned"]
+        .weight_ids()
+        .into_iter()
+        .map(|id| (m.weights.get(id).unwrap().name.clone(), id))
+        .collect();
+    for t in p["tensors"].as_array().unwrap() {
+        let hf = t[0].as_str().unwrap();
+        let rest = hf
+            .strip_prefix("model.")
+            .unwrap()
+            .strip_suffix("_proj.weight")
+            .unwrap();
+        let name = rest.replace("self_attn.", "attn.").replace("mlp.", "ffn.");
+        let pruned = m.weights.materialize(by_name[&name]).unwrap();
+        let upmix::ir::WeightExpr::Pruned { of, .. } = m.weights.get(by_name[&name]).unwrap().expr
+        else {
+            panic!("{name} is not pruned");
+        };
+        let original = m.weights.materialize(of).unwrap();
+        // Removed: the entries pruning changed to zero, plus, in each row, as many of the
+        // entries that were zero already (score 0: first in line, lower index first) as
+        // make up k.
+        let cols = original.shape[1];
+        let k = t[3].as_u64().unwrap() as usize;
+        let (mut abs_sum, mut col_sum, mut count) = (0f64, 0u64, 0u64);
+        for (row, new) in original.data.chunks(cols).zip(pruned.data.chunks(cols)) {
+            let mut removed = 0;
+            for (j, (a, b)) in row.iter().zip(new).enumerate() {
+                if *b == 0.0 && *a != 0.0 {
+                    abs_sum += a.abs() as f64;
+                    col_sum += j as u64;
+                    removed += 1;
+                }
+            }
+            let zeros = row
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| **a == 0.0)
+                .map(|(j, _)| j);
+            for j in zeros.take(k.saturating_sub(removed)) {
+                col_sum += j as u64;
+                removed += 1;
+            }
+            count += removed as u64;
+        }
+        let rows = t[1].as_u64().unwrap();
+        assert_eq!(count, rows * k as u64, "{name}: zero count");
+        assert_eq!(
+            col_sum,
+            t[6].as_u64().unwrap(),
+            "{name}: zeroed columns differ"
+        );
+        assert!(
+            (abs_sum - t[5].as_f64().unwrap()).abs() <= 1e-9 * abs_sum,
+            "{name}"
+        );
+    }
+    let prompts = common::golden_dir().join("dtm/prompts.txt");
+    let n = g["n"].as_u64().unwrap() as usize;
+    let report = upmix::dtm::divergence(&m, "smollm2", "pruned", &prompts, n, &device()).unwrap();
+    let want = g["candidate"]["prompts"].as_array().unwrap();
+    assert_eq!(report.rows.len(), want.len());
+    for (i, (got, w)) in report.rows.iter().zip(want).enumerate() {
+        assert_eq!(report.prompt_ids[i], ids(&w["ids"]), "prompt {i}: ids");
+        assert_eq!(
+            report.continuations[i],
+            ids(&w["y"]),
+            "prompt {i}: base continuation"
+        );
+        let divergent: Vec<usize> = ids(&w["divergent"]).iter().map(|&d| d as usize).collect();
+        assert_eq!(got.divergent, divergent, "prompt {i}: divergent positions");
+        assert_eq!(
+            got.fdt as u64,
+            w["fdt"].as_u64().unwrap(),
+            "prompt {i}: FDT"
+        );
+        assert_eq!(got.sdt, w["sdt"].as_f64().unwrap(), "prompt {i}: SDT");
+    }
+    let s = &g["candidate"]["summary"];
+    assert_eq!(report.summary.mean_fdt, s["fdt_mean"].as_f64().unwrap());
+    assert_eq!(report.summary.median_fdt, s["fdt_median"].as_f64().unwrap());
+    assert_eq!(report.summary.p25_fdt, s["fdt_p25"].as_f64().unwrap());
+    assert_eq!(report.summary.mean_sdt, s["sdt_mean"].as_f64().unwrap());
+    println!("pruned SmolLM2: {}", report.summary_line());
+}

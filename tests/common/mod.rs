@@ -231,3 +231,19 @@ pub fn assert_same_files(files: &serde_json::Value, dir: &std::path::Path) {
         );
     }
 }
+
+/// Tensor `name` of a float32 safetensors file.
+pub fn safetensors_f32(path: &std::path::Path, name: &str) -> upmix::ir::HostTensor {
+    let file = upmix::frontend::SafetensorsFile::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let info = file
+        .tensors
+        .get(name)
+        .unwrap_or_else(|| panic!("{} has no tensor {name}", path.display()));
+    let len = info.shape.iter().product::<usize>() * 4;
+    let values = file.file.bytes()[info.offset..info.offset + len]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    upmix::ir::HostTensor::new(info.shape.clone(), values)
+}

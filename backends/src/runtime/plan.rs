@@ -119,8 +119,9 @@ pub(crate) struct Plan<B: Kernels> {
     /// Number of KV cache slots (one per attention layer, one per expert of a mixture of
     /// attention experts unless they share KV).
     pub attention_layers: usize,
-    /// The step of the last attention layer.
-    last_attention: Option<usize>,
+    /// The step after which a run may keep only some rows: the last attention layer
+    /// (everything after it is row-wise), or the embedding in a graph without attention.
+    rows_from: Option<usize>,
 }
 
 impl<B: Kernels> Plan<B> {
@@ -145,7 +146,7 @@ impl<B: Kernels> Plan<B> {
         let mut steps = Vec::with_capacity(order.len());
         let mut last_read = vec![None; order.len()];
         let (mut output, mut vocab, mut attention_layers) = (0, usize::MAX, 0);
-        let mut last_attention = None;
+        let (mut last_attention, mut embedding) = (None, None);
         let mut ropes: Vec<Vec<f32>> = Vec::new();
         for (i, id) in order.iter().enumerate() {
             let node = graph.node(*id);
@@ -161,6 +162,7 @@ impl<B: Kernels> Plan<B> {
                 }
                 Op::Add => Layer::Add,
                 Op::Embedding { table } => {
+                    embedding.get_or_insert(i);
                     let transposed = projected.contains(table);
                     let form = if transposed {
                         Form::Transposed
@@ -236,7 +238,7 @@ impl<B: Kernels> Plan<B> {
             output,
             vocab,
             attention_layers,
-            last_attention,
+            rows_from: last_attention.or(embedding),
         })
     }
 
@@ -338,7 +340,7 @@ impl<B: Kernels> Plan<B> {
             for &s in &step.release {
                 slots[s] = None;
             }
-            if let (Some(rows), true) = (rows, self.last_attention == Some(i)) {
+            if let (Some(rows), true) = (rows, self.rows_from == Some(i)) {
                 select_rows(&mut slots, rows);
             }
         }
