@@ -68,7 +68,8 @@ pub struct DivergenceReport {
     pub cached: bool,
 }
 
-/// The base model's continuations of `prompt_ids`, from the cache when present.
+/// The base model's continuations of `prompt_ids`, from the cache when present; also
+/// whether they came from it.
 pub fn base_continuations(
     m: &Module,
     base: &str,
@@ -76,10 +77,20 @@ pub fn base_continuations(
     n: usize,
     device: &DeviceSpec,
 ) -> Result<(Vec<Vec<u32>>, bool)> {
+    base_continuations_in(&cache_dir(), m, base, prompt_ids, n, device)
+}
+
+/// [`base_continuations`] with the cache under `cache`.
+pub fn base_continuations_in(
+    cache: &Path,
+    m: &Module,
+    base: &str,
+    prompt_ids: &[Vec<u32>],
+    n: usize,
+    device: &DeviceSpec,
+) -> Result<(Vec<Vec<u32>>, bool)> {
     let key = cache_key(m, base, prompt_ids, n)?;
-    let path = cache_dir()
-        .join("continuations")
-        .join(format!("{key}.json"));
+    let path = cache.join("continuations").join(format!("{key}.json"));
     if let Some(hit) = read_cached(&path, prompt_ids, n) {
         return Ok((hit, true));
     }
@@ -200,14 +211,17 @@ pub fn cache_dir() -> PathBuf {
     base.join("upmix")
 }
 
-/// A hash of what `graph` computes on `prompts` for `n` tokens: its printed graph, every
-/// weight's expression (literal values included) and the bytes of every file it reads.
-fn cache_key(m: &Module, graph: &str, prompts: &[Vec<u32>], n: usize) -> Result<String> {
+/// A hash of what `graph` computes on `prompts` for `n` tokens: its printed graph (under
+/// any name), every weight's expression (literal values included) and the bytes of every
+/// file it reads.
+pub fn cache_key(m: &Module, graph: &str, prompts: &[Vec<u32>], n: usize) -> Result<String> {
     let g = m
         .graph(graph)
         .with_context(|| format!("no model named `{graph}`"))?;
     let mut h = Sha256::new();
-    h.update(print_graph(g, &m.weights).as_bytes());
+    let mut unnamed = g.clone();
+    unnamed.name.clear();
+    h.update(print_graph(&unnamed, &m.weights).as_bytes());
     let mut files: HashMap<PathBuf, ()> = HashMap::new();
     let mut stack: Vec<WeightId> = g.weight_ids();
     let mut seen = std::collections::HashSet::new();

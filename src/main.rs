@@ -80,6 +80,10 @@ enum Command {
         /// Window length in tokens (default: the model's max positions, capped at 1024).
         #[arg(long)]
         window: Option<usize>,
+        /// Start every window with the BOS token (`true`, llama.cpp's practice) or not
+        /// (`false`); default: when the tokenizer adds BOS to a text.
+        #[arg(long)]
+        bos: Option<bool>,
         /// Tokenizer to use instead of the checkpoint's own (a tokenizer.json, a checkpoint
         /// directory, or a GGUF file).
         #[arg(long)]
@@ -240,13 +244,15 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint,
             text,
             window,
+            bos,
             tokenizer,
             device,
         } => {
             let m = load_with_tokenizer(&checkpoint, tokenizer)?;
+            let opts = pipeline::PerplexityOptions { window, bos };
             let content = std::fs::read_to_string(&text)
                 .with_context(|| format!("reading {}", text.display()))?;
-            let (ppl, tokens) = pipeline::perplexity(&m, "model", &content, window, &device)?;
+            let (ppl, tokens) = pipeline::perplexity(&m, "model", &content, opts, &device)?;
             println!("perplexity {ppl:.4} over {tokens} tokens");
         }
         Command::Dtm {
@@ -295,12 +301,16 @@ fn run(cli: Cli) -> Result<()> {
                 .progress_chars("=> "),
             );
             let start = std::time::Instant::now();
-            let table = sensitivity::sweep(&m, "model", &opts, &mut |done, total, what| {
+            let mut table = sensitivity::sweep(&m, "model", &opts, &mut |done, total, what| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
                 bar.set_message(what.to_string());
             })?;
             bar.finish_and_clear();
+            table.model = model.file_name().map_or_else(
+                || model.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
             for path in sensitivity::write_outputs(&table, &out)? {
                 println!("wrote {}", path.display());
             }

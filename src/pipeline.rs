@@ -13,7 +13,8 @@
 //!
 //! Enums are externally tagged (`Hf("...")`, `Merge(...)`); optional fields may be written
 //! bare (`weights: [..]`) or omitted. Relative paths are resolved against the directory of
-//! the pipeline file. A malformed file is an error with its line and column.
+//! the pipeline file; `~/` starts a path in the home directory. A malformed file is an
+//! error with its line and column.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -64,20 +65,26 @@ pub enum ModelSource {
 #[derive(Clone, Debug, Deserialize)]
 pub enum Eval {
     /// Perplexity of `model` on the text file `text`, in windows of at most
-    /// `window` tokens (default: the model's max positions, capped at 1024).
+    /// `window` tokens (default: the model's max positions, capped at 1024), each starting
+    /// with BOS when `bos` (default: when the model's tokenizer adds one).
     Perplexity {
         model: String,
         text: PathBuf,
         #[serde(default)]
         window: Option<usize>,
+        /// Start every window with BOS (default: when the tokenizer adds one).
+        #[serde(default)]
+        bos: Option<bool>,
     },
     /// Perplexity of each of `models` on each text of `texts` (a name per text, e.g. a
-    /// domain), printed as one table; `window` as for `Perplexity`.
+    /// domain), printed as one table; `window` and `bos` as for `Perplexity`.
     PerplexityTable {
         models: Vec<String>,
         texts: BTreeMap<String, PathBuf>,
         #[serde(default)]
         window: Option<usize>,
+        #[serde(default)]
+        bos: Option<bool>,
     },
     /// Divergent Token Metrics of `candidate` against `base` on the prompts of the text
     /// file `prompts` (one per line) over `max_new_tokens` (default 64) tokens.
@@ -204,10 +211,11 @@ pub fn run_file(path: &Path, opts: &RunOptions) -> Result<(Module, String)> {
 /// Runs `p`, resolving relative paths against `base`.
 pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, String)> {
     let resolve = |path: &Path| -> PathBuf {
-        if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            base.join(path)
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        match (path.strip_prefix("~"), home) {
+            (Ok(rest), Some(home)) => home.join(rest),
+            _ if path.is_absolute() => path.to_path_buf(),
+            _ => base.join(path),
         }
     };
     let device = match (&opts.device, &p.device) {
@@ -292,11 +300,16 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                 model,
                 text,
                 window,
+                bos,
             } => {
                 let text_path = resolve(text);
                 let content = std::fs::read_to_string(&text_path)
                     .with_context(|| format!("reading {}", text_path.display()))?;
-                let (ppl, tokens) = perplexity(&m, model, &content, *window, &device)?;
+                let opts = PerplexityOptions {
+                    window: *window,
+                    bos: *bos,
+                };
+                let (ppl, tokens) = perplexity(&m, model, &content, opts, &device)?;
                 writeln!(
                     out,
                     "eval   perplexity of {model} on {}: {ppl:.4} ({tokens} tokens)",
@@ -307,7 +320,12 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                 models,
                 texts,
                 window,
+                bos,
             } => {
+                let opts = PerplexityOptions {
+                    window: *window,
+                    bos: *bos,
+                };
                 let mut contents = Vec::new();
                 for (name, path) in texts {
                     let path = resolve(path);
@@ -323,7 +341,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                 let texts: Vec<&str> = contents.iter().map(|(_, t)| t.as_str()).collect();
                 for model in models {
                     write!(out, "eval   perplexity  {model:<10}")?;
-                    for (ppl, _) in perplexities(&m, model, &texts, *window, &device)? {
+                    for (ppl, _) in perplexities(&m, model, &texts, opts, &device)? {
                         write!(out, " {ppl:>10.3}")?;
                     }
                     writeln!(out)?;
@@ -442,38 +460,70 @@ fn tokenizer_path<'m>(m: &'m Module, model: &str) -> Result<&'m Path> {
     }
 }
 
+/// How perplexity windows are cut.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PerplexityOptions {
+    /// Window length in tokens, BOS included (default: the model's max positions, at most
+    /// 1024).
+    pub window: Option<usize>,
+    /// Start every window with the BOS token (llama.cpp's practice); by default when the
+    /// tokenizer adds one to a text it encodes (transformers' practice), else not.
+    pub bos: Option<bool>,
+}
+
 /// Perplexity of `model` on `text`, in non-overlapping windows; returns (ppl, tokens).
 pub fn perplexity(
     m: &Module,
     model: &str,
     text: &str,
-    window: Option<usize>,
+    opts: PerplexityOptions,
     device: &DeviceSpec,
 ) -> Result<(f64, usize)> {
-    let mut one = perplexities(m, model, &[text], window, device)?;
+    let mut one = perplexities(m, model, &[text], opts, device)?;
     Ok(one.pop().expect("one text, one result"))
 }
 
 /// [`perplexity`] of `model` on each of `texts`, loading the model and tokenizer once.
+///
+/// Each window of `window` tokens is scored on its own; with a BOS, a window holds the BOS
+/// and `window - 1` tokens of the text, every one of which is predicted.
 pub fn perplexities(
     m: &Module,
     model: &str,
     texts: &[&str],
-    window: Option<usize>,
+    opts: PerplexityOptions,
     device: &DeviceSpec,
 ) -> Result<Vec<(f64, usize)>> {
     let tokenizer = tokenizer_of(m, model)?;
-    let max = m
+    let g = m
         .graph(model)
-        .map_or(1024, |g| g.meta.max_position_embeddings);
-    let window = window.unwrap_or(max.min(1024)).max(2);
+        .with_context(|| format!("no model named `{model}`"))?;
+    let window = opts
+        .window
+        .unwrap_or(g.meta.max_position_embeddings.min(1024))
+        .max(2);
+    let adds_bos = {
+        let with = tokenizer.encode("a", true)?;
+        with.len() > tokenizer.encode("a", false)?.len()
+            && with.first() == g.meta.bos_token_id.as_ref()
+    };
+    let bos = match (opts.bos.unwrap_or(adds_bos), g.meta.bos_token_id) {
+        (false, _) => None,
+        (true, Some(id)) => Some(id),
+        (true, None) => bail!("model `{model}` has no BOS token to start windows with"),
+    };
     let mut rt = load_runtime(m, model, device)?;
     let mut out = Vec::with_capacity(texts.len());
     for text in texts {
-        let ids = tokenizer.encode(text, true)?;
+        let ids = tokenizer.encode(text, false)?;
         let (mut nll, mut count) = (0.0, 0);
-        for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
-            let ll = rt.log_likelihood(chunk)?;
+        let step = window - usize::from(bos.is_some());
+        for chunk in ids.chunks(step) {
+            let seq: Vec<u32> = bos.iter().copied().chain(chunk.iter().copied()).collect();
+            if seq.len() < 2 {
+                continue;
+            }
+            let ll = rt.log_likelihood(&seq)?;
             nll += ll.nll;
             count += ll.count;
         }

@@ -169,8 +169,8 @@ fn heatmap(table: &SensitivityTable, method: &str, pattern: &str) -> Result<Stri
         let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing the heat-map: {e:?}");
         area.fill(&WHITE).map_err(err)?;
         let title = format!(
-            "{}: mean FDT of {} over {} prompts x {} tokens, each component {method} {pattern} alone",
-            table.model, "one-component variants", table.prompts, table.n
+            "{}: mean FDT over {} prompts x {} tokens, each component pruned alone ({method} {pattern})",
+            table.model, table.prompts, table.n
         );
         let style = ("sans-serif", 12).into_font().color(&BLACK);
         area.draw(&Text::new(title, (8, 8), style.clone()))

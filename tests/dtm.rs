@@ -7,8 +7,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{golden_dir, load, model_dir};
-use upmix::backends::{load_runtime, DeviceSpec};
+use common::{device, golden_dir, load, model_dir};
+use upmix::backends::load_runtime;
 use upmix::dtm::divergence;
 use upmix::ir::{GraphBuilder, HostTensor, ModelMeta, Module, Pattern, PruneRule};
 use upmix::passes::components::components;
@@ -28,7 +28,7 @@ fn identical_models_never_diverge() {
     let prompts = prompts_file(dir.path(), "hello world\nthe cat sat\n\nabc\n");
     let mut m = load("llama");
     upmix::frontend::load(&model_dir("llama"), "copy", &mut m).unwrap();
-    let r = divergence(&m, "llama", "copy", &prompts, 16, &DeviceSpec::Cpu).unwrap();
+    let r = divergence(&m, "llama", "copy", &prompts, 16, &device()).unwrap();
     assert_eq!(r.rows.len(), 3, "blank lines are not prompts");
     for row in &r.rows {
         assert_eq!((row.fdt, row.sdt, row.divergent.len()), (16, 0.0, 0));
@@ -80,10 +80,10 @@ fn a_hand_built_model_diverges_where_it_was_made_to() {
     successor_model(&mut m, "base", &base);
     successor_model(&mut m, "candidate", &changed);
     let prompts = vec![vec![0u32], vec![5, 6]];
-    let mut rt = load_runtime(&m, "base", &DeviceSpec::Cpu).unwrap();
+    let mut rt = load_runtime(&m, "base", &device()).unwrap();
     let ys = continuations(rt.as_mut(), &prompts, 12, 16).unwrap();
     assert_eq!(ys[0], [1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4]);
-    let mut cand = load_runtime(&m, "candidate", &DeviceSpec::Cpu).unwrap();
+    let mut cand = load_runtime(&m, "candidate", &device()).unwrap();
     let rows = divergences(cand.as_mut(), &prompts, &ys, 1).unwrap();
     // y[i] is predicted from y[i - 1] (the prompt's last token for i = 0): wrong after a 3.
     assert_eq!((rows[0].fdt, rows[0].divergent.clone()), (3, vec![3, 11]));
@@ -103,7 +103,7 @@ fn resumed_scores_equal_full_passes_after_a_swap() {
     let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
     let comps = components(g);
     let nodes: Vec<&str> = vec!["layers.0.attn", "layers.1.ffn"];
-    let mut rt = load_runtime(&m, "llama", &DeviceSpec::Cpu).unwrap();
+    let mut rt = load_runtime(&m, "llama", &device()).unwrap();
     rt.save_states(&refs, &nodes).unwrap();
     for c in comps
         .iter()
@@ -138,7 +138,7 @@ fn a_sweep_measures_each_component_alone() {
     let m = load("llama");
     let g = &m.graphs["llama"];
     let prompts: Vec<Vec<u32>> = vec![(70..80).collect(), (100..104).collect()];
-    let mut rt = load_runtime(&m, "llama", &DeviceSpec::Cpu).unwrap();
+    let mut rt = load_runtime(&m, "llama", &device()).unwrap();
     let ys = continuations(rt.as_mut(), &prompts, 8, 16).unwrap();
     let levels = Compression::parse_list("magnitude:0.5,2:4").unwrap();
     let table = Sweep {
@@ -168,7 +168,7 @@ fn a_sweep_measures_each_component_alone() {
         };
         let mut w = m2.weights.materialize(c.weight).unwrap();
         PruneRule::magnitude(pattern).apply(&mut w.data, w.shape[1]);
-        let mut full = load_runtime(&m2, "llama", &DeviceSpec::Cpu).unwrap();
+        let mut full = load_runtime(&m2, "llama", &device()).unwrap();
         full.replace_weights(&[(c.weight, w)]).unwrap();
         let s = summarize(&divergences(full.as_mut(), &prompts, &ys, 16).unwrap());
         assert_eq!(
@@ -372,24 +372,188 @@ fn bad_dtm_requests_are_clear_errors() {
     upmix::frontend::load(&model_dir("llama"), "copy", &mut m).unwrap();
     let err = format!(
         "{:#}",
-        divergence(&m, "llama", "copy", &empty, 8, &DeviceSpec::Cpu).unwrap_err()
+        divergence(&m, "llama", "copy", &empty, 8, &device()).unwrap_err()
     );
     assert!(err.contains("holds no prompts (one per line)"), "{err}");
     let prompts = prompts_file(dir.path(), "abc\n");
     let err = format!(
         "{:#}",
-        divergence(&m, "llama", "copy", &prompts, 0, &DeviceSpec::Cpu).unwrap_err()
+        divergence(&m, "llama", "copy", &prompts, 0, &device()).unwrap_err()
     );
     assert!(err.contains("at least 1 token"), "{err}");
     let err = format!(
         "{:#}",
-        divergence(&m, "llama", "nope", &prompts, 4, &DeviceSpec::Cpu).unwrap_err()
+        divergence(&m, "llama", "nope", &prompts, 4, &device()).unwrap_err()
     );
     assert!(err.contains("nope"), "{err}");
     let missing = dir.path().join("missing.txt");
     let err = format!(
         "{:#}",
-        divergence(&m, "llama", "copy", &missing, 4, &DeviceSpec::Cpu).unwrap_err()
+        divergence(&m, "llama", "copy", &missing, 4, &device()).unwrap_err()
     );
     assert!(err.contains("missing.txt"), "{err}");
+}
+
+#[test]
+fn base_continuations_are_cached_by_model_content() {
+    use upmix::dtm::{base_continuations_in, cache_key};
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = load("llama");
+    upmix::frontend::load(&model_dir("llama"), "same", &mut m).unwrap();
+    upmix::frontend::load(&model_dir("llama_b"), "other", &mut m).unwrap();
+    let prompts = vec![vec![5u32, 6, 7], vec![9]];
+    let key = |m: &Module, g: &str, n: usize| cache_key(m, g, &prompts, n).unwrap();
+    assert_eq!(
+        key(&m, "llama", 8),
+        key(&m, "same", 8),
+        "the name is not content"
+    );
+    assert_ne!(key(&m, "llama", 8), key(&m, "other", 8));
+    assert_ne!(key(&m, "llama", 8), key(&m, "llama", 9));
+    assert_ne!(
+        key(&m, "llama", 8),
+        cache_key(&m, "llama", &prompts[..1], 8).unwrap()
+    );
+    let (first, hit) =
+        base_continuations_in(cache.path(), &m, "llama", &prompts, 8, &device()).unwrap();
+    assert!(!hit);
+    let (again, hit) =
+        base_continuations_in(cache.path(), &m, "same", &prompts, 8, &device()).unwrap();
+    assert!(hit, "a model with the same content reads the cache");
+    assert_eq!(first, again);
+    let (_, hit) =
+        base_continuations_in(cache.path(), &m, "other", &prompts, 8, &device()).unwrap();
+    assert!(!hit);
+    // A pruned model is other content.
+    let pass = upmix::passes::Prune {
+        model: "llama".into(),
+        into: None,
+        method: PruneMethod::Magnitude,
+        scope: None,
+        targets: vec![upmix::passes::PruneTarget {
+            select: vec!["ffn.up".into()],
+            layers: None,
+            sparsity: Some(0.5),
+            pattern: None,
+        }],
+        ignore: Vec::new(),
+    };
+    common::run_pass(&mut m, pass).unwrap();
+    assert_ne!(key(&m, "llama", 8), key(&m, "same", 8));
+    // A damaged cache file is recomputed, not trusted.
+    let file = cache
+        .path()
+        .join("continuations")
+        .join(format!("{}.json", key(&m, "same", 8)));
+    assert!(file.is_file());
+    std::fs::write(&file, "{").unwrap();
+    let (ys, hit) =
+        base_continuations_in(cache.path(), &m, "same", &prompts, 8, &device()).unwrap();
+    assert!(!hit);
+    assert_eq!(ys, first);
+}
+
+fn upmix(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_upmix"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_dtm_json_and_sensitivity_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(dir.path(), "hello world\nthe cat\n");
+    let (a, b) = (model_dir("llama"), model_dir("llama_b"));
+    let (a, b, p) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        prompts.to_str().unwrap(),
+    );
+    let out = upmix(&["dtm", a, b, "--prompts", p, "-n", "6", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!(row["continuation"].as_array().unwrap().len(), 6);
+        let fdt = row["fdt"].as_u64().unwrap();
+        let divergent = row["divergent"].as_array().unwrap();
+        assert_eq!(divergent.first().map_or(6, |d| d.as_u64().unwrap()), fdt);
+        assert_eq!(row["sdt"].as_f64().unwrap(), divergent.len() as f64 / 6.0);
+    }
+    let out_dir = dir.path().join("sens");
+    let out = upmix(&[
+        "sensitivity",
+        a,
+        "--prompts",
+        p,
+        "-n",
+        "4",
+        "--method",
+        "magnitude:0.5,2:4",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table: SensitivityTable =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("sensitivity.json")).unwrap())
+            .unwrap();
+    assert_eq!((table.rows.len(), table.model.as_str()), (28, "llama"));
+    let csv = std::fs::read_to_string(out_dir.join("sensitivity.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 29);
+    for svg in ["heatmap-magnitude-0.5.svg", "heatmap-magnitude-2of4.svg"] {
+        let text = std::fs::read_to_string(out_dir.join(svg)).unwrap();
+        assert!(text.starts_with("<svg") && text.contains("layer 1") && text.contains("ffn.down"));
+    }
+    // Bad requests.
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = upmix(&["dtm", a, b, "--prompts", empty.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("holds no prompts"),
+        "{err}"
+    );
+    let out = upmix(&[
+        "sensitivity",
+        a,
+        "--prompts",
+        p,
+        "--method",
+        "magnitude:1.2",
+        "--out",
+        "x",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--method: sparsity `1.2` is not a number in [0, 1)"),
+        "{err}"
+    );
+    let out = upmix(&[
+        "sensitivity",
+        a,
+        "--prompts",
+        p,
+        "--method",
+        "wanda:0.5",
+        "--out",
+        "x",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--calibration"),
+        "{err}"
+    );
 }

@@ -43,7 +43,7 @@ fn prune(method: PruneMethod, scope: Option<&str>, t: PruneTarget) -> Prune {
 fn run(pass: Prune) -> Result<Module, String> {
     let mut m = Module::new();
     upmix::frontend::load(&common::model_dir("llama"), "m", &mut m).unwrap();
-    let mut provider = DeviceRuntimes::new(upmix::backends::DeviceSpec::Cpu);
+    let mut provider = DeviceRuntimes::new(common::device());
     let mut cx = PassContext {
         runtimes: Some(&mut provider as &mut dyn RuntimeProvider),
         notes: Vec::new(),
@@ -121,7 +121,7 @@ fn wanda_norms_and_masks_match_torch() {
     // The norms, as the pass computes them from the calibration text.
     let mut m = load("llama");
     let text = std::fs::read_to_string(golden_dir().join("prune/calibration.txt")).unwrap();
-    let mut provider = DeviceRuntimes::new(upmix::backends::DeviceSpec::Cpu);
+    let mut provider = DeviceRuntimes::new(common::device());
     let ids = provider.tokenize(&m, "llama", &text).unwrap();
     let want_windows: Vec<Vec<u32>> = g["calibration"]["windows"]
         .as_array()
