@@ -317,12 +317,7 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "{} variants of {} components in {:.1}s",
                 table.rows.len(),
-                table
-                    .rows
-                    .iter()
-                    .map(|r| &r.component)
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len(),
+                table.components(),
                 start.elapsed().as_secs_f64()
             );
         }

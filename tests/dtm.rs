@@ -520,40 +520,33 @@ fn cli_dtm_json_and_sensitivity_outputs() {
     // Bad requests.
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "\n").unwrap();
-    let out = upmix(&["dtm", a, b, "--prompts", empty.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("holds no prompts"),
-        "{err}"
+    let empty = empty.to_str().unwrap();
+    fails_with(&["dtm", a, b, "--prompts", empty], "holds no prompts");
+    let sweep = |method| {
+        [
+            "sensitivity",
+            a,
+            "--prompts",
+            p,
+            "--method",
+            method,
+            "--out",
+            "x",
+        ]
+    };
+    fails_with(
+        &sweep("magnitude:1.2"),
+        "--method: sparsity `1.2` is not a number in [0, 1)",
     );
-    let out = upmix(&[
-        "sensitivity",
-        a,
-        "--prompts",
-        p,
-        "--method",
-        "magnitude:1.2",
-        "--out",
-        "x",
-    ]);
+    fails_with(&sweep("wanda:0.5"), "--calibration");
+}
+
+/// `upmix args` fails with a message containing `text`.
+fn fails_with(args: &[&str], text: &str) {
+    let out = upmix(args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("--method: sparsity `1.2` is not a number in [0, 1)"),
-        "{err}"
-    );
-    let out = upmix(&[
-        "sensitivity",
-        a,
-        "--prompts",
-        p,
-        "--method",
-        "wanda:0.5",
-        "--out",
-        "x",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("--calibration"),
-        "{err}"
+        !out.status.success() && err.contains(text),
+        "{args:?}: {err}"
     );
 }

@@ -72,6 +72,17 @@ fn pruned(m: &Module) -> Vec<(String, HostTensor)> {
     out
 }
 
+/// `got` and `want` hold the same f32 bit patterns (+0.0 and -0.0 differ).
+fn assert_bits_equal(got: &HostTensor, want: &HostTensor, what: &str) {
+    assert_eq!(got.shape, want.shape, "{what}");
+    let same = got
+        .data
+        .iter()
+        .zip(&want.data)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{what} differs from the torch golden");
+}
+
 fn wanda() -> PruneMethod {
     PruneMethod::Wanda {
         calibration: golden_dir().join("prune/calibration.txt"),
@@ -104,13 +115,7 @@ fn magnitude_and_2_of_4_match_torch_bit_for_bit() {
         let path = golden_dir().join(format!("prune/{file}.safetensors"));
         for (hf, got) in pruned(&m) {
             let want = safetensors_f32(&path, &hf);
-            assert_eq!(got.shape, want.shape, "{file} {hf}");
-            let same = got
-                .data
-                .iter()
-                .zip(&want.data)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{file}: {hf} differs from the torch golden");
+            assert_bits_equal(&got, &want, &format!("{file}: {hf}"));
         }
     }
 }
@@ -168,12 +173,7 @@ fn wanda_norms_and_masks_match_torch() {
                 mask(&want.data),
                 "{file}: {hf} mask differs"
             );
-            let same = got
-                .data
-                .iter()
-                .zip(&want.data)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{file}: {hf} differs from the torch golden");
+            assert_bits_equal(&got, &want, &format!("{file}: {hf}"));
         }
     }
 }

@@ -325,19 +325,9 @@ impl WeightTable {
                 return Ok(());
             }
             WeightExpr::Pruned { of, rule } => {
-                let operand = self.get(*of)?;
-                if operand.shape != weight.shape {
-                    return Err(Self::invalid(
-                        weight,
-                        format!(
-                            "operand `{}` has shape {:?}, expected {:?}",
-                            operand.name, operand.shape, weight.shape
-                        ),
-                    ));
-                }
-                return rule
-                    .check(&weight.shape)
-                    .map_err(|m| Self::invalid(weight, m));
+                rule.check(&weight.shape)
+                    .map_err(|m| Self::invalid(weight, m))?;
+                vec![*of]
             }
             WeightExpr::Rows(id, rows) => {
                 let operand = self.get(*id)?;

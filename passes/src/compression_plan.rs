@@ -254,12 +254,7 @@ impl Pass for Plan {
             "Plan: threshold {} -> {} of {} components pruned, average sparsity {:.4}",
             a.threshold,
             a.rows.len(),
-            table
-                .rows
-                .iter()
-                .map(|r| &r.component)
-                .collect::<std::collections::BTreeSet<_>>()
-                .len(),
+            table.components(),
             a.average_sparsity
         ));
         let Some(model) = &self.model else {

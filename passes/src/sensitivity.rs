@@ -105,6 +105,15 @@ pub struct SensitivityTable {
     pub rows: Vec<SensitivityRow>,
 }
 
+impl SensitivityTable {
+    /// How many distinct components the table measures.
+    pub fn components(&self) -> usize {
+        let names: std::collections::BTreeSet<&str> =
+            self.rows.iter().map(|r| r.component.as_str()).collect();
+        names.len()
+    }
+}
+
 /// What a sweep reads.
 pub struct Sweep<'a> {
     pub graph: &'a Graph,
