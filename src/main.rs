@@ -323,7 +323,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Passes => {
             for p in REGISTRY {
-                println!("{:<10} {}", p.name, p.doc);
+                println!("{:<18} {}", p.name, p.doc);
             }
         }
     }

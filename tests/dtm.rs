@@ -252,6 +252,26 @@ fn the_plan_lowers_a_threshold_until_the_target_sparsity() {
     assert_eq!((a.threshold, a.average_sparsity), (20.0, 140.0 / 400.0));
     let a = plan(&path, PlanTarget::Fdt(4.0)).assign(&table).unwrap();
     assert_eq!(a.average_sparsity, 180.0 / 400.0);
+    // A step that raises two components at once raises only as many as the target needs.
+    let pair = SensitivityTable {
+        rows: vec![
+            row("x", 100, 0.5, 10.0),
+            row("y", 100, 0.5, 10.0),
+            row("z", 100, 0.5, 9.0),
+        ],
+        ..table.clone()
+    };
+    let a = plan(&path, PlanTarget::Sparsity(0.15))
+        .assign(&pair)
+        .unwrap();
+    assert_eq!(
+        a.rows
+            .iter()
+            .map(|r| r.component.as_str())
+            .collect::<Vec<_>>(),
+        ["x"]
+    );
+    assert_eq!((a.threshold, a.average_sparsity), (10.0, 50.0 / 300.0));
     let err = plan(&path, PlanTarget::Sparsity(0.95))
         .assign(&table)
         .unwrap_err()

@@ -6,7 +6,10 @@
 //! by step through the values in the table; at each threshold every component gets the
 //! largest level whose statistic still reaches it (none: left alone). The sweep stops at
 //! the first threshold whose parameter-weighted average sparsity reaches the target
-//! (`Sparsity(t)`), or is that threshold (`Fdt(f)`: a budget). The result is written as a
+//! (`Sparsity(t)`), or is that threshold (`Fdt(f)`: a budget). Within the last step the
+//! components it raises are raised one at a time, those with the best statistic at their
+//! new level first, until the target is reached, so the plan lands on the target rather
+//! than a whole step beyond it. The result is written as a
 //! `Prune` pipeline fragment a user can read and edit, and applied to `model` if given.
 //! Not function-preserving (it prunes).
 
@@ -64,6 +67,8 @@ pub struct Assignment<'t> {
     /// Chosen rows, one per pruned component.
     pub rows: Vec<&'t SensitivityRow>,
     pub average_sparsity: f64,
+    /// Parameters of all the table's components.
+    pub total_params: f64,
 }
 
 impl Plan {
@@ -110,6 +115,7 @@ impl Plan {
             threshold: tau,
             rows,
             average_sparsity: zeroed / total.max(1.0),
+            total_params: total.max(1.0),
         }
     }
 
@@ -132,19 +138,62 @@ impl Plan {
                 let mut thresholds: Vec<f64> = table.rows.iter().map(stat).collect();
                 thresholds.sort_by(|a, b| b.total_cmp(a));
                 thresholds.dedup();
-                let mut last = None;
+                let mut last = Self::at(&by_component, stat, f64::INFINITY);
                 for tau in thresholds {
                     let a = Self::at(&by_component, stat, tau);
                     if a.average_sparsity >= t {
-                        return Ok(a);
+                        return Ok(Self::part_way(last, a, stat, t));
                     }
-                    last = Some(a.average_sparsity);
+                    last = a;
                 }
                 Err(self.invalid(format!(
                     "the table's levels reach at most {:.3} average sparsity, below the target {t}",
-                    last.unwrap_or(0.0)
+                    last.average_sparsity
                 )))
             }
+        }
+    }
+
+    /// The step from `before` to `after` crosses the target `t`: raise the components it
+    /// raises one at a time, those with the best statistic at their new level first, and
+    /// stop as soon as the average reaches `t`, so that the plan lands on the target
+    /// rather than a whole step beyond it.
+    fn part_way<'t>(
+        before: Assignment<'t>,
+        after: Assignment<'t>,
+        stat: fn(&SensitivityRow) -> f64,
+        t: f64,
+    ) -> Assignment<'t> {
+        let mut chosen: BTreeMap<&str, &SensitivityRow> = before
+            .rows
+            .iter()
+            .map(|r| (r.component.as_str(), *r))
+            .collect();
+        let mut raises: Vec<&SensitivityRow> = after
+            .rows
+            .iter()
+            .filter(|r| chosen.get(r.component.as_str()) != Some(r))
+            .copied()
+            .collect();
+        raises.sort_by(|a, b| {
+            stat(b)
+                .total_cmp(&stat(a))
+                .then(a.component.cmp(&b.component))
+        });
+        let mut average = before.average_sparsity;
+        for r in raises {
+            let old = chosen.get(r.component.as_str()).map_or(0.0, |o| o.sparsity);
+            average += (r.sparsity - old) * r.params as f64 / after.total_params;
+            chosen.insert(&r.component, r);
+            if average >= t {
+                break;
+            }
+        }
+        Assignment {
+            threshold: after.threshold,
+            rows: chosen.into_values().collect(),
+            average_sparsity: average,
+            total_params: after.total_params,
         }
     }
 
@@ -282,8 +331,12 @@ impl Pass for Plan {
     }
 }
 
-/// Writes `text` to a temporary file beside `path`, then renames it over `path`.
+/// Writes `text` to a temporary file beside `path` (creating its directory), then renames
+/// it over `path`.
 fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
     let tmp = path.with_extension("ron.tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
