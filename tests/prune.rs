@@ -80,7 +80,7 @@ fn assert_bits_equal(got: &HostTensor, want: &HostTensor, what: &str) {
         .iter()
         .zip(&want.data)
         .all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same, "{what} differs from the torch golden");
+    assert!(same, "{what}: the values differ");
 }
 
 fn wanda() -> PruneMethod {
@@ -296,4 +296,52 @@ fn ignore_lists_later_targets_and_layer_ranges_pick_components() {
         m.weights.get(*id).unwrap().expr,
         upmix::ir::WeightExpr::Pruned { .. }
     )));
+}
+
+#[test]
+fn two_of_four_needs_a_width_divisible_by_four() {
+    let mut m = load("llama");
+    // The same graph 62 wide: every projection reading the hidden state has 62 inputs.
+    common::add_rewidthed_copy(&mut m, "llama", "narrow", 62);
+    let pass = Prune {
+        model: "narrow".into(),
+        ..prune(PruneMethod::Magnitude, None, target(None, Some("2:4")))
+    };
+    let err = common::run_pass(&mut m, pass).unwrap_err();
+    assert!(
+        err.contains("`layers.0.attn.q`: 2:4 needs the input dimension (62) to be a multiple of 4"),
+        "{err}"
+    );
+    assert!(m.graph("p").is_none(), "nothing was created");
+}
+
+#[test]
+fn a_pruned_model_is_written_and_read_back_exactly() {
+    let m = run(prune(
+        PruneMethod::Magnitude,
+        None,
+        target(None, Some("2:4")),
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pruned");
+    upmix::backends::emit::emit_hf(&m, "p", &out, &Default::default()).unwrap();
+    let mut back = Module::new();
+    upmix::frontend::load(&out, "back", &mut back).unwrap();
+    let weights = |m: &Module, g: &str| -> Vec<(String, HostTensor)> {
+        m.graphs[g]
+            .weight_ids()
+            .into_iter()
+            .map(|id| {
+                let name = m.weights.get(id).unwrap().name.clone();
+                (name, m.weights.materialize(id).unwrap())
+            })
+            .collect()
+    };
+    let (ours, read) = (weights(&m, "p"), weights(&back, "back"));
+    assert_eq!(ours.len(), read.len());
+    for ((name, a), (read_name, b)) in ours.iter().zip(&read) {
+        assert_eq!(name, read_name);
+        assert_bits_equal(a, b, name);
+    }
 }
