@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use upmix_backends::{load_runtime, DeviceSpec};
 use upmix_ir::{Module, WeightId};
+use upmix_passes::calibration_norms;
 use upmix_passes::sensitivity::{Compression, SensitivityTable, Sweep};
 
 use crate::dtm::{base_continuations, encode_prompts, read_prompts};
@@ -49,20 +50,13 @@ pub fn sweep(
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading calibration text {}", path.display()))?;
         let ids = tokenizer_of(m, model)?.encode(&text, false)?;
-        let windows: Vec<&[u32]> = ids
-            .chunks(opts.window.max(2))
-            .filter(|w| w.len() >= 2)
-            .collect();
-        if windows.is_empty() {
+        let Some(norms) = calibration_norms(rt.as_mut(), &ids, opts.window, None)? else {
             bail!(
                 "calibration text {} has fewer than two tokens",
                 path.display()
             );
-        }
-        rt.linear_input_norms(&windows)?
-            .into_iter()
-            .map(|(id, v)| (id, v.into()))
-            .collect()
+        };
+        norms
     } else {
         HashMap::new()
     };

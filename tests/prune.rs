@@ -9,16 +9,6 @@ use upmix::ir::{HostTensor, Module};
 use upmix::passes::{PassContext, PassManager, Prune, PruneMethod, PruneTarget, RuntimeProvider};
 use upmix::pipeline::DeviceRuntimes;
 
-/// The canonical name of a Hugging Face Llama projection (`model.layers.0.mlp.up_proj.weight`).
-fn canonical(hf: &str) -> String {
-    let rest = hf
-        .strip_prefix("model.")
-        .unwrap()
-        .strip_suffix("_proj.weight")
-        .unwrap();
-    rest.replace("self_attn.", "attn.").replace("mlp.", "ffn.")
-}
-
 fn target(sparsity: Option<f64>, pattern: Option<&str>) -> PruneTarget {
     PruneTarget {
         select: vec!["attn.*".into(), "ffn.*".into()],
@@ -61,7 +51,7 @@ fn pruned(m: &Module) -> Vec<(String, HostTensor)> {
     let mut out = Vec::new();
     for hf in g["weights"].as_array().unwrap() {
         let hf = hf.as_str().unwrap();
-        let name = canonical(hf);
+        let name = common::canonical_of_hf(hf);
         let id = graph
             .weight_ids()
             .into_iter()
@@ -142,7 +132,7 @@ fn wanda_norms_and_masks_match_torch() {
     let mut worst = 0f32;
     for hf in g["weights"].as_array().unwrap() {
         let hf = hf.as_str().unwrap();
-        let name = canonical(hf);
+        let name = common::canonical_of_hf(hf);
         let id = m.graphs["llama"]
             .weight_ids()
             .into_iter()

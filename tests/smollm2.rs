@@ -461,12 +461,7 @@ fn divergent_token_metrics_of_a_pruned_model_match_transformers() {
         .collect();
     for t in p["tensors"].as_array().unwrap() {
         let hf = t[0].as_str().unwrap();
-        let rest = hf
-            .strip_prefix("model.")
-            .unwrap()
-            .strip_suffix("_proj.weight")
-            .unwrap();
-        let name = rest.replace("self_attn.", "attn.").replace("mlp.", "ffn.");
+        let name = common::canonical_of_hf(hf);
         let pruned = m.weights.materialize(by_name[&name]).unwrap();
         let upmix::ir::WeightExpr::Pruned { of, .. } = m.weights.get(by_name[&name]).unwrap().expr
         else {

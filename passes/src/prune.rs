@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use upmix_ir::{Module, Pattern, PruneRule, Weight, WeightExpr, WeightId};
+use upmix_ir::{Module, Pattern, PruneRule, Runtime, RuntimeError, Weight, WeightExpr, WeightId};
 
 use crate::components::{components, parts, Component, Selector};
 use crate::pass::{graph, layer_range, weight_err, Pass, PassContext, PassError};
@@ -191,22 +191,39 @@ impl Prune {
         })?;
         let run_err = |e: upmix_ir::RuntimeError| self.invalid(format!("calibration: {e}"));
         let ids = provider.tokenize(m, &self.model, &text).map_err(run_err)?;
-        let window = window.unwrap_or(128).max(2);
-        let windows: Vec<&[u32]> = ids
-            .chunks(window)
-            .filter(|w| w.len() >= 2)
-            .take(max_windows.unwrap_or(usize::MAX))
-            .collect();
-        if windows.is_empty() {
-            return Err(self.invalid(format!(
-                "calibration text {} has fewer than two tokens",
-                calibration.display()
-            )));
-        }
         let mut rt = provider.runtime(m, &self.model).map_err(run_err)?;
-        let norms = rt.linear_input_norms(&windows).map_err(run_err)?;
-        Ok(norms.into_iter().map(|(id, v)| (id, v.into())).collect())
+        calibration_norms(rt.as_mut(), &ids, window.unwrap_or(128), *max_windows)
+            .map_err(run_err)?
+            .ok_or_else(|| {
+                self.invalid(format!(
+                    "calibration text {} has fewer than two tokens",
+                    calibration.display()
+                ))
+            })
     }
+}
+
+/// Wanda's activation norms of `rt`'s model over calibration tokens `ids`, run in
+/// consecutive windows of `window` tokens (a last window shorter than 2 is dropped), at
+/// most `max_windows` of them; `None` when there is no window.
+pub fn calibration_norms(
+    rt: &mut dyn Runtime,
+    ids: &[u32],
+    window: usize,
+    max_windows: Option<usize>,
+) -> Result<Option<HashMap<WeightId, Arc<[f32]>>>, RuntimeError> {
+    let windows: Vec<&[u32]> = ids
+        .chunks(window.max(2))
+        .filter(|w| w.len() >= 2)
+        .take(max_windows.unwrap_or(usize::MAX))
+        .collect();
+    if windows.is_empty() {
+        return Ok(None);
+    }
+    let norms = rt.linear_input_norms(&windows)?;
+    Ok(Some(
+        norms.into_iter().map(|(id, v)| (id, v.into())).collect(),
+    ))
 }
 
 /// `"N:M"` with `N < M`.

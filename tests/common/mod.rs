@@ -247,3 +247,15 @@ pub fn safetensors_f32(path: &std::path::Path, name: &str) -> upmix::ir::HostTen
         .collect();
     upmix::ir::HostTensor::new(info.shape.clone(), values)
 }
+
+/// The canonical name (`layers.0.attn.q`) of a Llama projection's Hugging Face tensor name
+/// (`model.layers.0.self_attn.q_proj.weight`), looked up in upmix's name tables.
+pub fn canonical_of_hf(hf: &str) -> String {
+    use upmix::formats::{canonical, hf, Family, Role};
+    let roles = || (0..4).map(Role::Attn).chain((0..3).map(Role::Mlp));
+    (0..256)
+        .flat_map(|layer| roles().map(move |role| (role, layer)))
+        .find(|&(role, layer)| hf::name(Family::Llama, role, layer, 0).as_deref() == Some(hf))
+        .map(|(role, layer)| canonical(role, layer, 0))
+        .unwrap_or_else(|| panic!("{hf} is not a Llama projection"))
+}

@@ -63,7 +63,7 @@ impl<B: Kernels> Decoder<B> {
     ) -> Result<Tensor<B, 2>, RuntimeError> {
         let mut frame = Frame::new(self.columns.clone(), self.filled, count, &rt.device);
         let mut values = rt.plan.run(
-            tokens,
+            Some(tokens),
             RunArgs {
                 frame: &mut frame,
                 cache: Some(&mut self.cache),

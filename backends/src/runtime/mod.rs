@@ -120,7 +120,7 @@ impl<B: Kernels> BurnRuntime<B> {
         let tokens = upload_batch::<B>(sequences, columns.prompt, &self.device);
         let mut frame = Frame::new(columns.clone(), 0, columns.prompt, &self.device);
         let values = self.plan.run(
-            tokens,
+            Some(tokens),
             RunArgs {
                 frame: &mut frame,
                 cache: None,

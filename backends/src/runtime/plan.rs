@@ -247,11 +247,12 @@ impl<B: Kernels> Plan<B> {
         self.steps.iter().position(|s| s.name == name)
     }
 
-    /// Runs the plan on `tokens` (`[batch * tokens]`, the columns of `args.frame`) up to
-    /// the last slot of `args.keep`, returning the value of every kept slot in order.
+    /// Runs the plan on `tokens` (`[batch * tokens]`, the columns of `args.frame`; none
+    /// when resuming from a snapshot) up to the last slot of `args.keep`, returning the
+    /// value of every kept slot in order.
     pub fn run(
         &self,
-        tokens: Tensor<B, 1, Int>,
+        mut tokens: Option<Tensor<B, 1, Int>>,
         args: RunArgs<'_, B>,
     ) -> Result<Vec<Value<B>>, RuntimeError> {
         let RunArgs {
@@ -267,7 +268,6 @@ impl<B: Kernels> Plan<B> {
         let until = keep.iter().copied().max().unwrap_or(0);
         let mut kept: Vec<Option<Value<B>>> = vec![None; keep.len()];
         let mut slots: Vec<Option<Value<B>>> = vec![None; self.steps.len()];
-        let mut tokens = Some(tokens);
         let first = resume.map_or(0, |r| r.step);
         for (slot, value) in resume.iter().flat_map(|r| &r.slots) {
             slots[*slot] = Some(value.clone());
@@ -288,7 +288,9 @@ impl<B: Kernels> Plan<B> {
                 .map(|&s| slots[s].clone().expect("inputs run before their readers"));
             let name = step.name.as_str();
             let out = match &step.layer {
-                Layer::Input => Value::Tokens(tokens.take().expect("one Input node")),
+                Layer::Input => {
+                    Value::Tokens(tokens.take().expect("tokens for the one Input node"))
+                }
                 Layer::Embedding(e) => {
                     Value::Hidden(e.forward(params, next_tokens(&mut ins, name)))
                 }

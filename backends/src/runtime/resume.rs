@@ -14,8 +14,7 @@ use super::{hidden, to_host, BurnRuntime};
 /// Activations saved by [`BurnRuntime::save_states`].
 pub(crate) struct SavedStates<B: Kernels> {
     sequences: Vec<Vec<u32>>,
-    columns: Columns,
-    /// Rotary tables and masks, built once for every resumed run.
+    /// The batch's columns, rotary tables and masks, built once for every resumed run.
     frame: Frame<B>,
     /// Node names, in the order of `snapshots`.
     nodes: Vec<String>,
@@ -42,13 +41,14 @@ impl<B: Kernels> BurnRuntime<B> {
         }
         self.saved = None;
         let columns = Columns::new(sequences.iter().map(|s| s.len()).collect());
-        let tokens = upload_batch::<B>(sequences, columns.prompt, &self.device);
-        let mut frame = Frame::new(columns.clone(), 0, columns.prompt, &self.device);
+        let width = columns.prompt;
+        let tokens = upload_batch::<B>(sequences, width, &self.device);
+        let mut frame = Frame::new(columns, 0, width, &self.device);
         let mut snapshots = Vec::new();
         // Run up to the last requested node only.
         let last = steps.iter().copied().max().unwrap_or(0);
         self.plan.run(
-            tokens,
+            Some(tokens),
             RunArgs {
                 frame: &mut frame,
                 cache: None,
@@ -59,17 +59,16 @@ impl<B: Kernels> BurnRuntime<B> {
                 save: Some((&steps, &mut snapshots)),
             },
         )?;
-        // One snapshot per distinct step, taken in step order; map the nodes onto them.
-        let mut by_step: BTreeMap<usize, Snapshot<B>> =
-            snapshots.into_iter().map(|s| (s.step, s)).collect();
+        // One snapshot per distinct step, in step order: one per node, in the nodes' order.
         let snapshots = steps
             .iter()
-            .map(|s| by_step.get(s).cloned().expect("every requested step ran"))
+            .map(|&step| {
+                let s = snapshots.iter().find(|s| s.step == step);
+                s.cloned().expect("every requested step ran")
+            })
             .collect();
-        by_step.clear();
         self.saved = Some(SavedStates {
             sequences: sequences.iter().map(|s| s.to_vec()).collect(),
-            columns,
             frame,
             nodes: nodes.iter().map(|n| n.to_string()).collect(),
             snapshots,
@@ -86,9 +85,8 @@ impl<B: Kernels> BurnRuntime<B> {
             .iter()
             .position(|n| n == node)
             .ok_or_else(|| RuntimeError::UnknownNode(format!("{node} (no saved state)")))?;
-        let tokens = upload_batch::<B>(&[&[0]], 1, &self.device);
         let mut values = self.plan.run(
-            tokens,
+            None,
             RunArgs {
                 frame: &mut saved.frame,
                 cache: None,
@@ -101,7 +99,7 @@ impl<B: Kernels> BurnRuntime<B> {
         )?;
         let logits = hidden(values.remove(0));
         let sequences: Vec<&[u32]> = saved.sequences.iter().map(|s| s.as_slice()).collect();
-        Self::token_scores(&self.device, logits, &saved.columns, &sequences)
+        Self::token_scores(&self.device, logits, &saved.frame.columns, &sequences)
     }
 
     pub(crate) fn input_norms(
