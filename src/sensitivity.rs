@@ -6,14 +6,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use upmix_backends::{load_runtime, DeviceSpec};
-use upmix_ir::{Module, WeightId};
-use upmix_passes::calibration_norms;
+use upmix_ir::Module;
 use upmix_passes::sensitivity::{Compression, SensitivityTable, Sweep};
+use upmix_passes::{calibration_norms, ActivationNorms};
 
 use crate::dtm::{base_continuations, encode_prompts, read_prompts};
 use crate::pipeline::tokenizer_of;
@@ -43,7 +42,7 @@ pub fn sweep(
     let prompt_ids = encode_prompts(m, model, &prompts)?;
     let (ys, _) = base_continuations(m, model, &prompt_ids, opts.n, &opts.device)?;
     let mut rt = load_runtime(m, model, &opts.device)?;
-    let norms: HashMap<WeightId, Arc<[f32]>> = if opts.levels.iter().any(|l| l.wanda) {
+    let norms: ActivationNorms = if opts.levels.iter().any(|l| l.wanda) {
         let Some(path) = &opts.calibration else {
             bail!("wanda levels need a calibration text (--calibration FILE)");
         };

@@ -34,7 +34,7 @@ pub use manager::{DumpIr, PassManager, PassReport};
 pub use merge::Merge;
 pub use parallel_attention::{KeptNorm, ParallelAttention};
 pub use pass::{Pass, PassContext, PassError, RuntimeProvider};
-pub use prune::{calibration_norms, Prune, PruneMethod, PruneTarget};
+pub use prune::{calibration_norms, ActivationNorms, Prune, PruneMethod, PruneTarget};
 pub use registry::{create, pass_names, PassInfo, PassSpec, REGISTRY};
 pub use router_init::RouterInit;
 pub use share_kv::ShareKv;

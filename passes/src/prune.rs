@@ -167,11 +167,7 @@ impl Prune {
     }
 
     /// Wanda's activation norms of every linear weight of the model.
-    fn input_norms(
-        &self,
-        m: &Module,
-        cx: &mut PassContext,
-    ) -> Result<HashMap<WeightId, Arc<[f32]>>, PassError> {
+    fn input_norms(&self, m: &Module, cx: &mut PassContext) -> Result<ActivationNorms, PassError> {
         let PruneMethod::Wanda {
             calibration,
             window,
@@ -203,6 +199,9 @@ impl Prune {
     }
 }
 
+/// Wanda's `||X_j||_2` of every linear weight's input features, by weight.
+pub type ActivationNorms = HashMap<WeightId, Arc<[f32]>>;
+
 /// Wanda's activation norms of `rt`'s model over calibration tokens `ids`, run in
 /// consecutive windows of `window` tokens (a last window shorter than 2 is dropped), at
 /// most `max_windows` of them; `None` when there is no window.
@@ -211,7 +210,7 @@ pub fn calibration_norms(
     ids: &[u32],
     window: usize,
     max_windows: Option<usize>,
-) -> Result<Option<HashMap<WeightId, Arc<[f32]>>>, RuntimeError> {
+) -> Result<Option<ActivationNorms>, RuntimeError> {
     let windows: Vec<&[u32]> = ids
         .chunks(window.max(2))
         .filter(|w| w.len() >= 2)

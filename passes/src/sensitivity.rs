@@ -7,11 +7,8 @@
 //! before its node, so those are computed once ([`Runtime::save_states`]) and every
 //! variant runs from its node on: a sweep costs about half of full passes on average.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
-use upmix_ir::{Graph, Pattern, PruneRule, Runtime, RuntimeError, WeightId, WeightTable};
+use upmix_ir::{Graph, Pattern, PruneRule, Runtime, RuntimeError, WeightTable};
 
 use crate::components::components;
 use crate::divergence::{compare, forced_sequences, summarize, DivergenceSummary};
@@ -122,7 +119,7 @@ pub struct Sweep<'a> {
     pub continuations: &'a [Vec<u32>],
     pub levels: &'a [Compression],
     /// Wanda's activation norms by weight (for Wanda levels).
-    pub norms: &'a HashMap<WeightId, Arc<[f32]>>,
+    pub norms: &'a crate::ActivationNorms,
 }
 
 impl Sweep<'_> {
