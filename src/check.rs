@@ -83,7 +83,7 @@ pub fn check_non_finite(m: &Module, graph: &str) -> Result<CheckReport> {
             bad.push(Finding {
                 file: file.path().to_path_buf(),
                 offset: *offset,
-                len: dtype.nbytes(w.numel()).unwrap_or(0),
+                len: dtype.nbytes(&w.shape).unwrap_or(0),
                 canonical: w.name.clone(),
                 count,
             });
@@ -137,7 +137,7 @@ fn with_checkpoint_names(findings: Vec<Finding>) -> Result<Vec<NonFiniteTensor>>
 /// offset of their data.
 fn checkpoint_tensors(path: &Path) -> Result<BTreeMap<usize, (String, usize)>> {
     let entry = |name: String, offset: usize, dtype: DType, shape: &[usize]| {
-        let len = dtype.nbytes(shape.iter().product()).unwrap_or(0);
+        let len = dtype.nbytes(shape).unwrap_or(0);
         (offset, (name, len))
     };
     Ok(if path.extension().is_some_and(|e| e == "gguf") {

@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod dtm;
+pub mod emit;
 pub mod pipeline;
 pub mod sensitivity;
 

@@ -7,10 +7,11 @@ use clap::{Parser, Subcommand};
 use upmix::backends::DeviceSpec;
 use upmix::check::check_non_finite;
 use upmix::dtm;
+use upmix::emit::Emit;
 use upmix::ir::{print_graph, Module};
 use upmix::passes::sensitivity::Compression;
-use upmix::passes::{DumpIr, REGISTRY};
-use upmix::pipeline::{self, RunOptions};
+use upmix::passes::{DumpIr, PassSpec, Quantize, QuantizeTarget, REGISTRY};
+use upmix::pipeline::{self, ModelSource, Pipeline, RunOptions};
 use upmix::sensitivity::{self, SensitivityOptions};
 
 // Reuses freed activation buffers instead of returning them to the OS and faulting in
@@ -135,6 +136,29 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
+    /// Convert a checkpoint to a GGUF file (OUTPUT ending in .gguf) or a Hugging Face
+    /// directory, optionally quantizing it on the way.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// Store every projection matrix as this type: q8_0, q4_0, q4_1 (ggml blocks),
+        /// int8_channel, f16, bf16.
+        #[arg(long, value_name = "TYPE")]
+        quantize: Option<String>,
+        /// With --quantize: the embedding table and the lm head too.
+        #[arg(long, requires = "quantize")]
+        all: bool,
+        /// Hugging Face output of a quantized model: write its quantized weights as f32.
+        #[arg(long)]
+        dequantize: bool,
+        /// GGUF output: llama.cpp's pre-tokenizer name, when it cannot be recognised from
+        /// tokenizer.json (e.g. gpt-2, llama-bpe, qwen2, smollm).
+        #[arg(long)]
+        tokenizer_pre: Option<String>,
+        /// Replace OUTPUT even when upmix did not write it.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// List the available passes.
     Passes,
 }
@@ -178,6 +202,64 @@ fn check_checkpoint(m: &Module) -> Result<()> {
         }
         1 => bail!("1 tensor holds non-finite values"),
         n => bail!("{n} tensors hold non-finite values"),
+    }
+}
+
+/// The pipeline `upmix convert` runs: load, quantize if asked, emit.
+fn convert_pipeline(
+    input: PathBuf,
+    output: PathBuf,
+    quantize: Option<String>,
+    all: bool,
+    dequantize: bool,
+    tokenizer_pre: Option<String>,
+) -> Pipeline {
+    let model = "model".to_string();
+    let source = match input.extension().is_some_and(|e| e == "gguf") {
+        true => ModelSource::Gguf(input),
+        false => ModelSource::Hf(input),
+    };
+    let passes = quantize.map(|dtype| {
+        let targets = match all {
+            true => vec![QuantizeTarget {
+                select: vec!["embed".into(), "lm_head".into()],
+                layers: None,
+                dtype: dtype.clone(),
+            }],
+            false => Vec::new(),
+        };
+        PassSpec::Quantize(Quantize {
+            model: model.clone(),
+            into: None,
+            dtype: Some(dtype),
+            targets,
+            ignore: Vec::new(),
+        })
+    });
+    let emit = match output.extension().is_some_and(|e| e == "gguf") {
+        true => Emit::Gguf {
+            model: model.clone(),
+            file: output,
+            name: None,
+            tokenizer_pre,
+            overwrite: None,
+        },
+        false => Emit::Hf {
+            model: model.clone(),
+            dir: output,
+            max_shard_mb: None,
+            moe_layout: None,
+            overwrite: None,
+            architecture: None,
+            dequantize: Some(dequantize),
+        },
+    };
+    Pipeline {
+        device: None,
+        models: [(model, source)].into_iter().collect(),
+        passes: passes.into_iter().collect(),
+        eval: Vec::new(),
+        emit: vec![emit],
     }
 }
 
@@ -320,6 +402,23 @@ fn run(cli: Cli) -> Result<()> {
                 table.components(),
                 start.elapsed().as_secs_f64()
             );
+        }
+        Command::Convert {
+            input,
+            output,
+            quantize,
+            all,
+            dequantize,
+            tokenizer_pre,
+            overwrite,
+        } => {
+            let p = convert_pipeline(input, output, quantize, all, dequantize, tokenizer_pre);
+            let opts = RunOptions {
+                overwrite,
+                ..RunOptions::default()
+            };
+            let (_, report) = pipeline::run(&p, Path::new(""), &opts)?;
+            print!("{report}");
         }
         Command::Passes => {
             for p in REGISTRY {

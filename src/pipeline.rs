@@ -21,9 +21,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::emit::Emit;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use upmix_backends::emit::{emit_hf, HfEmitOptions, MoeLayout};
 use upmix_backends::{load_runtime, DeviceSpec};
 use upmix_frontend::TextTokenizer;
 use upmix_ir::{Module, Runtime, RuntimeError};
@@ -101,28 +101,6 @@ pub enum Eval {
         prompt: String,
         #[serde(default)]
         max_new_tokens: Option<usize>,
-    },
-}
-
-/// A checkpoint to write.
-#[derive(Clone, Debug, Deserialize)]
-pub enum Emit {
-    /// A Hugging Face checkpoint directory; shards above `max_shard_mb` (default 4096);
-    /// Mixtral experts in the `classic` (default) or `fused` layout. An existing `dir` is
-    /// replaced only when it is empty or a previous upmix output, or with `overwrite: true`.
-    Hf {
-        model: String,
-        dir: PathBuf,
-        #[serde(default)]
-        max_shard_mb: Option<u64>,
-        #[serde(default)]
-        moe_layout: Option<String>,
-        #[serde(default)]
-        overwrite: Option<bool>,
-        /// Another architecture than the graph's default: `"JetMoeForCausalLM"` for a BAM
-        /// model with shared K/V and top-k routing.
-        #[serde(default)]
-        architecture: Option<String>,
     },
 }
 
@@ -386,60 +364,8 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
     }
 
     for e in &p.emit {
-        let Emit::Hf {
-            model,
-            dir,
-            max_shard_mb,
-            moe_layout,
-            overwrite,
-            architecture,
-        } = e;
-        let moe_layout = match moe_layout.as_deref() {
-            None | Some("classic") => MoeLayout::Classic,
-            Some("fused") => MoeLayout::Fused,
-            Some(other) => {
-                bail!("emit `{model}`: moe_layout `{other}` is not `classic` or `fused`")
-            }
-        };
-        let dir = resolve(dir);
-        let opts = HfEmitOptions {
-            max_shard_bytes: max_shard_mb
-                .map_or(HfEmitOptions::default().max_shard_bytes, |mb| mb << 20),
-            moe_layout,
-            progress: None,
-            overwrite: opts.overwrite || overwrite.unwrap_or(false),
-            architecture: architecture.clone(),
-        };
-        // A progress bar with bytes/s on stderr (hidden when stderr is not a terminal).
-        let bar = indicatif::ProgressBar::new(0).with_style(
-            indicatif::ProgressStyle::with_template(
-                "emit {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_message(model.clone());
-        let progress_bar = bar.clone();
-        let opts = HfEmitOptions {
-            progress: Some(std::sync::Arc::new(move |done, total| {
-                progress_bar.set_length(total);
-                progress_bar.set_position(done);
-            })),
-            ..opts
-        };
-        let start = Instant::now();
-        let r = emit_hf(&m, model, &dir, &opts).with_context(|| format!("writing `{model}`"))?;
-        bar.finish_and_clear();
-        writeln!(
-            out,
-            "emit   {model} -> {} ({}, {} tensors, {:.2} MB in {} shard(s)) in {:.2}s",
-            dir.display(),
-            r.architecture,
-            r.tensors,
-            r.bytes as f64 / 1e6,
-            r.shards,
-            start.elapsed().as_secs_f64()
-        )?;
+        let e = e.clone().resolved(&resolve);
+        crate::emit::emit(&m, &e, opts.overwrite, &mut out)?;
     }
     Ok((m, out))
 }

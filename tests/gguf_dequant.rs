@@ -10,11 +10,11 @@ use upmix::ir::DType;
 
 fn decode(file: &GgufFile, name: &str) -> (DType, Vec<usize>, Vec<f32>) {
     let t = &file.tensors[name];
-    let n: usize = t.shape.iter().product();
-    let len = t.dtype.nbytes(n).unwrap();
+    let len = t.dtype.nbytes(&t.shape).unwrap();
     let mut out = Vec::new();
+    let cols = *t.shape.last().unwrap();
     t.dtype
-        .decode(&file.file.bytes()[t.offset..t.offset + len], &mut out);
+        .decode(&file.file.bytes()[t.offset..t.offset + len], cols, &mut out);
     (t.dtype, t.shape.clone(), out)
 }
 
@@ -31,6 +31,7 @@ fn every_type_matches_gguf_py() {
         let n: usize = info.shape.iter().product();
         info.dtype.decode(
             &expected.file.bytes()[info.offset..info.offset + n * 4],
+            1,
             &mut want,
         );
         let diff = got

@@ -138,6 +138,7 @@ fn top1_agrees_with_transformers_and_logits_are_close() {
         let mut want = Vec::new();
         info.dtype.decode(
             &last.file.bytes()[info.offset..info.offset + info.shape[0] * 4],
+            1,
             &mut want,
         );
         let got = logits.row(logits.shape[0] - 1);

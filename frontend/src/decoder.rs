@@ -26,7 +26,15 @@ pub(crate) fn family(
         .ok_or_else(|| FrontendError::UnknownArchitecture {
             path: path.to_path_buf(),
             arch: arch.to_string(),
-            supported: table.iter().map(|(a, _)| a.to_string()).collect(),
+            supported: {
+                let mut names: Vec<String> = Vec::new();
+                for (a, _) in table {
+                    if !names.iter().any(|n| n == a) {
+                        names.push(a.to_string());
+                    }
+                }
+                names
+            },
         })
 }
 

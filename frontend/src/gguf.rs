@@ -16,72 +16,10 @@ use std::sync::Arc;
 use upmix_ir::{DType, MappedFile};
 
 use crate::error::{io, FrontendError};
-use upmix_formats::gguf::GGML_TYPES;
-
-/// A metadata value.
-#[derive(Clone, Debug, PartialEq)]
-pub enum GgufValue {
-    U8(u8),
-    I8(i8),
-    U16(u16),
-    I16(i16),
-    U32(u32),
-    I32(i32),
-    U64(u64),
-    I64(i64),
-    F32(f32),
-    F64(f64),
-    Bool(bool),
-    String(String),
-    Array(Vec<GgufValue>),
-}
-
-impl GgufValue {
-    /// The value as an unsigned integer, if it is a non-negative integer.
-    pub fn as_u64(&self) -> Option<u64> {
-        match *self {
-            GgufValue::U8(v) => Some(v as u64),
-            GgufValue::U16(v) => Some(v as u64),
-            GgufValue::U32(v) => Some(v as u64),
-            GgufValue::U64(v) => Some(v),
-            GgufValue::I8(v) => u64::try_from(v).ok(),
-            GgufValue::I16(v) => u64::try_from(v).ok(),
-            GgufValue::I32(v) => u64::try_from(v).ok(),
-            GgufValue::I64(v) => u64::try_from(v).ok(),
-            _ => None,
-        }
-    }
-
-    /// The value as a float, if it is a number.
-    pub fn as_f64(&self) -> Option<f64> {
-        match *self {
-            GgufValue::F32(v) => Some(v as f64),
-            GgufValue::F64(v) => Some(v),
-            _ => self.as_u64().map(|v| v as f64),
-        }
-    }
-
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            GgufValue::String(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_bool(&self) -> Option<bool> {
-        match self {
-            GgufValue::Bool(b) => Some(*b),
-            _ => None,
-        }
-    }
-
-    pub fn as_array(&self) -> Option<&[GgufValue]> {
-        match self {
-            GgufValue::Array(a) => Some(a),
-            _ => None,
-        }
-    }
-}
+use upmix_formats::gguf::{
+    GgufValue, GGML_TYPES, T_ARRAY, T_BOOL, T_F32, T_F64, T_I16, T_I32, T_I64, T_I8, T_STRING,
+    T_U16, T_U32, T_U64, T_U8,
+};
 
 /// Where one tensor lives.
 #[derive(Clone, Debug, PartialEq)]
@@ -169,21 +107,6 @@ impl GgufFile {
             .ok_or_else(|| self.bad_key(key, "an array of strings", &GgufValue::Bool(false)))
     }
 }
-
-/// Value type ids of GGUF metadata.
-const T_U8: u32 = 0;
-const T_I8: u32 = 1;
-const T_U16: u32 = 2;
-const T_I16: u32 = 3;
-const T_U32: u32 = 4;
-const T_I32: u32 = 5;
-const T_F32: u32 = 6;
-const T_BOOL: u32 = 7;
-const T_STRING: u32 = 8;
-const T_ARRAY: u32 = 9;
-const T_U64: u32 = 10;
-const T_I64: u32 = 11;
-const T_F64: u32 = 12;
 
 /// Deepest nesting of arrays accepted.
 const MAX_DEPTH: usize = 4;
@@ -313,8 +236,11 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FrontendError> {
                 dtype.block().0
             )));
         }
+        let cols = dims[0] as usize;
+        let rows = (numel as usize).checked_div(cols).unwrap_or(0);
         let nbytes = dtype
-            .nbytes(numel as usize)
+            .row_bytes(cols)
+            .and_then(|row| row.checked_mul(rows))
             .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?
             as u64;
         if offset % alignment as u64 != 0 {

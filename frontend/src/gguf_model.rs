@@ -233,7 +233,8 @@ impl TensorSource for Loader<'_> {
         Ok(self.module.weights.add(Weight {
             name: canonical,
             shape: shape.to_vec(),
-            dtype: t.dtype.plain(),
+            // Rows of whole quantized rows are still stored as the source's dtype.
+            dtype: t.dtype,
             expr: WeightExpr::Rows(id, rows),
         })?)
     }

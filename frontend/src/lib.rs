@@ -12,17 +12,20 @@ mod error;
 pub mod gguf;
 mod gguf_model;
 mod gguf_tokenizer;
+mod gguf_vocab;
 mod hf;
 mod safetensors;
 mod tokenizer;
 
 pub use config::{HfConfig, RopeParams};
 pub use error::FrontendError;
-pub use gguf::{GgufFile, GgufTensor, GgufValue};
+pub use gguf::{GgufFile, GgufTensor};
 pub use gguf_model::load_gguf;
+pub use gguf_vocab::gguf_tokenizer_metadata;
 pub use hf::load_hf;
 pub use safetensors::{SafetensorsFile, TensorInfo};
 pub use tokenizer::TextTokenizer;
+pub use upmix_formats::gguf::GgufValue;
 
 use std::path::Path;
 

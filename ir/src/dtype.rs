@@ -6,7 +6,11 @@ use half::{bf16, f16};
 /// Computation always happens in f32; a weight's dtype says how it is stored.
 ///
 /// Besides plain floats, the block-quantized formats of ggml (as found in GGUF files):
-/// values are stored in blocks of 32 or 256 with per-block scales (see [`crate::quant`]).
+/// values are stored in blocks of 32 or 256 with per-block scales; and weight-only int8
+/// with one scale per row ([`DType::Int8PerChannel`]). See [`crate::quant`].
+///
+/// Quantized storage runs along rows: every row (the last dimension) is a whole number of
+/// blocks, as ggml requires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
     F32,
@@ -18,13 +22,19 @@ pub enum DType {
     Q4K,
     Q5K,
     Q6K,
+    /// Weight-only int8 per output channel: each row stores its f32 scale
+    /// `absmax / 127`, then its values `round(x / scale)` as i8 (ties to even).
+    Int8PerChannel,
 }
 
 impl DType {
-    /// `(elements, bytes)` of one storage block (1 element for plain floats).
+    /// `(elements, bytes)` of one storage block (1 element for plain floats). An
+    /// [`Int8PerChannel`](DType::Int8PerChannel) block is a whole row plus its scale: see
+    /// [`row_bytes`](DType::row_bytes); here it counts as one byte per element.
     pub fn block(self) -> (usize, usize) {
         match self {
             DType::F32 => (1, 4),
+            DType::Int8PerChannel => (1, 1),
             DType::F16 | DType::BF16 => (1, 2),
             DType::Q8_0 => (32, 34),
             DType::Q4_0 => (32, 18),
@@ -32,6 +42,19 @@ impl DType {
             DType::Q4K => (256, 144),
             DType::Q5K => (256, 176),
             DType::Q6K => (256, 210),
+        }
+    }
+
+    /// Bytes of one row of `cols` elements, or `None` when `cols` is not a whole number of
+    /// blocks (or overflows).
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        let (elems, bytes) = self.block();
+        let blocks = cols
+            .is_multiple_of(elems)
+            .then(|| (cols / elems).checked_mul(bytes))??;
+        match self {
+            DType::Int8PerChannel => blocks.checked_add(4),
+            _ => Some(blocks),
         }
     }
 
@@ -44,18 +67,17 @@ impl DType {
         self.block().1
     }
 
-    /// Bytes that `numel` elements take, or `None` when `numel` is not a whole number of
-    /// blocks (or overflows).
-    pub fn nbytes(self, numel: usize) -> Option<usize> {
-        let (elems, bytes) = self.block();
-        numel
-            .is_multiple_of(elems)
-            .then(|| (numel / elems).checked_mul(bytes))?
+    /// Bytes that a tensor of `shape` takes, or `None` when its rows (the last
+    /// dimension; a scalar is one row of one) are not a whole number of blocks.
+    pub fn nbytes(self, shape: &[usize]) -> Option<usize> {
+        let cols = shape.last().copied().unwrap_or(1);
+        let rows: usize = shape.iter().rev().skip(1).product();
+        rows.checked_mul(self.row_bytes(cols)?)
     }
 
-    /// Whether this is a block-quantized type.
+    /// Whether this is a quantized type (not a plain float).
     pub fn is_quantized(self) -> bool {
-        self.block().0 > 1
+        !matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 
     /// The plain float type computed results of this type are stored in: itself for plain
@@ -81,22 +103,38 @@ impl DType {
             DType::Q4K => "q4_k",
             DType::Q5K => "q5_k",
             DType::Q6K => "q6_k",
+            DType::Int8PerChannel => "int8_channel",
         }
     }
 
-    /// Parses a plain float type's short name (`f32`, `f16`, `bf16`).
+    /// Every type, in the order of [`DType::name`]'s table.
+    pub const ALL: [DType; 10] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+        DType::Int8PerChannel,
+    ];
+
+    /// Parses a short name (`f32`, `bf16`, `q8_0`, `int8_channel`, ...).
     pub fn parse(s: &str) -> Option<DType> {
-        match s {
-            "f32" => Some(DType::F32),
-            "f16" => Some(DType::F16),
-            "bf16" => Some(DType::BF16),
-            _ => None,
-        }
+        DType::ALL.into_iter().find(|d| d.name() == s)
     }
 
-    /// Decodes little-endian `bytes` of this dtype into f32 values (dequantizing block
-    /// formats). `bytes.len()` must be a whole number of blocks.
-    pub fn decode(self, bytes: &[u8], out: &mut Vec<f32>) {
+    /// Whether upmix can quantize f32 values to this type ([`DType::encode`]); the
+    /// K-quants are read only.
+    pub fn can_encode(self) -> bool {
+        !matches!(self, DType::Q4K | DType::Q5K | DType::Q6K)
+    }
+
+    /// Decodes little-endian `bytes` of this dtype, rows of `cols` elements, into f32
+    /// values (dequantizing quantized types). `bytes.len()` must be a whole number of rows.
+    pub fn decode(self, bytes: &[u8], cols: usize, out: &mut Vec<f32>) {
         let (elems, block) = self.block();
         out.reserve(bytes.len() / block * elems);
         match self {
@@ -115,16 +153,20 @@ impl DType {
                     .chunks_exact(2)
                     .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
             ),
-            quantized => crate::quant::dequantize(quantized, bytes, out),
+            quantized => crate::quant::dequantize(quantized, bytes, cols, out),
         }
     }
 
-    /// Encodes f32 values as little-endian bytes of a plain float type (round to nearest
-    /// even).
+    /// Encodes f32 values, rows of `cols` elements, as little-endian bytes of this type:
+    /// plain floats round to nearest even, quantized types quantize (see [`crate::quant`]).
     ///
     /// # Panics
-    /// On block-quantized types (quantizing is a pass's job, not an encoding's).
-    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+    /// On the K-quants (see [`DType::can_encode`]), or when `values` is not a whole number
+    /// of rows of whole blocks.
+    pub fn encode(self, values: &[f32], cols: usize, out: &mut Vec<u8>) {
+        if self.is_quantized() {
+            return crate::quant::quantize(self, values, cols, out);
+        }
         out.reserve(values.len() * self.size());
         match self {
             DType::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
@@ -138,9 +180,10 @@ impl DType {
         }
     }
 
-    /// Rounds f32 values in place to the nearest value representable in this plain float
-    /// type; a no-op for f32 and for quantized types (whose decoded values are exact).
-    pub fn round_in_place(self, values: &mut [f32]) {
+    /// Rounds f32 values (rows of `cols` elements) in place to the values this type
+    /// stores: the nearest for plain floats, quantized and dequantized for quantized types
+    /// (a no-op for f32 and for the K-quants, which upmix does not encode).
+    pub fn round_in_place(self, values: &mut [f32], cols: usize) {
         match self {
             DType::F32 => {}
             DType::F16 => values
@@ -149,6 +192,13 @@ impl DType {
             DType::BF16 => values
                 .iter_mut()
                 .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+            q if q.can_encode() => {
+                let mut bytes = Vec::new();
+                crate::quant::quantize(q, values, cols, &mut bytes);
+                let mut decoded = Vec::with_capacity(values.len());
+                crate::quant::dequantize(q, &bytes, cols, &mut decoded);
+                values.copy_from_slice(&decoded);
+            }
             _ => {}
         }
     }

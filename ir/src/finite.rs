@@ -58,7 +58,7 @@ impl WeightTable {
                 offset,
                 dtype: dtype @ (DType::F32 | DType::F16 | DType::BF16),
             } => {
-                let len = dtype.nbytes(weight.numel()).unwrap_or(0);
+                let len = dtype.nbytes(&weight.shape).unwrap_or(0);
                 return scan_floats(file, *offset, len, *dtype)
                     .map_err(|e| Self::invalid(weight, format!("reading: {e}")));
             }
@@ -128,7 +128,7 @@ impl WeightTable {
             return Ok(());
         }
         let mut rounded = values.to_vec();
-        dtype.round_in_place(&mut rounded);
+        dtype.round_in_place(&mut rounded, weight.cols());
         let (before, after) = (NonFinite::of(values), NonFinite::of(&rounded));
         if after == before {
             return Ok(());
@@ -220,6 +220,8 @@ fn narrows(to: DType, from: DType) -> bool {
         DType::F16 => from != DType::F16,
         // bf16 has f32's range, but rounding the largest f32 values up overflows.
         DType::BF16 => !matches!(from, DType::F16 | DType::BF16),
+        // ggml's block scales are f16: a block of huge values overflows its scale.
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => from != to,
         _ => false,
     }
 }

@@ -1,9 +1,30 @@
-//! Block-quantized storage formats of ggml (GGUF): dequantization to f32.
+//! Quantized storage formats: the block formats of ggml (GGUF) and weight-only int8 per
+//! channel. Quantization to Q8_0, Q4_0, Q4_1 and int8 per channel, dequantization of all.
 //!
-//! Every format stores values in fixed-size blocks; all multi-byte fields are
-//! little-endian and `f16` is IEEE half precision. Decoding follows ggml's reference
-//! dequantization in f32 with the same order of operations, so results are bit-identical
-//! to it (and to gguf-py's `quants.dequantize`).
+//! Every ggml format stores values in fixed-size blocks along a row; all multi-byte
+//! fields are little-endian and `f16` is IEEE half precision. Decoding follows ggml's
+//! reference dequantization in f32 with the same order of operations, so results are
+//! bit-identical to it (and to gguf-py's `quants.dequantize`). Encoding follows gguf-py's
+//! `quants.quantize` (ggml's reference quantizers, vectorised in numpy), in f32 with each
+//! operation rounded on its own, so the bytes equal gguf-py's; the scale is computed in
+//! f32 and only its stored copy is rounded to f16:
+//!
+//! * **Q8_0**: `d = amax / 127`, `q = round(x * (1 / d))`, ties away from zero.
+//! * **Q4_0**: `m` = the value of largest magnitude (sign kept, the first of equals),
+//!   `d = m / -8`, `q = min(15, trunc(x * (1 / d) + 8.5))`.
+//! * **Q4_1**: `d = (max - min) / 15`, `q = min(15, trunc((x - min) * (1 / d) + 0.5))`,
+//!   stored with `min` as f16.
+//!
+//! An all-zero scale gives `1 / d = 0`. ggml's C reference writes the same formulas, but
+//! a C compiler may contract `x * id + 8.5` (and `(x - min) * id + 0.5`) into one fused
+//! multiply-add, which rounds once instead of twice: where the product lands within half
+//! an ulp of a rounding boundary, such a build can store a quant one higher or lower than
+//! gguf-py and upmix do (see `tests/golden/quant/README.md`).
+//!
+//! * **Int8 per channel** (not a ggml format; row of `n` values, `4 + n` bytes):
+//!   `scale: f32` then `qs: [i8; n]`; `scale = amax / 127`,
+//!   `q = clamp(round(x / scale), -127, 127)` with ties to even (`torch.round`), and a
+//!   row of zeros stores scale 0. `x = q * scale`.
 //!
 //! * **Q8_0** (32 values, 34 bytes): `d: f16`, `qs: [i8; 32]`. `x[i] = qs[i] * d`.
 //! * **Q4_0** (32 values, 18 bytes): `d: f16`, `qs: [u8; 16]`. Element `i < 16` is the
@@ -31,16 +52,16 @@ use crate::DType;
 /// Values per K-quant super-block.
 const QK_K: usize = 256;
 
-/// Appends the f32 values of `bytes`, a whole number of `dtype` blocks, to `out`.
+/// Appends the f32 values of `bytes`, rows of `cols` elements in `dtype`, to `out`.
 ///
 /// # Panics
-/// If `dtype` is not block-quantized or `bytes` is not a whole number of blocks.
-pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
+/// If `dtype` is not quantized or `bytes` is not a whole number of blocks.
+pub fn dequantize(dtype: DType, bytes: &[u8], cols: usize, out: &mut Vec<f32>) {
+    assert!(dtype.is_quantized(), "{dtype} is not a quantized type");
+    if dtype == DType::Int8PerChannel {
+        return int8_rows(bytes, cols, out);
+    }
     let (elems, block) = dtype.block();
-    assert!(
-        dtype.is_quantized(),
-        "{dtype} is not a block-quantized type"
-    );
     assert!(
         bytes.len().is_multiple_of(block),
         "{} bytes is not a whole number of {dtype} blocks ({block} bytes each)",
@@ -55,7 +76,126 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
         DType::Q4K => blocks.for_each(|b| out.extend_from_slice(&q4_k(b))),
         DType::Q5K => blocks.for_each(|b| out.extend_from_slice(&q5_k(b))),
         DType::Q6K => blocks.for_each(|b| out.extend_from_slice(&q6_k(b))),
-        DType::F32 | DType::F16 | DType::BF16 => unreachable!("checked above"),
+        DType::F32 | DType::F16 | DType::BF16 | DType::Int8PerChannel => {
+            unreachable!("checked above")
+        }
+    }
+}
+
+/// Appends the bytes of `values`, rows of `cols` elements, quantized to `dtype`.
+///
+/// # Panics
+/// If `dtype` is a plain float or a K-quant, or the rows are not whole blocks.
+pub fn quantize(dtype: DType, values: &[f32], cols: usize, out: &mut Vec<u8>) {
+    let row_bytes = dtype
+        .row_bytes(cols)
+        .filter(|_| cols > 0 && values.len().is_multiple_of(cols));
+    let Some(row_bytes) = row_bytes else {
+        panic!(
+            "{} values are not rows of {cols} in whole {dtype} blocks",
+            values.len()
+        );
+    };
+    out.reserve(values.len() / cols * row_bytes);
+    if dtype == DType::Int8PerChannel {
+        values.chunks_exact(cols).for_each(|r| int8_row(r, out));
+        return;
+    }
+    let blocks = values.chunks_exact(32);
+    match dtype {
+        DType::Q8_0 => blocks.for_each(|b| out.extend_from_slice(&quantize_q8_0(b))),
+        DType::Q4_0 => blocks.for_each(|b| out.extend_from_slice(&quantize_q4_0(b))),
+        DType::Q4_1 => blocks.for_each(|b| out.extend_from_slice(&quantize_q4_1(b))),
+        other => panic!("upmix does not quantize to {other}"),
+    }
+}
+
+/// `1 / d`, or 0 for a zero scale.
+fn inverse(d: f32) -> f32 {
+    if d == 0.0 {
+        0.0
+    } else {
+        1.0 / d
+    }
+}
+
+/// The stored (f16) bytes of a scale.
+fn half_bytes(v: f32) -> [u8; 2] {
+    f16::from_f32(v).to_le_bytes()
+}
+
+fn quantize_q8_0(x: &[f32]) -> [u8; 34] {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = inverse(d);
+    let mut b = [0u8; 34];
+    b[..2].copy_from_slice(&half_bytes(d));
+    for (q, v) in b[2..].iter_mut().zip(x) {
+        *q = ((v * id).round() as i8) as u8;
+    }
+    b
+}
+
+/// Packs 32 4-bit quants: element `i < 16` in the low nibble of byte `i`, `16 + i` in
+/// its high nibble.
+fn pack_nibbles(q: impl Fn(usize) -> u8, out: &mut [u8]) {
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = q(i) | (q(16 + i) << 4);
+    }
+}
+
+fn quantize_q4_0(x: &[f32]) -> [u8; 18] {
+    // The first value of largest magnitude, sign kept (of zeros, the first zero's sign).
+    let m = x[1..]
+        .iter()
+        .fold(x[0], |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = m / -8.0;
+    let id = inverse(d);
+    let mut b = [0u8; 18];
+    b[..2].copy_from_slice(&half_bytes(d));
+    pack_nibbles(|i| ((x[i] * id + 8.5) as u8).min(15), &mut b[2..]);
+    b
+}
+
+fn quantize_q4_1(x: &[f32]) -> [u8; 20] {
+    let (min, max) = x
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    let d = (max - min) / 15.0;
+    let id = inverse(d);
+    let mut b = [0u8; 20];
+    b[..2].copy_from_slice(&half_bytes(d));
+    b[2..4].copy_from_slice(&half_bytes(min));
+    pack_nibbles(|i| (((x[i] - min) * id + 0.5) as u8).min(15), &mut b[4..]);
+    b
+}
+
+fn int8_row(x: &[f32], out: &mut Vec<u8>) {
+    let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+    out.extend(scale.to_le_bytes());
+    out.extend(x.iter().map(|v| {
+        let q = if scale == 0.0 {
+            0.0
+        } else {
+            (v / scale).round_ties_even().clamp(-127.0, 127.0)
+        };
+        (q as i8) as u8
+    }));
+}
+
+fn int8_rows(bytes: &[u8], cols: usize, out: &mut Vec<f32>) {
+    let row = cols + 4;
+    assert!(
+        bytes.len().is_multiple_of(row),
+        "{} bytes is not a whole number of int8 rows of {cols}",
+        bytes.len()
+    );
+    out.reserve(bytes.len() / row * cols);
+    for r in bytes.chunks_exact(row) {
+        let scale = f32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+        out.extend(r[4..].iter().map(|&q| f32::from(q as i8) * scale));
     }
 }
 
@@ -160,7 +300,7 @@ mod tests {
         let mut b = vec![0x00, 0x3C];
         b.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
         let mut out = Vec::new();
-        dequantize(DType::Q4_0, &b, &mut out);
+        dequantize(DType::Q4_0, &b, 32, &mut out);
         let want: Vec<f32> = (0..16)
             .map(|i| i as f32 - 8.0)
             .chain((0..16).map(|i| 7.0 - i as f32))
@@ -185,6 +325,6 @@ mod tests {
     #[test]
     #[should_panic(expected = "whole number")]
     fn partial_block_panics() {
-        dequantize(DType::Q8_0, &[0; 33], &mut Vec::new());
+        dequantize(DType::Q8_0, &[0; 33], 32, &mut Vec::new());
     }
 }

@@ -80,7 +80,7 @@ impl std::fmt::Debug for MappedFile {
 /// How a weight's values are obtained.
 #[derive(Clone, Debug)]
 pub enum WeightExpr {
-    /// `dtype.nbytes(shape.product())` bytes at `offset` in `file`, stored as `dtype`.
+    /// `dtype.nbytes(shape)` bytes at `offset` in `file`, stored as `dtype`.
     Source {
         file: Arc<MappedFile>,
         offset: usize,
@@ -147,10 +147,16 @@ impl Weight {
         self.shape.iter().product()
     }
 
+    /// Length of a row (the last dimension; 1 for a scalar): quantized storage runs along
+    /// rows.
+    pub fn cols(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
     /// Bytes the weight takes when stored in its dtype (a whole number of blocks: checked
     /// when the weight is added to a table).
     pub fn nbytes(&self) -> usize {
-        self.dtype.nbytes(self.numel()).unwrap_or(0)
+        self.dtype.nbytes(&self.shape).unwrap_or(0)
     }
 }
 
@@ -230,12 +236,12 @@ impl WeightTable {
 
     /// Checks that an expression fits the weight's shape and that its operands exist.
     pub fn check(&self, weight: &Weight) -> Result<(), WeightError> {
-        if weight.dtype.nbytes(weight.numel()).is_none() {
+        if weight.dtype.nbytes(&weight.shape).is_none() {
             return Err(Self::invalid(
                 weight,
                 format!(
-                    "{} elements are not a whole number of {} blocks",
-                    weight.numel(),
+                    "rows of {} elements are not a whole number of {} blocks",
+                    weight.cols(),
                     weight.dtype
                 ),
             ));
@@ -246,7 +252,7 @@ impl WeightTable {
                 offset,
                 dtype,
             } => {
-                let len = dtype.nbytes(weight.numel()).ok_or_else(|| {
+                let len = dtype.nbytes(&weight.shape).ok_or_else(|| {
                     Self::invalid(weight, format!("not a whole number of {dtype} blocks"))
                 })?;
                 let end = offset.checked_add(len);
@@ -390,8 +396,16 @@ impl WeightTable {
     /// are finite (an overflowing sum, a value beyond the range of f16) are an error.
     pub fn materialize(&self, id: WeightId) -> Result<HostTensor, WeightError> {
         let weight = self.get(id)?;
+        if weight.dtype.is_quantized() {
+            if let Some(bytes) = self.stored_bytes(weight, weight.dtype)? {
+                // Values rearranged from stored ones are exact: decode, do not re-round.
+                let mut data = Vec::with_capacity(weight.numel());
+                weight.dtype.decode(&bytes, weight.cols(), &mut data);
+                return Ok(HostTensor::new(weight.shape.clone(), data));
+            }
+        }
         let mut data = self.eval(weight)?;
-        weight.dtype.round_in_place(&mut data);
+        weight.dtype.round_in_place(&mut data, weight.cols());
         self.check_computed(weight, &data)?;
         Ok(HostTensor::new(weight.shape.clone(), data))
     }
@@ -402,41 +416,87 @@ impl WeightTable {
         self.materialize_bytes_as(id, self.get(id)?.dtype)
     }
 
-    /// The weight's bytes encoded as `dtype`; copied byte for byte from a source already
-    /// stored as `dtype`. Block-quantized output is possible only from such a source.
+    /// The weight's bytes encoded as `dtype`. Bytes already stored as `dtype` (a source
+    /// in that dtype, or rows or parts of such sources) are copied, never re-encoded, so a
+    /// load -> emit round trip is bit-identical; other values are computed in f32 and
+    /// encoded (quantized types: quantized).
     pub fn materialize_bytes_as(&self, id: WeightId, dtype: DType) -> Result<Vec<u8>, WeightError> {
         let weight = self.get(id)?;
-        if let WeightExpr::Source {
-            file,
-            offset,
-            dtype: stored,
-        } = &weight.expr
-        {
-            if *stored == dtype && weight.dtype == dtype {
-                return Self::read(weight, file, *offset, weight.nbytes());
-            }
+        if let Some(bytes) = self.stored_bytes(weight, dtype)? {
+            return Ok(bytes);
         }
-        // Element-wise encodings commute with concatenation: join the operands' bytes.
-        if let WeightExpr::Concat(ids) = &weight.expr {
-            if weight.dtype == dtype && !dtype.is_quantized() {
-                let mut out = Vec::with_capacity(weight.nbytes());
-                for id in ids {
-                    out.extend(self.materialize_bytes_as(*id, dtype)?);
-                }
-                return Ok(out);
-            }
-        }
-        if dtype.is_quantized() {
+        if !dtype.can_encode() {
             return Err(Self::invalid(
                 weight,
-                format!("cannot encode computed values as {dtype}; quantize them with a pass"),
+                format!("upmix cannot encode values as {dtype} (it reads K-quants only)"),
             ));
         }
-        let values = self.materialize(id)?;
-        self.check_encoding(weight, &values.data, dtype)?;
+        if dtype.nbytes(&weight.shape).is_none() {
+            return Err(Self::invalid(
+                weight,
+                format!(
+                    "rows of {} elements are not a whole number of {dtype} blocks",
+                    weight.cols()
+                ),
+            ));
+        }
+        // A weight stored as `dtype` is encoded from its unrounded values, so encoding
+        // once gives the same bytes as the stored form would.
+        let values = if weight.dtype == dtype {
+            let data = self.eval(weight)?;
+            self.check_computed(weight, &data)?;
+            data
+        } else {
+            self.materialize(id)?.data
+        };
+        self.check_encoding(weight, &values, dtype)?;
         let mut out = Vec::new();
-        dtype.encode(&values.data, &mut out);
+        dtype.encode(&values, weight.cols(), &mut out);
         Ok(out)
+    }
+
+    /// The weight's bytes in `dtype` when they exist without computing: a source stored
+    /// as `dtype`, rows of one, or a concatenation of such (whole rows each). `None` when
+    /// values must be computed and encoded.
+    fn stored_bytes(&self, weight: &Weight, dtype: DType) -> Result<Option<Vec<u8>>, WeightError> {
+        if weight.dtype != dtype {
+            return Ok(None);
+        }
+        match &weight.expr {
+            WeightExpr::Source {
+                file,
+                offset,
+                dtype: stored,
+            } if *stored == dtype => Self::read(weight, file, *offset, weight.nbytes()).map(Some),
+            WeightExpr::Rows(of, rows) => {
+                let operand = self.get(*of)?;
+                let Some(src) = self.stored_bytes(operand, dtype)? else {
+                    return Ok(None);
+                };
+                let row = src.len() / operand.shape[0].max(1);
+                let mut out = Vec::with_capacity(rows.len() * row);
+                for &r in rows.iter() {
+                    out.extend_from_slice(&src[r as usize * row..(r as usize + 1) * row]);
+                }
+                Ok(Some(out))
+            }
+            WeightExpr::Concat(ids) => {
+                let mut out = Vec::with_capacity(weight.nbytes());
+                for id in ids {
+                    let operand = self.get(*id)?;
+                    // Quantized rows must stay whole: operands of the result's row length.
+                    if dtype.is_quantized() && operand.cols() != weight.cols() {
+                        return Ok(None);
+                    }
+                    match self.stored_bytes(operand, dtype)? {
+                        Some(bytes) => out.extend(bytes),
+                        None => return Ok(None),
+                    }
+                }
+                Ok(Some(out))
+            }
+            _ => Ok(None),
+        }
     }
 
     fn read(
@@ -467,9 +527,12 @@ impl WeightTable {
             } if *stored == dtype && weight.dtype == dtype => {
                 Some(vec![(file.clone(), *offset, weight.nbytes())])
             }
-            WeightExpr::Concat(ids) if weight.dtype == dtype && !dtype.is_quantized() => {
+            WeightExpr::Concat(ids) if weight.dtype == dtype => {
                 let mut out = Vec::new();
                 for id in ids {
+                    if dtype.is_quantized() && self.get(*id)?.cols() != weight.cols() {
+                        return Ok(None);
+                    }
                     match self.file_ranges(*id, dtype)? {
                         Some(r) => out.extend(r),
                         None => return Ok(None),
@@ -489,9 +552,13 @@ impl WeightTable {
                 offset,
                 dtype,
             } => {
-                let len = dtype.nbytes(weight.numel()).unwrap_or(0);
+                let len = dtype.nbytes(&weight.shape).unwrap_or(0);
                 let mut out = Vec::new();
-                dtype.decode(&Self::read(weight, file, *offset, len)?, &mut out);
+                dtype.decode(
+                    &Self::read(weight, file, *offset, len)?,
+                    weight.cols(),
+                    &mut out,
+                );
                 out
             }
             WeightExpr::Literal(t) => t.data.clone(),

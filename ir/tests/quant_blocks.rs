@@ -64,7 +64,9 @@ fn golden_blocks() -> Vec<Block> {
 
 fn decode(block: &Block) -> Vec<f32> {
     let mut out = Vec::new();
-    block.dtype.decode(&block.bytes, &mut out);
+    block
+        .dtype
+        .decode(&block.bytes, block.dtype.block().0, &mut out);
     out
 }
 
@@ -124,7 +126,9 @@ fn consecutive_blocks_concatenate() {
         let one = decode(&block);
         let mut twice = Vec::from([1.5f32]);
         let bytes: Vec<u8> = block.bytes.repeat(2);
-        block.dtype.decode(&bytes, &mut twice);
+        block
+            .dtype
+            .decode(&bytes, block.dtype.block().0, &mut twice);
         assert_eq!(twice[0], 1.5, "{}: existing values kept", block.dtype);
         assert_eq!(&twice[1..=one.len()], &one[..], "{}", block.dtype);
         assert_eq!(&twice[1 + one.len()..], &one[..], "{}", block.dtype);

@@ -28,10 +28,15 @@ impl Pass for Cast {
     }
 
     fn run(&self, m: &mut Module, _cx: &mut PassContext) -> Result<Vec<String>, PassError> {
-        let dtype = DType::parse(&self.dtype).ok_or_else(|| PassError::Invalid {
-            pass: self.name().into(),
-            message: format!("unknown dtype `{}` (valid: f32, f16, bf16)", self.dtype),
-        })?;
+        let dtype = DType::parse(&self.dtype)
+            .filter(|d| !d.is_quantized())
+            .ok_or_else(|| PassError::Invalid {
+                pass: self.name().into(),
+                message: format!(
+                    "unknown dtype `{}` (valid: f32, f16, bf16; quantized types with `Quantize`)",
+                    self.dtype
+                ),
+            })?;
         let g = graph(m, self.name(), &self.model)?;
         let mut remap = HashMap::new();
         for id in g.weight_ids() {

@@ -7,7 +7,9 @@
 use serde::Deserialize;
 
 use crate::pass::{Pass, PassError};
-use crate::{AttentionExperts, Bam, Cast, Merge, ParallelAttention, Plan, Prune, ShareKv, Upcycle};
+use crate::{
+    AttentionExperts, Bam, Cast, Merge, ParallelAttention, Plan, Prune, Quantize, ShareKv, Upcycle,
+};
 
 /// One pass as written in a pipeline file.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -21,6 +23,7 @@ pub enum PassSpec {
     Bam(Bam),
     Prune(Prune),
     Plan(Plan),
+    Quantize(Quantize),
 }
 
 impl PassSpec {
@@ -36,6 +39,7 @@ impl PassSpec {
             PassSpec::Bam(p) => Box::new(p),
             PassSpec::Prune(p) => Box::new(p),
             PassSpec::Plan(p) => Box::new(p),
+            PassSpec::Quantize(p) => Box::new(p),
         }
     }
 }
@@ -83,6 +87,10 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "Plan",
         doc: "per-component pruning levels from a sensitivity table by a threshold sweep on FDT (Divergent Token Metrics)",
+    },
+    PassInfo {
+        name: "Quantize",
+        doc: "store selected weights as q8_0, q4_0, q4_1 (ggml blocks), int8 per channel, f16 or bf16",
     },
 ];
 

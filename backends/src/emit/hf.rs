@@ -41,6 +41,10 @@ pub struct HfEmitOptions {
     /// `JetMoeForCausalLM`, for a BAM model with shared K/V and top-k routing (module
     /// `jetmoe`). A graph the architecture cannot express is an error saying why.
     pub architecture: Option<String>,
+    /// Write quantized weights dequantized, as f32. Without it a graph with quantized
+    /// weights is refused: safetensors has no quantized formats, and a silent f32 copy
+    /// would be four to eight times the size the user asked for.
+    pub dequantize: bool,
 }
 
 /// A progress callback: `(bytes written so far, total bytes)`.
@@ -54,6 +58,7 @@ impl std::fmt::Debug for HfEmitOptions {
             .field("progress", &self.progress.is_some())
             .field("overwrite", &self.overwrite)
             .field("architecture", &self.architecture)
+            .field("dequantize", &self.dequantize)
             .finish()
     }
 }
@@ -66,6 +71,7 @@ impl Default for HfEmitOptions {
             progress: None,
             overwrite: false,
             architecture: None,
+            dequantize: false,
         }
     }
 }
@@ -89,6 +95,8 @@ pub struct HfEmitReport {
     pub tensors: usize,
     pub bytes: u64,
     pub shards: usize,
+    /// Quantized weights written dequantized, as f32.
+    pub dequantized: usize,
 }
 
 const FORMAT: &str = "a Hugging Face checkpoint";
@@ -128,6 +136,16 @@ pub fn emit_hf(
         format: FORMAT,
         message,
     };
+    let quantized = quantized_weights(&m.weights, &g.weight_ids())?;
+    if !quantized.is_empty() && !opts.dequantize {
+        return Err(unsupported(format!(
+            "{} of its weights are quantized ({}); safetensors has no quantized formats. \
+             Write a GGUF file instead (`Gguf` emit, `upmix convert`), or ask for f32 \
+             copies with `dequantize: true` (`--dequantize`)",
+            quantized.len(),
+            summary(&quantized, 3)
+        )));
+    }
     let (arch, family) = match opts.architecture.as_deref() {
         Some("JetMoeForCausalLM") => {
             jetmoe::check(&stack).map_err(&unsupported)?;
@@ -214,7 +232,36 @@ pub fn emit_hf(
         tensors: tensors.len(),
         bytes: total,
         shards: count,
+        dequantized: quantized.len(),
     })
+}
+
+/// The quantized weights among `ids`, as `(name, dtype)`.
+pub(crate) fn quantized_weights(
+    table: &WeightTable,
+    ids: &[WeightId],
+) -> Result<Vec<(String, upmix_ir::DType)>, EmitError> {
+    let mut out = Vec::new();
+    for id in ids {
+        let w = table.get(*id)?;
+        if w.dtype.is_quantized() {
+            out.push((w.name.clone(), w.dtype));
+        }
+    }
+    Ok(out)
+}
+
+/// The first `n` of `named` as `name: dtype`, and how many more.
+pub(crate) fn summary(named: &[(String, upmix_ir::DType)], n: usize) -> String {
+    let mut parts: Vec<String> = named
+        .iter()
+        .take(n)
+        .map(|(name, dtype)| format!("{name}: {dtype}"))
+        .collect();
+    if named.len() > n {
+        parts.push(format!("{} more", named.len() - n));
+    }
+    parts.join(", ")
 }
 
 /// Copies an auxiliary file, or a directory of them, into `dir` under its own name.
@@ -240,7 +287,7 @@ fn write_json(path: &Path, value: &Value) -> Result<(), EmitError> {
 }
 
 /// The Hugging Face architecture that expresses the stack, and its family.
-fn architecture(
+pub(crate) fn architecture(
     s: &Stack,
     unsupported: &dyn Fn(String) -> EmitError,
 ) -> Result<(&'static str, Family), EmitError> {

@@ -5,13 +5,16 @@
 //! upmix did not write (unless told to overwrite); and it streams weights tensor by
 //! tensor from the lazy table.
 
+mod gguf;
 mod hf;
 mod hf_config;
 mod jetmoe;
 mod output;
 mod safetensors;
 mod stack;
+mod stream;
 
+pub use gguf::{emit_gguf, GgufEmitOptions, GgufEmitReport};
 pub use hf::{emit_hf, HfEmitOptions, MoeLayout, Progress};
 pub use output::{write_dir_atomically, write_file_atomically, MANIFEST};
 

@@ -1,0 +1,171 @@
+//! The emit steps of a pipeline (and of `upmix convert`): what to write, and writing it
+//! with a progress bar.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use upmix_backends::emit::{emit_gguf, emit_hf, GgufEmitOptions, HfEmitOptions, MoeLayout};
+use upmix_ir::Module;
+
+/// A checkpoint to write.
+#[derive(Clone, Debug, Deserialize)]
+pub enum Emit {
+    /// A Hugging Face checkpoint directory; shards above `max_shard_mb` (default 4096);
+    /// Mixtral experts in the `classic` (default) or `fused` layout. An existing `dir` is
+    /// replaced only when it is empty or a previous upmix output, or with `overwrite: true`.
+    Hf {
+        model: String,
+        dir: PathBuf,
+        #[serde(default)]
+        max_shard_mb: Option<u64>,
+        #[serde(default)]
+        moe_layout: Option<String>,
+        #[serde(default)]
+        overwrite: Option<bool>,
+        /// Another architecture than the graph's default: `"JetMoeForCausalLM"` for a BAM
+        /// model with shared K/V and top-k routing.
+        #[serde(default)]
+        architecture: Option<String>,
+        /// Write quantized weights (e.g. of a GGUF source or a `Quantize` pass) as f32;
+        /// without it such a model is refused (safetensors has no quantized formats).
+        #[serde(default)]
+        dequantize: Option<bool>,
+    },
+    /// One GGUF file for llama.cpp: dense Llama and Qwen2 models and Mixtral-style
+    /// mixtures of experts, every weight in its stored type (`Quantize` first for
+    /// q8_0/q4_0/q4_1). The tokenizer is copied from a GGUF source or converted from
+    /// `tokenizer.json`; `tokenizer_pre` names llama.cpp's pre-tokenizer when it cannot
+    /// be recognised (e.g. `"gpt-2"`, `"llama-bpe"`). An existing `file` is replaced only
+    /// when upmix wrote it, or with `overwrite: true`.
+    Gguf {
+        model: String,
+        file: PathBuf,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        tokenizer_pre: Option<String>,
+        #[serde(default)]
+        overwrite: Option<bool>,
+    },
+}
+
+impl Emit {
+    /// The emit with its path passed through `resolve`.
+    pub fn resolved(mut self, resolve: &dyn Fn(&Path) -> PathBuf) -> Emit {
+        let (Emit::Hf { dir: path, .. } | Emit::Gguf { file: path, .. }) = &mut self;
+        *path = resolve(path);
+        self
+    }
+}
+
+/// A progress bar with bytes/s on stderr (hidden when stderr is not a terminal), and the
+/// callback that drives it.
+fn progress_bar(model: &str) -> (indicatif::ProgressBar, Arc<upmix_backends::emit::Progress>) {
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "emit {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(model.to_string());
+    let driven = bar.clone();
+    let progress = Arc::new(move |done, total| {
+        driven.set_length(total);
+        driven.set_position(done);
+    });
+    (bar, progress)
+}
+
+/// Writes `e` from `m`, adding a line to `out`; `overwrite` as `overwrite: true`.
+pub fn emit(m: &Module, e: &Emit, overwrite: bool, out: &mut String) -> Result<()> {
+    let start = Instant::now();
+    match e {
+        Emit::Hf {
+            model,
+            dir,
+            max_shard_mb,
+            moe_layout,
+            overwrite: replace,
+            architecture,
+            dequantize,
+        } => {
+            let moe_layout = match moe_layout.as_deref() {
+                None | Some("classic") => MoeLayout::Classic,
+                Some("fused") => MoeLayout::Fused,
+                Some(other) => {
+                    bail!("emit `{model}`: moe_layout `{other}` is not `classic` or `fused`")
+                }
+            };
+            let (bar, progress) = progress_bar(model);
+            let opts = HfEmitOptions {
+                max_shard_bytes: max_shard_mb
+                    .map_or(HfEmitOptions::default().max_shard_bytes, |mb| mb << 20),
+                moe_layout,
+                progress: Some(progress),
+                overwrite: overwrite || replace.unwrap_or(false),
+                architecture: architecture.clone(),
+                dequantize: dequantize.unwrap_or(false),
+            };
+            let r = emit_hf(m, model, dir, &opts).with_context(|| format!("writing `{model}`"))?;
+            bar.finish_and_clear();
+            let dequantized = match r.dequantized {
+                0 => String::new(),
+                n => format!(", {n} quantized weights written as f32"),
+            };
+            writeln!(
+                out,
+                "emit   {model} -> {} ({}, {} tensors, {:.2} MB in {} shard(s){dequantized}) in {:.2}s",
+                dir.display(),
+                r.architecture,
+                r.tensors,
+                r.bytes as f64 / 1e6,
+                r.shards,
+                start.elapsed().as_secs_f64()
+            )?;
+        }
+        Emit::Gguf {
+            model,
+            file,
+            name,
+            tokenizer_pre,
+            overwrite: replace,
+        } => {
+            let g = m
+                .graph(model)
+                .with_context(|| format!("emit: no model named `{model}`"))?;
+            let tokenizer = upmix_frontend::gguf_tokenizer_metadata(
+                &g.meta,
+                g.meta.vocab_size,
+                tokenizer_pre.as_deref(),
+            )
+            .with_context(|| format!("writing `{model}` as GGUF: its tokenizer"))?;
+            let (bar, progress) = progress_bar(model);
+            let opts = GgufEmitOptions {
+                name: name.clone(),
+                tokenizer,
+                progress: Some(progress),
+                overwrite: overwrite || replace.unwrap_or(false),
+            };
+            let r =
+                emit_gguf(m, model, file, &opts).with_context(|| format!("writing `{model}`"))?;
+            bar.finish_and_clear();
+            let types: Vec<String> = r.types.iter().map(|(d, n)| format!("{n} {d}")).collect();
+            writeln!(
+                out,
+                "emit   {model} -> {} (GGUF {}, {} tensors: {}, {:.2} MB) in {:.2}s",
+                file.display(),
+                r.architecture,
+                r.tensors,
+                types.join(", "),
+                r.bytes as f64 / 1e6,
+                start.elapsed().as_secs_f64()
+            )?;
+        }
+    }
+    Ok(())
+}
