@@ -4,7 +4,8 @@
 //! `scripts/bench/forward.sh` and `scripts/bench/moe.sh` run it beside transformers.
 //!
 //! Usage: bench_forward MODEL [--prompt-tokens 256] [--batch 8] [--decode-tokens 64]
-//!        [--decode-at 16,100,1000] [--device cpu]      (threads: RAYON_NUM_THREADS)
+//!        [--decode-at 16,100,1000] [--device cpu] [--activations float|ggml]
+//!        (threads: RAYON_NUM_THREADS)
 
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, Result};
-use upmix::backends::{load_runtime, DeviceSpec};
+use upmix::backends::DeviceSpec;
 use upmix::ir::{Module, Runtime};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -72,11 +73,17 @@ fn main() -> Result<()> {
         .map(|p| p.parse())
         .collect::<Result<_, _>>()?;
     let device: DeviceSpec = arg(&args, "--device", "cpu").parse()?;
+    let activations = upmix::parse_activations(&arg(&args, "--activations", "float"))
+        .map_err(anyhow::Error::msg)?;
+    let exec = upmix::Exec {
+        device,
+        activations,
+    };
 
     let start = Instant::now();
     let mut m = Module::new();
     upmix::frontend::load(model.as_ref(), "model", &mut m)?;
-    let mut rt = load_runtime(&m, "model", &device)?;
+    let mut rt = exec.load(&m, "model")?;
     let load_s = start.elapsed().as_secs_f64();
 
     // Deterministic prompts of ordinary token ids (no specials), one per batch row.

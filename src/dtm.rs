@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use upmix_backends::{load_runtime, DeviceSpec};
+use upmix_backends::Activations;
+
+use crate::Exec;
 use upmix_ir::{print_graph, Module, WeightExpr, WeightId};
 use upmix_passes::divergence::{
     continuations, divergences, summarize, DivergenceSummary, PromptDivergence, DEFAULT_BATCH,
@@ -75,9 +77,9 @@ pub fn base_continuations(
     base: &str,
     prompt_ids: &[Vec<u32>],
     n: usize,
-    device: &DeviceSpec,
+    exec: &Exec,
 ) -> Result<(Vec<Vec<u32>>, bool)> {
-    base_continuations_in(&cache_dir(), m, base, prompt_ids, n, device)
+    base_continuations_in(&cache_dir(), m, base, prompt_ids, n, exec)
 }
 
 /// [`base_continuations`] with the cache under `cache`.
@@ -87,14 +89,17 @@ pub fn base_continuations_in(
     base: &str,
     prompt_ids: &[Vec<u32>],
     n: usize,
-    device: &DeviceSpec,
+    exec: &Exec,
 ) -> Result<(Vec<Vec<u32>>, bool)> {
-    let key = cache_key(m, base, prompt_ids, n)?;
+    let mut key = cache_key(m, base, prompt_ids, n)?;
+    if exec.activations == Activations::Ggml {
+        key.push_str("-ggml");
+    }
     let path = cache.join("continuations").join(format!("{key}.json"));
     if let Some(hit) = read_cached(&path, prompt_ids, n) {
         return Ok((hit, true));
     }
-    let mut rt = load_runtime(m, base, device)?;
+    let mut rt = exec.load(m, base)?;
     let ys = continuations(rt.as_mut(), prompt_ids, n, DEFAULT_BATCH)?;
     let entry = CachedContinuations {
         n,
@@ -113,15 +118,15 @@ pub fn divergence(
     candidate: &str,
     prompts_file: &Path,
     n: usize,
-    device: &DeviceSpec,
+    exec: &Exec,
 ) -> Result<DivergenceReport> {
     if n == 0 {
         bail!("the continuation length must be at least 1 token");
     }
     let prompts = read_prompts(prompts_file)?;
     let prompt_ids = encode_prompts(m, base, &prompts)?;
-    let (ys, cached) = base_continuations(m, base, &prompt_ids, n, device)?;
-    let mut rt = load_runtime(m, candidate, device)?;
+    let (ys, cached) = base_continuations(m, base, &prompt_ids, n, exec)?;
+    let mut rt = exec.load(m, candidate)?;
     let rows = divergences(rt.as_mut(), &prompt_ids, &ys, DEFAULT_BATCH)?;
     Ok(DivergenceReport {
         summary: summarize(&rows),

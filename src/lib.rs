@@ -11,6 +11,50 @@ pub mod pipeline;
 pub mod sensitivity;
 
 pub use upmix_backends as backends;
+
+use upmix_backends::{load_runtime_with, Activations, BackendError, DeviceSpec, RuntimeOptions};
+
+/// Where and how models run: a device, and how activations meet quantized weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exec {
+    pub device: DeviceSpec,
+    /// `Ggml`: quantized per block before products with quantized weights, as llama.cpp's
+    /// CPU backend does (the CPU only).
+    pub activations: Activations,
+}
+
+impl From<DeviceSpec> for Exec {
+    fn from(device: DeviceSpec) -> Exec {
+        Exec {
+            device,
+            activations: Activations::Float,
+        }
+    }
+}
+
+/// Parses `float` or `ggml`.
+pub fn parse_activations(text: &str) -> Result<Activations, String> {
+    match text {
+        "float" => Ok(Activations::Float),
+        "ggml" => Ok(Activations::Ggml),
+        other => Err(format!("activations `{other}` are not `float` or `ggml`")),
+    }
+}
+
+impl Exec {
+    /// A runtime for graph `graph` of `m`.
+    pub fn load(
+        &self,
+        m: &upmix_ir::Module,
+        graph: &str,
+    ) -> Result<Box<dyn upmix_ir::Runtime>, BackendError> {
+        let options = RuntimeOptions {
+            activations: self.activations,
+            ..RuntimeOptions::default()
+        };
+        load_runtime_with(m, graph, &self.device, options)
+    }
+}
 pub use upmix_formats as formats;
 pub use upmix_frontend as frontend;
 pub use upmix_ir as ir;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use upmix::backends::DeviceSpec;
+use upmix::backends::{Activations, DeviceSpec};
 use upmix::check::check_non_finite;
 use upmix::dtm;
 use upmix::emit::Emit;
@@ -13,6 +13,7 @@ use upmix::passes::sensitivity::Compression;
 use upmix::passes::{DumpIr, PassSpec, Quantize, QuantizeTarget, REGISTRY};
 use upmix::pipeline::{self, ModelSource, Pipeline, RunOptions};
 use upmix::sensitivity::{self, SensitivityOptions};
+use upmix::Exec;
 
 // Reuses freed activation buffers instead of returning them to the OS and faulting in
 // fresh zeroed pages on the next forward pass (measurably faster prefill and decode).
@@ -47,6 +48,9 @@ enum Command {
         /// Let emits replace output directories that hold files upmix did not write.
         #[arg(long)]
         overwrite: bool,
+        /// Overrides the file's `activations` (`float` or `ggml`).
+        #[arg(long, value_parser = upmix::parse_activations)]
+        activations: Option<Activations>,
     },
     /// Print a checkpoint's IR (a Hugging Face directory or a .gguf file).
     Inspect {
@@ -70,6 +74,11 @@ enum Command {
         /// directory, or a GGUF file).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// How activations meet quantized weights: `float` (f32 activations times the
+        /// dequantized weights) or `ggml` (quantized per block first, as llama.cpp's CPU
+        /// backend does; cpu only).
+        #[arg(long, value_parser = upmix::parse_activations, default_value = "float")]
+        activations: Activations,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -89,6 +98,11 @@ enum Command {
         /// directory, or a GGUF file).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// How activations meet quantized weights: `float` (f32 activations times the
+        /// dequantized weights) or `ggml` (quantized per block first, as llama.cpp's CPU
+        /// backend does; cpu only).
+        #[arg(long, value_parser = upmix::parse_activations, default_value = "float")]
+        activations: Activations,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -107,6 +121,11 @@ enum Command {
         /// Print per-prompt rows as JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+        /// How activations meet quantized weights: `float` (f32 activations times the
+        /// dequantized weights) or `ggml` (quantized per block first, as llama.cpp's CPU
+        /// backend does; cpu only).
+        #[arg(long, value_parser = upmix::parse_activations, default_value = "float")]
+        activations: Activations,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -133,6 +152,11 @@ enum Command {
         /// Directory for sensitivity.json, sensitivity.csv and the heat-maps.
         #[arg(long)]
         out: PathBuf,
+        /// How activations meet quantized weights: `float` (f32 activations times the
+        /// dequantized weights) or `ggml` (quantized per block first, as llama.cpp's CPU
+        /// backend does; cpu only).
+        #[arg(long, value_parser = upmix::parse_activations, default_value = "float")]
+        activations: Activations,
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
@@ -161,6 +185,13 @@ enum Command {
     },
     /// List the available passes.
     Passes,
+}
+
+fn exec(device: DeviceSpec, activations: Activations) -> Exec {
+    Exec {
+        device,
+        activations,
+    }
 }
 
 /// Loads two checkpoints into one module, as `base` and `candidate`.
@@ -256,6 +287,7 @@ fn convert_pipeline(
     };
     Pipeline {
         device: None,
+        activations: None,
         models: [(model, source)].into_iter().collect(),
         passes: passes.into_iter().collect(),
         eval: Vec::new(),
@@ -283,6 +315,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             no_verify,
             overwrite,
+            activations,
         } => {
             let dump_ir = match dump_ir_after.as_slice() {
                 [] => DumpIr::Never,
@@ -291,6 +324,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let opts = RunOptions {
                 device,
+                activations,
                 dump_ir,
                 no_verify,
                 overwrite,
@@ -312,10 +346,18 @@ fn run(cli: Cli) -> Result<()> {
             max_new_tokens,
             chat,
             tokenizer,
+            activations,
             device,
         } => {
             let m = load_with_tokenizer(&checkpoint, tokenizer)?;
-            let text = pipeline::generate(&m, "model", &prompt, max_new_tokens, chat, &device)?;
+            let text = pipeline::generate(
+                &m,
+                "model",
+                &prompt,
+                max_new_tokens,
+                chat,
+                &exec(device, activations),
+            )?;
             if chat {
                 println!("{text}");
             } else {
@@ -328,13 +370,15 @@ fn run(cli: Cli) -> Result<()> {
             window,
             bos,
             tokenizer,
+            activations,
             device,
         } => {
             let m = load_with_tokenizer(&checkpoint, tokenizer)?;
             let opts = pipeline::PerplexityOptions { window, bos };
             let content = std::fs::read_to_string(&text)
                 .with_context(|| format!("reading {}", text.display()))?;
-            let (ppl, tokens) = pipeline::perplexity(&m, "model", &content, opts, &device)?;
+            let (ppl, tokens) =
+                pipeline::perplexity(&m, "model", &content, opts, &exec(device, activations))?;
             println!("perplexity {ppl:.4} over {tokens} tokens");
         }
         Command::Dtm {
@@ -343,11 +387,18 @@ fn run(cli: Cli) -> Result<()> {
             prompts,
             max_new_tokens,
             json,
+            activations,
             device,
         } => {
             let m = load_pair(&base, &candidate)?;
-            let report =
-                dtm::divergence(&m, "base", "candidate", &prompts, max_new_tokens, &device)?;
+            let report = dtm::divergence(
+                &m,
+                "base",
+                "candidate",
+                &prompts,
+                max_new_tokens,
+                &exec(device, activations),
+            )?;
             if json {
                 print!("{}", report.json_rows());
             } else {
@@ -362,6 +413,7 @@ fn run(cli: Cli) -> Result<()> {
             calibration,
             window,
             out,
+            activations,
             device,
         } => {
             let levels =
@@ -373,7 +425,7 @@ fn run(cli: Cli) -> Result<()> {
                 levels,
                 calibration,
                 window,
-                device,
+                exec: exec(device, activations),
             };
             let bar = indicatif::ProgressBar::new(0).with_style(
                 indicatif::ProgressStyle::with_template(

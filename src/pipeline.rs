@@ -22,9 +22,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::emit::Emit;
+use crate::Exec;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use upmix_backends::{load_runtime, DeviceSpec};
+use upmix_backends::{Activations, DeviceSpec};
 use upmix_frontend::TextTokenizer;
 use upmix_ir::{Module, Runtime, RuntimeError};
 use upmix_passes::{
@@ -39,6 +40,11 @@ pub struct Pipeline {
     /// (default), `"wgpu"`, `"cuda:N"`.
     #[serde(default)]
     pub device: Option<String>,
+    /// How activations meet quantized weights: `"float"` (default: f32 activations times
+    /// the dequantized weights) or `"ggml"` (quantized per block first, as llama.cpp's
+    /// CPU backend does, so results are llama.cpp's; cpu only).
+    #[serde(default)]
+    pub activations: Option<String>,
     /// Models to load, by the name passes refer to them with.
     pub models: BTreeMap<String, ModelSource>,
     /// Passes, run in the order written.
@@ -109,6 +115,8 @@ pub enum Eval {
 pub struct RunOptions {
     /// Overrides the file's device.
     pub device: Option<DeviceSpec>,
+    /// Overrides the file's activations.
+    pub activations: Option<Activations>,
     pub dump_ir: DumpIr,
     /// Skip verification after each pass.
     pub no_verify: bool,
@@ -146,14 +154,14 @@ impl Pipeline {
 /// Builds runtimes on one device for passes that execute models, and tokenizes text for
 /// them (each tokenizer file is loaded once, however many texts it encodes).
 pub struct DeviceRuntimes {
-    device: DeviceSpec,
+    exec: Exec,
     tokenizers: HashMap<PathBuf, TextTokenizer>,
 }
 
 impl DeviceRuntimes {
-    pub fn new(device: DeviceSpec) -> Self {
+    pub fn new(exec: impl Into<Exec>) -> Self {
         DeviceRuntimes {
-            device,
+            exec: exec.into(),
             tokenizers: HashMap::new(),
         }
     }
@@ -170,7 +178,7 @@ impl DeviceRuntimes {
 
 impl RuntimeProvider for DeviceRuntimes {
     fn runtime(&mut self, m: &Module, graph: &str) -> Result<Box<dyn Runtime>, RuntimeError> {
-        load_runtime(m, graph, &self.device).map_err(RuntimeError::from)
+        self.exec.load(m, graph).map_err(RuntimeError::from)
     }
 
     fn tokenize(&mut self, m: &Module, graph: &str, text: &str) -> Result<Vec<u32>, RuntimeError> {
@@ -200,6 +208,15 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
         (Some(d), _) => *d,
         (None, Some(s)) => s.parse::<DeviceSpec>()?,
         (None, None) => DeviceSpec::Cpu,
+    };
+    let activations = match (opts.activations, &p.activations) {
+        (Some(a), _) => a,
+        (None, Some(text)) => crate::parse_activations(text).map_err(anyhow::Error::msg)?,
+        (None, None) => Activations::Float,
+    };
+    let exec = Exec {
+        device,
+        activations,
     };
     let mut out = String::new();
     let mut m = Module::new();
@@ -249,7 +266,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
         }
         manager.add(spec.into_pass());
     }
-    let mut provider = DeviceRuntimes::new(device);
+    let mut provider = DeviceRuntimes::new(exec);
     let mut cx = PassContext {
         runtimes: Some(&mut provider),
         notes: Vec::new(),
@@ -287,7 +304,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                     window: *window,
                     bos: *bos,
                 };
-                let (ppl, tokens) = perplexity(&m, model, &content, opts, &device)?;
+                let (ppl, tokens) = perplexity(&m, model, &content, opts, &exec)?;
                 writeln!(
                     out,
                     "eval   perplexity of {model} on {}: {ppl:.4} ({tokens} tokens)",
@@ -319,7 +336,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                 let texts: Vec<&str> = contents.iter().map(|(_, t)| t.as_str()).collect();
                 for model in models {
                     write!(out, "eval   perplexity  {model:<10}")?;
-                    for (ppl, _) in perplexities(&m, model, &texts, opts, &device)? {
+                    for (ppl, _) in perplexities(&m, model, &texts, opts, &exec)? {
                         write!(out, " {ppl:>10.3}")?;
                     }
                     writeln!(out)?;
@@ -337,7 +354,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                     candidate,
                     &resolve(prompts),
                     max_new_tokens.unwrap_or(64),
-                    &device,
+                    &exec,
                 )?;
                 write!(
                     out,
@@ -356,7 +373,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
                     prompt,
                     max_new_tokens.unwrap_or(20),
                     false,
-                    &device,
+                    &exec,
                 )?;
                 writeln!(out, "eval   {model} continues {prompt:?}: {text:?}")?;
             }
@@ -403,9 +420,9 @@ pub fn perplexity(
     model: &str,
     text: &str,
     opts: PerplexityOptions,
-    device: &DeviceSpec,
+    exec: &Exec,
 ) -> Result<(f64, usize)> {
-    let mut one = perplexities(m, model, &[text], opts, device)?;
+    let mut one = perplexities(m, model, &[text], opts, exec)?;
     Ok(one.pop().expect("one text, one result"))
 }
 
@@ -418,7 +435,7 @@ pub fn perplexities(
     model: &str,
     texts: &[&str],
     opts: PerplexityOptions,
-    device: &DeviceSpec,
+    exec: &Exec,
 ) -> Result<Vec<(f64, usize)>> {
     let tokenizer = tokenizer_of(m, model)?;
     let g = m
@@ -438,7 +455,7 @@ pub fn perplexities(
         (true, Some(id)) => Some(id),
         (true, None) => bail!("model `{model}` has no BOS token to start windows with"),
     };
-    let mut rt = load_runtime(m, model, device)?;
+    let mut rt = exec.load(m, model)?;
     let mut out = Vec::with_capacity(texts.len());
     for text in texts {
         let ids = tokenizer.encode(text, false)?;
@@ -469,7 +486,7 @@ pub fn generate(
     prompt: &str,
     max_new: usize,
     chat: bool,
-    device: &DeviceSpec,
+    exec: &Exec,
 ) -> Result<String> {
     let tok = tokenizer_of(m, model)?;
     let ids = if chat {
@@ -479,7 +496,7 @@ pub fn generate(
         tok.encode(prompt, true)?
     };
     let eos = m.graph(model).and_then(|g| g.meta.eos_token_id);
-    let mut rt = load_runtime(m, model, device)?;
+    let mut rt = exec.load(m, model)?;
     let mut new = rt.generate(&ids, max_new, eos)?;
     if new.last().is_some_and(|t| Some(*t) == eos) {
         new.pop();

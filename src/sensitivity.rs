@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::Exec;
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
-use upmix_backends::{load_runtime, DeviceSpec};
 use upmix_ir::Module;
 use upmix_passes::sensitivity::{Compression, SensitivityTable, Sweep};
 use upmix_passes::{calibration_norms, ActivationNorms};
@@ -25,7 +25,7 @@ pub struct SensitivityOptions {
     /// Calibration text for Wanda levels, run in windows of `window` tokens.
     pub calibration: Option<PathBuf>,
     pub window: usize,
-    pub device: DeviceSpec,
+    pub exec: Exec,
 }
 
 /// Runs the sweep over every component of `model`.
@@ -40,8 +40,8 @@ pub fn sweep(
     }
     let prompts = read_prompts(&opts.prompts)?;
     let prompt_ids = encode_prompts(m, model, &prompts)?;
-    let (ys, _) = base_continuations(m, model, &prompt_ids, opts.n, &opts.device)?;
-    let mut rt = load_runtime(m, model, &opts.device)?;
+    let (ys, _) = base_continuations(m, model, &prompt_ids, opts.n, &opts.exec)?;
+    let mut rt = opts.exec.load(m, model)?;
     let norms: ActivationNorms = if opts.levels.iter().any(|l| l.wanda) {
         let Some(path) = &opts.calibration else {
             bail!("wanda levels need a calibration text (--calibration FILE)");

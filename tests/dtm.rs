@@ -28,7 +28,7 @@ fn identical_models_never_diverge() {
     let prompts = prompts_file(dir.path(), "hello world\nthe cat sat\n\nabc\n");
     let mut m = load("llama");
     upmix::frontend::load(&model_dir("llama"), "copy", &mut m).unwrap();
-    let r = divergence(&m, "llama", "copy", &prompts, 16, &device()).unwrap();
+    let r = divergence(&m, "llama", "copy", &prompts, 16, &device().into()).unwrap();
     assert_eq!(r.rows.len(), 3, "blank lines are not prompts");
     for row in &r.rows {
         assert_eq!((row.fdt, row.sdt, row.divergent.len()), (16, 0.0, 0));
@@ -392,24 +392,24 @@ fn bad_dtm_requests_are_clear_errors() {
     upmix::frontend::load(&model_dir("llama"), "copy", &mut m).unwrap();
     let err = format!(
         "{:#}",
-        divergence(&m, "llama", "copy", &empty, 8, &device()).unwrap_err()
+        divergence(&m, "llama", "copy", &empty, 8, &device().into()).unwrap_err()
     );
     assert!(err.contains("holds no prompts (one per line)"), "{err}");
     let prompts = prompts_file(dir.path(), "abc\n");
     let err = format!(
         "{:#}",
-        divergence(&m, "llama", "copy", &prompts, 0, &device()).unwrap_err()
+        divergence(&m, "llama", "copy", &prompts, 0, &device().into()).unwrap_err()
     );
     assert!(err.contains("at least 1 token"), "{err}");
     let err = format!(
         "{:#}",
-        divergence(&m, "llama", "nope", &prompts, 4, &device()).unwrap_err()
+        divergence(&m, "llama", "nope", &prompts, 4, &device().into()).unwrap_err()
     );
     assert!(err.contains("nope"), "{err}");
     let missing = dir.path().join("missing.txt");
     let err = format!(
         "{:#}",
-        divergence(&m, "llama", "copy", &missing, 4, &device()).unwrap_err()
+        divergence(&m, "llama", "copy", &missing, 4, &device().into()).unwrap_err()
     );
     assert!(err.contains("missing.txt"), "{err}");
 }
@@ -435,14 +435,14 @@ fn base_continuations_are_cached_by_model_content() {
         cache_key(&m, "llama", &prompts[..1], 8).unwrap()
     );
     let (first, hit) =
-        base_continuations_in(cache.path(), &m, "llama", &prompts, 8, &device()).unwrap();
+        base_continuations_in(cache.path(), &m, "llama", &prompts, 8, &device().into()).unwrap();
     assert!(!hit);
     let (again, hit) =
-        base_continuations_in(cache.path(), &m, "same", &prompts, 8, &device()).unwrap();
+        base_continuations_in(cache.path(), &m, "same", &prompts, 8, &device().into()).unwrap();
     assert!(hit, "a model with the same content reads the cache");
     assert_eq!(first, again);
     let (_, hit) =
-        base_continuations_in(cache.path(), &m, "other", &prompts, 8, &device()).unwrap();
+        base_continuations_in(cache.path(), &m, "other", &prompts, 8, &device().into()).unwrap();
     assert!(!hit);
     // A pruned model is other content.
     let pass = upmix::passes::Prune {
@@ -468,7 +468,7 @@ fn base_continuations_are_cached_by_model_content() {
     assert!(file.is_file());
     std::fs::write(&file, "{").unwrap();
     let (ys, hit) =
-        base_continuations_in(cache.path(), &m, "same", &prompts, 8, &device()).unwrap();
+        base_continuations_in(cache.path(), &m, "same", &prompts, 8, &device().into()).unwrap();
     assert!(!hit);
     assert_eq!(ys, first);
 }

@@ -27,7 +27,7 @@ fn bos_windows_match_the_training_scripts_perplexity() {
         window: Some(128),
         bos: Some(true),
     };
-    let got = perplexities(&m, "seed", &texts, bos, &device()).unwrap();
+    let got = perplexities(&m, "seed", &texts, bos, &device().into()).unwrap();
     for (d, (ppl, _)) in domains.iter().zip(&got) {
         let want = want["seed"][d].as_f64().unwrap();
         println!("seed on {d}: upmix {ppl:.4}, training script {want:.4}");
@@ -42,14 +42,14 @@ fn bos_windows_match_the_training_scripts_perplexity() {
         window: Some(128),
         bos: None,
     };
-    let default = perplexities(&m, "seed", &texts, plain, &device()).unwrap();
+    let default = perplexities(&m, "seed", &texts, plain, &device().into()).unwrap();
     let off = PerplexityOptions {
         bos: Some(false),
         ..plain
     };
     assert_eq!(
         default,
-        perplexities(&m, "seed", &texts, off, &device()).unwrap()
+        perplexities(&m, "seed", &texts, off, &device().into()).unwrap()
     );
     assert!(default.iter().zip(&got).all(|(a, b)| a.0 != b.0));
 }
@@ -62,6 +62,6 @@ fn bos_windows_need_a_bos_token() {
         window: None,
         bos: Some(true),
     };
-    let err = perplexities(&m, "llama", &["some text here"], opts, &device()).unwrap_err();
+    let err = perplexities(&m, "llama", &["some text here"], opts, &device().into()).unwrap_err();
     assert!(err.to_string().contains("has no BOS token"), "{err}");
 }

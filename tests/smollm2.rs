@@ -231,8 +231,9 @@ fn cli_inspect_shows_each_tensors_stored_type() {
     assert!(text.contains("heads=9 kv_heads=3 head_dim=64 rope_theta=100000.0"));
     assert!(text.contains("embed.table q8_0[49152, 576] = source(SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert!(text.contains("layers.0.ffn.gate q4_1[1536, 576]"));
-    // Q and K are read through the row permutation that undoes llama.cpp's.
-    assert!(text.contains("layers.0.attn.q f32[576, 576] = rows("));
+    // Q and K are read through the row permutation that undoes llama.cpp's; whole rows
+    // of Q4_1 blocks, they stay Q4_1.
+    assert!(text.contains("layers.0.attn.q q4_1[576, 576] = rows("));
     assert_eq!(text.matches(" = Attention(").count(), 30);
 }
 
@@ -509,7 +510,8 @@ fn divergent_token_metrics_of_a_pruned_model_match_transformers() {
     }
     let prompts = common::golden_dir().join("dtm/prompts.txt");
     let n = g["n"].as_u64().unwrap() as usize;
-    let report = upmix::dtm::divergence(&m, "smollm2", "pruned", &prompts, n, &device()).unwrap();
+    let report =
+        upmix::dtm::divergence(&m, "smollm2", "pruned", &prompts, n, &device().into()).unwrap();
     let want = g["candidate"]["prompts"].as_array().unwrap();
     assert_eq!(report.rows.len(), want.len());
     for (i, (got, w)) in report.rows.iter().zip(want).enumerate() {

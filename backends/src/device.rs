@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use upmix_ir::{Module, Runtime};
 
-use crate::{BackendError, BurnRuntime, MoeDispatch};
+use crate::{Activations, BackendError, BurnRuntime, MoeDispatch};
 
 /// A device to run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -67,6 +67,9 @@ pub fn load_runtime(
 pub struct RuntimeOptions {
     /// How mixture-of-experts layers give rows to their experts.
     pub moe_dispatch: MoeDispatch,
+    /// How activations meet quantized weights: `Ggml` (on the CPU only) quantizes them
+    /// per block as llama.cpp's CPU backend does, so logits are llama.cpp's.
+    pub activations: Activations,
 }
 
 /// [`load_runtime`] with `options`.
@@ -76,11 +79,18 @@ pub fn load_runtime_with(
     device: &DeviceSpec,
     options: RuntimeOptions,
 ) -> Result<Box<dyn Runtime>, BackendError> {
+    if options.activations == Activations::Ggml && *device != DeviceSpec::Cpu {
+        return Err(BackendError::BadDevice(format!(
+            "ggml activations (quantized per block, as llama.cpp's CPU backend does) run on \
+             the cpu only, not on `{device}`"
+        )));
+    }
     match device {
         DeviceSpec::Cpu => {
             let mut runtime =
                 BurnRuntime::<burn_flex::Flex>::new(module, graph, &burn_flex::FlexDevice)?;
             runtime.set_moe_dispatch(options.moe_dispatch);
+            runtime.set_activations(options.activations);
             Ok(Box::new(runtime))
         }
         DeviceSpec::Wgpu => wgpu_runtime(module, graph, options),

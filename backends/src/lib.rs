@@ -15,4 +15,4 @@ pub mod runtime;
 
 pub use device::{load_runtime, load_runtime_with, DeviceSpec, RuntimeOptions};
 pub use error::BackendError;
-pub use runtime::{BurnRuntime, MoeDispatch};
+pub use runtime::{Activations, BurnRuntime, MoeDispatch, QuantMatrix};

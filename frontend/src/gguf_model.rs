@@ -11,12 +11,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use upmix_formats::{canonical, gguf as names, Family, Role};
-use upmix_ir::{ModelMeta, Module, Rope, RopePairs, RopeScaling, Weight, WeightExpr, WeightId};
+use upmix_ir::{
+    FeedForward, MixtureOfExperts, ModelMeta, Module, Op, Rope, RopePairs, RopeScaling, Routing,
+    Weight, WeightExpr, WeightId,
+};
 
 use crate::config::Windows;
-use crate::decoder::{build_decoder, family, CohereParts, Hyper, TensorSource};
+use crate::decoder::{build_decoder, dense_mlp, family, CohereParts, Hyper, TensorSource};
 use crate::error::FrontendError;
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, GgufTensor};
 
 /// Loads the GGUF file at `path` into `module` as a graph called `name`.
 pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), FrontendError> {
@@ -27,13 +30,32 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         .unwrap_or_default()
         .to_string();
     let family = family(names::ARCHITECTURES, &arch, path)?;
-    if gguf.get(&format!("{arch}.expert_count")).is_some() {
-        return Err(FrontendError::Config {
-            path: path.to_path_buf(),
-            message: "mixture-of-experts GGUF files are not supported yet".into(),
-        });
-    }
     let key = |k: &str| format!("{arch}.{k}");
+    let experts = match gguf.get(&key("expert_count")) {
+        None => None,
+        Some(_) if arch != "llama" => {
+            return Err(FrontendError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "mixture-of-experts `{arch}` GGUF files are not supported (llama is)"
+                ),
+            })
+        }
+        Some(_) => {
+            let n = gguf.require_u64(&key("expert_count"))? as usize;
+            let top_k = gguf.require_u64(&key("expert_used_count"))? as usize;
+            if n == 0 || top_k == 0 || top_k > n {
+                return Err(FrontendError::Config {
+                    path: path.to_path_buf(),
+                    message: format!("expert_used_count {top_k} must be in 1..={n} (expert_count)"),
+                });
+            }
+            Some(Routing {
+                top_k,
+                normalize: true,
+            })
+        }
+    };
     let heads = gguf.require_u64(&key("attention.head_count"))? as usize;
     let hidden = gguf.require_u64(&key("embedding_length"))? as usize;
     if heads == 0 || !hidden.is_multiple_of(heads) {
@@ -113,6 +135,7 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         module,
         unpermute_qk: family == Family::Llama,
         hyper: hyper.clone(),
+        experts,
     };
     let graph = build_decoder(name, meta, (&hyper, path), false, &mut loader)?;
     module.insert(graph);
@@ -178,6 +201,9 @@ struct Loader<'a> {
     /// Undo llama.cpp's Q/K row permutation.
     unpermute_qk: bool,
     hyper: Hyper,
+    /// A Mixtral-style mixture in every layer (`{arch}.expert_count`): its routing; the
+    /// expert count is the router's rows.
+    experts: Option<Routing>,
 }
 
 impl TensorSource for Loader<'_> {
@@ -239,9 +265,86 @@ impl TensorSource for Loader<'_> {
         })?)
     }
 
+    fn mlp(&mut self, layer: usize, h: &Hyper) -> Result<Op, FrontendError> {
+        let Some(routing) = self.experts else {
+            return dense_mlp(self, layer, h);
+        };
+        let router_name = names::name(Role::Router, layer).expect("GGUF names routers");
+        let n = match self.gguf.tensors.get(&router_name) {
+            Some(t) => t.shape[0],
+            None => {
+                return Err(FrontendError::MissingTensor {
+                    path: self.gguf.path().to_path_buf(),
+                    tensor: router_name,
+                })
+            }
+        };
+        let router = self.tensor(Role::Router, layer, &[n, h.hidden])?;
+        // Each expert's matrix is a contiguous run of the stacked `[experts, out, in]`.
+        let mut parts = Vec::new();
+        for (k, shape) in [[h.ffn, h.hidden], [h.ffn, h.hidden], [h.hidden, h.ffn]]
+            .into_iter()
+            .enumerate()
+        {
+            let name = names::name(Role::Expert(k), layer).expect("GGUF names experts");
+            let t = self.stacked(&name, [n, shape[0], shape[1]])?;
+            let each = t.dtype.nbytes(&shape).unwrap_or(0);
+            let mut ids = Vec::with_capacity(n);
+            for e in 0..n {
+                ids.push(self.module.weights.add(Weight {
+                    name: canonical(Role::Expert(k), layer, e),
+                    shape: shape.to_vec(),
+                    dtype: t.dtype,
+                    expr: WeightExpr::Source {
+                        file: self.gguf.file.clone(),
+                        offset: t.offset + e * each,
+                        dtype: t.dtype,
+                    },
+                })?);
+            }
+            parts.push(ids);
+        }
+        let experts = (0..n)
+            .map(|e| FeedForward {
+                gate: parts[0][e],
+                up: parts[1][e],
+                down: parts[2][e],
+            })
+            .collect();
+        Ok(Op::MixtureOfExperts(MixtureOfExperts {
+            router,
+            experts,
+            routing,
+            shared_expert: None,
+        }))
+    }
+
     fn has_lm_head(&self) -> bool {
         let name = names::name(Role::LmHead, 0).expect("GGUF names the lm head");
         self.gguf.tensors.contains_key(&name)
+    }
+}
+
+impl Loader<'_> {
+    /// The stacked tensor `name`, checked to have `shape`.
+    fn stacked(&self, name: &str, shape: [usize; 3]) -> Result<GgufTensor, FrontendError> {
+        let t = self
+            .gguf
+            .tensors
+            .get(name)
+            .ok_or_else(|| FrontendError::MissingTensor {
+                path: self.gguf.path().to_path_buf(),
+                tensor: name.to_string(),
+            })?;
+        if t.shape != shape {
+            return Err(FrontendError::TensorShape {
+                path: self.gguf.path().to_path_buf(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        Ok(t.clone())
     }
 }
 

@@ -440,16 +440,23 @@ impl WeightTable {
                 ),
             ));
         }
-        // A weight stored as `dtype` is encoded from its unrounded values, so encoding
-        // once gives the same bytes as the stored form would.
-        let values = if weight.dtype == dtype {
+        // A weight stored in a quantized `dtype` is quantized from its unrounded values
+        // (quantizing its dequantized values again could move them); the check is of the
+        // quantized encoding.
+        let values = if weight.dtype == dtype && dtype.is_quantized() {
             let data = self.eval(weight)?;
             self.check_computed(weight, &data)?;
+            let plain = Weight {
+                dtype: DType::F32,
+                ..weight.clone()
+            };
+            self.check_encoding(&plain, &data, dtype)?;
             data
         } else {
-            self.materialize(id)?.data
+            let data = self.materialize(id)?.data;
+            self.check_encoding(weight, &data, dtype)?;
+            data
         };
-        self.check_encoding(weight, &values, dtype)?;
         let mut out = Vec::new();
         dtype.encode(&values, weight.cols(), &mut out);
         Ok(out)

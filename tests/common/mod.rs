@@ -99,7 +99,10 @@ pub fn tolerance() -> Tolerance {
 pub fn sparse_dense_diff(m: &Module, graph: &str, tokens: &[u32]) -> f32 {
     use upmix::backends::{load_runtime_with, MoeDispatch, RuntimeOptions};
     let logits = |moe_dispatch| {
-        let options = RuntimeOptions { moe_dispatch };
+        let options = RuntimeOptions {
+            moe_dispatch,
+            ..RuntimeOptions::default()
+        };
         load_runtime_with(m, graph, &device(), options)
             .unwrap()
             .logits(tokens)

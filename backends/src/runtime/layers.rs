@@ -13,7 +13,7 @@ use super::kernels::Kernels;
 use burn_tensor::{Int, Tensor};
 use upmix_ir::{FeedForward, WeightId, WeightTable};
 
-use super::params::{Form, Params, P};
+use super::params::{Form, Params, Stored, P};
 use crate::BackendError;
 
 /// `(x - mean(x)) / sqrt(var(x) + eps)` over each row of `x` (`[rows, width]`), the
@@ -51,7 +51,10 @@ impl Projection {
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward<B: Kernels>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         params.tap(self.weight_t, &x);
-        let y = B::project(x, params.get(self.weight_t));
+        let y = match params.stored(self.weight_t) {
+            Stored::Dense(w) => B::project(x, w.clone()),
+            Stored::Quantized(w) => B::project_quantized(x, w, params.activations),
+        };
         match self.bias {
             Some(b) => y + params.get(b),
             None => y,
@@ -72,7 +75,10 @@ impl Embedding {
         params: &Params<B>,
         tokens: Tensor<B, 1, Int>,
     ) -> Tensor<B, 2> {
-        let table = params.get(self.table);
+        let table = match params.stored(self.table) {
+            Stored::Dense(table) => table.clone(),
+            Stored::Quantized(table) => return B::quantized_rows(table, tokens),
+        };
         if self.transposed {
             table.select(1, tokens).transpose()
         } else {

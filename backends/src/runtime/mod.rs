@@ -30,6 +30,7 @@ mod mixture_attention;
 mod moe;
 mod params;
 mod plan;
+mod quantized;
 mod resume;
 mod routing;
 #[cfg(test)]
@@ -44,6 +45,7 @@ use frame::{upload_batch, Columns, Frame};
 pub use kernels::Kernels;
 pub use moe::MoeDispatch;
 use plan::{Plan, RunArgs, Value};
+pub use quantized::{Activations, QuantMatrix};
 use resume::SavedStates;
 
 /// A graph lowered for execution on burn backend `B`.
@@ -91,6 +93,11 @@ impl<B: Kernels> BurnRuntime<B> {
     /// the reference formulation, for tests).
     pub fn set_moe_dispatch(&mut self, dispatch: MoeDispatch) {
         self.dispatch = dispatch;
+    }
+
+    /// How activations meet weights kept quantized (see [`Activations`]).
+    pub fn set_activations(&mut self, activations: Activations) {
+        self.plan.params.activations = activations;
     }
 
     /// Rejects empty sequences and ids outside the embedding table.

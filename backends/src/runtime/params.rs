@@ -8,11 +8,19 @@
 //! A weight is uploaded once per layout it is used in ([`Form`]). The one weight used in
 //! two roles, a tied embedding table that is also the lm head, is uploaded once, in the
 //! lm head's transposed layout; the embedding reads its rows from that buffer.
+//!
+//! On a backend that keeps weights quantized (the CPU), a matrix stored as Q8_0, Q4_0,
+//! Q4_1 or int8 per channel stays so, in host memory (module `quantized`), whatever
+//! layout is asked for: projections multiply by it and embeddings dequantize their rows
+//! from it. Elsewhere it is dequantized to f32 on upload.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
 use super::kernels::Kernels;
+use super::quantized::{self, Activations, QuantMatrix};
 use burn_tensor::{DType, Tensor, TensorData};
 use upmix_ir::{HostTensor, RuntimeError, WeightError, WeightId, WeightTable};
 
@@ -34,21 +42,32 @@ pub(crate) enum Form {
     Flat,
 }
 
+/// What a parameter entry holds.
+#[derive(Clone)]
+pub(crate) enum Stored<B: Kernels> {
+    /// A device tensor in the entry's layout.
+    Dense(Tensor<B, 2>),
+    /// A matrix kept quantized in host memory (any layout).
+    Quantized(Arc<QuantMatrix>),
+}
+
 struct Entry<B: Kernels> {
     weight: WeightId,
     name: String,
     form: Form,
     /// The weight's shape in the weight table.
     shape: Vec<usize>,
-    tensor: Tensor<B, 2>,
+    stored: Stored<B>,
 }
 
 /// The device tensors of one lowered graph.
 pub(crate) struct Params<B: Kernels> {
     entries: Vec<Entry<B>>,
-    /// Original tensors of replaced entries, by entry index.
-    saved: HashMap<usize, Tensor<B, 2>>,
+    /// Original contents of replaced entries, by entry index.
+    saved: HashMap<usize, Stored<B>>,
     device: B::Device,
+    /// How activations meet the weights kept quantized.
+    pub activations: Activations,
     /// While recording: per entry, the column sums of the squares of every input a
     /// projection multiplied by it (`[1, in]`), see [`Params::tap`].
     taps: RefCell<Option<HashMap<usize, Tensor<B, 2>>>>,
@@ -60,13 +79,25 @@ impl<B: Kernels> Params<B> {
             entries: Vec::new(),
             saved: HashMap::new(),
             device: device.clone(),
+            activations: Activations::default(),
             taps: RefCell::new(None),
         }
     }
 
-    /// The tensor behind `p` (a cheap handle clone).
+    /// The device tensor behind `p` (a cheap handle clone).
+    ///
+    /// # Panics
+    /// When `p` is kept quantized: read those through [`Params::stored`].
     pub fn get(&self, p: P) -> Tensor<B, 2> {
-        self.entries[p.0].tensor.clone()
+        match &self.entries[p.0].stored {
+            Stored::Dense(t) => t.clone(),
+            Stored::Quantized(_) => panic!("`{}` is kept quantized", self.entries[p.0].name),
+        }
+    }
+
+    /// What `p` holds.
+    pub fn stored(&self, p: P) -> &Stored<B> {
+        &self.entries[p.0].stored
     }
 
     /// The handle of weight `id` in layout `form`, materialising and uploading it on first
@@ -77,14 +108,30 @@ impl<B: Kernels> Params<B> {
         id: WeightId,
         form: Form,
     ) -> Result<P, BackendError> {
-        if let Some(i) = self
-            .entries
-            .iter()
-            .position(|e| e.weight == id && e.form == form)
-        {
+        let w = weights.get(id)?;
+        let keep = B::KEEPS_QUANTIZED
+            && quantized::keeps(w.dtype)
+            && w.shape.len() == 2
+            && form != Form::Flat;
+        let same = |e: &Entry<B>| {
+            e.weight == id && (e.form == form || keep && matches!(e.stored, Stored::Quantized(_)))
+        };
+        if let Some(i) = self.entries.iter().position(same) {
             return Ok(P(i));
         }
-        let name = weights.get(id)?.name.clone();
+        let name = w.name.clone();
+        if keep {
+            let bytes = weights.materialize_bytes(id)?;
+            let matrix = QuantMatrix::new(w.dtype, w.shape[0], w.shape[1], &bytes);
+            self.entries.push(Entry {
+                weight: id,
+                name,
+                form,
+                shape: w.shape.clone(),
+                stored: Stored::Quantized(Arc::new(matrix)),
+            });
+            return Ok(P(self.entries.len() - 1));
+        }
         let host = weights.materialize(id)?;
         let shape = host.shape.clone();
         let tensor = prepare(host, form, &self.device).map_err(|message| {
@@ -98,13 +145,14 @@ impl<B: Kernels> Params<B> {
             name,
             form,
             shape,
-            tensor,
+            stored: Stored::Dense(tensor),
         });
         Ok(P(self.entries.len() - 1))
     }
 
-    /// Replaces the values of `weights` in every layout they are used in. All are checked
-    /// (used by the graph, same shape) before any is replaced.
+    /// Replaces the values of `weights` in every layout they are used in (as f32 device
+    /// tensors, also where the original is kept quantized). All are checked (used by the
+    /// graph, same shape) before any is replaced.
     pub fn replace(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
         let mut plan = Vec::new();
         for (id, host) in weights {
@@ -133,7 +181,7 @@ impl<B: Kernels> Params<B> {
             let entry = &mut self.entries[i];
             let tensor = prepare(host.clone(), entry.form, &self.device)
                 .expect("the shape was checked against the uploaded one");
-            let old = std::mem::replace(&mut entry.tensor, tensor);
+            let old = std::mem::replace(&mut entry.stored, Stored::Dense(tensor));
             self.saved.entry(i).or_insert(old);
         }
         Ok(())
@@ -141,8 +189,8 @@ impl<B: Kernels> Params<B> {
 
     /// Puts back the original of every replaced entry.
     pub fn restore(&mut self) {
-        for (i, tensor) in self.saved.drain() {
-            self.entries[i].tensor = tensor;
+        for (i, stored) in self.saved.drain() {
+            self.entries[i].stored = stored;
         }
     }
 
@@ -179,13 +227,14 @@ impl<B: Kernels> Params<B> {
         self.entries.iter().filter(|e| e.weight == id).count()
     }
 
-    /// Every parameter with its weight and layout, mutably: for marking parameters that
-    /// autodiff tracks and for optimiser updates.
+    /// Every device parameter with its weight and layout, mutably: for marking parameters
+    /// that autodiff tracks and for optimiser updates.
     #[allow(dead_code)]
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (WeightId, Form, &mut Tensor<B, 2>)> {
-        self.entries
-            .iter_mut()
-            .map(|e| (e.weight, e.form, &mut e.tensor))
+        self.entries.iter_mut().filter_map(|e| match &mut e.stored {
+            Stored::Dense(t) => Some((e.weight, e.form, t)),
+            Stored::Quantized(_) => None,
+        })
     }
 }
 

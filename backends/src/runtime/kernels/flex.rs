@@ -2,10 +2,11 @@
 //! when the input buffer is not shared, parallel over rows.
 
 use burn_flex::{Flex, FlexTensor};
-use burn_tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::{axpy, exp, Kernels};
+use crate::runtime::quantized::{Activations, QuantMatrix};
 
 /// Rows of at least this many elements in all are worth spreading over threads.
 const PARALLEL_ELEMENTS: usize = 1 << 15;
@@ -68,6 +69,31 @@ fn all_f32(ts: &[&FlexTensor]) -> bool {
 const STREAMED_ROWS: usize = 4;
 
 impl Kernels for Flex {
+    const KEEPS_QUANTIZED: bool = true;
+
+    fn project_quantized(
+        x: Tensor<Flex, 2>,
+        w: &QuantMatrix,
+        activations: Activations,
+    ) -> Tensor<Flex, 2> {
+        let [rows, _] = x.dims();
+        let x = raw(x).to_contiguous();
+        let out = w.project(values(&x), activations);
+        wrap(FlexTensor::from_data(TensorData::new(out, [rows, w.rows])))
+    }
+
+    fn quantized_rows(w: &QuantMatrix, ids: Tensor<Flex, 1, Int>) -> Tensor<Flex, 2> {
+        let ids = ids.into_data();
+        let ids = ids.iter::<i64>();
+        let mut out = Vec::new();
+        let mut n = 0;
+        for id in ids {
+            w.dequantize_row(id as usize, &mut out);
+            n += 1;
+        }
+        wrap(FlexTensor::from_data(TensorData::new(out, [n, w.cols])))
+    }
+
     fn project(x: Tensor<Flex, 2>, w: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
         let ([rows, k], [_, n]) = (x.dims(), w.dims());
         let (x, w) = (raw(x).to_contiguous(), raw(w));

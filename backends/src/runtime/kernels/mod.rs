@@ -10,10 +10,32 @@
 
 use burn_tensor::activation::{silu, softmax};
 use burn_tensor::backend::Backend;
-use burn_tensor::Tensor;
+use burn_tensor::{Int, Tensor};
+
+use super::quantized::{Activations, QuantMatrix};
 
 /// The fused operations a backend may provide.
 pub trait Kernels: Backend {
+    /// Whether quantized weights stay quantized (in host memory) and are multiplied by
+    /// [`Kernels::project_quantized`]; otherwise they are dequantized on upload.
+    const KEEPS_QUANTIZED: bool = false;
+
+    /// `x W^T` for activations `x` (`[rows, in]`) and a quantized `[out, in]` weight.
+    fn project_quantized(
+        x: Tensor<Self, 2>,
+        w: &QuantMatrix,
+        activations: Activations,
+    ) -> Tensor<Self, 2> {
+        let _ = (x, w, activations);
+        unreachable!("only backends that keep weights quantized hold quantized matrices")
+    }
+
+    /// Rows `ids` of a quantized table, dequantized: `[ids.len(), cols]`.
+    fn quantized_rows(w: &QuantMatrix, ids: Tensor<Self, 1, Int>) -> Tensor<Self, 2> {
+        let _ = (w, ids);
+        unreachable!("only backends that keep weights quantized hold quantized matrices")
+    }
+
     /// `x w` for activations `x` (`[rows, in]`) and a prepared `[in, out]` weight.
     fn project(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         x.matmul(w)
