@@ -9,6 +9,7 @@ pub mod dtm;
 pub mod emit;
 pub mod pipeline;
 pub mod sensitivity;
+pub mod storage;
 
 pub use upmix_backends as backends;
 

@@ -52,7 +52,8 @@ enum Command {
         #[arg(long, value_parser = upmix::parse_activations)]
         activations: Option<Activations>,
     },
-    /// Print a checkpoint's IR (a Hugging Face directory or a .gguf file).
+    /// Print a checkpoint's IR (a Hugging Face directory or a .gguf file), then how its
+    /// weights are stored: weights, parameters, bytes and types per component.
     Inspect {
         checkpoint: PathBuf,
         /// Then scan every tensor for NaN and Inf values; fail if any holds some.
@@ -336,6 +337,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { checkpoint, check } => {
             let m = load(&checkpoint)?;
             print!("{}", print_graph(&m.graphs["model"], &m.weights));
+            print!("{}", upmix::storage::storage_table(&m, "model")?);
             if check {
                 check_checkpoint(&m)?;
             }

@@ -122,7 +122,7 @@ impl<B: Kernels> Params<B> {
         let name = w.name.clone();
         if keep {
             let bytes = weights.materialize_bytes(id)?;
-            let matrix = QuantMatrix::new(w.dtype, w.shape[0], w.shape[1], &bytes);
+            let matrix = QuantMatrix::new(w.dtype, w.shape[0], w.shape[1], bytes);
             self.entries.push(Entry {
                 weight: id,
                 name,

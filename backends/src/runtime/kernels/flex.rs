@@ -77,6 +77,9 @@ impl Kernels for Flex {
         activations: Activations,
     ) -> Tensor<Flex, 2> {
         let [rows, _] = x.dims();
+        if activations == Activations::Float && rows > STREAMED_ROWS {
+            return dequantized_tiles(x, w);
+        }
         let x = raw(x).to_contiguous();
         let out = w.project(values(&x), activations);
         wrap(FlexTensor::from_data(TensorData::new(out, [rows, w.rows])))
@@ -113,17 +116,18 @@ impl Kernels for Flex {
             1
         };
         let band = k.div_ceil(bands);
-        let sums: Vec<Vec<f32>> = (0..k)
-            .step_by(band)
-            .collect::<Vec<_>>()
-            .par_iter()
-            .map(|&first| {
-                let mut acc = vec![0f32; rows * n];
-                let last = (first + band).min(k);
-                axpy::rows_times_band(xs, ws, k, n, first..last, &mut acc);
-                acc
-            })
-            .collect();
+        let band_sums = |&first: &usize| {
+            let mut acc = vec![0f32; rows * n];
+            let last = (first + band).min(k);
+            axpy::rows_times_band(xs, ws, k, n, first..last, &mut acc);
+            acc
+        };
+        let firsts: Vec<usize> = (0..k).step_by(band).collect();
+        // One band runs here: handing it to the pool costs a context switch.
+        let sums: Vec<Vec<f32>> = match bands {
+            1 => firsts.iter().map(band_sums).collect(),
+            _ => firsts.par_iter().map(band_sums).collect(),
+        };
         let mut sums = sums.into_iter();
         let mut out = sums.next().expect("at least one band");
         for sum in sums {
@@ -304,6 +308,28 @@ fn softmax_row(row: &mut [f32]) {
     exp::exp_in_place(row);
     let sum: f32 = row.iter().sum();
     row.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// `x W^T` for many rows of f32 activations: the quantized weight dequantized a tile of
+/// output rows at a time (never all of it at once), each tile multiplied by gemm, the
+/// products of dequantized weights as an f32 checkpoint gives them.
+fn dequantized_tiles(x: Tensor<Flex, 2>, w: &QuantMatrix) -> Tensor<Flex, 2> {
+    const TILE: usize = 256;
+    let [n, _] = x.dims();
+    let mut out = vec![0f32; n * w.rows];
+    for start in (0..w.rows).step_by(TILE) {
+        let end = (start + TILE).min(w.rows);
+        let mut rows = Vec::with_capacity((end - start) * w.cols);
+        for r in start..end {
+            w.dequantize_row(r, &mut rows);
+        }
+        let tile = FlexTensor::from_data(TensorData::new(rows, [end - start, w.cols]));
+        let product = raw(x.clone().matmul(wrap::<2>(tile).transpose())).to_contiguous();
+        for (r, row) in values(&product).chunks_exact(end - start).enumerate() {
+            out[r * w.rows + start..r * w.rows + end].copy_from_slice(row);
+        }
+    }
+    wrap(FlexTensor::from_data(TensorData::new(out, [n, w.rows])))
 }
 
 #[cfg(test)]

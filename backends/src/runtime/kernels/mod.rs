@@ -106,3 +106,4 @@ impl Kernels for burn_cuda::Cuda {}
 mod axpy;
 mod exp;
 mod flex;
+pub(crate) mod qdot;
