@@ -464,7 +464,15 @@ def main():
     for key, out in quantized.items():
         np_save_file(out, str(OUT / f"{key}.safetensors"))
     save_file(int8, str(OUT / "int8_channel.safetensors"))
-    (OUT / "README.md").write_text(readme(tensors, versions), encoding="utf-8")
+    # Keep the section scripts/make_llama_cpp_quant_goldens.py appends (its own files).
+    path = OUT / "README.md"
+    kept = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        marker = "## llama.cpp quantizer goldens"
+        if marker in old:
+            kept = "\n" + old[old.index(marker):]
+    path.write_text(readme(tensors, versions) + kept, encoding="utf-8")
 
     # The files read back as written.
     back = load_file(str(OUT / "input.safetensors"))

@@ -211,3 +211,45 @@ fn quantize_errors_name_the_problem() {
         assert!(err.contains(want), "{err}");
     }
 }
+
+/// upmix's quantizers equal ggml's C reference as llama.cpp runs it: the tiny Llama,
+/// written as an f32 GGUF by upmix and quantized by `llama_model_quantize` (pure mode,
+/// every matrix), against the same model quantized by upmix and written as GGUF
+/// (scripts/make_llama_cpp_quant_goldens.py).
+#[test]
+fn ggml_blocks_equal_llama_cpps_quantizer() {
+    use upmix::backends::emit::{emit_gguf, GgufEmitOptions};
+    use upmix::frontend::{gguf_tokenizer_metadata, GgufFile};
+    for dtype in ["q8_0", "q4_0", "q4_1"] {
+        let golden =
+            raw_tensors(&golden_dir().join(format!("quant/llama_cpp_{dtype}.safetensors")));
+        let mut m = load("llama");
+        let pass = Quantize {
+            targets: vec![QuantizeTarget {
+                select: vec!["embed".into(), "lm_head".into()],
+                layers: None,
+                dtype: dtype.into(),
+            }],
+            ..quantize(Some(dtype))
+        };
+        run_pass(&mut m, pass).unwrap();
+        let g = m.graph("q").unwrap();
+        let opts = GgufEmitOptions {
+            tokenizer: gguf_tokenizer_metadata(&g.meta, g.meta.vocab_size, None).unwrap(),
+            ..GgufEmitOptions::default()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("q.gguf");
+        emit_gguf(&m, "q", &path, &opts).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        assert!(!golden.is_empty());
+        for (name, (_, _, want)) in &golden {
+            let t = &file.tensors[name];
+            let len = t.dtype.nbytes(&t.shape).unwrap();
+            let ours = &file.file.bytes()[t.offset..t.offset + len];
+            assert_eq!(ours.len(), want.len(), "{dtype} {name}: length");
+            let differing = ours.iter().zip(want).filter(|(a, b)| a != b).count();
+            assert_eq!(differing, 0, "{dtype} {name}: {differing} bytes differ");
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! The `Pass` trait, its context and errors.
 
 use thiserror::Error;
-use upmix_ir::{Graph, Module, NonFinite, Runtime, RuntimeError, VerifyErrors, WeightError};
+use upmix_ir::{
+    Graph, Module, NonFinite, Runtime, RuntimeError, VerifyErrors, WeightError, WeightId,
+};
 
 /// A rewrite over a [`Module`].
 pub trait Pass {
@@ -78,6 +80,27 @@ pub fn graph<'m>(m: &'m Module, pass: &str, name: &str) -> Result<&'m Graph, Pas
         model: name.to_string(),
         available: m.graph_names(),
     })
+}
+
+/// Inserts graph `model` with its weights renamed by `remap` as `into` (a new graph), or
+/// in place of `model` when `into` is `None`; returns the name written.
+pub(crate) fn insert_remapped(
+    m: &mut Module,
+    pass: &str,
+    model: &str,
+    into: Option<&str>,
+    remap: &std::collections::HashMap<WeightId, WeightId>,
+) -> Result<String, PassError> {
+    let target = into.unwrap_or(model).to_string();
+    let mut g = graph(m, pass, model)?.clone();
+    g.name = target.clone();
+    for n in g.node_ids() {
+        g.node_mut(n)
+            .op
+            .map_weights(|id| *remap.get(&id).unwrap_or(&id));
+    }
+    m.insert(g);
+    Ok(target)
 }
 
 /// Wraps a weight-table error with the pass name.

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use upmix_ir::{Module, Pattern, PruneRule, Runtime, RuntimeError, Weight, WeightExpr, WeightId};
 
 use crate::components::{components, parts, Component, Selector};
-use crate::pass::{graph, layer_range, weight_err, Pass, PassContext, PassError};
+use crate::pass::{graph, insert_remapped, layer_range, weight_err, Pass, PassContext, PassError};
 
 /// Pipeline spec:
 /// `Prune(model: "m", into: "m50", targets: [(select: ["attn.*", "ffn.*"], sparsity: 0.5)])`.
@@ -280,15 +280,7 @@ impl Pass for Prune {
             };
             remap.insert(id, m.weights.add(pruned).map_err(weight_err(self.name()))?);
         }
-        let target = self.into.clone().unwrap_or_else(|| self.model.clone());
-        let mut g = graph(m, self.name(), &self.model)?.clone();
-        g.name = target.clone();
-        for n in g.node_ids() {
-            g.node_mut(n)
-                .op
-                .map_weights(|id| *remap.get(&id).unwrap_or(&id));
-        }
-        m.insert(g);
+        let target = insert_remapped(m, self.name(), &self.model, self.into.as_deref(), &remap)?;
         cx.notes.push(format!(
             "Prune: {} components of `{target}`, {:.1}% of their {:.1}M parameters zeroed",
             remap.len(),

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use upmix_ir::{DType, Graph, Module, Op, WeightId};
 
 use crate::components::{components, parts, Component, Selector};
-use crate::pass::{graph, layer_range, weight_err, Pass, PassContext, PassError};
+use crate::pass::{graph, insert_remapped, layer_range, weight_err, Pass, PassContext, PassError};
 
 /// Pipeline spec: `Quantize(model: "m", into: "m_q8", dtype: "q8_0")`, or with targets:
 /// `Quantize(model: "m", dtype: "q4_1", targets: [(select: ["ffn.down"], dtype: "q8_0")])`.
@@ -183,15 +183,7 @@ impl Pass for Quantize {
                 remap.insert(id, m.weights.add(w).map_err(weight_err(self.name()))?);
             }
         }
-        let target = self.into.clone().unwrap_or_else(|| self.model.clone());
-        let mut g = graph(m, self.name(), &self.model)?.clone();
-        g.name = target.clone();
-        for n in g.node_ids() {
-            g.node_mut(n)
-                .op
-                .map_weights(|id| *remap.get(&id).unwrap_or(&id));
-        }
-        m.insert(g);
+        let target = insert_remapped(m, self.name(), &self.model, self.into.as_deref(), &remap)?;
         let summary: Vec<String> = counts
             .iter()
             .map(|(d, (n, p))| format!("{n} weights ({:.1}M parameters) to {d}", *p as f64 / 1e6))

@@ -31,7 +31,7 @@ use upmix_ir::{DType, Module, Op, RopeScaling, Weight, WeightExpr, WeightId, Wei
 use super::hf::{architecture, Progress};
 use super::stack::{read_stack, Stack};
 use super::stream::{write_at, write_in_order, Prepared};
-use super::{input_files, io, write_file_atomically, EmitError};
+use super::{input_files, io, verified, write_file_atomically, EmitError};
 
 const FORMAT: &str = "GGUF";
 /// Tensor data alignment (`general.alignment`), llama.cpp's default.
@@ -82,13 +82,7 @@ pub fn emit_gguf(
     path: &Path,
     opts: &GgufEmitOptions,
 ) -> Result<GgufEmitReport, EmitError> {
-    let g = m
-        .graph(graph)
-        .ok_or_else(|| EmitError::UnknownGraph(graph.to_string()))?;
-    upmix_ir::verify(g, &m.weights).map_err(|errors| EmitError::Invalid {
-        graph: graph.to_string(),
-        errors,
-    })?;
+    let g = verified(m, graph)?;
     let unsupported = |message: String| EmitError::Unsupported {
         graph: graph.to_string(),
         format: FORMAT,

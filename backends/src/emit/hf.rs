@@ -23,7 +23,7 @@ use super::hf_config::config_json;
 use super::jetmoe;
 use super::safetensors::write_safetensors;
 use super::stack::{read_stack, Stack};
-use super::{input_files, io, write_dir_atomically, EmitError};
+use super::{input_files, io, verified, write_dir_atomically, EmitError};
 
 /// Options of [`emit_hf`].
 #[derive(Clone)]
@@ -121,15 +121,7 @@ pub fn emit_hf(
     dir: &Path,
     opts: &HfEmitOptions,
 ) -> Result<HfEmitReport, EmitError> {
-    let g = m
-        .graph(graph)
-        .ok_or_else(|| EmitError::UnknownGraph(graph.to_string()))?;
-    // A loaded checkpoint goes straight here when no pass ran: check it like a pass's
-    // output, so a malformed graph is an error rather than an index out of bounds.
-    upmix_ir::verify(g, &m.weights).map_err(|errors| EmitError::Invalid {
-        graph: graph.to_string(),
-        errors,
-    })?;
+    let g = verified(m, graph)?;
     let stack = read_stack(g, FORMAT)?;
     let unsupported = |message: String| EmitError::Unsupported {
         graph: graph.to_string(),

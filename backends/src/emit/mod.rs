@@ -70,6 +70,20 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EmitError + '_ {
     }
 }
 
+/// Graph `graph` of `m`, verified: a loaded checkpoint goes straight to an emitter when no
+/// pass ran, so it is checked like a pass's output and a malformed graph is an error
+/// rather than an index out of bounds.
+pub(crate) fn verified<'m>(m: &'m Module, graph: &str) -> Result<&'m Graph, EmitError> {
+    let g = m
+        .graph(graph)
+        .ok_or_else(|| EmitError::UnknownGraph(graph.to_string()))?;
+    upmix_ir::verify(g, &m.weights).map_err(|errors| EmitError::Invalid {
+        graph: graph.to_string(),
+        errors,
+    })?;
+    Ok(g)
+}
+
 /// Every file the graph reads: its checkpoints' weight files, its config and auxiliary
 /// files.
 pub(crate) fn input_files(m: &Module, g: &Graph) -> Vec<PathBuf> {

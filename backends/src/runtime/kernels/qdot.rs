@@ -151,16 +151,18 @@ pub fn i8_f32(q: &[u8], scale: f32, x: &[f32]) -> f32 {
         .sum()
 }
 
-/// Q8_0 weights times Q8_0 activations.
-pub fn q8_q8(w: WeightRow, x: ActRow, vector: bool) -> f32 {
+/// Checks that `x` covers every block of `w` (the vector kernels read by pointer).
+fn check(w: WeightRow, x: ActRow) {
+    let sums = w.block != Block::Q4_1 || x.s.len() >= w.blocks();
     assert!(
-        x.q.len() >= QK * w.blocks() && x.d.len() >= w.blocks(),
+        x.q.len() >= QK * w.blocks() && x.d.len() >= w.blocks() && sums,
         "activations shorter than the row"
     );
-    assert!(
-        w.block != Block::Q4_1 || x.s.len() >= w.blocks(),
-        "Q8_1 activations without sums"
-    );
+}
+
+/// Q8_0 weights times Q8_0 activations.
+pub fn q8_q8(w: WeightRow, x: ActRow, vector: bool) -> f32 {
+    check(w, x);
     #[cfg(target_arch = "x86_64")]
     if vector {
         // SAFETY: as above.
@@ -182,14 +184,7 @@ pub fn q8_q8(w: WeightRow, x: ActRow, vector: bool) -> f32 {
 
 /// Q4_0 weights times Q8_0 activations, or Q4_1 weights times Q8_1 activations.
 pub fn q4_q8(w: WeightRow, x: ActRow, vector: bool) -> f32 {
-    assert!(
-        x.q.len() >= QK * w.blocks() && x.d.len() >= w.blocks(),
-        "activations shorter than the row"
-    );
-    assert!(
-        w.block != Block::Q4_1 || x.s.len() >= w.blocks(),
-        "Q8_1 activations without sums"
-    );
+    check(w, x);
     #[cfg(target_arch = "x86_64")]
     if vector {
         // SAFETY: as above.
