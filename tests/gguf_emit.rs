@@ -272,3 +272,45 @@ fn hugging_face_output_of_quantized_weights_is_refused_unless_dequantized() {
     let diff = logits(&m, "llama", &TOKENS).max_abs_diff(&logits(&back, "back", &TOKENS));
     assert!(diff < 1e-4, "{diff}");
 }
+
+/// A real byte-level BPE tokenizer.json (SmolLM2's, as transformers 5 saves it:
+/// tests/golden/smollm2_hf) converts to the tokenizer metadata llama.cpp's own converter
+/// wrote into SmolLM2's GGUF: the same tokens, token types, merges, special ids and chat
+/// template. Only `tokenizer.ggml.pre` differs, and rightly: transformers' conversion
+/// dropped SmolLM2's digit split, so this tokenizer.json is plain GPT-2 (`gpt-2`), where
+/// the original is `smollm`.
+#[test]
+fn a_hugging_face_bpe_tokenizer_converts_as_llama_cpp_converted_it() {
+    let Some(gguf) = smollm2_gguf() else {
+        eprintln!("skipped: the SmolLM2 GGUF is not in the model cache (scripts/fetch-models.sh)");
+        return;
+    };
+    let dir = common::golden_dir().join("smollm2_hf");
+    let meta = upmix::ir::ModelMeta {
+        vocab_size: 49152,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        tokenizer: Some(dir.join("tokenizer.json")),
+        ..Default::default()
+    };
+    let ours: std::collections::BTreeMap<String, upmix::frontend::GgufValue> =
+        gguf_tokenizer_metadata(&meta, 49152, None)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let original = GgufFile::open(&gguf).unwrap();
+    for key in [
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.chat_template",
+    ] {
+        assert_eq!(ours.get(key), original.metadata.get(key), "{key}");
+    }
+    let pre = ours["tokenizer.ggml.pre"].as_str();
+    assert_eq!(pre, Some("gpt-2"));
+}

@@ -6,7 +6,8 @@
 //! them: model `gpt2`, the tokens in id order (rows of the embedding beyond the
 //! vocabulary as `[PADn]`, unused), token types (special added tokens are control, other
 //! added tokens user-defined), the merges as `"a b"`, BOS/EOS/unknown ids, BOS added
-//! when `tokenizer_config.json` says so, and its chat template. `tokenizer.ggml.pre`
+//! when `tokenizer_config.json` says so, and the chat template (`chat_template.jinja`, or
+//! `tokenizer_config.json`'s). `tokenizer.ggml.pre`
 //! names llama.cpp's pre-tokenizer; it is recognised from the pre-tokenizer of
 //! `tokenizer.json` (GPT-2's byte-level regex, with single digits split first
 //! (`smollm`), Llama 3's and Qwen2's split regexes), or given by the caller.
@@ -160,7 +161,9 @@ fn from_tokenizer_json(
         "tokenizer.ggml.add_bos_token".into(),
         GgufValue::Bool(add_bos),
     ));
-    if let Some(template) = chat_template(&config["chat_template"]) {
+    // transformers 5 saves the template as chat_template.jinja beside the tokenizer.
+    let jinja = std::fs::read_to_string(path.with_file_name("chat_template.jinja")).ok();
+    if let Some(template) = jinja.or_else(|| chat_template(&config["chat_template"])) {
         out.push((
             "tokenizer.chat_template".into(),
             GgufValue::String(template),
