@@ -190,7 +190,12 @@ fn has_position(error: &str, origin: &str) -> bool {
 fn fuzz_pipeline_ron() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let mut seeds = vec![DOC_EXAMPLE.to_string()];
-    for f in ["merge.ron", "upcycle.ron", "cohere2.ron", "quantize-smollm2.ron"] {
+    for f in [
+        "merge.ron",
+        "upcycle.ron",
+        "cohere2.ron",
+        "quantize-smollm2.ron",
+    ] {
         seeds.push(std::fs::read_to_string(examples.join(f)).expect("example pipeline"));
     }
     for seed in &seeds {
