@@ -215,22 +215,7 @@ impl TensorSource for Loader<'_> {
     ) -> Result<WeightId, FrontendError> {
         let canonical = canonical(role, layer, 0);
         let gguf_name = names::name(role, layer).expect("the decoder asks only for GGUF roles");
-        let t = self
-            .gguf
-            .tensors
-            .get(&gguf_name)
-            .ok_or_else(|| FrontendError::MissingTensor {
-                path: self.gguf.path().to_path_buf(),
-                tensor: gguf_name.clone(),
-            })?;
-        if t.shape != shape {
-            return Err(FrontendError::TensorShape {
-                path: self.gguf.path().to_path_buf(),
-                tensor: gguf_name,
-                expected: shape.to_vec(),
-                found: t.shape.clone(),
-            });
-        }
+        let t = self.info(&gguf_name, shape)?;
         let permuted = match role {
             Role::Attn(0) => Some(self.hyper.heads),
             Role::Attn(1) => Some(self.hyper.kv_heads),
@@ -287,7 +272,7 @@ impl TensorSource for Loader<'_> {
             .enumerate()
         {
             let name = names::name(Role::Expert(k), layer).expect("GGUF names experts");
-            let t = self.stacked(&name, [n, shape[0], shape[1]])?;
+            let t = self.info(&name, &[n, shape[0], shape[1]])?;
             let each = t.dtype.nbytes(&shape).unwrap_or(0);
             let mut ids = Vec::with_capacity(n);
             for e in 0..n {
@@ -326,8 +311,8 @@ impl TensorSource for Loader<'_> {
 }
 
 impl Loader<'_> {
-    /// The stacked tensor `name`, checked to have `shape`.
-    fn stacked(&self, name: &str, shape: [usize; 3]) -> Result<GgufTensor, FrontendError> {
+    /// The tensor `name`, checked to have `shape`.
+    fn info(&self, name: &str, shape: &[usize]) -> Result<GgufTensor, FrontendError> {
         let t = self
             .gguf
             .tensors
