@@ -16,7 +16,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-
 use std::sync::Arc;
 
 use super::kernels::Kernels;

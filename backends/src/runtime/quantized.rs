@@ -1,9 +1,8 @@
 //! Quantized weights kept quantized in (host) memory, and products with them.
 //!
 //! A [`QuantMatrix`] holds an `[out, in]` matrix of Q8_0, Q4_0, Q4_1 or int8-per-channel
-//! weights with its scales widened to f32 once and its quants as stored (one byte per
-//! value, or two 4-bit values per byte in ggml's order), so resident memory stays near
-//! the file's size. [`QuantMatrix::project`] multiplies activation rows by it, parallel
+//! weights exactly as stored (ggml blocks with f16 scales, or per row an f32 scale and
+//! i8 values), so resident memory is the file's size. [`QuantMatrix::project`] multiplies activation rows by it, parallel
 //! over output rows, one of two ways ([`Activations`]):
 //! - `Float`: activations stay f32; each block's quants are widened and dotted with them
 //!   (the values of dequantize-then-multiply, which transformers computes from a
@@ -69,32 +68,14 @@ impl QuantMatrix {
         self.bytes.len() / self.rows.max(1)
     }
 
-    /// Row `j` in the form the block kernels take.
-    fn row(&self, j: usize) -> WeightRow<'_> {
-        let block = match self.dtype {
-            DType::Q8_0 => Block::Q8_0,
-            DType::Q4_0 => Block::Q4_0,
-            _ => Block::Q4_1,
-        };
-        WeightRow {
-            bytes: &self.bytes[j * self.row_bytes()..(j + 1) * self.row_bytes()],
-            block,
-        }
-    }
-
-    /// Int8 per channel: row `j`'s scale and values.
-    fn int8_row(&self, j: usize) -> (f32, &[u8]) {
-        let row = &self.bytes[j * self.row_bytes()..(j + 1) * self.row_bytes()];
-        (
-            f32::from_le_bytes([row[0], row[1], row[2], row[3]]),
-            &row[4..],
-        )
+    /// The stored bytes of row `j`.
+    fn row(&self, j: usize) -> &[u8] {
+        &self.bytes[j * self.row_bytes()..(j + 1) * self.row_bytes()]
     }
 
     /// Appends row `r`, dequantized, to `out`.
     pub fn dequantize_row(&self, r: usize, out: &mut Vec<f32>) {
-        let bytes = &self.bytes[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-        self.dtype.decode(bytes, self.cols, out);
+        self.dtype.decode(self.row(r), self.cols, out);
     }
 
     /// `x W^T` for activation rows `x` (`[n, cols]`, row-major): `[n, rows]`.
@@ -109,17 +90,24 @@ impl QuantMatrix {
             false => Vec::new(),
         };
         let vector = qdot::vector();
-        let dot = |j: usize, r: usize| -> f32 {
+        let block = match self.dtype {
+            DType::Q8_0 => Block::Q8_0,
+            DType::Q4_0 => Block::Q4_0,
+            _ => Block::Q4_1,
+        };
+        // A weight row (its stored bytes) times activation row `r`.
+        let dot = |bytes: &[u8], r: usize| -> f32 {
             let xs = &x[r * self.cols..(r + 1) * self.cols];
+            let w = WeightRow { bytes, block };
             match (self.dtype, ggml) {
                 (DType::Int8PerChannel, _) => {
-                    let (scale, q) = self.int8_row(j);
-                    qdot::i8_f32(q, scale, xs)
+                    let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                    qdot::i8_f32(&bytes[4..], scale, xs)
                 }
-                (DType::Q8_0, false) => qdot::q8_f32(self.row(j), xs, vector),
-                (_, false) => qdot::q4_f32(self.row(j), xs, vector),
-                (DType::Q8_0, true) => qdot::q8_q8(self.row(j), quantized[r].act(), vector),
-                (_, true) => qdot::q4_q8(self.row(j), quantized[r].act(), vector),
+                (DType::Q8_0, false) => qdot::q8_f32(w, xs, vector),
+                (_, false) => qdot::q4_f32(w, xs, vector),
+                (DType::Q8_0, true) => qdot::q8_q8(w, quantized[r].act(), vector),
+                (_, true) => qdot::q4_q8(w, quantized[r].act(), vector),
             }
         };
         // Bands of output columns, one task each; a band reads its weight rows once.
@@ -129,10 +117,11 @@ impl QuantMatrix {
         let at = &at;
         let band = |band: usize| {
             for j in band * BAND..((band + 1) * BAND).min(self.rows) {
+                let bytes = self.row(j);
                 for r in 0..n {
                     // SAFETY: `r * rows + j` is in bounds, and column `j` belongs to this
                     // band alone.
-                    unsafe { *at.0.add(r * self.rows + j) = dot(j, r) };
+                    unsafe { *at.0.add(r * self.rows + j) = dot(bytes, r) };
                 }
             }
         };

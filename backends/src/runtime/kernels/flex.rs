@@ -86,14 +86,11 @@ impl Kernels for Flex {
     }
 
     fn quantized_rows(w: &QuantMatrix, ids: Tensor<Flex, 1, Int>) -> Tensor<Flex, 2> {
-        let ids = ids.into_data();
-        let ids = ids.iter::<i64>();
         let mut out = Vec::new();
-        let mut n = 0;
-        for id in ids {
+        for id in ids.into_data().iter::<i64>() {
             w.dequantize_row(id as usize, &mut out);
-            n += 1;
         }
+        let n = out.len() / w.cols;
         wrap(FlexTensor::from_data(TensorData::new(out, [n, w.cols])))
     }
 
