@@ -141,7 +141,8 @@ enum Command {
         #[arg(short = 'n', long, default_value_t = 64)]
         max_new_tokens: usize,
         /// METHOD:LEVELS, e.g. `magnitude:0.9`, `magnitude:0.5,0.75,0.9`, `wanda:0.5`,
-        /// `magnitude:2:4` (`prune` means magnitude).
+        /// `magnitude:2:4` (`prune` means magnitude), `quantize:q8_0,q4_0,int8_channel`
+        /// (each component rounded to the type's values; float activations only).
         #[arg(long, default_value = "magnitude:0.9")]
         method: String,
         /// Calibration text for `wanda` levels.
@@ -153,6 +154,10 @@ enum Command {
         /// Directory for sensitivity.json, sensitivity.csv and the heat-maps.
         #[arg(long)]
         out: PathBuf,
+        /// Tokenizer to use instead of the checkpoint's own (a tokenizer.json, a checkpoint
+        /// directory, or a GGUF file).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         /// How activations meet quantized weights: `float` (f32 activations times the
         /// dequantized weights) or `ggml` (quantized per block first, as llama.cpp's CPU
         /// backend does; cpu only).
@@ -415,12 +420,13 @@ fn run(cli: Cli) -> Result<()> {
             calibration,
             window,
             out,
+            tokenizer,
             activations,
             device,
         } => {
             let levels =
                 Compression::parse_list(&method).map_err(|e| anyhow::anyhow!("--method: {e}"))?;
-            let m = load(&model)?;
+            let m = load_with_tokenizer(&model, tokenizer)?;
             let opts = SensitivityOptions {
                 prompts,
                 n: max_new_tokens,

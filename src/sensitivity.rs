@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::Exec;
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
+use upmix_backends::Activations;
 use upmix_ir::Module;
 use upmix_passes::sensitivity::{Compression, SensitivityTable, Sweep};
 use upmix_passes::{calibration_norms, ActivationNorms};
@@ -38,11 +39,21 @@ pub fn sweep(
     if opts.n == 0 {
         bail!("the continuation length must be at least 1 token");
     }
+    let quantizes = opts
+        .levels
+        .iter()
+        .any(|l| matches!(l, Compression::Quantize(_)));
+    if quantizes && opts.exec.activations != Activations::Float {
+        bail!(
+            "quantization levels are measured with float activations (each variant swaps in \
+             the dequantized values): drop --activations ggml"
+        );
+    }
     let prompts = read_prompts(&opts.prompts)?;
     let prompt_ids = encode_prompts(m, model, &prompts)?;
     let (ys, _) = base_continuations(m, model, &prompt_ids, opts.n, &opts.exec)?;
     let mut rt = opts.exec.load(m, model)?;
-    let norms: ActivationNorms = if opts.levels.iter().any(|l| l.wanda) {
+    let norms: ActivationNorms = if opts.levels.iter().any(|l| l.wanda()) {
         let Some(path) = &opts.calibration else {
             bail!("wanda levels need a calibration text (--calibration FILE)");
         };
@@ -107,13 +118,15 @@ fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
 
 fn csv(table: &SensitivityTable) -> String {
     let mut s = String::from(
-        "component,layer,part,params,method,pattern,sparsity,mean_fdt,median_fdt,p25_fdt,mean_sdt,perplexity\n",
+        "component,layer,part,params,method,pattern,sparsity,bits,base_bits,mean_fdt,median_fdt,p25_fdt,mean_sdt,perplexity\n",
     );
     for r in &table.rows {
         let layer = r.layer.map_or(String::new(), |l| l.to_string());
+        let bits = r.bits.map_or(String::new(), |b| b.to_string());
+        let base_bits = r.base_bits.map_or(String::new(), |b| b.to_string());
         let _ = writeln!(
             s,
-            "{},{layer},{},{},{},{},{},{},{},{},{},{}",
+            "{},{layer},{},{},{},{},{},{bits},{base_bits},{},{},{},{},{}",
             r.component,
             r.part,
             r.params,
@@ -162,8 +175,11 @@ fn heatmap(table: &SensitivityTable, method: &str, pattern: &str) -> Result<Stri
         let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing the heat-map: {e:?}");
         area.fill(&WHITE).map_err(err)?;
         let title = format!(
-            "{}: mean FDT over {} prompts x {} tokens, each component pruned alone ({method} {pattern})",
-            table.model, table.prompts, table.n
+            "{}: mean FDT over {} prompts x {} tokens, each component {} alone ({method} {pattern})",
+            table.model,
+            table.prompts,
+            table.n,
+            if method == "quantize" { "quantized" } else { "pruned" },
         );
         let style = ("sans-serif", 12).into_font().color(&BLACK);
         area.draw(&Text::new(title, (8, 8), style.clone()))

@@ -200,6 +200,8 @@ fn row(component: &str, params: usize, sparsity: f64, p25: f64) -> SensitivityRo
         method: "magnitude".into(),
         pattern: format!("{sparsity}"),
         sparsity,
+        bits: None,
+        base_bits: None,
         mean_fdt: p25,
         median_fdt: p25,
         p25_fdt: p25,
@@ -216,6 +218,7 @@ fn plan(table: &std::path::Path, target: PlanTarget) -> Plan {
         fragment: None,
         model: None,
         into: None,
+        levels: None,
         method: PruneMethod::Magnitude,
     }
 }
@@ -245,13 +248,13 @@ fn the_plan_lowers_a_threshold_until_the_target_sparsity() {
         .unwrap();
     // tau 32: a@0.5 -> 50/400; tau 30: a@0.9 -> 90/400 >= 0.2.
     assert_eq!(a.threshold, 30.0);
-    assert_eq!(a.average_sparsity, 90.0 / 400.0);
+    assert_eq!(a.average_gain, 90.0 / 400.0);
     let a = plan(&path, PlanTarget::Sparsity(0.3))
         .assign(&table)
         .unwrap();
-    assert_eq!((a.threshold, a.average_sparsity), (20.0, 140.0 / 400.0));
+    assert_eq!((a.threshold, a.average_gain), (20.0, 140.0 / 400.0));
     let a = plan(&path, PlanTarget::Fdt(4.0)).assign(&table).unwrap();
-    assert_eq!(a.average_sparsity, 180.0 / 400.0);
+    assert_eq!(a.average_gain, 180.0 / 400.0);
     // A step that raises two components at once raises only as many as the target needs.
     let pair = SensitivityTable {
         rows: vec![
@@ -271,7 +274,7 @@ fn the_plan_lowers_a_threshold_until_the_target_sparsity() {
             .collect::<Vec<_>>(),
         ["x"]
     );
-    assert_eq!((a.threshold, a.average_sparsity), (10.0, 50.0 / 300.0));
+    assert_eq!((a.threshold, a.average_gain), (10.0, 50.0 / 300.0));
     let err = plan(&path, PlanTarget::Sparsity(0.95))
         .assign(&table)
         .unwrap_err()
@@ -379,7 +382,7 @@ fn a_plan_fragment_is_a_prune_pass_that_runs() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("measured with magnitude, the plan's method is wanda"),
+        err.contains("row `layers.0.attn.q` (magnitude 0.5) does not fit a plan of wanda pruning"),
         "{err}"
     );
 }

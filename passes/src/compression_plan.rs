@@ -1,17 +1,20 @@
 //! `Plan`: per-component compression levels from a sensitivity table (module
 //! `sensitivity`), by the threshold sweep of Deiseroth et al. 2023 (Divergent Token
-//! Metrics, section 4).
+//! Metrics, sections 4 and 5: pruning, and which components to quantize).
 //!
-//! A threshold on the chosen FDT statistic starts at its largest value and is lowered step
-//! by step through the values in the table; at each threshold every component gets the
-//! largest level whose statistic still reaches it (none: left alone). The sweep stops at
-//! the first threshold whose parameter-weighted average sparsity reaches the target
-//! (`Sparsity(t)`), or is that threshold (`Fdt(f)`: a budget). Within the last step the
+//! Each level of a component has a *gain*: the fraction of its entries zeroed (pruning
+//! tables) or the bits per parameter it saves against the base model (quantization
+//! tables). A threshold on the chosen FDT statistic starts at its largest value and is
+//! lowered step by step through the values in the table; at each threshold every
+//! component gets the level of largest gain whose statistic still reaches it (none: left
+//! alone). The sweep stops at the first threshold whose parameter-weighted average gain
+//! reaches the target (`Sparsity(t)`; `Bits(b)`: an average of at most `b` bits per
+//! parameter), or is that threshold (`Fdt(f)`: a budget). Within the last step the
 //! components it raises are raised one at a time, those with the best statistic at their
 //! new level first, until the target is reached, so the plan lands on the target rather
-//! than a whole step beyond it. The result is written as a
-//! `Prune` pipeline fragment a user can read and edit, and applied to `model` if given.
-//! Not function-preserving (it prunes).
+//! than a whole step beyond it. The result is written as a `Prune` or `Quantize` pipeline
+//! fragment a user can read and edit, and applied to `model` if given. Not
+//! function-preserving (it prunes or rounds weights).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,6 +25,7 @@ use upmix_ir::Module;
 
 use crate::pass::{Pass, PassContext, PassError};
 use crate::prune::{Prune, PruneMethod, PruneTarget};
+use crate::quantize::{Quantize, QuantizeTarget};
 use crate::sensitivity::{SensitivityRow, SensitivityTable};
 
 /// Pipeline spec: `Plan(table: "sensitivity.json", target: Sparsity(0.5), model: "m",
@@ -36,17 +40,21 @@ pub struct Plan {
     /// prompts in four keep at least that many tokens), `"median"` or `"mean"`.
     #[serde(default)]
     pub statistic: Option<String>,
-    /// Where to write the plan as a `Prune` pass (RON).
+    /// Where to write the plan as a `Prune` or `Quantize` pass (RON).
     #[serde(default)]
     pub fragment: Option<PathBuf>,
     /// The model to prune by the plan (none: only write the fragment).
     #[serde(default)]
     pub model: Option<String>,
-    /// Name of the pruned copy of `model` (default: prune `model` itself).
+    /// Name of the compressed copy of `model` (default: compress `model` itself).
     #[serde(default)]
     pub into: Option<String>,
-    /// The method the table was measured with (`Magnitude` default; `Wanda(...)` gives the
-    /// calibration text for applying it).
+    /// The table's levels to choose from, as written in it (`["int8_channel"]`,
+    /// `["0.5", "0.9"]`; default: all).
+    #[serde(default)]
+    pub levels: Option<Vec<String>>,
+    /// The pruning method the table was measured with (`Magnitude` default; `Wanda(...)`
+    /// gives the calibration text for applying it). Not used by quantization tables.
     #[serde(default)]
     pub method: PruneMethod,
 }
@@ -54,8 +62,12 @@ pub struct Plan {
 /// What the plan aims for.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub enum PlanTarget {
-    /// A parameter-weighted average sparsity over the table's components.
+    /// A parameter-weighted average sparsity over the table's components (pruning tables).
     Sparsity(f64),
+    /// At most this many bits per parameter, averaged over the table's components with
+    /// their parameters as weights; a component left alone counts at its base bits
+    /// (quantization tables).
+    Bits(f64),
     /// An FDT budget: every component as far as its statistic stays at or above it.
     Fdt(f64),
 }
@@ -64,11 +76,31 @@ pub enum PlanTarget {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Assignment<'t> {
     pub threshold: f64,
-    /// Chosen rows, one per pruned component.
+    /// Chosen rows, one per compressed component.
     pub rows: Vec<&'t SensitivityRow>,
-    pub average_sparsity: f64,
+    /// The parameter-weighted average gain over all the table's components: sparsity, or
+    /// bits per parameter saved.
+    pub average_gain: f64,
     /// Parameters of all the table's components.
     pub total_params: f64,
+    /// Their parameter-weighted average bits in the base model (0 for pruning tables).
+    pub base_bits: f64,
+}
+
+impl Assignment<'_> {
+    /// Average bits per parameter of the table's components under the plan (quantization).
+    pub fn average_bits(&self) -> f64 {
+        self.base_bits - self.average_gain
+    }
+}
+
+/// What one level saves: the sparsity of a pruning row, the bits per parameter saved by a
+/// quantization row.
+pub fn gain(r: &SensitivityRow) -> f64 {
+    match (r.bits, r.base_bits) {
+        (Some(bits), Some(base)) => base - bits,
+        _ => r.sparsity,
+    }
 }
 
 impl Plan {
@@ -98,24 +130,27 @@ impl Plan {
         stat: fn(&SensitivityRow) -> f64,
         tau: f64,
     ) -> Assignment<'t> {
-        let (mut zeroed, mut total) = (0.0, 0.0);
+        let (mut saved, mut total, mut base) = (0.0, 0.0, 0.0);
         let mut rows = Vec::new();
         for levels in by_component.values() {
-            total += levels[0].params as f64;
+            let params = levels[0].params as f64;
+            total += params;
+            base += levels[0].base_bits.unwrap_or(0.0) * params;
             let best = levels
                 .iter()
                 .filter(|r| stat(r) >= tau)
-                .max_by(|a, b| a.sparsity.total_cmp(&b.sparsity));
+                .max_by(|a, b| gain(a).total_cmp(&gain(b)));
             if let Some(r) = best {
-                zeroed += r.sparsity * r.params as f64;
+                saved += gain(r) * params;
                 rows.push(*r);
             }
         }
         Assignment {
             threshold: tau,
             rows,
-            average_sparsity: zeroed / total.max(1.0),
+            average_gain: saved / total.max(1.0),
             total_params: total.max(1.0),
+            base_bits: base / total.max(1.0),
         }
     }
 
@@ -129,34 +164,58 @@ impl Plan {
         if by_component.is_empty() {
             return Err(self.invalid(format!("table {} has no rows", self.table.display())));
         }
-        match self.target {
-            PlanTarget::Fdt(f) => Ok(Self::at(&by_component, stat, f)),
-            PlanTarget::Sparsity(t) if !(0.0..1.0).contains(&t) => {
-                Err(self.invalid(format!("target sparsity {t} is outside [0, 1)")))
+        let quantizes = is_quantization(table);
+        let base = Self::at(&by_component, stat, f64::INFINITY);
+        let (target, what) = match self.target {
+            PlanTarget::Fdt(f) => return Ok(Self::at(&by_component, stat, f)),
+            PlanTarget::Sparsity(_) if quantizes => {
+                return Err(self.invalid(
+                    "the table measures quantization: give the target as `Bits(b)`".into(),
+                ))
             }
-            PlanTarget::Sparsity(t) => {
-                let mut thresholds: Vec<f64> = table.rows.iter().map(stat).collect();
-                thresholds.sort_by(|a, b| b.total_cmp(a));
-                thresholds.dedup();
-                let mut last = Self::at(&by_component, stat, f64::INFINITY);
-                for tau in thresholds {
-                    let a = Self::at(&by_component, stat, tau);
-                    if a.average_sparsity >= t {
-                        return Ok(Self::part_way(last, a, stat, t));
-                    }
-                    last = a;
-                }
-                Err(self.invalid(format!(
-                    "the table's levels reach at most {:.3} average sparsity, below the target {t}",
-                    last.average_sparsity
+            PlanTarget::Bits(_) if !quantizes => {
+                return Err(self.invalid(
+                    "the table measures pruning: give the target as `Sparsity(s)`".into(),
+                ))
+            }
+            PlanTarget::Sparsity(t) if !(0.0..1.0).contains(&t) => {
+                return Err(self.invalid(format!("target sparsity {t} is outside [0, 1)")))
+            }
+            PlanTarget::Sparsity(t) => (t, "average sparsity"),
+            PlanTarget::Bits(b) if !(b > 0.0 && b <= base.base_bits) => {
+                return Err(self.invalid(format!(
+                    "target {b} bits per parameter is outside (0, {:.3}], the base model's",
+                    base.base_bits
                 )))
             }
+            PlanTarget::Bits(b) => (base.base_bits - b, "bits per parameter saved"),
+        };
+        let mut thresholds: Vec<f64> = table.rows.iter().map(stat).collect();
+        thresholds.sort_by(|a, b| b.total_cmp(a));
+        thresholds.dedup();
+        let mut last = base;
+        for tau in thresholds {
+            let a = Self::at(&by_component, stat, tau);
+            if a.average_gain >= target {
+                return Ok(Self::part_way(last, a, stat, target));
+            }
+            last = a;
         }
+        Err(self.invalid(match self.target {
+            PlanTarget::Bits(b) => format!(
+                "the table's levels reach at least {:.3} bits per parameter, above the target {b}",
+                last.average_bits()
+            ),
+            _ => format!(
+                "the table's levels reach at most {:.3} {what}, below the target {target}",
+                last.average_gain
+            ),
+        }))
     }
 
     /// The step from `before` to `after` crosses the target `t`: raise the components it
     /// raises one at a time, those with the best statistic at their new level first, and
-    /// stop as soon as the average reaches `t`, so that the plan lands on the target
+    /// stop as soon as the average gain reaches `t`, so that the plan lands on the target
     /// rather than a whole step beyond it.
     fn part_way<'t>(
         before: Assignment<'t>,
@@ -180,38 +239,39 @@ impl Plan {
                 .total_cmp(&stat(a))
                 .then(a.component.cmp(&b.component))
         });
-        let mut average = before.average_sparsity;
+        let mut average = before.average_gain;
         for r in raises {
-            let old = chosen.get(r.component.as_str()).map_or(0.0, |o| o.sparsity);
-            average += (r.sparsity - old) * r.params as f64 / after.total_params;
-            chosen.insert(&r.component, r);
             if average >= t {
                 break;
             }
+            let old = chosen.get(r.component.as_str()).map_or(0.0, |o| gain(o));
+            average += (gain(r) - old) * r.params as f64 / after.total_params;
+            chosen.insert(&r.component, r);
         }
         Assignment {
-            threshold: after.threshold,
             rows: chosen.into_values().collect(),
-            average_sparsity: average,
-            total_params: after.total_params,
+            average_gain: average,
+            ..after
         }
     }
 
-    /// The plan as `Prune` targets: one per level, listing its components.
-    fn targets(a: &Assignment) -> Vec<PruneTarget> {
-        let mut by_pattern: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    /// The chosen components by level (`0.9`, `2:4`, `q4_0`), in level order.
+    fn by_level<'t>(a: &Assignment<'t>) -> BTreeMap<&'t str, Vec<String>> {
+        let mut out: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for r in &a.rows {
-            by_pattern
-                .entry(&r.pattern)
-                .or_default()
-                .push(r.component.clone());
+            out.entry(&r.pattern).or_default().push(r.component.clone());
         }
-        by_pattern
+        out
+    }
+
+    /// The plan as a `Prune` pass: one target per level, listing its components.
+    fn prune(&self, model: &str, a: &Assignment) -> Prune {
+        let targets = Self::by_level(a)
             .into_iter()
-            .map(|(pattern, select)| {
-                let (sparsity, pattern) = match pattern.parse::<f64>() {
+            .map(|(level, select)| {
+                let (sparsity, pattern) = match level.parse::<f64>() {
                     Ok(s) => (Some(s), None),
-                    Err(_) => (None, Some(pattern.to_string())),
+                    Err(_) => (None, Some(level.to_string())),
                 };
                 PruneTarget {
                     select,
@@ -220,33 +280,66 @@ impl Plan {
                     pattern,
                 }
             })
-            .collect()
+            .collect();
+        Prune {
+            model: model.into(),
+            into: self.into.clone(),
+            method: self.method.clone(),
+            scope: None,
+            targets,
+            ignore: Vec::new(),
+        }
     }
 
-    /// The plan as a RON `Prune(...)` pass for a pipeline's `passes` list.
-    fn fragment(
-        &self,
-        a: &Assignment,
-        targets: &[PruneTarget],
-        table: &SensitivityTable,
-    ) -> String {
+    /// The plan as a `Quantize` pass: one target per type; other components are kept.
+    fn quantize(&self, model: &str, a: &Assignment) -> Quantize {
+        let targets = Self::by_level(a)
+            .into_iter()
+            .map(|(dtype, select)| QuantizeTarget {
+                select,
+                layers: None,
+                dtype: dtype.into(),
+            })
+            .collect();
+        Quantize {
+            model: model.into(),
+            into: self.into.clone(),
+            dtype: None,
+            targets,
+            ignore: Vec::new(),
+        }
+    }
+
+    /// The plan as a RON pass for a pipeline's `passes` list, after a comment saying where
+    /// it comes from.
+    fn fragment(&self, a: &Assignment, table: &SensitivityTable) -> String {
         let mut s = String::new();
+        let achieved = match is_quantization(table) {
+            true => format!("{:.4} bits per parameter", a.average_bits()),
+            false => format!("average sparsity {:.4}", a.average_gain),
+        };
         let _ = writeln!(
             s,
-            "// Plan from {} ({} prompts x {} tokens): threshold {} on FDT {}, average sparsity {:.4} over the table's components.",
+            "// Plan from {} ({} prompts x {} tokens): threshold {} on FDT {}, {achieved} over the table's components.",
             self.table.display(),
             table.prompts,
             table.n,
             a.threshold,
             self.statistic.as_deref().unwrap_or("p25"),
-            a.average_sparsity
         );
         let model = self.model.as_deref().unwrap_or(&table.model);
-        let _ = writeln!(s, "Prune(\n    model: {model:?},");
+        let name = if is_quantization(table) {
+            "Quantize"
+        } else {
+            "Prune"
+        };
+        let _ = writeln!(s, "{name}(\n    model: {model:?},");
         if let Some(into) = &self.into {
             let _ = writeln!(s, "    into: {into:?},");
         }
-        if let PruneMethod::Wanda { calibration, .. } = &self.method {
+        if let (false, PruneMethod::Wanda { calibration, .. }) =
+            (is_quantization(table), &self.method)
+        {
             let _ = writeln!(
                 s,
                 "    method: Wanda(calibration: {:?}),",
@@ -254,14 +347,14 @@ impl Plan {
             );
         }
         let _ = writeln!(s, "    targets: [");
-        for t in targets {
-            let level = match (&t.sparsity, &t.pattern) {
-                (Some(v), _) => format!("sparsity: {v}"),
-                (_, Some(p)) => format!("pattern: {p:?}"),
-                _ => unreachable!("every target has a level"),
+        for (level, select) in Self::by_level(a) {
+            let level = match (is_quantization(table), level.parse::<f64>()) {
+                (true, _) => format!("dtype: {level:?}"),
+                (false, Ok(v)) => format!("sparsity: {v}"),
+                (false, Err(_)) => format!("pattern: {level:?}"),
             };
             let _ = writeln!(s, "        ({level}, select: [");
-            for c in &t.select {
+            for c in select {
                 let _ = writeln!(s, "            {c:?},");
             }
             let _ = writeln!(s, "        ]),");
@@ -269,6 +362,56 @@ impl Plan {
         let _ = writeln!(s, "    ],\n)");
         s
     }
+
+    fn read_table(&self) -> Result<SensitivityTable, PassError> {
+        let text = std::fs::read_to_string(&self.table)
+            .map_err(|e| self.invalid(format!("reading {}: {e}", self.table.display())))?;
+        let mut table: SensitivityTable = serde_json::from_str(&text).map_err(|e| {
+            self.invalid(format!(
+                "{} is not a sensitivity table: {e}",
+                self.table.display()
+            ))
+        })?;
+        if let Some(levels) = &self.levels {
+            if let Some(missing) = levels
+                .iter()
+                .find(|l| !table.rows.iter().any(|r| &r.pattern == *l))
+            {
+                return Err(
+                    self.invalid(format!("{} has no level `{missing}`", self.table.display()))
+                );
+            }
+            table.rows.retain(|r| levels.contains(&r.pattern));
+        }
+        let quantizes = is_quantization(&table);
+        let wanda = matches!(self.method, PruneMethod::Wanda { .. });
+        for r in &table.rows {
+            let consistent = match quantizes {
+                true => r.method == "quantize" && r.bits.is_some() && r.base_bits.is_some(),
+                false => r.method == if wanda { "wanda" } else { "magnitude" },
+            };
+            if !consistent {
+                return Err(self.invalid(format!(
+                    "{}: row `{}` ({} {}) does not fit a plan of {}: a table measures one method",
+                    self.table.display(),
+                    r.component,
+                    r.method,
+                    r.pattern,
+                    match (quantizes, wanda) {
+                        (true, _) => "quantization",
+                        (false, true) => "wanda pruning",
+                        (false, false) => "magnitude pruning",
+                    }
+                )));
+            }
+        }
+        Ok(table)
+    }
+}
+
+/// Whether a table measures quantization (its first row does; [`Plan`] checks the rest).
+fn is_quantization(table: &SensitivityTable) -> bool {
+    table.rows.first().is_some_and(|r| r.method == "quantize")
 }
 
 impl Pass for Plan {
@@ -277,53 +420,38 @@ impl Pass for Plan {
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
-        let text = std::fs::read_to_string(&self.table)
-            .map_err(|e| self.invalid(format!("reading {}: {e}", self.table.display())))?;
-        let table: SensitivityTable = serde_json::from_str(&text).map_err(|e| {
-            self.invalid(format!(
-                "{} is not a sensitivity table: {e}",
-                self.table.display()
-            ))
-        })?;
-        let wanda = matches!(self.method, PruneMethod::Wanda { .. });
-        if let Some(r) = table.rows.iter().find(|r| (r.method == "wanda") != wanda) {
-            return Err(self.invalid(format!(
-                "the table was measured with {}, the plan's method is {}",
-                r.method,
-                if wanda { "wanda" } else { "magnitude" }
-            )));
-        }
+        let table = self.read_table()?;
         let a = self.assign(&table)?;
-        let targets = Self::targets(&a);
         if let Some(path) = &self.fragment {
-            write_atomically(path, &self.fragment(&a, &targets, &table))
+            write_atomically(path, &self.fragment(&a, &table))
                 .map_err(|e| self.invalid(format!("writing {}: {e}", path.display())))?;
         }
+        let quantizes = is_quantization(&table);
         cx.notes.push(format!(
-            "Plan: threshold {} -> {} of {} components pruned, average sparsity {:.4}",
+            "Plan: threshold {} -> {} of {} components {}, {}",
             a.threshold,
             a.rows.len(),
             table.components(),
-            a.average_sparsity
+            if quantizes { "quantized" } else { "pruned" },
+            match quantizes {
+                true => format!("{:.4} bits per parameter", a.average_bits()),
+                false => format!("average sparsity {:.4}", a.average_gain),
+            }
         ));
         let Some(model) = &self.model else {
             return Ok(Vec::new());
         };
-        if targets.is_empty() {
+        if a.rows.is_empty() {
             return Err(self.invalid(format!(
-                "at threshold {} no component may be pruned",
-                a.threshold
+                "at threshold {} no component may be {}",
+                a.threshold,
+                if quantizes { "quantized" } else { "pruned" }
             )));
         }
-        Prune {
-            model: model.clone(),
-            into: self.into.clone(),
-            method: self.method.clone(),
-            scope: None,
-            targets,
-            ignore: Vec::new(),
+        match quantizes {
+            true => self.quantize(model, &a).run(m, cx),
+            false => self.prune(model, &a).run(m, cx),
         }
-        .run(m, cx)
     }
 
     fn reads(&self) -> Vec<String> {
