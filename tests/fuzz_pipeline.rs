@@ -195,6 +195,7 @@ fn fuzz_pipeline_ron() {
         "upcycle.ron",
         "cohere2.ron",
         "quantize-smollm2.ron",
+        "quantize-dtm-smollm2.ron",
     ] {
         seeds.push(std::fs::read_to_string(examples.join(f)).expect("example pipeline"));
     }
