@@ -193,6 +193,17 @@ impl<B: Kernels> BurnRuntime<B> {
     }
 }
 
+/// Runs `f` on a thread of rayon's pool. A parallel loop started from outside the pool
+/// hands its work to the pool and puts the caller to sleep until it is done (a context
+/// switch each way); started from inside, the calling thread takes part. A decode step
+/// runs a few hundred such loops, so a whole call runs inside.
+fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_num_threads() == 1 || rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
+
 fn hidden<B: Kernels>(value: Value<B>) -> Tensor<B, 2> {
     match value {
         Value::Hidden(t) => t,
@@ -247,11 +258,14 @@ impl<B: Kernels> Runtime for BurnRuntime<B> {
         if sequences.is_empty() {
             return Ok(Vec::new());
         }
-        let (logits, columns) = self.forward_logits(sequences)?;
-        if let [_] = sequences {
-            return Ok(vec![to_host(logits)?]); // no padding rows to drop
-        }
-        Ok(split_rows(&to_host(logits)?, &columns))
+        let this = &mut *self; // `&mut` moves to the pool thread; `&` would need `Sync`
+        in_pool(move || {
+            let (logits, columns) = this.forward_logits(sequences)?;
+            if let [_] = sequences {
+                return Ok(vec![to_host(logits)?]); // no padding rows to drop
+            }
+            Ok(split_rows(&to_host(logits)?, &columns))
+        })
     }
 
     fn generate_batch(
@@ -264,7 +278,8 @@ impl<B: Kernels> Runtime for BurnRuntime<B> {
         if prompts.is_empty() || max_new == 0 {
             return Ok(vec![Vec::new(); prompts.len()]);
         }
-        generate::greedy(self, prompts, max_new, stop)
+        let this = &mut *self;
+        in_pool(move || generate::greedy(this, prompts, max_new, stop))
     }
 
     fn score(&mut self, sequences: &[&[u32]]) -> Result<Vec<TokenScores>, RuntimeError> {
@@ -272,8 +287,11 @@ impl<B: Kernels> Runtime for BurnRuntime<B> {
         if sequences.is_empty() {
             return Ok(Vec::new());
         }
-        let (logits, columns) = self.forward_logits(sequences)?;
-        Self::token_scores(&self.device, logits, &columns, sequences)
+        let this = &mut *self;
+        in_pool(move || {
+            let (logits, columns) = this.forward_logits(sequences)?;
+            Self::token_scores(&this.device, logits, &columns, sequences)
+        })
     }
 
     fn replace_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
@@ -285,11 +303,13 @@ impl<B: Kernels> Runtime for BurnRuntime<B> {
     }
 
     fn save_states(&mut self, sequences: &[&[u32]], nodes: &[&str]) -> Result<(), RuntimeError> {
-        self.save_states_of(sequences, nodes)
+        let this = &mut *self;
+        in_pool(move || this.save_states_of(sequences, nodes))
     }
 
     fn score_saved(&mut self, node: &str) -> Result<Vec<TokenScores>, RuntimeError> {
-        self.score_saved_at(node)
+        let this = &mut *self;
+        in_pool(move || this.score_saved_at(node))
     }
 
     fn linear_input_norms(
