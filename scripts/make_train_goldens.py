@@ -94,6 +94,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
+
+from make_fixtures import to_json  # scripts/ is the import path of a script run there
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -192,18 +194,6 @@ def values(loss, ce, lb, z):
     as_float = lambda t: None if t is None else float(t.detach().item())  # noqa: E731
     return dict(loss=as_float(loss), ce=as_float(ce), load_balance=as_float(lb),
                 z_loss=as_float(z))
-
-
-def to_json(value, level=0):
-    """JSON text with nested containers indented and flat lists on one line."""
-    pad, inner = "  " * level, "  " * (level + 1)
-    if isinstance(value, dict) and value:
-        items = [f"{inner}{json.dumps(k)}: {to_json(v, level + 1)}" for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
-        items = [inner + to_json(v, level + 1) for v in value]
-        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
-    return json.dumps(value)
 
 
 def save(path, tensors):
