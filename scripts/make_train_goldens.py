@@ -94,10 +94,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
-
-from make_fixtures import to_json  # scripts/ is the import path of a script run there
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
+
+from make_fixtures import to_json  # scripts/ is the import path of a script run there
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "tests" / "golden" / "models"

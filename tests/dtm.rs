@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{device, golden_dir, load, model_dir};
+use common::{device, golden_dir, load, model_dir, plan, run_fragment};
 use upmix::backends::load_runtime;
 use upmix::dtm::divergence;
 use upmix::ir::{GraphBuilder, HostTensor, ModelMeta, Module, Pattern, PruneRule};
@@ -210,19 +210,6 @@ fn row(component: &str, params: usize, sparsity: f64, p25: f64) -> SensitivityRo
     }
 }
 
-fn plan(table: &std::path::Path, target: PlanTarget) -> Plan {
-    Plan {
-        table: table.into(),
-        target,
-        statistic: None,
-        fragment: None,
-        model: None,
-        into: None,
-        levels: None,
-        method: PruneMethod::Magnitude,
-    }
-}
-
 #[test]
 fn the_plan_lowers_a_threshold_until_the_target_sparsity() {
     // a: robust (keeps 30 tokens at 0.9); b: fragile beyond 0.5; c: fragile everywhere.
@@ -333,18 +320,7 @@ fn a_plan_fragment_is_a_prune_pass_that_runs() {
         "{text}"
     );
     // The fragment, pasted into a pipeline, prunes the same way.
-    let pipeline = format!(
-        "Pipeline(models: {{ \"llama\": Hf({:?}) }}, passes: [{}])",
-        model_dir("llama").display().to_string(),
-        text.lines()
-            .filter(|l| !l.starts_with("//"))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .replace("into: \"planned\",", "")
-    );
-    let parsed =
-        upmix::pipeline::Pipeline::parse(&pipeline, std::path::Path::new("plan.ron")).unwrap();
-    let (m2, _) = upmix::pipeline::run(&parsed, dir.path(), &Default::default()).unwrap();
+    let m2 = run_fragment(&text, dir.path());
     for c in &comps {
         let a = m
             .weights

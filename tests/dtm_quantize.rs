@@ -5,13 +5,13 @@
 
 mod common;
 
-use common::{device, load, model_dir, run_pass};
+use common::{device, load, plan, run_fragment, run_pass};
 use upmix::backends::load_runtime;
 use upmix::ir::DType;
 use upmix::passes::components::components;
 use upmix::passes::divergence::{continuations, divergences, summarize};
 use upmix::passes::sensitivity::{Compression, SensitivityRow, SensitivityTable, Sweep};
-use upmix::passes::{Pass, PassContext, Plan, PlanTarget, PruneMethod, Quantize, QuantizeTarget};
+use upmix::passes::{Pass, PassContext, Plan, PlanTarget, Quantize, QuantizeTarget};
 
 #[test]
 fn a_quantize_sweep_measures_what_the_quantize_pass_gives() {
@@ -142,19 +142,6 @@ fn qrow(component: &str, params: usize, dtype: &str, bits: f64, p25: f64) -> Sen
     }
 }
 
-fn plan(table: &std::path::Path, target: PlanTarget) -> Plan {
-    Plan {
-        table: table.into(),
-        target,
-        statistic: None,
-        fragment: None,
-        model: None,
-        into: None,
-        levels: None,
-        method: PruneMethod::Magnitude,
-    }
-}
-
 fn write_table(dir: &std::path::Path, table: &SensitivityTable) -> std::path::PathBuf {
     let path = dir.join("table.json");
     std::fs::write(&path, serde_json::to_string(table).unwrap()).unwrap();
@@ -256,15 +243,7 @@ fn a_quantization_plan_fragment_is_a_quantize_pass_that_runs() {
         "{text}"
     );
     // The fragment, pasted into a pipeline, quantizes the same way.
-    let body: Vec<&str> = text.lines().filter(|l| !l.starts_with("//")).collect();
-    let pipeline = format!(
-        "Pipeline(models: {{ \"llama\": Hf({:?}) }}, passes: [{}])",
-        model_dir("llama").display().to_string(),
-        body.join("\n").replace("into: \"planned\",", "")
-    );
-    let parsed =
-        upmix::pipeline::Pipeline::parse(&pipeline, std::path::Path::new("plan.ron")).unwrap();
-    let (m2, _) = upmix::pipeline::run(&parsed, dir.path(), &Default::default()).unwrap();
+    let m2 = run_fragment(&text, dir.path());
     let dtype_of = |m: &upmix::ir::Module, graph: &str, name: &str| {
         let id = m.graphs[graph]
             .weight_ids()

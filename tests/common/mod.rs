@@ -262,3 +262,34 @@ pub fn canonical_of_hf(hf: &str) -> String {
         .map(|(role, layer)| canonical(role, layer, 0))
         .unwrap_or_else(|| panic!("{hf} is not a Llama projection"))
 }
+
+/// A `Plan` of the table at `table` with every optional field at its default.
+pub fn plan(table: &std::path::Path, target: upmix::passes::PlanTarget) -> upmix::passes::Plan {
+    upmix::passes::Plan {
+        table: table.into(),
+        target,
+        statistic: None,
+        fragment: None,
+        model: None,
+        into: None,
+        levels: None,
+        method: upmix::passes::PruneMethod::Magnitude,
+    }
+}
+
+/// Runs a plan's fragment (a pass written by `Plan`, its `into` dropped) as the only pass
+/// of a pipeline over the tiny Llama, in `dir`; returns the module, the pass applied to
+/// graph `llama` itself.
+pub fn run_fragment(fragment: &str, dir: &std::path::Path) -> Module {
+    let body: Vec<&str> = fragment.lines().filter(|l| !l.starts_with("//")).collect();
+    let pipeline = format!(
+        "Pipeline(models: {{ \"llama\": Hf({:?}) }}, passes: [{}])",
+        model_dir("llama").display().to_string(),
+        body.join("\n").replace("into: \"planned\",", "")
+    );
+    let parsed =
+        upmix::pipeline::Pipeline::parse(&pipeline, std::path::Path::new("plan.ron")).unwrap();
+    upmix::pipeline::run(&parsed, dir, &Default::default())
+        .unwrap()
+        .0
+}
