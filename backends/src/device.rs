@@ -62,6 +62,18 @@ pub fn load_runtime(
     load_runtime_with(module, graph, device, RuntimeOptions::default())
 }
 
+/// The CPU backend with gradients (burn's autodiff over burn-flex), for training.
+pub type CpuTraining = burn_autodiff::Autodiff<burn_flex::Flex>;
+
+/// A CPU runtime of graph `graph` of `module` that records gradients
+/// ([`BurnRuntime::cross_entropy_gradients`]). Quantized weights are dequantized.
+pub fn training_runtime(
+    module: &Module,
+    graph: &str,
+) -> Result<BurnRuntime<CpuTraining>, BackendError> {
+    BurnRuntime::new(module, graph, &burn_flex::FlexDevice)
+}
+
 /// Settings of a built runtime that do not change what it computes beyond rounding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuntimeOptions {

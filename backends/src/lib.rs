@@ -13,6 +13,8 @@ pub mod emit;
 pub mod error;
 pub mod runtime;
 
-pub use device::{load_runtime, load_runtime_with, DeviceSpec, RuntimeOptions};
+pub use device::{
+    load_runtime, load_runtime_with, training_runtime, CpuTraining, DeviceSpec, RuntimeOptions,
+};
 pub use error::BackendError;
-pub use runtime::{Activations, BurnRuntime, MoeDispatch, QuantMatrix};
+pub use runtime::{Activations, BurnRuntime, LossGradients, MoeDispatch, QuantMatrix};

@@ -24,6 +24,7 @@
 mod attention;
 mod frame;
 mod generate;
+mod gradients;
 mod kernels;
 mod layers;
 mod mixture_attention;
@@ -42,6 +43,7 @@ use upmix_ir::{HostTensor, Module, Runtime, RuntimeError, TokenScores, WeightId}
 
 use crate::BackendError;
 use frame::{upload_batch, Columns, Frame};
+pub use gradients::LossGradients;
 pub use kernels::Kernels;
 pub use moe::MoeDispatch;
 use plan::{Plan, RunArgs, Value};

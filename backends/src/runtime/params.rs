@@ -228,10 +228,19 @@ impl<B: Kernels> Params<B> {
 
     /// Every device parameter with its weight and layout, mutably: for marking parameters
     /// that autodiff tracks and for optimiser updates.
-    #[allow(dead_code)]
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (WeightId, Form, &mut Tensor<B, 2>)> {
         self.entries.iter_mut().filter_map(|e| match &mut e.stored {
             Stored::Dense(t) => Some((e.weight, e.form, t)),
+            Stored::Quantized(_) => None,
+        })
+    }
+}
+
+impl<B: Kernels> Params<B> {
+    /// Every device parameter with its weight, layout and shape in the weight table.
+    pub fn iter_shaped(&self) -> impl Iterator<Item = (WeightId, Form, &[usize], &Tensor<B, 2>)> {
+        self.entries.iter().filter_map(|e| match &e.stored {
+            Stored::Dense(t) => Some((e.weight, e.form, e.shape.as_slice(), t)),
             Stored::Quantized(_) => None,
         })
     }
@@ -272,7 +281,7 @@ pub(crate) fn upload<B: Kernels, const D: usize>(
 
 /// The transpose of a row-major `[rows, cols]` matrix, in 32 x 32 tiles so both sides
 /// stay in cache.
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(super) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
     let mut t = vec![0f32; rows * cols];
     for r0 in (0..rows).step_by(TILE) {

@@ -103,6 +103,13 @@ impl Kernels for burn_wgpu::Wgpu {}
 #[cfg(feature = "cuda")]
 impl Kernels for burn_cuda::Cuda {}
 
+/// Training: autodiff over any backend records the defaults, built from burn ops it can
+/// differentiate (the fused CPU kernels write into buffers autodiff cannot see).
+impl<B: Backend, C: burn_autodiff::checkpoint::strategy::CheckpointStrategy> Kernels
+    for burn_autodiff::Autodiff<B, C>
+{
+}
+
 mod axpy;
 mod exp;
 mod flex;
