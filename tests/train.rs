@@ -1,13 +1,14 @@
 //! Training's gradients against PyTorch (tests/golden/train, scripts/make_train_goldens.py):
-//! one backward of the next-token cross-entropy through the runtime, on a fixed batch,
-//! gives every weight's gradient within 1e-4 of torch's.
+//! one backward through the runtime on a fixed batch gives torch's loss terms and every
+//! weight's gradient within 1e-4: the next-token cross-entropy of a dense Llama, and of a
+//! Mixtral with its load-balancing and router z-loss terms.
 
 mod common;
 
 use std::collections::HashMap;
 
 use common::{golden, golden_dir, ids, load, model_dir};
-use upmix::backends::training_runtime;
+use upmix::backends::{training_runtime, RouterLosses};
 use upmix::ir::{Module, WeightExpr, WeightId};
 
 /// Checkpoint tensor name -> the weight read from it, matched by file offset.
@@ -58,38 +59,143 @@ fn f32_tensors(path: &std::path::Path) -> HashMap<String, Vec<f32>> {
         .collect()
 }
 
-#[test]
-fn dense_gradients_match_pytorch() {
+/// The golden batch: two sequences of 16 tokens.
+fn batch(spec: &serde_json::Value) -> Vec<Vec<u32>> {
+    spec["tokens"].as_array().unwrap().iter().map(ids).collect()
+}
+
+/// One backward on fixture `name` against torch's loss terms and gradients.
+fn gradients_match_pytorch(name: &str, routers: RouterLosses) {
     let spec = golden("train/train.json");
-    let batch: Vec<Vec<u32>> = spec["tokens"].as_array().unwrap().iter().map(ids).collect();
+    let batch = batch(&spec);
     let refs: Vec<&[u32]> = batch.iter().map(|s| s.as_slice()).collect();
-    let m = load("llama");
-    let mut rt = training_runtime(&m, "llama").unwrap();
-    let got = rt.cross_entropy_gradients(&refs).unwrap();
-    let want_loss = spec["llama"]["ce"].as_f64().unwrap();
-    assert!(
-        (f64::from(got.loss) - want_loss).abs() <= 1e-5,
-        "loss {} vs torch {want_loss}",
-        got.loss
-    );
+    let m = load(name);
+    let got = training_runtime(&m, name)
+        .unwrap()
+        .loss_gradients(&refs, routers)
+        .unwrap();
+    let want = &spec[name];
+    for (term, value) in [
+        ("loss", Some(got.loss)),
+        ("ce", Some(got.cross_entropy)),
+        ("load_balance", got.load_balance),
+        ("z_loss", got.z_loss),
+    ] {
+        let w = want[term].as_f64();
+        assert_eq!(value.is_some(), w.is_some(), "{name}: {term}");
+        if let (Some(v), Some(w)) = (value, w) {
+            println!("{name} {term}: {v} (torch {w})");
+            assert!(
+                (f64::from(v) - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{name} {term}: {v} vs {w}"
+            );
+        }
+    }
     let grads: HashMap<WeightId, &Vec<f32>> =
         got.gradients.iter().map(|(id, t)| (*id, &t.data)).collect();
-    let want = f32_tensors(&golden_dir().join("train/llama_grads.safetensors"));
-    let names = checkpoint_names(&m, "llama");
-    assert_eq!(want.len(), names.len());
-    for (name, w) in &want {
-        let g = grads[&names[name]];
+    let torch = f32_tensors(&golden_dir().join(format!("train/{name}_grads.safetensors")));
+    let names = checkpoint_names(&m, name);
+    assert_eq!(torch.len(), names.len());
+    for (tensor, w) in &torch {
+        let g = grads[&names[tensor]];
         let worst = g
             .iter()
             .zip(w)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        println!("{name}: max |diff| {worst:.2e} (max |grad| {scale:.2e})");
+        println!("{tensor}: max |diff| {worst:.2e} (max |grad| {scale:.2e})");
         assert!(
             scale > 0.0,
-            "{name}: an all-zero golden gradient checks nothing"
+            "{tensor}: an all-zero golden gradient checks nothing"
         );
-        assert!(worst <= 1e-4, "{name}: {worst}");
+        assert!(worst <= 1e-4, "{tensor}: {worst}");
+    }
+}
+
+#[test]
+fn dense_gradients_match_pytorch() {
+    gradients_match_pytorch("llama", RouterLosses::default());
+}
+
+/// Mixtral: top-2 of 4 experts, the cross-entropy plus 0.01 x load balancing and
+/// 0.001 x the router z-loss.
+#[test]
+fn moe_gradients_with_router_losses_match_pytorch() {
+    gradients_match_pytorch(
+        "mixtral",
+        RouterLosses {
+            load_balance: 0.01,
+            z_loss: 0.001,
+        },
+    );
+}
+
+/// The router terms' own gradients, which the golden's small weights (0.01, 0.001) hide
+/// under the cross-entropy's: each term's gradient for the largest entries of the second
+/// router equals a central finite difference of that term.
+#[test]
+fn router_loss_gradients_equal_finite_differences() {
+    use upmix::ir::Runtime;
+    let spec = golden("train/train.json");
+    let batch = batch(&spec);
+    let refs: Vec<&[u32]> = batch.iter().map(|s| s.as_slice()).collect();
+    let m = load("mixtral");
+    let router = checkpoint_names(&m, "mixtral")["model.layers.1.block_sparse_moe.gate.weight"];
+    let original = m.weights.materialize(router).unwrap();
+    let mut rt = training_runtime(&m, "mixtral").unwrap();
+    let none = rt.loss_gradients(&refs, RouterLosses::default()).unwrap();
+    for (weights, term) in [((1.0, 0.0), "load balance"), ((0.0, 1.0), "z-loss")] {
+        let routers = RouterLosses {
+            load_balance: weights.0,
+            z_loss: weights.1,
+        };
+        let value = |g: &upmix::backends::LossGradients| match term {
+            "load balance" => g.load_balance.unwrap(),
+            _ => g.z_loss.unwrap(),
+        };
+        let with = rt.loss_gradients(&refs, routers).unwrap();
+        let of = |g: &upmix::backends::LossGradients| {
+            g.gradients
+                .iter()
+                .find(|(id, _)| *id == router)
+                .unwrap()
+                .1
+                .data
+                .clone()
+        };
+        let analytic: Vec<f32> = of(&with)
+            .iter()
+            .zip(of(&none))
+            .map(|(a, b)| a - b)
+            .collect();
+        let mut order: Vec<usize> = (0..analytic.len()).collect();
+        order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+        let largest = analytic[order[0]].abs();
+        assert!(
+            largest > 1e-3,
+            "{term}: gradient {largest} too small to check"
+        );
+        let h = 1e-3;
+        for &i in &order[..4] {
+            let mut at = |delta: f32| {
+                let mut w = original.clone();
+                w.data[i] += delta;
+                rt.replace_weights(&[(router, w)]).unwrap();
+                let v = value(&rt.loss_gradients(&refs, routers).unwrap());
+                rt.restore_weights();
+                f64::from(v)
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * f64::from(h));
+            let diff = (numeric - f64::from(analytic[i])).abs();
+            println!(
+                "{term} [{i}]: autodiff {} finite difference {numeric:.6}",
+                analytic[i]
+            );
+            assert!(
+                diff <= 2e-3 * f64::from(largest) + 5e-5,
+                "{term} [{i}]: {diff}"
+            );
+        }
     }
 }

@@ -66,12 +66,16 @@ pub fn load_runtime(
 pub type CpuTraining = burn_autodiff::Autodiff<burn_flex::Flex>;
 
 /// A CPU runtime of graph `graph` of `module` that records gradients
-/// ([`BurnRuntime::cross_entropy_gradients`]). Quantized weights are dequantized.
+/// ([`BurnRuntime::loss_gradients`]). Quantized weights are dequantized; experts run on
+/// every row, weighted by the routing (zero outside the top-k): the same function as
+/// sparse dispatch, in ops autodiff follows.
 pub fn training_runtime(
     module: &Module,
     graph: &str,
 ) -> Result<BurnRuntime<CpuTraining>, BackendError> {
-    BurnRuntime::new(module, graph, &burn_flex::FlexDevice)
+    let mut runtime = BurnRuntime::new(module, graph, &burn_flex::FlexDevice)?;
+    runtime.set_moe_dispatch(MoeDispatch::Dense);
+    Ok(runtime)
 }
 
 /// Settings of a built runtime that do not change what it computes beyond rounding.

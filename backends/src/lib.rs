@@ -17,4 +17,6 @@ pub use device::{
     load_runtime, load_runtime_with, training_runtime, CpuTraining, DeviceSpec, RuntimeOptions,
 };
 pub use error::BackendError;
-pub use runtime::{Activations, BurnRuntime, LossGradients, MoeDispatch, QuantMatrix};
+pub use runtime::{
+    Activations, BurnRuntime, LossGradients, MoeDispatch, QuantMatrix, RouterLosses,
+};

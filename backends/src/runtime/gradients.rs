@@ -1,36 +1,58 @@
-//! Gradients of the next-token cross-entropy with respect to a graph's weights, by burn's
-//! autodiff (`Autodiff<B>` over any backend): what training builds on.
+//! Gradients of a training loss with respect to a graph's weights, by burn's autodiff
+//! (`Autodiff<B>` over any backend): what training builds on.
+//!
+//! The loss is the mean next-token cross-entropy, plus for mixtures of experts two terms
+//! on every router's logits `z` (`[T, E]` over the batch's `T` tokens, top-k routing),
+//! each averaged over routers:
+//! - load balancing (Switch Transformer, Fedus et al. 2021): `E * sum_i f_i P_i`, `f_i`
+//!   the share of the `T * k` (token, choice) pairs that go to expert `i` (a constant),
+//!   `P_i` the mean router probability of expert `i`; 1 when balanced;
+//! - router z-loss (ST-MoE, Zoph et al. 2022): the mean of `logsumexp(z_t)^2`.
 //!
 //! The forward pass is the runtime's own, generic over the backend. On `Autodiff<B>`
-//! every weight's device tensor is tracked, the loss is built from the logits with burn
-//! ops, and `backward` gives the gradient of each tracked tensor, which is put back into
-//! the weight table's layout (the transposed projection layout undone) and summed over
-//! the layouts one weight is used in.
+//! every weight's device tensor is tracked, the loss is built with burn ops, and
+//! `backward` gives the gradient of each tracked tensor, which is put back into the
+//! weight table's layout (the transposed projection layout undone) and summed over the
+//! layouts one weight is used in.
 
 use std::collections::BTreeMap;
 
-use burn_tensor::activation::log_softmax;
+use burn_tensor::activation::{log_softmax, softmax};
 use burn_tensor::backend::AutodiffBackend;
 use burn_tensor::{Int, Tensor, TensorData};
 use upmix_ir::{HostTensor, RuntimeError, WeightId};
 
-use super::params::Form;
+use super::params::{Form, RouterRecord};
 use super::{backend_error, in_pool, BurnRuntime, Kernels};
+
+/// Weights of the router terms added to the cross-entropy (0: left out).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RouterLosses {
+    pub load_balance: f32,
+    pub z_loss: f32,
+}
 
 /// A loss and its gradient with respect to every weight the graph uses.
 #[derive(Clone, Debug)]
 pub struct LossGradients {
+    /// `cross_entropy + load_balance * weight + z_loss * weight`.
     pub loss: f32,
+    pub cross_entropy: f32,
+    /// The router terms, averaged over routers (none without routers).
+    pub load_balance: Option<f32>,
+    pub z_loss: Option<f32>,
     /// In the weight table's layout, by weight, in weight order.
     pub gradients: Vec<(WeightId, HostTensor)>,
 }
 
 impl<B: Kernels + AutodiffBackend> BurnRuntime<B> {
-    /// The mean next-token cross-entropy of `sequences` (position `p` of each predicts
-    /// token `p + 1`; every sequence at least 2 tokens) and its gradient.
-    pub fn cross_entropy_gradients(
+    /// The loss of `sequences` (position `p` of each predicts token `p + 1`; every
+    /// sequence at least 2 tokens) with the router terms weighted by `routers`, and its
+    /// gradient with respect to every weight.
+    pub fn loss_gradients(
         &mut self,
         sequences: &[&[u32]],
+        routers: RouterLosses,
     ) -> Result<LossGradients, RuntimeError> {
         self.check_tokens(sequences)?;
         if sequences.iter().any(|s| s.len() < 2) {
@@ -43,55 +65,139 @@ impl<B: Kernels + AutodiffBackend> BurnRuntime<B> {
         }
         let this = &mut *self;
         in_pool(move || {
-            let (logits, columns) = this.forward_logits(sequences)?;
-            let [rows, _] = logits.dims();
-            // Targets and a 0/1 weight per row of the padded batch.
-            let (mut targets, mut counted) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
-            for seq in sequences {
-                for p in 0..columns.prompt {
-                    let next = seq.get(p + 1).copied();
-                    targets.push(next.map_or(0, i64::from));
-                    counted.push(if next.is_some() { 1f32 } else { 0.0 });
-                }
-            }
-            let n: f32 = counted.iter().sum();
+            this.plan.params.start_router_records();
+            let forward = this.forward_logits(sequences);
+            let records = this.plan.params.take_router_records();
+            let (logits, columns) = forward?;
             let device = &this.device;
-            let targets =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), device);
-            let counted = Tensor::<B, 2>::from_data(TensorData::new(counted, [rows, 1]), device);
-            let picked = log_softmax(logits, 1).gather(1, targets);
-            let loss = (picked * counted).sum().neg().div_scalar(n);
-            let value = loss
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .map_err(backend_error)?[0];
-            let grads = loss.backward();
-            let mut sums: BTreeMap<WeightId, HostTensor> = BTreeMap::new();
-            for (id, form, shape, t) in this.plan.params.iter_shaped() {
-                let Some(g) = t.grad(&grads) else { continue };
-                let [r, c] = g.dims();
-                let data = g
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .map_err(backend_error)?;
-                let data = match form {
-                    Form::Transposed => super::params::transpose(&data, r, c),
-                    Form::Plain | Form::Flat => data,
-                };
-                match sums.get_mut(&id) {
-                    Some(sum) => sum.data.iter_mut().zip(&data).for_each(|(s, v)| *s += v),
-                    None => {
-                        sums.insert(id, HostTensor::new(shape.to_vec(), data));
-                    }
-                }
+            let ce = cross_entropy(logits, sequences, columns.prompt, device);
+            let mut loss = ce.clone();
+            let (mut lb, mut z) = (None, None);
+            if !records.is_empty() {
+                let (balance, z_loss) = router_terms(records, sequences, columns.prompt, device)?;
+                loss = loss
+                    + balance.clone().mul_scalar(routers.load_balance)
+                    + z_loss.clone().mul_scalar(routers.z_loss);
+                (lb, z) = (Some(scalar(balance)?), Some(scalar(z_loss)?));
             }
+            let (value, cross_entropy) = (scalar(loss.clone())?, scalar(ce)?);
+            let grads = loss.backward();
             Ok(LossGradients {
                 loss: value,
-                gradients: sums.into_iter().collect(),
+                cross_entropy,
+                load_balance: lb,
+                z_loss: z,
+                gradients: gradients(this, &grads)?,
             })
         })
     }
+}
+
+/// Mean next-token cross-entropy over the valid positions of the padded batch (`logits`:
+/// `[batch * width, vocab]`).
+fn cross_entropy<B: Kernels + AutodiffBackend>(
+    logits: Tensor<B, 2>,
+    sequences: &[&[u32]],
+    width: usize,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let [rows, _] = logits.dims();
+    let (mut targets, mut counted) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+    for seq in sequences {
+        for p in 0..width {
+            let next = seq.get(p + 1).copied();
+            targets.push(next.map_or(0, i64::from));
+            counted.push(if next.is_some() { 1f32 } else { 0.0 });
+        }
+    }
+    let n: f32 = counted.iter().sum();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), device);
+    let counted = Tensor::<B, 2>::from_data(TensorData::new(counted, [rows, 1]), device);
+    let picked = log_softmax(logits, 1).gather(1, targets);
+    (picked * counted).sum().neg().div_scalar(n)
+}
+
+/// The load-balancing loss and the z-loss of the recorded routers, averaged over them;
+/// only rows of real tokens count (`[batch * width, experts]` logits each).
+fn router_terms<B: Kernels + AutodiffBackend>(
+    records: Vec<RouterRecord<B>>,
+    sequences: &[&[u32]],
+    width: usize,
+    device: &B::Device,
+) -> Result<(Tensor<B, 1>, Tensor<B, 1>), RuntimeError> {
+    let valid: Vec<bool> = sequences
+        .iter()
+        .flat_map(|s| (0..width).map(move |p| p < s.len()))
+        .collect();
+    let tokens = valid.iter().filter(|&&v| v).count() as f32;
+    let mask: Vec<f32> = valid.iter().map(|&v| if v { 1.0 } else { 0.0 }).collect();
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [valid.len(), 1]), device);
+    let layers = records.len() as f32;
+    let (mut balance, mut z_loss) = (Vec::new(), Vec::new());
+    for (z, k) in records {
+        let [_, experts] = z.dims();
+        // f_i from the top-k choices, a constant.
+        let values = z
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(backend_error)?;
+        let mut chosen = vec![0f32; experts];
+        for (row, _) in values.chunks_exact(experts).zip(&valid).filter(|(_, &v)| v) {
+            let mut order: Vec<usize> = (0..experts).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            order[..k].iter().for_each(|&e| chosen[e] += 1.0);
+        }
+        let f: Vec<f32> = chosen.iter().map(|c| c / (tokens * k as f32)).collect();
+        let f = Tensor::<B, 2>::from_data(TensorData::new(f, [1, experts]), device);
+        let p = (softmax(z.clone(), 1) * mask.clone())
+            .sum_dim(0)
+            .div_scalar(tokens);
+        balance.push((p * f).sum().mul_scalar(experts as f32));
+        // logsumexp with the row maximum held constant: the same value and gradient.
+        let top = z.clone().detach().max_dim(1);
+        let lse = (z - top.clone()).exp().sum_dim(1).log() + top;
+        z_loss.push((lse.powi_scalar(2) * mask.clone()).sum().div_scalar(tokens));
+    }
+    let mean = |terms: Vec<Tensor<B, 1>>| Tensor::cat(terms, 0).sum().div_scalar(layers);
+    Ok((mean(balance), mean(z_loss)))
+}
+
+/// A one-element tensor's value.
+fn scalar<B: Kernels>(t: Tensor<B, 1>) -> Result<f32, RuntimeError> {
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(backend_error)?;
+    Ok(values[0])
+}
+
+/// Every tracked weight's gradient in the weight table's layout, summed over its layouts.
+fn gradients<B: Kernels + AutodiffBackend>(
+    rt: &BurnRuntime<B>,
+    grads: &B::Gradients,
+) -> Result<Vec<(WeightId, HostTensor)>, RuntimeError> {
+    let mut sums: BTreeMap<WeightId, HostTensor> = BTreeMap::new();
+    for (id, form, shape, t) in rt.plan.params.iter_shaped() {
+        let Some(g) = t.grad(grads) else { continue };
+        let [r, c] = g.dims();
+        let data = g
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(backend_error)?;
+        let data = match form {
+            Form::Transposed => super::params::transpose(&data, r, c),
+            Form::Plain | Form::Flat => data,
+        };
+        match sums.get_mut(&id) {
+            Some(sum) => sum.data.iter_mut().zip(&data).for_each(|(s, v)| *s += v),
+            None => {
+                sums.insert(id, HostTensor::new(shape.to_vec(), data));
+            }
+        }
+    }
+    Ok(sums.into_iter().collect())
 }

@@ -59,6 +59,9 @@ struct Entry<B: Kernels> {
     stored: Stored<B>,
 }
 
+/// One router's logits (`[rows, experts]`) and its top-k, as recorded in a forward pass.
+pub(crate) type RouterRecord<B> = (Tensor<B, 2>, usize);
+
 /// The device tensors of one lowered graph.
 pub(crate) struct Params<B: Kernels> {
     entries: Vec<Entry<B>>,
@@ -70,6 +73,9 @@ pub(crate) struct Params<B: Kernels> {
     /// While recording: per entry, the column sums of the squares of every input a
     /// projection multiplied by it (`[1, in]`), see [`Params::tap`].
     taps: RefCell<Option<HashMap<usize, Tensor<B, 2>>>>,
+    /// While recording: every router's logits (`[rows, experts]`) and top-k, in the order
+    /// the routers ran, see [`Params::record_router`].
+    routers: RefCell<Option<Vec<RouterRecord<B>>>>,
 }
 
 impl<B: Kernels> Params<B> {
@@ -80,6 +86,7 @@ impl<B: Kernels> Params<B> {
             device: device.clone(),
             activations: Activations::default(),
             taps: RefCell::new(None),
+            routers: RefCell::new(None),
         }
     }
 
@@ -218,6 +225,24 @@ impl<B: Kernels> Params<B> {
         taps.into_iter()
             .map(|(i, t)| (self.entries[i].weight, t))
             .collect()
+    }
+
+    /// Starts recording router logits, dropping earlier ones.
+    pub fn start_router_records(&self) {
+        *self.routers.borrow_mut() = Some(Vec::new());
+    }
+
+    /// While recording, keeps a router's logits and top-k (the auxiliary losses of
+    /// training are computed from them).
+    pub fn record_router(&self, logits: &Tensor<B, 2>, top_k: usize) {
+        if let Some(records) = self.routers.borrow_mut().as_mut() {
+            records.push((logits.clone(), top_k));
+        }
+    }
+
+    /// Stops recording; returns the records in the order the routers ran.
+    pub fn take_router_records(&self) -> Vec<RouterRecord<B>> {
+        self.routers.borrow_mut().take().unwrap_or_default()
     }
 
     /// How many device tensors hold weight `id`.

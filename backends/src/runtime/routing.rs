@@ -46,7 +46,9 @@ impl Router {
         params: &Params<B>,
         x: Tensor<B, 2>,
     ) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
-        let probs = softmax(self.proj.forward(params, x), 1);
+        let logits = self.proj.forward(params, x);
+        params.record_router(&logits, self.routing.top_k);
+        let probs = softmax(logits, 1);
         let (top, index) = probs.topk_with_indices(self.routing.top_k, 1);
         let top = if self.routing.normalize {
             top.clone() / top.sum_dim(1)
