@@ -199,3 +199,93 @@ fn router_loss_gradients_equal_finite_differences() {
         }
     }
 }
+
+/// Three AdamW steps (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01) on the
+/// golden batch, the weights named by `trainable` (all if `None`) updated, against torch's
+/// parameters after the same steps (within 1e-6); the others stay bit for bit.
+fn adamw_matches_pytorch(
+    name: &str,
+    routers: RouterLosses,
+    trainable: Option<&str>,
+    golden_file: &str,
+) {
+    use upmix::backends::{AdamW, AdamWConfig};
+    let spec = golden("train/train.json");
+    let batch = batch(&spec);
+    let refs: Vec<&[u32]> = batch.iter().map(|s| s.as_slice()).collect();
+    let m = load(name);
+    let names = checkpoint_names(&m, name);
+    let chosen = |tensor: &str| trainable.is_none_or(|t| tensor.contains(t));
+    let mut params: Vec<(WeightId, upmix::ir::HostTensor)> = names
+        .iter()
+        .filter(|(tensor, _)| chosen(tensor))
+        .map(|(_, &id)| (id, m.weights.materialize(id).unwrap()))
+        .collect();
+    let mut rt = training_runtime(&m, name).unwrap();
+    let mut adamw = AdamW::new(AdamWConfig::default());
+    for _ in 0..3 {
+        let g = rt.loss_gradients(&refs, routers).unwrap();
+        adamw.step(adamw.config.lr, &mut params, &g.gradients);
+        rt.set_weights(&params).unwrap();
+    }
+    let updated: HashMap<WeightId, &Vec<f32>> =
+        params.iter().map(|(id, t)| (*id, &t.data)).collect();
+    let torch = f32_tensors(&golden_dir().join(format!("train/{golden_file}")));
+    let first_grads = f32_tensors(&golden_dir().join(format!("train/{name}_grads.safetensors")));
+    let (mut trained, mut loose) = (0, 0);
+    for (tensor, want) in &torch {
+        let id = names[tensor];
+        let original = m.weights.materialize(id).unwrap().data;
+        match updated.get(&id) {
+            Some(got) => {
+                // Adam divides by the gradient's own scale: where torch's first gradient
+                // is as small as the float error of a gradient (~1e-8), the update is
+                // not determined to 1e-6, and 1e-5 is asked instead.
+                let g = &first_grads[tensor];
+                let mut worst = 0f32;
+                for ((a, b), g) in got.iter().zip(want).zip(g) {
+                    let diff = (a - b).abs();
+                    let tolerance = if g.abs() < 1e-6 { 1e-5 } else { 1e-6 };
+                    assert!(diff <= tolerance, "{tensor}: {a} vs {b} (gradient {g})");
+                    if g.abs() >= 1e-6 {
+                        worst = worst.max(diff);
+                    } else if diff > 1e-6 {
+                        loose += 1;
+                    }
+                }
+                let moved = original
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                println!("{tensor}: max |diff| {worst:.2e} (moved {moved:.2e})");
+                assert!(moved > 1e-4, "{tensor}: torch did not move it");
+                trained += 1;
+            }
+            None => assert_eq!(&original, want, "{tensor}: frozen, yet torch changed it"),
+        }
+    }
+    assert_eq!(trained, params.len());
+    println!("{name}: {loose} values with a gradient below 1e-6 differ by more than 1e-6");
+}
+
+#[test]
+fn adamw_steps_match_pytorch() {
+    adamw_matches_pytorch(
+        "llama",
+        RouterLosses::default(),
+        None,
+        "llama_adamw3.safetensors",
+    );
+    let routers = RouterLosses {
+        load_balance: 0.01,
+        z_loss: 0.001,
+    };
+    adamw_matches_pytorch("mixtral", routers, None, "mixtral_adamw3.safetensors");
+    adamw_matches_pytorch(
+        "mixtral",
+        routers,
+        Some("block_sparse_moe.gate"),
+        "mixtral_adamw3_router_only.safetensors",
+    );
+}

@@ -45,6 +45,16 @@ pub struct LossGradients {
     pub gradients: Vec<(WeightId, HostTensor)>,
 }
 
+impl<B: Kernels> BurnRuntime<B> {
+    /// Gives `weights` new values for good (an optimizer step; see [`Runtime::replace_weights`]
+    /// for a swap that can be undone).
+    ///
+    /// [`Runtime::replace_weights`]: upmix_ir::Runtime::replace_weights
+    pub fn set_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
+        self.plan.params.set(weights)
+    }
+}
+
 impl<B: Kernels + AutodiffBackend> BurnRuntime<B> {
     /// The loss of `sequences` (position `p` of each predicts token `p + 1`; every
     /// sequence at least 2 tokens) with the router terms weighted by `routers`, and its

@@ -193,6 +193,19 @@ impl<B: Kernels> Params<B> {
         Ok(())
     }
 
+    /// Replaces the values of `weights` for good (an optimizer step): as
+    /// [`replace`](Self::replace), but [`restore`](Self::restore) no longer brings back
+    /// what they held before.
+    pub fn set(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
+        self.replace(weights)?;
+        for (i, e) in self.entries.iter().enumerate() {
+            if weights.iter().any(|(id, _)| *id == e.weight) {
+                self.saved.remove(&i);
+            }
+        }
+        Ok(())
+    }
+
     /// Puts back the original of every replaced entry.
     pub fn restore(&mut self) {
         for (i, stored) in self.saved.drain() {
