@@ -8,7 +8,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::{golden, golden_dir, ids, load, model_dir};
-use upmix::backends::{training_runtime, RouterLosses};
+use upmix::backends::training_runtime;
+use upmix::ir::{LossGradients, RouterLosses, TrainingRuntime};
 use upmix::ir::{Module, WeightExpr, WeightId};
 
 /// Checkpoint tensor name -> the weight read from it, matched by file offset.
@@ -150,12 +151,12 @@ fn router_loss_gradients_equal_finite_differences() {
             load_balance: weights.0,
             z_loss: weights.1,
         };
-        let value = |g: &upmix::backends::LossGradients| match term {
+        let value = |g: &LossGradients| match term {
             "load balance" => g.load_balance.unwrap(),
             _ => g.z_loss.unwrap(),
         };
         let with = rt.loss_gradients(&refs, routers).unwrap();
-        let of = |g: &upmix::backends::LossGradients| {
+        let of = |g: &LossGradients| {
             g.gradients
                 .iter()
                 .find(|(id, _)| *id == router)
@@ -209,7 +210,7 @@ fn adamw_matches_pytorch(
     trainable: Option<&str>,
     golden_file: &str,
 ) {
-    use upmix::backends::{AdamW, AdamWConfig};
+    use upmix::passes::{AdamW, AdamWConfig};
     let spec = golden("train/train.json");
     let batch = batch(&spec);
     let refs: Vec<&[u32]> = batch.iter().map(|s| s.as_slice()).collect();

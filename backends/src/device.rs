@@ -66,7 +66,7 @@ pub fn load_runtime(
 pub type CpuTraining = burn_autodiff::Autodiff<burn_flex::Flex>;
 
 /// A CPU runtime of graph `graph` of `module` that records gradients
-/// ([`BurnRuntime::loss_gradients`]). Quantized weights are dequantized; experts run on
+/// ([`upmix_ir::TrainingRuntime`]). Quantized weights are dequantized; experts run on
 /// every row, weighted by the routing (zero outside the top-k): the same function as
 /// sparse dispatch, in ops autodiff follows.
 pub fn training_runtime(

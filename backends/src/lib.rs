@@ -6,20 +6,15 @@
 //!   swaps, hidden states);
 //! - [`device`] holds [`DeviceSpec`] (`cpu`, `wgpu`, `cuda:N`) and [`load_runtime`], which picks
 //!   the burn backend for a device;
-//! - [`adamw`] holds the optimizer training steps weights with;
 //! - [`error`] holds [`BackendError`].
 
-pub mod adamw;
 pub mod device;
 pub mod emit;
 pub mod error;
 pub mod runtime;
 
-pub use adamw::{AdamW, AdamWConfig};
 pub use device::{
     load_runtime, load_runtime_with, training_runtime, CpuTraining, DeviceSpec, RuntimeOptions,
 };
 pub use error::BackendError;
-pub use runtime::{
-    Activations, BurnRuntime, LossGradients, MoeDispatch, QuantMatrix, RouterLosses,
-};
+pub use runtime::{Activations, BurnRuntime, MoeDispatch, QuantMatrix};

@@ -29,7 +29,9 @@ pub use op::{
     RopeScaling, Routing, SharedExpert,
 };
 pub use print::print_graph;
-pub use runtime::{LogLikelihood, Runtime, RuntimeError, TokenScores};
+pub use runtime::{
+    LogLikelihood, LossGradients, RouterLosses, Runtime, RuntimeError, TokenScores, TrainingRuntime,
+};
 pub use sparsity::{Pattern, PruneRule};
 pub use tensor::HostTensor;
 pub use verify::{verify, VerifyError, VerifyErrors};

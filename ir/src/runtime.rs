@@ -149,3 +149,46 @@ pub trait Runtime {
         nodes: &[&str],
     ) -> Result<Vec<HostTensor>, RuntimeError>;
 }
+
+/// Weights of the router terms a training loss adds to the cross-entropy (0: left out).
+/// Both are averaged over the model's routers, each router's logits `z` being `[T, E]`
+/// over the batch's `T` tokens with top-k routing:
+/// - `load_balance` (Switch Transformer, Fedus et al. 2021): `E * sum_i f_i P_i`, `f_i`
+///   the share of the `T * k` (token, choice) pairs that go to expert `i` (a constant),
+///   `P_i` the mean router probability of expert `i`; 1 when balanced;
+/// - `z_loss` (ST-MoE, Zoph et al. 2022): the mean of `logsumexp(z_t)^2`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RouterLosses {
+    pub load_balance: f32,
+    pub z_loss: f32,
+}
+
+/// A training loss and its gradient with respect to every weight a graph uses.
+#[derive(Clone, Debug)]
+pub struct LossGradients {
+    /// `cross_entropy + load_balance * weight + z_loss * weight`.
+    pub loss: f32,
+    /// The mean next-token cross-entropy.
+    pub cross_entropy: f32,
+    /// The router terms, averaged over routers (none without routers).
+    pub load_balance: Option<f32>,
+    pub z_loss: Option<f32>,
+    /// In the weight table's layout, by weight, in weight order.
+    pub gradients: Vec<(WeightId, HostTensor)>,
+}
+
+/// A runtime that also computes gradients, for training.
+pub trait TrainingRuntime: Runtime {
+    /// The loss of `sequences` (position `p` of each predicts token `p + 1`; every
+    /// sequence at least 2 tokens): the mean next-token cross-entropy plus the router
+    /// terms weighted by `routers`, and its gradient with respect to every weight.
+    fn loss_gradients(
+        &mut self,
+        sequences: &[&[u32]],
+        routers: RouterLosses,
+    ) -> Result<LossGradients, RuntimeError>;
+
+    /// Gives `weights` new values for good (an optimizer step), unlike
+    /// [`Runtime::replace_weights`], which [`Runtime::restore_weights`] undoes.
+    fn set_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError>;
+}

@@ -6,6 +6,7 @@
 //! after each. Passes that must execute a model ask the [`PassContext`] for a runtime;
 //! this crate never depends on a tensor backend.
 
+pub mod adamw;
 mod align;
 mod attention_experts;
 mod bam;
@@ -27,6 +28,7 @@ pub mod sensitivity;
 mod share_kv;
 mod upcycle;
 
+pub use adamw::{AdamW, AdamWConfig};
 pub use attention_experts::{AttentionExperts, AttentionRouting};
 pub use bam::{Bam, KvSource};
 pub use cast::Cast;

@@ -1,13 +1,8 @@
 //! Gradients of a training loss with respect to a graph's weights, by burn's autodiff
 //! (`Autodiff<B>` over any backend): what training builds on.
 //!
-//! The loss is the mean next-token cross-entropy, plus for mixtures of experts two terms
-//! on every router's logits `z` (`[T, E]` over the batch's `T` tokens, top-k routing),
-//! each averaged over routers:
-//! - load balancing (Switch Transformer, Fedus et al. 2021): `E * sum_i f_i P_i`, `f_i`
-//!   the share of the `T * k` (token, choice) pairs that go to expert `i` (a constant),
-//!   `P_i` the mean router probability of expert `i`; 1 when balanced;
-//! - router z-loss (ST-MoE, Zoph et al. 2022): the mean of `logsumexp(z_t)^2`.
+//! The loss is the mean next-token cross-entropy, plus for mixtures of experts the load
+//! balancing and z-loss terms on every router's logits ([`RouterLosses`] defines them).
 //!
 //! The forward pass is the runtime's own, generic over the backend. On `Autodiff<B>`
 //! every weight's device tensor is tracked, the loss is built with burn ops, and
@@ -20,46 +15,13 @@ use std::collections::BTreeMap;
 use burn_tensor::activation::{log_softmax, softmax};
 use burn_tensor::backend::AutodiffBackend;
 use burn_tensor::{Int, Tensor, TensorData};
-use upmix_ir::{HostTensor, RuntimeError, WeightId};
+use upmix_ir::{HostTensor, LossGradients, RouterLosses, RuntimeError, TrainingRuntime, WeightId};
 
 use super::params::{Form, RouterRecord};
 use super::{backend_error, in_pool, BurnRuntime, Kernels};
 
-/// Weights of the router terms added to the cross-entropy (0: left out).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct RouterLosses {
-    pub load_balance: f32,
-    pub z_loss: f32,
-}
-
-/// A loss and its gradient with respect to every weight the graph uses.
-#[derive(Clone, Debug)]
-pub struct LossGradients {
-    /// `cross_entropy + load_balance * weight + z_loss * weight`.
-    pub loss: f32,
-    pub cross_entropy: f32,
-    /// The router terms, averaged over routers (none without routers).
-    pub load_balance: Option<f32>,
-    pub z_loss: Option<f32>,
-    /// In the weight table's layout, by weight, in weight order.
-    pub gradients: Vec<(WeightId, HostTensor)>,
-}
-
-impl<B: Kernels> BurnRuntime<B> {
-    /// Gives `weights` new values for good (an optimizer step; see [`Runtime::replace_weights`]
-    /// for a swap that can be undone).
-    ///
-    /// [`Runtime::replace_weights`]: upmix_ir::Runtime::replace_weights
-    pub fn set_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
-        self.plan.params.set(weights)
-    }
-}
-
-impl<B: Kernels + AutodiffBackend> BurnRuntime<B> {
-    /// The loss of `sequences` (position `p` of each predicts token `p + 1`; every
-    /// sequence at least 2 tokens) with the router terms weighted by `routers`, and its
-    /// gradient with respect to every weight.
-    pub fn loss_gradients(
+impl<B: Kernels + AutodiffBackend> TrainingRuntime for BurnRuntime<B> {
+    fn loss_gradients(
         &mut self,
         sequences: &[&[u32]],
         routers: RouterLosses,
@@ -100,6 +62,10 @@ impl<B: Kernels + AutodiffBackend> BurnRuntime<B> {
                 gradients: gradients(this, &grads)?,
             })
         })
+    }
+
+    fn set_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
+        self.plan.params.set(weights)
     }
 }
 

@@ -43,7 +43,6 @@ use upmix_ir::{HostTensor, Module, Runtime, RuntimeError, TokenScores, WeightId}
 
 use crate::BackendError;
 use frame::{upload_batch, Columns, Frame};
-pub use gradients::{LossGradients, RouterLosses};
 pub use kernels::Kernels;
 pub use moe::MoeDispatch;
 use plan::{Plan, RunArgs, Value};
