@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use upmix_backends::{Activations, DeviceSpec};
 use upmix_frontend::TextTokenizer;
-use upmix_ir::{Module, Runtime, RuntimeError};
+use upmix_ir::{Module, Runtime, RuntimeError, TrainingRuntime};
 use upmix_passes::{
     DumpIr, PassContext, PassManager, PassSpec, PruneMethod, RouterInit, RuntimeProvider,
 };
@@ -185,6 +185,20 @@ impl RuntimeProvider for DeviceRuntimes {
         self.encode(m, graph, text)
             .map_err(|e| RuntimeError::Backend(format!("{e:#}")))
     }
+
+    fn training_runtime(
+        &mut self,
+        m: &Module,
+        graph: &str,
+    ) -> Result<Box<dyn TrainingRuntime>, RuntimeError> {
+        if self.exec.device != DeviceSpec::Cpu {
+            return Err(RuntimeError::Backend(format!(
+                "training runs on the cpu for now, not on `{}`",
+                self.exec.device
+            )));
+        }
+        Ok(Box::new(upmix_backends::training_runtime(m, graph)?))
+    }
 }
 
 /// Runs the pipeline file at `path`, returning the module and a report of what it did.
@@ -254,6 +268,10 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
         }
         let method = match &mut spec {
             PassSpec::Prune(p) => Some(&mut p.method),
+            PassSpec::Train(t) => {
+                t.data.values_mut().for_each(|f| *f = resolve(f));
+                None
+            }
             PassSpec::Plan(p) => {
                 p.table = resolve(&p.table);
                 p.fragment = p.fragment.as_deref().map(&resolve);

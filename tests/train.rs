@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{golden, golden_dir, ids, load, model_dir};
+use common::{golden, golden_dir, ids, load, model_dir, repo_root};
 use upmix::backends::training_runtime;
 use upmix::ir::{LossGradients, RouterLosses, TrainingRuntime};
 use upmix::ir::{Module, WeightExpr, WeightId};
@@ -289,4 +289,120 @@ fn adamw_steps_match_pytorch() {
         Some("block_sparse_moe.gate"),
         "mixtral_adamw3_router_only.safetensors",
     );
+}
+
+fn run_pipeline(text: &str, dir: &std::path::Path) -> Result<(Module, String), String> {
+    let p = upmix::pipeline::Pipeline::parse(text, std::path::Path::new("train.ron"))
+        .map_err(|e| format!("{e:#}"))?;
+    upmix::pipeline::run(&p, dir, &Default::default()).map_err(|e| format!("{e:#}"))
+}
+
+/// Raw bytes of every tensor of a safetensors file, by name.
+fn tensor_bytes(path: &std::path::Path) -> HashMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, info)| {
+            let [a, b] = [0, 1].map(|i| 8 + n + info["data_offsets"][i].as_u64().unwrap() as usize);
+            (name.clone(), bytes[a..b].to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn a_train_pass_lowers_the_loss_and_leaves_frozen_weights_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo_root().join("examples/data/law/train.txt");
+    let out = dir.path().join("trained");
+    let pipeline = format!(
+        r#"Pipeline(
+            models: {{ "llama": Hf({:?}) }},
+            passes: [Train(model: "llama", into: "trained", data: {{ "law": {:?} }},
+                steps: 12, batch: 4, seq_len: 32, trainable: ["attn.*"], lr: 3e-3,
+                schedule: Cosine(warmup: 2))],
+            emit: [Hf(model: "trained", dir: {:?})],
+        )"#,
+        model_dir("llama").display().to_string(),
+        data.display().to_string(),
+        out.display().to_string()
+    );
+    let (m, report) = run_pipeline(&pipeline, dir.path()).unwrap();
+    println!("{report}");
+    let note = report
+        .lines()
+        .find(|l| l.contains("Train: `trained`"))
+        .unwrap();
+    let losses: Vec<f64> = note
+        .split("loss ")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(losses[1] < losses[0] - 0.1, "{note}");
+    assert!(note.contains("8 weights"), "{note}");
+    // Trained: the attention projections, as new values; everything else is the same
+    // weight as in the source model and is written byte for byte.
+    let before = tensor_bytes(&model_dir("llama").join("model.safetensors"));
+    let after = tensor_bytes(&out.join("model.safetensors"));
+    assert_eq!(before.len(), after.len());
+    let mut changed = 0;
+    for (name, bytes) in &before {
+        let attention = name.contains("self_attn.");
+        if attention {
+            assert_ne!(&after[name], bytes, "{name} was to be trained");
+            changed += 1;
+        } else {
+            assert_eq!(&after[name], bytes, "{name} is frozen");
+        }
+    }
+    assert_eq!(changed, 8);
+    assert!(m.graphs.contains_key("llama") && m.graphs.contains_key("trained"));
+}
+
+#[test]
+fn bad_train_requests_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo_root().join("examples/data/law/train.txt");
+    let run = |fields: &str| {
+        let pipeline = format!(
+            r#"Pipeline(models: {{ "llama": Hf({:?}) }}, passes: [Train(model: "llama", {fields})])"#,
+            model_dir("llama").display().to_string()
+        );
+        run_pipeline(&pipeline, dir.path()).unwrap_err()
+    };
+    let data = format!("data: {{ \"law\": {:?} }}", data.display().to_string());
+    for (fields, message) in [
+        (
+            format!(r#"{data}, steps: 1, batch: 1, seq_len: 16, trainable: ["ffn.router"]"#),
+            "trainable `ffn.router` matches no weight of `llama`",
+        ),
+        (
+            r#"data: { "x": "missing.txt" }, steps: 1, batch: 1, seq_len: 16, trainable: ["all"]"#
+                .into(),
+            "data `x`:",
+        ),
+        (
+            format!(r#"{data}, steps: 1, batch: 100000, seq_len: 64, trainable: ["all"]"#),
+            "fewer than a batch of 100000",
+        ),
+        (
+            format!(
+                r#"{data}, steps: 4, batch: 1, seq_len: 16, trainable: ["all"], schedule: Cosine(warmup: 4)"#
+            ),
+            "leaves none of the 4 to decay over",
+        ),
+        (
+            format!(r#"{data}, steps: 0, batch: 1, seq_len: 16, trainable: ["all"]"#),
+            "must be at least 1",
+        ),
+    ] {
+        let err = run(&fields);
+        assert!(err.contains(message), "{fields}: {err}");
+    }
 }

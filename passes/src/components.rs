@@ -110,7 +110,13 @@ impl Selector {
     }
 
     pub fn matches(&self, c: &Component) -> bool {
-        self.regex.is_match(&c.name) || (!self.whole_name_only && self.regex.is_match(&c.part))
+        self.matches_name(&c.name, &c.part)
+    }
+
+    /// Whether it selects the weight or component named `name`, whose part (the name
+    /// after `layers.N.`) is `part`.
+    pub fn matches_name(&self, name: &str, part: &str) -> bool {
+        self.regex.is_match(name) || (!self.whole_name_only && self.regex.is_match(part))
     }
 
     pub fn text(&self) -> &str {

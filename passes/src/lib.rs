@@ -26,6 +26,7 @@ pub mod registry;
 mod router_init;
 pub mod sensitivity;
 mod share_kv;
+mod train;
 mod upcycle;
 
 pub use adamw::{AdamW, AdamWConfig};
@@ -42,4 +43,5 @@ pub use quantize::{Quantize, QuantizeTarget};
 pub use registry::{create, pass_names, PassInfo, PassSpec, REGISTRY};
 pub use router_init::RouterInit;
 pub use share_kv::ShareKv;
+pub use train::{Schedule, Train};
 pub use upcycle::Upcycle;

@@ -2,7 +2,8 @@
 
 use thiserror::Error;
 use upmix_ir::{
-    Graph, Module, NonFinite, Runtime, RuntimeError, VerifyErrors, WeightError, WeightId,
+    Graph, Module, NonFinite, Runtime, RuntimeError, TrainingRuntime, VerifyErrors, WeightError,
+    WeightId,
 };
 
 /// A rewrite over a [`Module`].
@@ -27,6 +28,18 @@ pub trait RuntimeProvider {
 
     /// Token ids of `text` under the tokenizer of model `graph`, without special tokens.
     fn tokenize(&mut self, m: &Module, graph: &str, text: &str) -> Result<Vec<u32>, RuntimeError>;
+
+    /// A runtime of `graph` that computes gradients, for training.
+    fn training_runtime(
+        &mut self,
+        m: &Module,
+        graph: &str,
+    ) -> Result<Box<dyn TrainingRuntime>, RuntimeError> {
+        let _ = (m, graph);
+        Err(RuntimeError::Backend(
+            "this caller cannot train models".into(),
+        ))
+    }
 }
 
 /// What a pass may use besides the module.

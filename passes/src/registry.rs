@@ -8,7 +8,8 @@ use serde::Deserialize;
 
 use crate::pass::{Pass, PassError};
 use crate::{
-    AttentionExperts, Bam, Cast, Merge, ParallelAttention, Plan, Prune, Quantize, ShareKv, Upcycle,
+    AttentionExperts, Bam, Cast, Merge, ParallelAttention, Plan, Prune, Quantize, ShareKv, Train,
+    Upcycle,
 };
 
 /// One pass as written in a pipeline file.
@@ -24,6 +25,7 @@ pub enum PassSpec {
     Prune(Prune),
     Plan(Plan),
     Quantize(Quantize),
+    Train(Train),
 }
 
 impl PassSpec {
@@ -40,6 +42,7 @@ impl PassSpec {
             PassSpec::Prune(p) => Box::new(p),
             PassSpec::Plan(p) => Box::new(p),
             PassSpec::Quantize(p) => Box::new(p),
+            PassSpec::Train(p) => Box::new(p),
         }
     }
 }
@@ -91,6 +94,10 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "Quantize",
         doc: "store selected weights as q8_0, q4_0, q4_1 (ggml blocks), int8 per channel, f16 or bf16",
+    },
+    PassInfo {
+        name: "Train",
+        doc: "train selected weights on text with AdamW (cross-entropy, router load balancing and z-loss)",
     },
 ];
 
