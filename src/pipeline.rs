@@ -270,6 +270,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             PassSpec::Prune(p) => Some(&mut p.method),
             PassSpec::Train(t) => {
                 t.data.values_mut().for_each(|f| *f = resolve(f));
+                t.log = t.log.as_deref().map(&resolve);
                 None
             }
             PassSpec::Plan(p) => {

@@ -196,6 +196,7 @@ fn fuzz_pipeline_ron() {
         "cohere2.ron",
         "quantize-smollm2.ron",
         "quantize-dtm-smollm2.ron",
+        "btx.ron",
     ] {
         seeds.push(std::fs::read_to_string(examples.join(f)).expect("example pipeline"));
     }

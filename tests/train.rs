@@ -389,7 +389,13 @@ fn bad_train_requests_are_clear_errors() {
         ),
         (
             format!(r#"{data}, steps: 1, batch: 100000, seq_len: 64, trainable: ["all"]"#),
-            "fewer than a batch of 100000",
+            "fewer than 100000",
+        ),
+        (
+            format!(
+                r#"{data}, mix: {{ "code": 1 }}, steps: 1, batch: 1, seq_len: 16, trainable: ["all"]"#
+            ),
+            "`mix` must give every data name (law) a share above 0",
         ),
         (
             format!(

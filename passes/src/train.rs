@@ -3,9 +3,10 @@
 //! The loss is the mean next-token cross-entropy of windows of `seq_len` tokens, plus for
 //! mixtures of experts `load_balance` times the Switch Transformer load-balancing loss and
 //! `z_loss` times the ST-MoE router z-loss (defined at `upmix_ir::RouterLosses`). The data
-//! is every text file tokenized and packed into one stream, cut into non-overlapping
-//! windows; each step takes `batch` windows in an order shuffled with `seed` (reshuffled
-//! after every pass over the data). The learning rate is constant or, with
+//! is every text file tokenized and packed into one stream (with `mix`, one per file),
+//! cut into non-overlapping windows (each starting with BOS with `bos: true`); each step
+//! takes `batch` windows in an order shuffled with `seed` (reshuffled after every pass
+//! over the data), with `mix` from the file drawn by its share for each row. The learning rate is constant or, with
 //! `schedule: Cosine(warmup: n)`, rises linearly over `n` steps and then follows a cosine
 //! down to zero at the last step. AdamW (module `adamw`) updates the weights `trainable`
 //! selects; every other weight is frozen and keeps its expression, so it is written back
@@ -17,8 +18,18 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use upmix_ir::{HostTensor, Module, RouterLosses, RuntimeError, TrainingRuntime, WeightId};
 
-/// Trained values of the trainable weights, and the loss of every step.
-type Trained = (Vec<(WeightId, HostTensor)>, Vec<f32>);
+/// Trained values of the trainable weights, and every step's learning rate and losses.
+type Trained = (Vec<(WeightId, HostTensor)>, Vec<StepLog>);
+
+/// One step's learning rate and losses.
+#[derive(Clone, Copy, Debug)]
+struct StepLog {
+    lr: f64,
+    loss: f32,
+    cross_entropy: f32,
+    load_balance: Option<f32>,
+    z_loss: Option<f32>,
+}
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::components::Selector;
@@ -36,6 +47,13 @@ pub struct Train {
     pub into: Option<String>,
     /// Text files by name, tokenized with the model's tokenizer.
     pub data: BTreeMap<String, PathBuf>,
+    /// Shares of the batch rows by data name (`{"code": 2, "law": 1}`: two code windows
+    /// for every law window, drawn at random); absent: one stream of all the files.
+    #[serde(default)]
+    pub mix: Option<BTreeMap<String, f64>>,
+    /// Start every window with the model's BOS token (the window's first of `seq_len`).
+    #[serde(default)]
+    pub bos: bool,
     pub steps: usize,
     /// Windows per step.
     pub batch: usize,
@@ -62,6 +80,10 @@ pub struct Train {
     /// Seed of the data order (default 0).
     #[serde(default)]
     pub seed: u64,
+    /// A CSV file to write the loss curve to: step, learning rate, loss, cross-entropy,
+    /// load balancing, z-loss (written whole after the last step).
+    #[serde(default)]
+    pub log: Option<PathBuf>,
 }
 
 /// How the learning rate moves over the steps.
@@ -138,35 +160,57 @@ impl Train {
         Ok(chosen)
     }
 
-    /// The packed windows of the data.
-    fn windows(&self, m: &Module, cx: &mut PassContext) -> Result<Vec<Vec<u32>>, PassError> {
+    /// The windows of the data: one pool per data name with `mix`, else one.
+    fn windows(&self, m: &Module, cx: &mut PassContext) -> Result<Vec<Vec<Vec<u32>>>, PassError> {
+        let bos = match self.bos {
+            true => Some(
+                graph(m, "Train", &self.model)?
+                    .meta
+                    .bos_token_id
+                    .ok_or_else(|| self.invalid(format!("`{}` has no BOS token", self.model)))?,
+            ),
+            false => None,
+        };
         let provider = cx
             .runtimes
             .as_deref_mut()
             .ok_or_else(|| self.invalid("training needs a runtime; run it in a pipeline".into()))?;
-        let mut stream = Vec::new();
+        let mut streams: Vec<(String, Vec<u32>)> = Vec::new();
         for (name, path) in &self.data {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| self.invalid(format!("data `{name}`: {}: {e}", path.display())))?;
             let ids = provider
                 .tokenize(m, &self.model, &text)
                 .map_err(|e| self.invalid(format!("data `{name}`: {e}")))?;
-            stream.extend(ids);
+            match (&self.mix, streams.last_mut()) {
+                (None, Some((_, all))) => all.extend(ids),
+                _ => streams.push((name.clone(), ids)),
+            }
         }
-        let windows: Vec<Vec<u32>> = stream
-            .chunks_exact(self.seq_len)
-            .map(|w| w.to_vec())
-            .collect();
-        if windows.len() < self.batch {
-            return Err(self.invalid(format!(
-                "the data holds {} tokens: {} windows of {}, fewer than a batch of {}",
-                stream.len(),
-                windows.len(),
-                self.seq_len,
-                self.batch
-            )));
+        let body = self.seq_len - usize::from(bos.is_some());
+        let mut pools = Vec::new();
+        for (name, stream) in streams {
+            let pool: Vec<Vec<u32>> = stream
+                .chunks_exact(body)
+                .map(|w| bos.into_iter().chain(w.iter().copied()).collect())
+                .collect();
+            let need = if self.mix.is_some() { 1 } else { self.batch };
+            if pool.len() < need {
+                return Err(self.invalid(format!(
+                    "data{}: {} tokens make {} windows of {}, fewer than {need}",
+                    if self.mix.is_some() {
+                        format!(" `{name}`")
+                    } else {
+                        String::new()
+                    },
+                    stream.len(),
+                    pool.len(),
+                    self.seq_len,
+                )));
+            }
+            pools.push(pool);
         }
-        Ok(windows)
+        Ok(pools)
     }
 
     fn check(&self) -> Result<(), PassError> {
@@ -177,6 +221,17 @@ impl Train {
         }
         if self.data.is_empty() {
             return Err(self.invalid("`data` names no text file".into()));
+        }
+        if let Some(mix) = &self.mix {
+            let names: Vec<&String> = mix.keys().collect();
+            if names != self.data.keys().collect::<Vec<_>>()
+                || mix.values().any(|w| w.is_nan() || *w <= 0.0)
+            {
+                return Err(self.invalid(format!(
+                    "`mix` must give every data name ({}) a share above 0",
+                    self.data.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
         }
         if let Schedule::Cosine { warmup } = self.schedule {
             if warmup >= self.steps {
@@ -194,7 +249,7 @@ impl Train {
         &self,
         m: &Module,
         rt: &mut dyn TrainingRuntime,
-        windows: &[Vec<u32>],
+        pools: &[Vec<Vec<u32>>],
         trainable: &[WeightId],
     ) -> Result<Trained, PassError> {
         let runtime_err = |e: RuntimeError| self.invalid(e.to_string());
@@ -211,18 +266,45 @@ impl Train {
             weight_decay: self.weight_decay.unwrap_or(0.01),
             ..AdamWConfig::default()
         });
-        let mut order = Order::new(windows.len(), self.seed);
+        let shares: Vec<f64> = match &self.mix {
+            Some(mix) => mix.values().copied().collect(),
+            None => vec![1.0],
+        };
+        let total: f64 = shares.iter().sum();
+        let mut orders: Vec<Order> = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Order::new(p.len(), self.seed.wrapping_add(i as u64)))
+            .collect();
+        let mut draw = Order::new(0, self.seed ^ 0x5EED);
         let mut losses = Vec::with_capacity(self.steps);
         for step in 0..self.steps {
-            let batch: Vec<&[u32]> = (0..self.batch)
-                .map(|_| windows[order.next()].as_slice())
-                .collect();
+            let mut batch: Vec<&[u32]> = Vec::with_capacity(self.batch);
+            for _ in 0..self.batch {
+                // A pool by its share, then that pool's next window.
+                let mut u = (draw.random() >> 11) as f64 / (1u64 << 53) as f64 * total;
+                let pool = shares
+                    .iter()
+                    .position(|w| {
+                        u -= w;
+                        u < 0.0
+                    })
+                    .unwrap_or(shares.len() - 1);
+                batch.push(&pools[pool][orders[pool].next()]);
+            }
             let g = rt.loss_gradients(&batch, routers).map_err(runtime_err)?;
             if !g.loss.is_finite() {
                 return Err(self.invalid(format!("the loss is {} at step {}", g.loss, step + 1)));
             }
-            losses.push(g.loss);
-            adamw.step(self.lr_at(step), &mut params, &g.gradients);
+            let lr = self.lr_at(step);
+            losses.push(StepLog {
+                lr,
+                loss: g.loss,
+                cross_entropy: g.cross_entropy,
+                load_balance: g.load_balance,
+                z_loss: g.z_loss,
+            });
+            adamw.step(lr, &mut params, &g.gradients);
             rt.set_weights(&params).map_err(runtime_err)?;
         }
         Ok((params, losses))
@@ -267,6 +349,31 @@ impl Order {
     }
 }
 
+/// The loss curve as CSV, written to a temporary file beside `path`, then renamed.
+fn write_log(path: &std::path::Path, steps: &[StepLog]) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    let mut text = String::from("step,lr,loss,cross_entropy,load_balance,z_loss\n");
+    let opt = |v: Option<f32>| v.map_or(String::new(), |v| v.to_string());
+    for (i, s) in steps.iter().enumerate() {
+        let _ = writeln!(
+            text,
+            "{},{},{},{},{},{}",
+            i + 1,
+            s.lr,
+            s.loss,
+            s.cross_entropy,
+            opt(s.load_balance),
+            opt(s.z_loss)
+        );
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("csv.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
 impl Pass for Train {
     fn name(&self) -> &'static str {
         "Train"
@@ -275,12 +382,12 @@ impl Pass for Train {
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
         self.check()?;
         let trainable = self.trainable(m)?;
-        let windows = self.windows(m, cx)?;
+        let pools = self.windows(m, cx)?;
         let provider = cx.runtimes.as_deref_mut().expect("checked by windows");
         let mut rt = provider
             .training_runtime(m, &self.model)
             .map_err(|e| self.invalid(e.to_string()))?;
-        let (trained, losses) = self.run_steps(m, rt.as_mut(), &windows, &trainable)?;
+        let (trained, losses) = self.run_steps(m, rt.as_mut(), &pools, &trainable)?;
         let mut remap = HashMap::new();
         let mut params = 0;
         for (id, tensor) in trained {
@@ -298,12 +405,16 @@ impl Pass for Train {
             self.steps,
             self.batch,
             self.seq_len,
-            windows.len(),
+            pools.iter().map(Vec::len).sum::<usize>(),
             remap.len(),
             params as f64 / 1e6,
-            losses[0],
-            losses[losses.len() - 1]
+            losses[0].loss,
+            losses[losses.len() - 1].loss
         ));
+        if let Some(path) = &self.log {
+            write_log(path, &losses)
+                .map_err(|e| self.invalid(format!("writing {}: {e}", path.display())))?;
+        }
         Ok(vec![target])
     }
 
