@@ -271,6 +271,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             PassSpec::Train(t) => {
                 t.data.values_mut().for_each(|f| *f = resolve(f));
                 t.log = t.log.as_deref().map(&resolve);
+                t.checkpoint = t.checkpoint.as_deref().map(&resolve);
                 None
             }
             PassSpec::Plan(p) => {

@@ -406,3 +406,76 @@ fn bad_train_requests_are_clear_errors() {
         assert!(err.contains(message), "{fields}: {err}");
     }
 }
+
+/// The values of graph `graph`'s weights named like `part`, by name.
+fn values_of(m: &Module, graph: &str, part: &str) -> Vec<(String, Vec<f32>)> {
+    let mut out: Vec<(String, Vec<f32>)> = m.graphs[graph]
+        .weight_ids()
+        .into_iter()
+        .filter_map(|id| {
+            let w = m.weights.get(id).unwrap();
+            w.name
+                .contains(part)
+                .then(|| (w.name.clone(), m.weights.materialize(id).unwrap().data))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn a_resumed_run_equals_one_that_never_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo_root().join("examples/data");
+    let pipeline = |extra: &str, log: &str| {
+        format!(
+            r#"Pipeline(models: {{ "llama": Hf({:?}) }}, passes: [Train(model: "llama",
+                data: {{ "code": {:?}, "law": {:?} }}, mix: {{ "code": 1, "law": 2 }},
+                steps: 6, batch: 3, seq_len: 24, trainable: ["attn.*", "ffn.up"],
+                lr: 3e-3, schedule: Cosine(warmup: 2), checkpoint: "ckpt",
+                log: {log:?}{extra})])"#,
+            model_dir("llama").display().to_string(),
+            data.join("code/train.txt").display().to_string(),
+            data.join("law/train.txt").display().to_string(),
+        )
+    };
+    let (straight, _) = run_pipeline(
+        &pipeline(", checkpoint_every: 3", "straight.csv"),
+        dir.path(),
+    )
+    .unwrap();
+    let ckpt = dir.path().join("ckpt");
+    assert!(ckpt.join("step-3.ckpt").exists() && ckpt.join("step-6.ckpt").exists());
+    // Stopped after step 3: resume from there.
+    std::fs::remove_file(ckpt.join("step-6.ckpt")).unwrap();
+    let (resumed, report) =
+        run_pipeline(&pipeline(", resume: true", "resumed.csv"), dir.path()).unwrap();
+    assert!(
+        report.contains("resumed from the checkpoint of step 3"),
+        "{report}"
+    );
+    for part in ["attn.", "ffn.up"] {
+        let (a, b) = (
+            values_of(&straight, "llama", part),
+            values_of(&resumed, "llama", part),
+        );
+        assert!(!a.is_empty());
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{name} differs after resuming");
+        }
+    }
+    let log = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+    assert_eq!(log("straight.csv"), log("resumed.csv"));
+    // A checkpoint of other settings, and a damaged one, are refused.
+    let err = run_pipeline(&pipeline(", resume: true, seed: 7", "x.csv"), dir.path()).unwrap_err();
+    assert!(err.contains("written by a different Train pass"), "{err}");
+    let file = ckpt.join("step-6.ckpt");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();
+    let err = run_pipeline(&pipeline(", resume: true", "x.csv"), dir.path()).unwrap_err();
+    assert!(
+        err.contains("step-6.ckpt") && err.contains("truncated"),
+        "{err}"
+    );
+}

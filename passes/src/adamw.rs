@@ -42,7 +42,8 @@ pub struct AdamW {
     pub config: AdamWConfig,
     /// Steps taken.
     pub step: u64,
-    moments: HashMap<WeightId, (Vec<f32>, Vec<f32>)>,
+    /// Per weight: the first and second moment estimates, `m` and `v`.
+    pub moments: HashMap<WeightId, (Vec<f32>, Vec<f32>)>,
 }
 
 impl AdamW {

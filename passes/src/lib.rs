@@ -27,6 +27,7 @@ mod router_init;
 pub mod sensitivity;
 mod share_kv;
 mod train;
+mod train_checkpoint;
 mod upcycle;
 
 pub use adamw::{AdamW, AdamWConfig};

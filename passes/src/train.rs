@@ -15,14 +15,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use upmix_ir::{HostTensor, Module, RouterLosses, RuntimeError, TrainingRuntime, WeightId};
 
-/// Trained values of the trainable weights, and every step's learning rate and losses.
-type Trained = (Vec<(WeightId, HostTensor)>, Vec<StepLog>);
+/// Trained values of the trainable weights, every step's learning rate and losses, and
+/// the step the run resumed at (0: it started fresh).
+type Trained = (Vec<(WeightId, HostTensor)>, Vec<StepLog>, usize);
 
 /// One step's learning rate and losses.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct StepLog {
     lr: f64,
     loss: f32,
@@ -34,6 +35,7 @@ struct StepLog {
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::components::Selector;
 use crate::pass::{graph, insert_remapped, weight_err, Pass, PassContext, PassError};
+use crate::train_checkpoint;
 
 /// Pipeline spec: `Train(model: "moe", into: "moe_trained", data: {"code": "code.txt"},
 /// steps: 100, batch: 8, seq_len: 128, trainable: ["*.router"])`.
@@ -84,6 +86,16 @@ pub struct Train {
     /// load balancing, z-loss (written whole after the last step).
     #[serde(default)]
     pub log: Option<PathBuf>,
+    /// A directory for checkpoints (`step-N.ckpt`): written every `checkpoint_every`
+    /// steps and after the last.
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+    #[serde(default)]
+    pub checkpoint_every: Option<usize>,
+    /// Continue from the latest checkpoint in `checkpoint`, bit for bit as if the run had
+    /// not stopped (the same pass, model, data and settings); from the start if none.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// How the learning rate moves over the steps.
@@ -222,6 +234,13 @@ impl Train {
         if self.data.is_empty() {
             return Err(self.invalid("`data` names no text file".into()));
         }
+        if self.checkpoint_every == Some(0)
+            || (self.checkpoint_every.is_some() || self.resume) && self.checkpoint.is_none()
+        {
+            return Err(self.invalid(
+                "`checkpoint_every` (at least 1) and `resume` need a `checkpoint` directory".into(),
+            ));
+        }
         if let Some(mix) = &self.mix {
             let names: Vec<&String> = mix.keys().collect();
             if names != self.data.keys().collect::<Vec<_>>()
@@ -253,32 +272,19 @@ impl Train {
         trainable: &[WeightId],
     ) -> Result<Trained, PassError> {
         let runtime_err = |e: RuntimeError| self.invalid(e.to_string());
-        let mut params = Vec::with_capacity(trainable.len());
-        for &id in trainable {
-            params.push((id, m.weights.materialize(id).map_err(weight_err("Train"))?));
-        }
         let routers = RouterLosses {
             load_balance: self.load_balance.unwrap_or(0.01),
             z_loss: self.z_loss.unwrap_or(0.001),
         };
-        let mut adamw = AdamW::new(AdamWConfig {
-            lr: self.lr.unwrap_or(1e-3),
-            weight_decay: self.weight_decay.unwrap_or(0.01),
-            ..AdamWConfig::default()
-        });
+        let mut state = self.start(m, rt, pools, trainable)?;
+        let resumed = state.step;
         let shares: Vec<f64> = match &self.mix {
             Some(mix) => mix.values().copied().collect(),
             None => vec![1.0],
         };
         let total: f64 = shares.iter().sum();
-        let mut orders: Vec<Order> = pools
-            .iter()
-            .enumerate()
-            .map(|(i, p)| Order::new(p.len(), self.seed.wrapping_add(i as u64)))
-            .collect();
-        let mut draw = Order::new(0, self.seed ^ 0x5EED);
-        let mut losses = Vec::with_capacity(self.steps);
-        for step in 0..self.steps {
+        for step in state.step..self.steps {
+            let (orders, draw) = &mut state.orders;
             let mut batch: Vec<&[u32]> = Vec::with_capacity(self.batch);
             for _ in 0..self.batch {
                 // A pool by its share, then that pool's next window.
@@ -297,22 +303,105 @@ impl Train {
                 return Err(self.invalid(format!("the loss is {} at step {}", g.loss, step + 1)));
             }
             let lr = self.lr_at(step);
-            losses.push(StepLog {
+            state.losses.push(StepLog {
                 lr,
                 loss: g.loss,
                 cross_entropy: g.cross_entropy,
                 load_balance: g.load_balance,
                 z_loss: g.z_loss,
             });
-            adamw.step(lr, &mut params, &g.gradients);
-            rt.set_weights(&params).map_err(runtime_err)?;
+            state.adamw.step(lr, &mut state.params, &g.gradients);
+            rt.set_weights(&state.params).map_err(runtime_err)?;
+            state.step = step + 1;
+            self.save(m, &state)?;
         }
-        Ok((params, losses))
+        Ok((state.params, state.losses, resumed))
+    }
+
+    /// The state before the first step: fresh, or the latest checkpoint's when resuming
+    /// (its values then set in `rt`).
+    fn start(
+        &self,
+        m: &Module,
+        rt: &mut dyn TrainingRuntime,
+        pools: &[Vec<Vec<u32>>],
+        trainable: &[WeightId],
+    ) -> Result<State, PassError> {
+        let adamw = AdamW::new(AdamWConfig {
+            lr: self.lr.unwrap_or(1e-3),
+            weight_decay: self.weight_decay.unwrap_or(0.01),
+            ..AdamWConfig::default()
+        });
+        if let (true, Some(dir)) = (self.resume, &self.checkpoint) {
+            let latest = train_checkpoint::latest(dir)
+                .map_err(|e| self.invalid(format!("reading {}: {e}", dir.display())))?;
+            if let Some(step) = latest {
+                let path = train_checkpoint::path(dir, step);
+                let state: State = train_checkpoint::load(&path, &self.fingerprint(), adamw)
+                    .map_err(|e| self.invalid(format!("resuming from {}: {e}", path.display())))?;
+                rt.set_weights(&state.params)
+                    .map_err(|e| self.invalid(e.to_string()))?;
+                return Ok(state);
+            }
+        }
+        let mut params = Vec::with_capacity(trainable.len());
+        for &id in trainable {
+            params.push((id, m.weights.materialize(id).map_err(weight_err("Train"))?));
+        }
+        let orders = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Order::new(p.len(), self.seed.wrapping_add(i as u64)))
+            .collect();
+        Ok(State {
+            step: 0,
+            params,
+            adamw,
+            orders: (orders, Order::new(0, self.seed ^ 0x5EED)),
+            losses: Vec::with_capacity(self.steps),
+        })
+    }
+
+    /// Writes a checkpoint of `state` if one is due.
+    fn save(&self, m: &Module, state: &State) -> Result<(), PassError> {
+        let Some(dir) = &self.checkpoint else {
+            return Ok(());
+        };
+        let every = self.checkpoint_every.unwrap_or(self.steps);
+        if !state.step.is_multiple_of(every) && state.step != self.steps {
+            return Ok(());
+        }
+        let names = state
+            .params
+            .iter()
+            .map(|(id, _)| Ok((*id, m.weights.get(*id)?.name.clone())))
+            .collect::<Result<_, upmix_ir::WeightError>>()
+            .map_err(weight_err("Train"))?;
+        train_checkpoint::save(dir, &self.fingerprint(), state, &names)
+            .map_err(|e| self.invalid(format!("writing a checkpoint in {}: {e}", dir.display())))?;
+        Ok(())
+    }
+
+    /// What a checkpoint must match to be resumed from: the pass, less the fields that
+    /// only say where to write and whether to resume.
+    fn fingerprint(&self) -> String {
+        let core = Train {
+            log: None,
+            checkpoint: None,
+            checkpoint_every: None,
+            resume: false,
+            ..self.clone()
+        };
+        format!("{core:?}")
     }
 }
 
+/// A run's state: the data order is every pool's order and the generator drawing pools.
+type State = train_checkpoint::TrainState<(Vec<Order>, Order), StepLog>;
+
 /// Window indices in a seeded shuffled order, reshuffled after each pass (SplitMix64 and
 /// Fisher-Yates).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Order {
     state: u64,
     indices: Vec<usize>,
@@ -387,7 +476,16 @@ impl Pass for Train {
         let mut rt = provider
             .training_runtime(m, &self.model)
             .map_err(|e| self.invalid(e.to_string()))?;
-        let (trained, losses) = self.run_steps(m, rt.as_mut(), &pools, &trainable)?;
+        let (trained, losses, resumed) = self.run_steps(m, rt.as_mut(), &pools, &trainable)?;
+        if resumed > 0 {
+            cx.notes.push(format!(
+                "Train: resumed from the checkpoint of step {resumed} in {}",
+                self.checkpoint
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            ));
+        }
         let mut remap = HashMap::new();
         let mut params = 0;
         for (id, tensor) in trained {
