@@ -35,7 +35,9 @@ pub use runtime::{
 pub use sparsity::{Pattern, PruneRule};
 pub use tensor::HostTensor;
 pub use verify::{verify, VerifyError, VerifyErrors};
-pub use weights::{FileRange, MappedFile, Weight, WeightError, WeightExpr, WeightId, WeightTable};
+pub use weights::{
+    splitmix64, FileRange, MappedFile, Weight, WeightError, WeightExpr, WeightId, WeightTable,
+};
 
 /// The message of a caught panic (a `&str` or `String` payload), for turning a panic in a
 /// library upmix calls into an error that says why.

@@ -634,16 +634,22 @@ impl WeightTable {
     }
 }
 
+/// The next 64 bits of SplitMix64 (Steele, Lea and Flood 2014) from `state`, which it
+/// advances: the seeded generator of random weights and of training's data order.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// `n` samples of `N(0, std^2)`: SplitMix64 supplies uniform bits, Box-Muller turns each
 /// pair into two normals.
 fn normal_samples(seed: u64, std: f32, n: usize) -> Vec<f32> {
     let mut state = seed;
     let mut uniform = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        let z = splitmix64(&mut state);
         // 53 random bits in (0, 1]: never 0, so the logarithm below is finite.
         ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
     };

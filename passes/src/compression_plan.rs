@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use upmix_ir::Module;
 
-use crate::pass::{Pass, PassContext, PassError};
+use crate::pass::{write_atomically, Pass, PassContext, PassError};
 use crate::prune::{Prune, PruneMethod, PruneTarget};
 use crate::quantize::{Quantize, QuantizeTarget};
 use crate::sensitivity::{SensitivityRow, SensitivityTable};
@@ -423,7 +423,7 @@ impl Pass for Plan {
         let table = self.read_table()?;
         let a = self.assign(&table)?;
         if let Some(path) = &self.fragment {
-            write_atomically(path, &self.fragment(&a, &table))
+            write_atomically(path, self.fragment(&a, &table).as_bytes())
                 .map_err(|e| self.invalid(format!("writing {}: {e}", path.display())))?;
         }
         let quantizes = is_quantization(&table);
@@ -457,15 +457,4 @@ impl Pass for Plan {
     fn reads(&self) -> Vec<String> {
         self.model.iter().cloned().collect()
     }
-}
-
-/// Writes `text` to a temporary file beside `path` (creating its directory), then renames
-/// it over `path`.
-fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("ron.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }

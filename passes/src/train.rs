@@ -16,7 +16,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use upmix_ir::{HostTensor, Module, RouterLosses, RuntimeError, TrainingRuntime, WeightId};
+use upmix_ir::{
+    splitmix64, HostTensor, Module, RouterLosses, RuntimeError, TrainingRuntime, WeightId,
+};
 
 /// Trained values of the trainable weights, every step's learning rate and losses, and
 /// the step the run resumed at (0: it started fresh).
@@ -34,7 +36,9 @@ struct StepLog {
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::components::Selector;
-use crate::pass::{graph, insert_remapped, weight_err, Pass, PassContext, PassError};
+use crate::pass::{
+    graph, insert_remapped, weight_err, write_atomically, Pass, PassContext, PassError,
+};
 use crate::train_checkpoint;
 
 /// Pipeline spec: `Train(model: "moe", into: "moe_trained", data: {"code": "code.txt"},
@@ -288,7 +292,7 @@ impl Train {
             let mut batch: Vec<&[u32]> = Vec::with_capacity(self.batch);
             for _ in 0..self.batch {
                 // A pool by its share, then that pool's next window.
-                let mut u = (draw.random() >> 11) as f64 / (1u64 << 53) as f64 * total;
+                let mut u = (splitmix64(draw) >> 11) as f64 / (1u64 << 53) as f64 * total;
                 let pool = shares
                     .iter()
                     .position(|w| {
@@ -357,7 +361,7 @@ impl Train {
             step: 0,
             params,
             adamw,
-            orders: (orders, Order::new(0, self.seed ^ 0x5EED)),
+            orders: (orders, self.seed ^ 0x5EED),
             losses: Vec::with_capacity(self.steps),
         })
     }
@@ -396,8 +400,9 @@ impl Train {
     }
 }
 
-/// A run's state: the data order is every pool's order and the generator drawing pools.
-type State = train_checkpoint::TrainState<(Vec<Order>, Order), StepLog>;
+/// A run's state: the data order is every pool's order and the state of the generator
+/// drawing pools.
+type State = train_checkpoint::TrainState<(Vec<Order>, u64), StepLog>;
 
 /// Window indices in a seeded shuffled order, reshuffled after each pass (SplitMix64 and
 /// Fisher-Yates).
@@ -417,18 +422,10 @@ impl Order {
         }
     }
 
-    fn random(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     fn next(&mut self) -> usize {
         if self.at == self.indices.len() {
             for i in (1..self.indices.len()).rev() {
-                let j = (self.random() % (i as u64 + 1)) as usize;
+                let j = (splitmix64(&mut self.state) % (i as u64 + 1)) as usize;
                 self.indices.swap(i, j);
             }
             self.at = 0;
@@ -438,7 +435,7 @@ impl Order {
     }
 }
 
-/// The loss curve as CSV, written to a temporary file beside `path`, then renamed.
+/// Writes the loss curve to `path` as CSV.
 fn write_log(path: &std::path::Path, steps: &[StepLog]) -> std::io::Result<()> {
     use std::fmt::Write as _;
     let mut text = String::from("step,lr,loss,cross_entropy,load_balance,z_loss\n");
@@ -455,12 +452,7 @@ fn write_log(path: &std::path::Path, steps: &[StepLog]) -> std::io::Result<()> {
             opt(s.z_loss)
         );
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("csv.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    write_atomically(path, text.as_bytes())
 }
 
 impl Pass for Train {

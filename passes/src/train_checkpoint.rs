@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use upmix_ir::{HostTensor, WeightId};
 
 use crate::adamw::AdamW;
+use crate::pass::write_atomically;
 
 const MAGIC: &[u8] = b"upmix-train-checkpoint 1\n";
 
@@ -68,7 +69,6 @@ pub(crate) fn save<O: Serialize + Clone, L: Serialize + Clone>(
     state: &TrainState<O, L>,
     names: &HashMap<WeightId, String>,
 ) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
     let header = Header {
         fingerprint: fingerprint.to_string(),
         step: state.step,
@@ -97,9 +97,7 @@ pub(crate) fn save<O: Serialize + Clone, L: Serialize + Clone>(
         }
     }
     let target = path(dir, state.step);
-    let tmp = target.with_extension("ckpt.tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, &target)?;
+    write_atomically(&target, &bytes)?;
     Ok(target)
 }
 
