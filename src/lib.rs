@@ -7,6 +7,8 @@
 pub mod check;
 pub mod dtm;
 pub mod emit;
+pub mod interrupt;
+pub mod loss_curve;
 pub mod pipeline;
 pub mod sensitivity;
 pub mod storage;

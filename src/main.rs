@@ -51,6 +51,10 @@ enum Command {
         /// Overrides the file's `activations` (`float` or `ggml`).
         #[arg(long, value_parser = upmix::parse_activations)]
         activations: Option<Activations>,
+        /// Continue each Train pass that has a `checkpoint` directory from its latest
+        /// checkpoint (after Ctrl-C or a crash).
+        #[arg(long)]
+        resume: bool,
     },
     /// Print a checkpoint's IR (a Hugging Face directory or a .gguf file), then how its
     /// weights are stored: weights, parameters, bytes and types per component.
@@ -322,7 +326,9 @@ fn run(cli: Cli) -> Result<()> {
             no_verify,
             overwrite,
             activations,
+            resume,
         } => {
+            upmix::interrupt::install();
             let dump_ir = match dump_ir_after.as_slice() {
                 [] => DumpIr::Never,
                 names if names.iter().any(|n| n == "all") => DumpIr::All,
@@ -334,6 +340,8 @@ fn run(cli: Cli) -> Result<()> {
                 dump_ir,
                 no_verify,
                 overwrite,
+                resume,
+                stop: Some(&upmix::interrupt::STOP),
             };
             let (_, report) = pipeline::run_file(&path, &opts)
                 .with_context(|| format!("pipeline {} failed", path.display()))?;

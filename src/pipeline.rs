@@ -29,7 +29,7 @@ use upmix_backends::{Activations, DeviceSpec};
 use upmix_frontend::TextTokenizer;
 use upmix_ir::{Module, Runtime, RuntimeError, TrainingRuntime};
 use upmix_passes::{
-    DumpIr, PassContext, PassManager, PassSpec, PruneMethod, RouterInit, RuntimeProvider,
+    DumpIr, PassContext, PassManager, PassSpec, Progress, PruneMethod, RouterInit, RuntimeProvider,
 };
 
 /// A whole pipeline file.
@@ -123,6 +123,11 @@ pub struct RunOptions {
     /// Let every emit replace its destination even when it holds files upmix did not
     /// write (as `overwrite: true` on each emit).
     pub overwrite: bool,
+    /// Continue every `Train` pass that has a `checkpoint` directory from its latest
+    /// checkpoint (as `resume: true` on each).
+    pub resume: bool,
+    /// Set when the user asks to stop (Ctrl-C); long passes then stop at a safe point.
+    pub stop: Option<&'static std::sync::atomic::AtomicBool>,
 }
 
 impl Pipeline {
@@ -191,13 +196,44 @@ impl RuntimeProvider for DeviceRuntimes {
         m: &Module,
         graph: &str,
     ) -> Result<Box<dyn TrainingRuntime>, RuntimeError> {
-        if self.exec.device != DeviceSpec::Cpu {
-            return Err(RuntimeError::Backend(format!(
-                "training runs on the cpu for now, not on `{}`",
-                self.exec.device
-            )));
+        Ok(upmix_backends::load_training_runtime(
+            m,
+            graph,
+            &self.exec.device,
+        )?)
+    }
+}
+
+/// One progress bar per task on stderr (hidden when stderr is not a terminal).
+#[derive(Default)]
+struct ProgressBar {
+    current: Option<(String, indicatif::ProgressBar)>,
+}
+
+impl ProgressBar {
+    fn show(&mut self, p: Progress) {
+        if self.current.as_ref().is_none_or(|(task, _)| task != p.task) {
+            self.finish();
+            let bar = indicatif::ProgressBar::new(p.total as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {msg} elapsed {elapsed} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(p.task.to_string());
+            self.current = Some((p.task.to_string(), bar));
         }
-        Ok(Box::new(upmix_backends::training_runtime(m, graph)?))
+        let (_, bar) = self.current.as_ref().expect("just set");
+        bar.set_length(p.total as u64);
+        bar.set_position(p.done as u64);
+        bar.set_message(p.status.to_string());
+    }
+
+    fn finish(&mut self) {
+        if let Some((_, bar)) = self.current.take() {
+            bar.finish_and_clear();
+        }
     }
 }
 
@@ -270,6 +306,10 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             PassSpec::Prune(p) => Some(&mut p.method),
             PassSpec::Train(t) => {
                 t.data.values_mut().for_each(|f| *f = resolve(f));
+                for files in t.eval.iter_mut() {
+                    files.values_mut().for_each(|f| *f = resolve(f));
+                }
+                t.resume |= opts.resume && t.checkpoint.is_some();
                 t.log = t.log.as_deref().map(&resolve);
                 t.checkpoint = t.checkpoint.as_deref().map(&resolve);
                 None
@@ -286,12 +326,43 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
         }
         manager.add(spec.into_pass());
     }
+    if opts.resume
+        && !p
+            .passes
+            .iter()
+            .any(|s| matches!(s, PassSpec::Train(t) if t.checkpoint.is_some()))
+    {
+        bail!("--resume: no Train pass of this pipeline has a `checkpoint` directory");
+    }
     let mut provider = DeviceRuntimes::new(exec);
+    let mut bar = ProgressBar::default();
     let mut cx = PassContext {
         runtimes: Some(&mut provider),
         notes: Vec::new(),
+        progress: Some(&mut |p: Progress| bar.show(p)),
+        stop: opts.stop,
     };
-    let reports = manager.run(&mut m, &mut cx)?;
+    let ran = manager.run(&mut m, &mut cx);
+    let notes = std::mem::take(&mut cx.notes);
+    drop(cx);
+    bar.finish();
+    // Loss curves, also of a run stopped part way.
+    for spec in &p.passes {
+        if let PassSpec::Train(t) = spec {
+            let Some(log) = t.log.as_deref().map(&resolve).filter(|l| l.exists()) else {
+                continue;
+            };
+            let svg = crate::loss_curve::draw(&log)?;
+            writeln!(out, "wrote  loss curve {}", svg.display())?;
+        }
+    }
+    let reports = match ran {
+        Ok(reports) => reports,
+        Err(e) => {
+            eprint!("{out}");
+            return Err(e.into());
+        }
+    };
     for r in &reports {
         writeln!(
             out,
@@ -305,7 +376,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             writeln!(out, "--- IR of `{graph}` after {} ---\n{text}", r.pass)?;
         }
     }
-    for note in &cx.notes {
+    for note in &notes {
         writeln!(out, "note: {note}")?;
     }
 

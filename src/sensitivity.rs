@@ -107,7 +107,8 @@ pub fn write_outputs(table: &SensitivityTable, dir: &Path) -> Result<Vec<PathBuf
     Ok(written)
 }
 
-fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+/// Writes `bytes` to `dir/name` whole (a temporary file renamed into place).
+pub(crate) fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
     let path = dir.join(name);
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     std::io::Write::write_all(&mut tmp, bytes)?;

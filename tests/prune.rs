@@ -37,6 +37,7 @@ fn run(pass: Prune) -> Result<Module, String> {
     let mut cx = PassContext {
         runtimes: Some(&mut provider as &mut dyn RuntimeProvider),
         notes: Vec::new(),
+        ..PassContext::default()
     };
     let mut pm = PassManager::new();
     pm.add(Box::new(pass));

@@ -7,8 +7,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{golden, golden_dir, ids, load, model_dir, repo_root};
-use upmix::backends::training_runtime;
+use common::{device, golden, golden_dir, ids, load, model_dir, repo_root};
+use upmix::backends::{load_training_runtime, training_runtime};
 use upmix::ir::{LossGradients, RouterLosses, TrainingRuntime};
 use upmix::ir::{Module, WeightExpr, WeightId};
 
@@ -74,7 +74,7 @@ fn gradients_match_pytorch(name: &str, routers: RouterLosses) {
     let batch = batch(&spec);
     let refs: Vec<&[u32]> = batch.iter().map(|s| s.as_slice()).collect();
     let m = load(name);
-    let got = training_runtime(&m, name)
+    let got = load_training_runtime(&m, name, &device())
         .unwrap()
         .loss_gradients(&refs, routers)
         .unwrap();
@@ -225,7 +225,7 @@ fn adamw_matches_pytorch(
         .filter(|(tensor, _)| chosen(tensor))
         .map(|(_, &id)| (id, m.weights.materialize(id).unwrap()))
         .collect();
-    let mut rt = training_runtime(&m, name).unwrap();
+    let mut rt = load_training_runtime(&m, name, &device()).unwrap();
     let mut adamw = AdamW::new(AdamWConfig::default());
     for _ in 0..3 {
         let g = rt.loss_gradients(&refs, routers).unwrap();
@@ -407,6 +407,19 @@ fn bad_train_requests_are_clear_errors() {
     }
 }
 
+/// A loss CSV without its `seconds` column (wall-clock time), as lines.
+fn log_columns(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let skip = header.iter().position(|h| *h == "seconds").unwrap();
+    text.lines()
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            [&cells[..skip], &cells[skip + 1..]].concat().join(",")
+        })
+        .collect()
+}
+
 /// The values of graph `graph`'s weights named like `part`, by name.
 fn values_of(m: &Module, graph: &str, part: &str) -> Vec<(String, Vec<f32>)> {
     let mut out: Vec<(String, Vec<f32>)> = m.graphs[graph]
@@ -431,7 +444,7 @@ fn a_resumed_run_equals_one_that_never_stopped() {
         format!(
             r#"Pipeline(models: {{ "llama": Hf({:?}) }}, passes: [Train(model: "llama",
                 data: {{ "code": {:?}, "law": {:?} }}, mix: {{ "code": 1, "law": 2 }},
-                steps: 6, batch: 3, seq_len: 24, trainable: ["attn.*", "ffn.up"],
+                steps: 20, batch: 3, seq_len: 24, trainable: ["attn.*", "ffn.up"],
                 lr: 3e-3, schedule: Cosine(warmup: 2), checkpoint: "ckpt",
                 log: {log:?}{extra})])"#,
             model_dir("llama").display().to_string(),
@@ -440,18 +453,18 @@ fn a_resumed_run_equals_one_that_never_stopped() {
         )
     };
     let (straight, _) = run_pipeline(
-        &pipeline(", checkpoint_every: 3", "straight.csv"),
+        &pipeline(", checkpoint_every: 10", "straight.csv"),
         dir.path(),
     )
     .unwrap();
     let ckpt = dir.path().join("ckpt");
-    assert!(ckpt.join("step-3.ckpt").exists() && ckpt.join("step-6.ckpt").exists());
-    // Stopped after step 3: resume from there.
-    std::fs::remove_file(ckpt.join("step-6.ckpt")).unwrap();
+    assert!(ckpt.join("step-10.ckpt").exists() && ckpt.join("step-20.ckpt").exists());
+    // Stopped after step 10: resume from there.
+    std::fs::remove_file(ckpt.join("step-20.ckpt")).unwrap();
     let (resumed, report) =
         run_pipeline(&pipeline(", resume: true", "resumed.csv"), dir.path()).unwrap();
     assert!(
-        report.contains("resumed from the checkpoint of step 3"),
+        report.contains("resumed from the checkpoint of step 10"),
         "{report}"
     );
     for part in ["attn.", "ffn.up"] {
@@ -465,17 +478,204 @@ fn a_resumed_run_equals_one_that_never_stopped() {
             assert!(same, "{name} differs after resuming");
         }
     }
-    let log = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
-    assert_eq!(log("straight.csv"), log("resumed.csv"));
+    assert_eq!(
+        log_columns(&dir.path().join("straight.csv")),
+        log_columns(&dir.path().join("resumed.csv"))
+    );
     // A checkpoint of other settings, and a damaged one, are refused.
     let err = run_pipeline(&pipeline(", resume: true, seed: 7", "x.csv"), dir.path()).unwrap_err();
     assert!(err.contains("written by a different Train pass"), "{err}");
-    let file = ckpt.join("step-6.ckpt");
+    let file = ckpt.join("step-20.ckpt");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() - 5]).unwrap();
     let err = run_pipeline(&pipeline(", resume: true", "x.csv"), dir.path()).unwrap_err();
     assert!(
-        err.contains("step-6.ckpt") && err.contains("truncated"),
+        err.contains("step-20.ckpt") && err.contains("truncated"),
         "{err}"
     );
+}
+
+/// A Train pipeline on the tiny Llama over the law corpus, with `fields` added.
+fn law_pipeline(fields: &str) -> String {
+    let data = repo_root().join("examples/data/law");
+    format!(
+        r#"Pipeline(models: {{ "llama": Hf({:?}) }}, passes: [Train(model: "llama",
+            data: {{ "law": {:?} }}, seq_len: 24, trainable: ["attn.*", "ffn.*"], lr: 3e-3,
+            {fields})])"#,
+        model_dir("llama").display().to_string(),
+        data.join("train.txt").display().to_string(),
+    )
+}
+
+/// A column of a loss CSV, empty cells as `None`.
+fn log_column(path: &std::path::Path, name: &str) -> Vec<Option<f64>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let i = header.iter().position(|h| *h == name).unwrap();
+    lines
+        .map(|l| l.split(',').nth(i).unwrap().parse().ok())
+        .collect()
+}
+
+#[test]
+fn gradient_accumulation_equals_one_larger_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (accumulated, _) = run_pipeline(
+        &law_pipeline(r#"steps: 3, batch: 2, grad_accum: 3, log: "a.csv""#),
+        dir.path(),
+    )
+    .unwrap();
+    let (large, _) = run_pipeline(
+        &law_pipeline(r#"steps: 3, batch: 6, log: "b.csv""#),
+        dir.path(),
+    )
+    .unwrap();
+    // The same six windows a step (drawn in the same order), their gradients averaged.
+    let (a, b) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
+    for (x, y) in log_column(&a, "loss").iter().zip(log_column(&b, "loss")) {
+        assert!((x.unwrap() - y.unwrap()).abs() < 1e-5, "{x:?} {y:?}");
+    }
+    let mut worst = 0f32;
+    for ((name, x), (_, y)) in values_of(&accumulated, "llama", "layers.")
+        .iter()
+        .zip(values_of(&large, "llama", "layers."))
+    {
+        for (p, q) in x.iter().zip(&y) {
+            worst = worst.max((p - q).abs());
+        }
+        assert!(worst < 1e-4, "{name}: {worst}");
+    }
+}
+
+#[test]
+fn clipping_scales_the_gradient_to_the_global_norm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clipped, _) = run_pipeline(
+        &law_pipeline(r#"steps: 3, batch: 2, max_grad_norm: 0.001, log: "a.csv""#),
+        dir.path(),
+    )
+    .unwrap();
+    let (free, _) = run_pipeline(
+        &law_pipeline(r#"steps: 3, batch: 2, log: "b.csv""#),
+        dir.path(),
+    )
+    .unwrap();
+    // The logged norm is the one before clipping: equal at the first step (same weights,
+    // same batch), far above the cap.
+    let (a, b) = (
+        log_column(&dir.path().join("a.csv"), "grad_norm"),
+        log_column(&dir.path().join("b.csv"), "grad_norm"),
+    );
+    assert_eq!(a[0], b[0]);
+    assert!(a[0].unwrap() > 0.1, "{a:?}");
+    // AdamW is blind to one constant scale of every gradient; clipping scales each step
+    // by another factor, which changes the later steps.
+    let (x, y) = (
+        values_of(&clipped, "llama", "layers.0.attn.q"),
+        values_of(&free, "llama", "layers.0.attn.q"),
+    );
+    assert_ne!(x[0].1, y[0].1);
+}
+
+#[test]
+fn evaluation_logs_the_held_out_cross_entropy() {
+    let dir = tempfile::tempdir().unwrap();
+    let eval = repo_root().join("examples/data/law/eval.txt");
+    let pipeline = law_pipeline(&format!(
+        r#"into: "trained", steps: 4, batch: 2, eval: {{ "law": {:?} }}, eval_every: 2,
+           log: "a.csv""#,
+        eval.display().to_string()
+    ))
+    .replace(
+        "])",
+        &format!(
+            r#"], eval: [Perplexity(model: "trained", text: {:?}, window: 24, bos: false)])"#,
+            eval.display().to_string()
+        ),
+    );
+    let (_, report) = run_pipeline(&pipeline, dir.path()).unwrap();
+    let column = log_column(&dir.path().join("a.csv"), "eval_law");
+    assert!(column[0].is_none() && column[2].is_none(), "{column:?}");
+    let last = column[3].unwrap();
+    assert!(column[1].unwrap() > last, "{column:?}");
+    // The pipeline's own perplexity of the trained model over the same windows.
+    let ppl: f64 = report
+        .lines()
+        .find(|l| l.contains("perplexity of trained"))
+        .and_then(|l| l.split(": ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap();
+    assert!((ppl.ln() - last).abs() < 1e-4, "{} {last}", ppl.ln());
+    assert!(report.contains(&format!("eval law {last:.4}")), "{report}");
+}
+
+#[test]
+fn a_diverging_run_stops_before_updating_and_names_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = run_pipeline(
+        &law_pipeline(
+            r#"steps: 20, batch: 2, checkpoint: "ckpt", checkpoint_every: 1, log: "a.csv""#,
+        )
+        .replace("lr: 3e-3", "lr: 1e30"),
+        dir.path(),
+    )
+    .unwrap_err();
+    let step: usize = err
+        .split(" at step ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(err.contains("the weights were not updated"), "{err}");
+    assert!(
+        err.contains(&format!("the last checkpoint, of step {}", step - 1)),
+        "{err}"
+    );
+    let logged = log_column(&dir.path().join("a.csv"), "loss");
+    assert_eq!(logged.len(), step - 1);
+}
+
+#[test]
+fn ctrl_c_stops_after_a_step_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("train.ron");
+    std::fs::write(
+        &file,
+        law_pipeline(
+            r#"steps: 100000, batch: 1, checkpoint: "ckpt", checkpoint_every: 1000, log: "a.csv""#,
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_upmix"))
+        .args(["run", file.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once it trains (the first checkpoint is on disk), ask it to stop.
+    let ckpt = dir.path().join("ckpt");
+    let start = std::time::Instant::now();
+    while !ckpt.join("step-1000.ckpt").exists() {
+        assert!(start.elapsed().as_secs() < 600, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signals a child this test started and has not yet waited for.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let step: usize = stderr
+        .split("stopped after step ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(stderr.contains("--resume"), "{stderr}");
+    // The step it stopped at has its checkpoint and log rows; nothing half written.
+    assert!(ckpt.join(format!("step-{step}.ckpt")).exists());
+    assert_eq!(log_column(&dir.path().join("a.csv"), "loss").len(), step);
+    assert!(dir.path().join("a.svg").exists());
+    let names: Vec<_> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| n.ends_with(".ckpt")), "{names:?}");
 }

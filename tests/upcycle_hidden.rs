@@ -47,6 +47,7 @@ fn run(m: &mut Module, pass: Upcycle) -> Result<Vec<String>, String> {
     let mut cx = PassContext {
         runtimes: Some(&mut provider),
         notes: Vec::new(),
+        ..PassContext::default()
     };
     let mut pm = PassManager::new();
     pm.add(Box::new(pass));

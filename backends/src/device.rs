@@ -8,7 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use upmix_ir::{Module, Runtime};
+use upmix_ir::{Module, Runtime, TrainingRuntime};
 
 use crate::{Activations, BackendError, BurnRuntime, MoeDispatch};
 
@@ -78,6 +78,19 @@ pub fn training_runtime(
     Ok(runtime)
 }
 
+/// [`training_runtime`] on `device`: burn's autodiff over the device's backend.
+pub fn load_training_runtime(
+    module: &Module,
+    graph: &str,
+    device: &DeviceSpec,
+) -> Result<Box<dyn TrainingRuntime>, BackendError> {
+    match device {
+        DeviceSpec::Cpu => Ok(Box::new(training_runtime(module, graph)?)),
+        DeviceSpec::Wgpu => wgpu_training(module, graph),
+        DeviceSpec::Cuda(n) => cuda_training(module, graph, *n),
+    }
+}
+
 /// Settings of a built runtime that do not change what it computes beyond rounding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuntimeOptions {
@@ -133,6 +146,27 @@ mod gpu {
         Ok(Box::new(runtime))
     }
 
+    #[cfg(feature = "wgpu")]
+    pub(super) fn wgpu_training(
+        module: &Module,
+        graph: &str,
+    ) -> Result<Box<dyn TrainingRuntime>, BackendError> {
+        let device = burn_wgpu::WgpuDevice::default();
+        let mut runtime = catch_backend_panic(DeviceSpec::Wgpu, || {
+            BurnRuntime::<burn_autodiff::Autodiff<burn_wgpu::Wgpu>>::new(module, graph, &device)
+        })?;
+        runtime.set_moe_dispatch(MoeDispatch::Dense);
+        Ok(Box::new(runtime))
+    }
+
+    #[cfg(not(feature = "wgpu"))]
+    pub(super) fn wgpu_training(
+        _module: &Module,
+        _graph: &str,
+    ) -> Result<Box<dyn TrainingRuntime>, BackendError> {
+        Err(not_compiled(DeviceSpec::Wgpu, "wgpu"))
+    }
+
     #[cfg(not(feature = "wgpu"))]
     pub(super) fn wgpu_runtime(
         _module: &Module,
@@ -155,6 +189,29 @@ mod gpu {
         })?;
         runtime.set_moe_dispatch(options.moe_dispatch);
         Ok(Box::new(runtime))
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(super) fn cuda_training(
+        module: &Module,
+        graph: &str,
+        index: usize,
+    ) -> Result<Box<dyn TrainingRuntime>, BackendError> {
+        let device = burn_cuda::CudaDevice::new(index);
+        let mut runtime = catch_backend_panic(DeviceSpec::Cuda(index), || {
+            BurnRuntime::<burn_autodiff::Autodiff<burn_cuda::Cuda>>::new(module, graph, &device)
+        })?;
+        runtime.set_moe_dispatch(MoeDispatch::Dense);
+        Ok(Box::new(runtime))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub(super) fn cuda_training(
+        _module: &Module,
+        _graph: &str,
+        index: usize,
+    ) -> Result<Box<dyn TrainingRuntime>, BackendError> {
+        Err(not_compiled(DeviceSpec::Cuda(index), "cuda"))
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -208,7 +265,7 @@ mod gpu {
         })
     }
 }
-use gpu::{cuda_runtime, wgpu_runtime};
+use gpu::{cuda_runtime, cuda_training, wgpu_runtime, wgpu_training};
 
 // Unused in a build with every GPU feature, except by the tests of its message.
 #[cfg_attr(all(feature = "wgpu", feature = "cuda"), allow(dead_code))]

@@ -14,7 +14,8 @@ pub mod error;
 pub mod runtime;
 
 pub use device::{
-    load_runtime, load_runtime_with, training_runtime, CpuTraining, DeviceSpec, RuntimeOptions,
+    load_runtime, load_runtime_with, load_training_runtime, training_runtime, CpuTraining,
+    DeviceSpec, RuntimeOptions,
 };
 pub use error::BackendError;
 pub use runtime::{Activations, BurnRuntime, MoeDispatch, QuantMatrix};

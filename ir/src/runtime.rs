@@ -191,4 +191,9 @@ pub trait TrainingRuntime: Runtime {
     /// Gives `weights` new values for good (an optimizer step), unlike
     /// [`Runtime::replace_weights`], which [`Runtime::restore_weights`] undoes.
     fn set_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError>;
+
+    /// Limits [`loss_gradients`](Self::loss_gradients) to the gradients of `weights`
+    /// (at first: every weight); the rest are held constant, which spares the backward
+    /// pass their weight gradients.
+    fn set_trainable(&mut self, weights: &[WeightId]);
 }

@@ -49,6 +49,24 @@ pub struct PassContext<'a> {
     pub runtimes: Option<&'a mut dyn RuntimeProvider>,
     /// Warnings and notes for the user, in order.
     pub notes: Vec<String>,
+    /// Told how long passes advance (the caller may draw a progress bar).
+    pub progress: Option<&'a mut dyn FnMut(Progress)>,
+    /// Set by the caller when the user asks to stop (Ctrl-C): long passes then stop at
+    /// their next safe point with [`PassError::Interrupted`], leaving what they wrote
+    /// (such as `Train`'s checkpoints) whole.
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+/// How far a long pass has come.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress<'s> {
+    /// What runs, e.g. "Train `moe`".
+    pub task: &'s str,
+    /// Units done, of `total`.
+    pub done: usize,
+    pub total: usize,
+    /// A short status, e.g. the loss and the throughput.
+    pub status: &'s str,
 }
 
 /// Errors of passes and the pass manager.
@@ -64,6 +82,8 @@ pub enum PassError {
     },
     #[error("{pass}: {message}")]
     Invalid { pass: String, message: String },
+    #[error("{pass}: {message}")]
+    Interrupted { pass: String, message: String },
     #[error("{pass}: models do not match: {message}")]
     Mismatch { pass: String, message: String },
     #[error("after pass {pass}: {errors}")]

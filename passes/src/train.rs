@@ -3,43 +3,34 @@
 //! The loss is the mean next-token cross-entropy of windows of `seq_len` tokens, plus for
 //! mixtures of experts `load_balance` times the Switch Transformer load-balancing loss and
 //! `z_loss` times the ST-MoE router z-loss (defined at `upmix_ir::RouterLosses`). The data
-//! is every text file tokenized and packed into one stream (with `mix`, one per file),
-//! cut into non-overlapping windows (each starting with BOS with `bos: true`); each step
-//! takes `batch` windows in an order shuffled with `seed` (reshuffled after every pass
-//! over the data), with `mix` from the file drawn by its share for each row. The learning rate is constant or, with
-//! `schedule: Cosine(warmup: n)`, rises linearly over `n` steps and then follows a cosine
-//! down to zero at the last step. AdamW (module `adamw`) updates the weights `trainable`
-//! selects; every other weight is frozen and keeps its expression, so it is written back
-//! byte for byte. Trained weights become f32 literals. Not function-preserving.
+//! and the order steps draw it in are module `train_data`'s. Each step averages the
+//! gradients of `grad_accum` batches of `batch` windows, clips their global norm to
+//! `max_grad_norm` (as `torch.nn.utils.clip_grad_norm_`), and takes one AdamW step
+//! (module `adamw`) on the weights `trainable` selects; every other weight is frozen and
+//! keeps its expression, so it is written back byte for byte. Trained weights become f32
+//! literals. The learning rate is constant or, with `schedule: Cosine(warmup: n)`, rises
+//! linearly over `n` steps and then follows a cosine down to zero at the last step.
+//!
+//! Checkpoints (module `train_checkpoint`) hold everything a run needs to continue bit
+//! for bit. A non-finite loss or gradient stops the run before it changes a weight; a
+//! stop request (Ctrl-C) stops it after the step in progress, with a checkpoint. Not
+//! function-preserving.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use upmix_ir::{
-    splitmix64, HostTensor, Module, RouterLosses, RuntimeError, TrainingRuntime, WeightId,
-};
-
-/// Trained values of the trainable weights, every step's learning rate and losses, and
-/// the step the run resumed at (0: it started fresh).
-type Trained = (Vec<(WeightId, HostTensor)>, Vec<StepLog>, usize);
-
-/// One step's learning rate and losses.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-struct StepLog {
-    lr: f64,
-    loss: f32,
-    cross_entropy: f32,
-    load_balance: Option<f32>,
-    z_loss: Option<f32>,
-}
+use upmix_ir::{HostTensor, Module, RouterLosses, TrainingRuntime, WeightId};
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::components::Selector;
 use crate::pass::{
-    graph, insert_remapped, weight_err, write_atomically, Pass, PassContext, PassError,
+    graph, insert_remapped, weight_err, write_atomically, Pass, PassContext, PassError, Progress,
 };
 use crate::train_checkpoint;
+use crate::train_data::{DataOrder, EvalSet};
 
 /// Pipeline spec: `Train(model: "moe", into: "moe_trained", data: {"code": "code.txt"},
 /// steps: 100, batch: 8, seq_len: 128, trainable: ["*.router"])`.
@@ -60,11 +51,16 @@ pub struct Train {
     /// Start every window with the model's BOS token (the window's first of `seq_len`).
     #[serde(default)]
     pub bos: bool,
+    /// Optimizer steps.
     pub steps: usize,
-    /// Windows per step.
+    /// Windows per batch.
     pub batch: usize,
     /// Tokens per window.
     pub seq_len: usize,
+    /// Batches whose gradients each step averages (default 1): a step sees
+    /// `batch * grad_accum` windows in the memory of `batch`.
+    #[serde(default)]
+    pub grad_accum: Option<usize>,
     /// Weights to train, by name: `"all"`, `re:REGEX` on the whole name, or a pattern with
     /// `*` matching the name or the part after `layers.N.` (`"ffn.router"`,
     /// `"ffn.experts.*"`). Names are those `upmix inspect` prints.
@@ -77,6 +73,10 @@ pub struct Train {
     /// AdamW's decoupled weight decay (default 0.01, PyTorch's).
     #[serde(default)]
     pub weight_decay: Option<f64>,
+    /// Scale the gradient down to this global L2 norm (over every trained weight) when it
+    /// is larger, before each step (default: no clipping).
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
     /// Weight of the load-balancing loss (default 0.01; mixtures of experts only).
     #[serde(default)]
     pub load_balance: Option<f32>,
@@ -86,12 +86,20 @@ pub struct Train {
     /// Seed of the data order (default 0).
     #[serde(default)]
     pub seed: u64,
-    /// A CSV file to write the loss curve to: step, learning rate, loss, cross-entropy,
-    /// load balancing, z-loss (written whole after the last step).
+    /// Held-out text files by name, cut into windows as the data is: their mean
+    /// cross-entropy is measured every `eval_every` steps and after the last, and logged.
+    #[serde(default)]
+    pub eval: Option<BTreeMap<String, PathBuf>>,
+    /// Steps between evaluations of `eval` (default: only after the last step).
+    #[serde(default)]
+    pub eval_every: Option<usize>,
+    /// A CSV file for the loss curve: per step the seconds of training so far, learning
+    /// rate, loss, cross-entropy, load balancing, z-loss, gradient norm (before clipping)
+    /// and each `eval` cross-entropy. Rewritten with every checkpoint and at the end.
     #[serde(default)]
     pub log: Option<PathBuf>,
     /// A directory for checkpoints (`step-N.ckpt`): written every `checkpoint_every`
-    /// steps and after the last.
+    /// steps, after the last, and when a run is stopped.
     #[serde(default)]
     pub checkpoint: Option<PathBuf>,
     #[serde(default)]
@@ -111,8 +119,34 @@ pub enum Schedule {
     Cosine { warmup: usize },
 }
 
+/// One step's record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct StepLog {
+    /// Seconds of training when the step ended (counting a resumed run's earlier parts).
+    seconds: f64,
+    lr: f64,
+    loss: f32,
+    cross_entropy: f32,
+    load_balance: Option<f32>,
+    z_loss: Option<f32>,
+    /// The gradient's global norm before clipping.
+    grad_norm: f32,
+    /// Each `eval` set's cross-entropy, when the step was evaluated.
+    eval: Vec<f32>,
+}
+
+/// A run's state: what a checkpoint holds.
+type State = train_checkpoint::TrainState<DataOrder, StepLog>;
+
+/// The data a run draws from: training pools, their shares, held-out sets.
+struct Data {
+    pools: Vec<Vec<Vec<u32>>>,
+    shares: Vec<f64>,
+    eval: Vec<EvalSet>,
+}
+
 impl Train {
-    fn invalid(&self, message: String) -> PassError {
+    pub(crate) fn invalid(&self, message: String) -> PassError {
         PassError::Invalid {
             pass: "Train".into(),
             message,
@@ -176,64 +210,20 @@ impl Train {
         Ok(chosen)
     }
 
-    /// The windows of the data: one pool per data name with `mix`, else one.
-    fn windows(&self, m: &Module, cx: &mut PassContext) -> Result<Vec<Vec<Vec<u32>>>, PassError> {
-        let bos = match self.bos {
-            true => Some(
-                graph(m, "Train", &self.model)?
-                    .meta
-                    .bos_token_id
-                    .ok_or_else(|| self.invalid(format!("`{}` has no BOS token", self.model)))?,
-            ),
-            false => None,
-        };
-        let provider = cx
-            .runtimes
-            .as_deref_mut()
-            .ok_or_else(|| self.invalid("training needs a runtime; run it in a pipeline".into()))?;
-        let mut streams: Vec<(String, Vec<u32>)> = Vec::new();
-        for (name, path) in &self.data {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| self.invalid(format!("data `{name}`: {}: {e}", path.display())))?;
-            let ids = provider
-                .tokenize(m, &self.model, &text)
-                .map_err(|e| self.invalid(format!("data `{name}`: {e}")))?;
-            match (&self.mix, streams.last_mut()) {
-                (None, Some((_, all))) => all.extend(ids),
-                _ => streams.push((name.clone(), ids)),
-            }
-        }
-        let body = self.seq_len - usize::from(bos.is_some());
-        let mut pools = Vec::new();
-        for (name, stream) in streams {
-            let pool: Vec<Vec<u32>> = stream
-                .chunks_exact(body)
-                .map(|w| bos.into_iter().chain(w.iter().copied()).collect())
-                .collect();
-            let need = if self.mix.is_some() { 1 } else { self.batch };
-            if pool.len() < need {
-                return Err(self.invalid(format!(
-                    "data{}: {} tokens make {} windows of {}, fewer than {need}",
-                    if self.mix.is_some() {
-                        format!(" `{name}`")
-                    } else {
-                        String::new()
-                    },
-                    stream.len(),
-                    pool.len(),
-                    self.seq_len,
-                )));
-            }
-            pools.push(pool);
-        }
-        Ok(pools)
-    }
-
     fn check(&self) -> Result<(), PassError> {
         if self.steps == 0 || self.batch == 0 || self.seq_len < 2 {
             return Err(self.invalid(
                 "`steps` and `batch` must be at least 1 and `seq_len` at least 2".into(),
             ));
+        }
+        if self.grad_accum == Some(0) || self.eval_every == Some(0) {
+            return Err(self.invalid("`grad_accum` and `eval_every` must be at least 1".into()));
+        }
+        if self.eval_every.is_some() && self.eval.is_none() {
+            return Err(self.invalid("`eval_every` needs `eval` files".into()));
+        }
+        if self.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
+            return Err(self.invalid("`max_grad_norm` must be above 0".into()));
         }
         if self.data.is_empty() {
             return Err(self.invalid("`data` names no text file".into()));
@@ -267,59 +257,194 @@ impl Train {
         Ok(())
     }
 
-    /// Runs the steps on `rt`; returns the trained values and each step's loss.
+    /// Runs the steps on `rt` from a fresh or resumed state; returns the final state and
+    /// the step the run resumed at (0: it started fresh).
     fn run_steps(
         &self,
         m: &Module,
         rt: &mut dyn TrainingRuntime,
-        pools: &[Vec<Vec<u32>>],
+        data: &Data,
         trainable: &[WeightId],
-    ) -> Result<Trained, PassError> {
-        let runtime_err = |e: RuntimeError| self.invalid(e.to_string());
+        cx: &mut PassContext,
+    ) -> Result<(State, usize), PassError> {
+        rt.set_trainable(trainable);
+        let mut state = self.start(m, rt, &data.pools, trainable)?;
+        let resumed = state.step;
+        let before = state.losses.last().map_or(0.0, |s| s.seconds);
+        let started = Instant::now();
+        let task = format!("Train `{}`", self.into.as_deref().unwrap_or(&self.model));
+        let tokens_per_step = self.batch * self.grad_accum.unwrap_or(1) * self.seq_len;
+        for step in state.step..self.steps {
+            let (mut log, gradients) = self.gradients(rt, data, &mut state.order)?;
+            let why = match (log.loss.is_finite(), log.grad_norm.is_finite()) {
+                (false, _) => Some(format!("the loss is {}", log.loss)),
+                (true, false) => Some(format!("the gradient's norm is {}", log.grad_norm)),
+                (true, true) => None,
+            };
+            if let Some(why) = why {
+                return Err(self.diverged(&state, step + 1, &why));
+            }
+            log.lr = self.lr_at(step);
+            state.adamw.step(log.lr, &mut state.params, &gradients);
+            rt.set_weights(&state.params)
+                .map_err(|e| self.invalid(e.to_string()))?;
+            state.step = step + 1;
+            let every = self.eval_every.unwrap_or(self.steps);
+            if state.step.is_multiple_of(every) || state.step == self.steps {
+                log.eval = self.evaluate(rt, &data.eval)?;
+            }
+            log.seconds = before + started.elapsed().as_secs_f64();
+            let status = self.status(&log, (state.step - resumed) * tokens_per_step, started);
+            state.losses.push(log);
+            let stop = cx.stop.is_some_and(|s| s.load(Ordering::Relaxed));
+            self.save(m, &state, stop)?;
+            if let Some(report) = cx.progress.as_deref_mut() {
+                report(Progress {
+                    task: &task,
+                    done: state.step,
+                    total: self.steps,
+                    status: &status,
+                });
+            }
+            if stop && state.step < self.steps {
+                return Err(self.stopped(&state));
+            }
+        }
+        Ok((state, resumed))
+    }
+
+    /// The gradient of one step (averaged over `grad_accum` batches and clipped) and its
+    /// record so far.
+    fn gradients(
+        &self,
+        rt: &mut dyn TrainingRuntime,
+        data: &Data,
+        order: &mut DataOrder,
+    ) -> Result<(StepLog, Vec<(WeightId, HostTensor)>), PassError> {
         let routers = RouterLosses {
             load_balance: self.load_balance.unwrap_or(0.01),
             z_loss: self.z_loss.unwrap_or(0.001),
         };
-        let mut state = self.start(m, rt, pools, trainable)?;
-        let resumed = state.step;
-        let shares: Vec<f64> = match &self.mix {
-            Some(mix) => mix.values().copied().collect(),
-            None => vec![1.0],
-        };
-        let total: f64 = shares.iter().sum();
-        for step in state.step..self.steps {
-            let (orders, draw) = &mut state.orders;
-            let mut batch: Vec<&[u32]> = Vec::with_capacity(self.batch);
-            for _ in 0..self.batch {
-                // A pool by its share, then that pool's next window.
-                let mut u = (splitmix64(draw) >> 11) as f64 / (1u64 << 53) as f64 * total;
-                let pool = shares
-                    .iter()
-                    .position(|w| {
-                        u -= w;
-                        u < 0.0
-                    })
-                    .unwrap_or(shares.len() - 1);
-                batch.push(&pools[pool][orders[pool].next()]);
-            }
-            let g = rt.loss_gradients(&batch, routers).map_err(runtime_err)?;
-            if !g.loss.is_finite() {
-                return Err(self.invalid(format!("the loss is {} at step {}", g.loss, step + 1)));
-            }
-            let lr = self.lr_at(step);
-            state.losses.push(StepLog {
-                lr,
-                loss: g.loss,
-                cross_entropy: g.cross_entropy,
-                load_balance: g.load_balance,
-                z_loss: g.z_loss,
+        let accum = self.grad_accum.unwrap_or(1);
+        let mut sum: Option<upmix_ir::LossGradients> = None;
+        for _ in 0..accum {
+            let batch = order.next_batch(&data.pools, &data.shares, self.batch);
+            let g = rt
+                .loss_gradients(&batch, routers)
+                .map_err(|e| self.invalid(e.to_string()))?;
+            sum = Some(match sum {
+                None => g,
+                Some(mut s) => {
+                    s.loss += g.loss;
+                    s.cross_entropy += g.cross_entropy;
+                    s.load_balance = s.load_balance.zip(g.load_balance).map(|(a, b)| a + b);
+                    s.z_loss = s.z_loss.zip(g.z_loss).map(|(a, b)| a + b);
+                    for ((_, a), (_, b)) in s.gradients.iter_mut().zip(&g.gradients) {
+                        a.data.iter_mut().zip(&b.data).for_each(|(x, y)| *x += y);
+                    }
+                    s
+                }
             });
-            state.adamw.step(lr, &mut state.params, &g.gradients);
-            rt.set_weights(&state.params).map_err(runtime_err)?;
-            state.step = step + 1;
-            self.save(m, &state)?;
         }
-        Ok((state.params, state.losses, resumed))
+        let mut g = sum.expect("grad_accum is at least 1");
+        if accum > 1 {
+            let n = accum as f32;
+            (g.loss, g.cross_entropy) = (g.loss / n, g.cross_entropy / n);
+            g.load_balance = g.load_balance.map(|v| v / n);
+            g.z_loss = g.z_loss.map(|v| v / n);
+            for (_, t) in &mut g.gradients {
+                t.data.iter_mut().for_each(|x| *x /= n);
+            }
+        }
+        let grad_norm = clip(&mut g.gradients, self.max_grad_norm);
+        let log = StepLog {
+            seconds: 0.0,
+            lr: 0.0,
+            loss: g.loss,
+            cross_entropy: g.cross_entropy,
+            load_balance: g.load_balance,
+            z_loss: g.z_loss,
+            grad_norm,
+            eval: Vec::new(),
+        };
+        Ok((log, g.gradients))
+    }
+
+    /// The mean next-token cross-entropy of each held-out set.
+    fn evaluate(
+        &self,
+        rt: &mut dyn TrainingRuntime,
+        sets: &[EvalSet],
+    ) -> Result<Vec<f32>, PassError> {
+        let mut out = Vec::with_capacity(sets.len());
+        for (_, windows) in sets {
+            let (mut nll, mut count) = (0.0, 0);
+            for chunk in windows.chunks(self.batch) {
+                let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+                for ll in rt
+                    .log_likelihood_batch(&refs)
+                    .map_err(|e| self.invalid(e.to_string()))?
+                {
+                    (nll, count) = (nll + ll.nll, count + ll.count);
+                }
+            }
+            out.push((nll / count.max(1) as f64) as f32);
+        }
+        Ok(out)
+    }
+
+    /// The progress line of a step: its loss, evaluations and throughput.
+    fn status(&self, log: &StepLog, tokens: usize, started: Instant) -> String {
+        let mut s = format!("loss {:.4}", log.loss);
+        let names = self.eval.iter().flat_map(|e| e.keys());
+        for (name, v) in names.zip(&log.eval) {
+            s += &format!(" · eval {name} {v:.4}");
+        }
+        let rate = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        s + &format!(" · {rate:.0} tok/s")
+    }
+
+    /// The error of a step whose loss or gradient is not finite; the weights are still
+    /// those of the step before.
+    fn diverged(&self, state: &State, step: usize, why: &str) -> PassError {
+        let kept = match &self.checkpoint {
+            Some(dir) => match train_checkpoint::latest(dir) {
+                Ok(Some(k)) => format!(
+                    "the last checkpoint, of step {k}, is {}",
+                    train_checkpoint::path(dir, k).display()
+                ),
+                _ => "no checkpoint was written".into(),
+            },
+            None => "no checkpoint was written (set `checkpoint` to keep them)".into(),
+        };
+        let _ = self.write_log(state);
+        self.invalid(format!(
+            "{why} at step {step} of {}; the weights were not updated; {kept}; a lower \
+             `lr` or a `max_grad_norm` may help",
+            self.steps
+        ))
+    }
+
+    /// The error of a run stopped on request after `state.step` steps.
+    fn stopped(&self, state: &State) -> PassError {
+        let message = match &self.checkpoint {
+            Some(dir) => format!(
+                "stopped after step {} of {}; the checkpoint is {}; run again with `--resume` \
+                 to continue",
+                state.step,
+                self.steps,
+                train_checkpoint::path(dir, state.step).display()
+            ),
+            None => format!(
+                "stopped after step {} of {}; nothing was kept (set `checkpoint` to be able \
+                 to resume)",
+                state.step, self.steps
+            ),
+        };
+        PassError::Interrupted {
+            pass: "Train".into(),
+            message,
+        }
     }
 
     /// The state before the first step: fresh, or the latest checkpoint's when resuming
@@ -352,29 +477,25 @@ impl Train {
         for &id in trainable {
             params.push((id, m.weights.materialize(id).map_err(weight_err("Train"))?));
         }
-        let orders = pools
-            .iter()
-            .enumerate()
-            .map(|(i, p)| Order::new(p.len(), self.seed.wrapping_add(i as u64)))
-            .collect();
         Ok(State {
             step: 0,
             params,
             adamw,
-            orders: (orders, self.seed ^ 0x5EED),
+            order: DataOrder::new(pools, self.seed),
             losses: Vec::with_capacity(self.steps),
         })
     }
 
-    /// Writes a checkpoint of `state` if one is due.
-    fn save(&self, m: &Module, state: &State) -> Result<(), PassError> {
+    /// Writes a checkpoint of `state` and the log if one is due, or `now`.
+    fn save(&self, m: &Module, state: &State, now: bool) -> Result<(), PassError> {
+        let every = self.checkpoint_every.unwrap_or(self.steps);
+        if !(now || state.step.is_multiple_of(every) || state.step == self.steps) {
+            return Ok(());
+        }
+        self.write_log(state)?;
         let Some(dir) = &self.checkpoint else {
             return Ok(());
         };
-        let every = self.checkpoint_every.unwrap_or(self.steps);
-        if !state.step.is_multiple_of(every) && state.step != self.steps {
-            return Ok(());
-        }
         let names = state
             .params
             .iter()
@@ -386,73 +507,76 @@ impl Train {
         Ok(())
     }
 
+    /// Writes the loss curve so far to `log`, if set, as CSV.
+    fn write_log(&self, state: &State) -> Result<(), PassError> {
+        use std::fmt::Write as _;
+        let Some(path) = &self.log else {
+            return Ok(());
+        };
+        let mut text =
+            String::from("step,seconds,lr,loss,cross_entropy,load_balance,z_loss,grad_norm");
+        for name in self.eval.iter().flat_map(|e| e.keys()) {
+            text += &format!(",eval_{name}");
+        }
+        text.push('\n');
+        let opt = |v: Option<f32>| v.map_or(String::new(), |v| v.to_string());
+        let evals = self.eval.as_ref().map_or(0, BTreeMap::len);
+        for (i, s) in state.losses.iter().enumerate() {
+            let _ = write!(
+                text,
+                "{},{:.3},{},{},{},{},{},{}",
+                i + 1,
+                s.seconds,
+                s.lr,
+                s.loss,
+                s.cross_entropy,
+                opt(s.load_balance),
+                opt(s.z_loss),
+                s.grad_norm,
+            );
+            for k in 0..evals {
+                let _ = write!(text, ",{}", opt(s.eval.get(k).copied()));
+            }
+            text.push('\n');
+        }
+        write_atomically(path, text.as_bytes())
+            .map_err(|e| self.invalid(format!("writing {}: {e}", path.display())))
+    }
+
     /// What a checkpoint must match to be resumed from: the pass, less the fields that
-    /// only say where to write and whether to resume.
+    /// only say where to write, what to measure and whether to resume.
     fn fingerprint(&self) -> String {
         let core = Train {
             log: None,
             checkpoint: None,
             checkpoint_every: None,
             resume: false,
+            eval: None,
+            eval_every: None,
             ..self.clone()
         };
         format!("{core:?}")
     }
 }
 
-/// A run's state: the data order is every pool's order and the state of the generator
-/// drawing pools.
-type State = train_checkpoint::TrainState<(Vec<Order>, u64), StepLog>;
-
-/// Window indices in a seeded shuffled order, reshuffled after each pass (SplitMix64 and
-/// Fisher-Yates).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Order {
-    state: u64,
-    indices: Vec<usize>,
-    at: usize,
-}
-
-impl Order {
-    fn new(n: usize, seed: u64) -> Order {
-        Order {
-            state: seed,
-            indices: (0..n).collect(),
-            at: n,
-        }
-    }
-
-    fn next(&mut self) -> usize {
-        if self.at == self.indices.len() {
-            for i in (1..self.indices.len()).rev() {
-                let j = (splitmix64(&mut self.state) % (i as u64 + 1)) as usize;
-                self.indices.swap(i, j);
+/// Scales `gradients` to a global L2 norm of at most `max` (by `max / (norm + 1e-6)`, as
+/// `torch.nn.utils.clip_grad_norm_` does); returns the norm before.
+fn clip(gradients: &mut [(WeightId, HostTensor)], max: Option<f64>) -> f32 {
+    let squares: f64 = gradients
+        .iter()
+        .flat_map(|(_, g)| &g.data)
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum();
+    let norm = squares.sqrt();
+    if let Some(max) = max {
+        let scale = (max / (norm + 1e-6)) as f32;
+        if scale < 1.0 {
+            for (_, g) in gradients.iter_mut() {
+                g.data.iter_mut().for_each(|x| *x *= scale);
             }
-            self.at = 0;
         }
-        self.at += 1;
-        self.indices[self.at - 1]
     }
-}
-
-/// Writes the loss curve to `path` as CSV.
-fn write_log(path: &std::path::Path, steps: &[StepLog]) -> std::io::Result<()> {
-    use std::fmt::Write as _;
-    let mut text = String::from("step,lr,loss,cross_entropy,load_balance,z_loss\n");
-    let opt = |v: Option<f32>| v.map_or(String::new(), |v| v.to_string());
-    for (i, s) in steps.iter().enumerate() {
-        let _ = writeln!(
-            text,
-            "{},{},{},{},{},{}",
-            i + 1,
-            s.lr,
-            s.loss,
-            s.cross_entropy,
-            opt(s.load_balance),
-            opt(s.z_loss)
-        );
-    }
-    write_atomically(path, text.as_bytes())
+    norm as f32
 }
 
 impl Pass for Train {
@@ -463,12 +587,19 @@ impl Pass for Train {
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
         self.check()?;
         let trainable = self.trainable(m)?;
-        let pools = self.windows(m, cx)?;
+        let data = Data {
+            pools: self.windows(m, cx)?,
+            shares: match &self.mix {
+                Some(mix) => mix.values().copied().collect(),
+                None => vec![1.0],
+            },
+            eval: self.eval_windows(m, cx)?,
+        };
         let provider = cx.runtimes.as_deref_mut().expect("checked by windows");
         let mut rt = provider
             .training_runtime(m, &self.model)
             .map_err(|e| self.invalid(e.to_string()))?;
-        let (trained, losses, resumed) = self.run_steps(m, rt.as_mut(), &pools, &trainable)?;
+        let (state, resumed) = self.run_steps(m, rt.as_mut(), &data, &trainable, cx)?;
         if resumed > 0 {
             cx.notes.push(format!(
                 "Train: resumed from the checkpoint of step {resumed} in {}",
@@ -480,7 +611,7 @@ impl Pass for Train {
         }
         let mut remap = HashMap::new();
         let mut params = 0;
-        for (id, tensor) in trained {
+        for (id, tensor) in state.params {
             let name = m.weights.get(id).map_err(weight_err("Train"))?.name.clone();
             params += tensor.data.len();
             let new = m
@@ -490,25 +621,63 @@ impl Pass for Train {
             remap.insert(id, new);
         }
         let target = insert_remapped(m, "Train", &self.model, self.into.as_deref(), &remap)?;
-        cx.notes.push(format!(
+        let (first, last) = (&state.losses[0], &state.losses[state.losses.len() - 1]);
+        let ran = self.steps - resumed;
+        let tokens = ran * self.batch * self.grad_accum.unwrap_or(1) * self.seq_len;
+        let earlier = match resumed {
+            0 => 0.0,
+            k => state.losses[k - 1].seconds,
+        };
+        let seconds = last.seconds - earlier;
+        let mut note = format!(
             "Train: `{target}`: {} steps of {} x {} tokens ({} windows), {} weights ({:.2}M parameters) trained; loss {:.4} at the first step, {:.4} at the last",
             self.steps,
-            self.batch,
+            self.batch * self.grad_accum.unwrap_or(1),
             self.seq_len,
-            pools.iter().map(Vec::len).sum::<usize>(),
+            data.pools.iter().map(Vec::len).sum::<usize>(),
             remap.len(),
             params as f64 / 1e6,
-            losses[0].loss,
-            losses[losses.len() - 1].loss
-        ));
-        if let Some(path) = &self.log {
-            write_log(path, &losses)
-                .map_err(|e| self.invalid(format!("writing {}: {e}", path.display())))?;
+            first.loss,
+            last.loss
+        );
+        for ((name, _), v) in data.eval.iter().zip(&last.eval) {
+            note += &format!("; eval {name} {v:.4}");
         }
+        if ran > 0 {
+            note += &format!("; {:.0} tokens/s", tokens as f64 / seconds.max(1e-9));
+        }
+        cx.notes.push(note);
         Ok(vec![target])
     }
 
     fn reads(&self) -> Vec<String> {
         vec![self.model.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_scales_to_the_cap_as_torch_does() {
+        let grads = || {
+            vec![
+                (WeightId(0), HostTensor::new(vec![1], vec![3.0])),
+                (WeightId(1), HostTensor::new(vec![1], vec![4.0])),
+            ]
+        };
+        // Norm 5 over both tensors; scaled by 1 / (5 + 1e-6).
+        let mut g = grads();
+        assert_eq!(clip(&mut g, Some(1.0)), 5.0);
+        let scale = (1.0 / (5.0 + 1e-6)) as f32;
+        assert_eq!(g[0].1.data, [3.0 * scale]);
+        assert_eq!(g[1].1.data, [4.0 * scale]);
+        // Under the cap, or without one: untouched.
+        for cap in [Some(5.1), None] {
+            let mut g = grads();
+            assert_eq!(clip(&mut g, cap), 5.0);
+            assert_eq!(g, grads());
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! trained values, AdamW's moments and step, the data order's generator states and the
 //! loss curve so far — in one file per checkpointed step, `DIR/step-N.ckpt`.
 //!
-//! Layout: the line `upmix-train-checkpoint 1`, a little-endian u64 header length, the
+//! Layout: the line `upmix-train-checkpoint 2`, a little-endian u64 header length, the
 //! header (JSON: the run's fingerprint, the step, the states, the tensors' weights and
 //! lengths), then each tensor's values, `m` and `v` as little-endian f32. Written to a
 //! temporary file, then renamed, so a checkpoint is whole or absent.
@@ -16,7 +16,7 @@ use upmix_ir::{HostTensor, WeightId};
 use crate::adamw::AdamW;
 use crate::pass::write_atomically;
 
-const MAGIC: &[u8] = b"upmix-train-checkpoint 1\n";
+const MAGIC: &[u8] = b"upmix-train-checkpoint 2\n";
 
 /// A training run's state after `step` steps.
 #[derive(Clone, Debug)]
@@ -24,8 +24,8 @@ pub(crate) struct TrainState<O, L> {
     pub step: usize,
     pub params: Vec<(WeightId, HostTensor)>,
     pub adamw: AdamW,
-    /// The data order's generators.
-    pub orders: O,
+    /// Where the data order stands.
+    pub order: O,
     pub losses: Vec<L>,
 }
 
@@ -34,7 +34,7 @@ struct Header<O, L> {
     fingerprint: String,
     step: usize,
     adamw_step: u64,
-    orders: O,
+    order: O,
     losses: Vec<L>,
     /// Weight id, name, shape of each tensor, in file order.
     tensors: Vec<(u32, String, Vec<usize>)>,
@@ -73,7 +73,7 @@ pub(crate) fn save<O: Serialize + Clone, L: Serialize + Clone>(
         fingerprint: fingerprint.to_string(),
         step: state.step,
         adamw_step: state.adamw.step,
-        orders: state.orders.clone(),
+        order: state.order.clone(),
         losses: state.losses.clone(),
         tensors: state
             .params
@@ -146,7 +146,7 @@ pub(crate) fn load<O: for<'de> Deserialize<'de>, L: for<'de> Deserialize<'de>>(
         step: header.step,
         params,
         adamw,
-        orders: header.orders,
+        order: header.order,
         losses: header.losses,
     })
 }

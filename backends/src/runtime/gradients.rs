@@ -32,8 +32,12 @@ impl<B: Kernels + AutodiffBackend> TrainingRuntime for BurnRuntime<B> {
                 "a training sequence needs at least 2 tokens".into(),
             ));
         }
-        for (_, _, t) in self.plan.params.iter_mut() {
-            *t = t.clone().require_grad();
+        let trainable = &self.trainable;
+        for (id, _, t) in self.plan.params.iter_mut() {
+            *t = match trainable {
+                Some(ids) if !ids.contains(&id) => t.clone().detach(),
+                _ => t.clone().require_grad(),
+            };
         }
         let this = &mut *self;
         in_pool(move || {
@@ -66,6 +70,10 @@ impl<B: Kernels + AutodiffBackend> TrainingRuntime for BurnRuntime<B> {
 
     fn set_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
         self.plan.params.set(weights)
+    }
+
+    fn set_trainable(&mut self, weights: &[WeightId]) {
+        self.trainable = Some(weights.iter().copied().collect());
     }
 }
 

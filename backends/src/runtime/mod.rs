@@ -57,6 +57,8 @@ pub struct BurnRuntime<B: Kernels> {
     dispatch: MoeDispatch,
     /// Activations kept by `save_states`.
     saved: Option<SavedStates<B>>,
+    /// The weights training computes gradients of (`None`: all).
+    trainable: Option<std::collections::HashSet<WeightId>>,
 }
 
 impl<B: Kernels> BurnRuntime<B> {
@@ -73,6 +75,7 @@ impl<B: Kernels> BurnRuntime<B> {
             device: device.clone(),
             dispatch: MoeDispatch::default(),
             saved: None,
+            trainable: None,
         })
     }
 
