@@ -67,14 +67,14 @@ pub type CpuTraining = burn_autodiff::Autodiff<burn_flex::Flex>;
 
 /// A CPU runtime of graph `graph` of `module` that records gradients
 /// ([`upmix_ir::TrainingRuntime`]). Quantized weights are dequantized; experts run on
-/// every row, weighted by the routing (zero outside the top-k): the same function as
-/// sparse dispatch, in ops autodiff follows.
+/// their routed rows only (sparse dispatch: row selections and adds autodiff follows),
+/// and the fused CPU kernels carry their own backward passes.
 pub fn training_runtime(
     module: &Module,
     graph: &str,
 ) -> Result<BurnRuntime<CpuTraining>, BackendError> {
     let mut runtime = BurnRuntime::new(module, graph, &burn_flex::FlexDevice)?;
-    runtime.set_moe_dispatch(MoeDispatch::Dense);
+    runtime.set_moe_dispatch(MoeDispatch::Sparse);
     Ok(runtime)
 }
 
@@ -155,7 +155,7 @@ mod gpu {
         let mut runtime = catch_backend_panic(DeviceSpec::Wgpu, || {
             BurnRuntime::<burn_autodiff::Autodiff<burn_wgpu::Wgpu>>::new(module, graph, &device)
         })?;
-        runtime.set_moe_dispatch(MoeDispatch::Dense);
+        runtime.set_moe_dispatch(MoeDispatch::Sparse);
         Ok(Box::new(runtime))
     }
 
@@ -201,7 +201,7 @@ mod gpu {
         let mut runtime = catch_backend_panic(DeviceSpec::Cuda(index), || {
             BurnRuntime::<burn_autodiff::Autodiff<burn_cuda::Cuda>>::new(module, graph, &device)
         })?;
-        runtime.set_moe_dispatch(MoeDispatch::Dense);
+        runtime.set_moe_dispatch(MoeDispatch::Sparse);
         Ok(Box::new(runtime))
     }
 

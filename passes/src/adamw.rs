@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
 use upmix_ir::{HostTensor, WeightId};
 
 /// Hyperparameters.
@@ -87,13 +88,22 @@ impl AdamW {
                 .moments
                 .entry(*id)
                 .or_insert_with(|| (vec![0.0; g.len()], vec![0.0; g.len()]));
-            for (i, &g) in g.iter().enumerate() {
-                p.data[i] *= decay;
-                m[i] += one_b1 * (g - m[i]);
-                v[i] = v[i] * beta2 + one_b2 * g * g;
-                let denom = v[i].sqrt() / correction2 + eps;
-                p.data[i] += -step_size * m[i] / denom;
-            }
+            // Element-wise, so any split gives the same bits: chunks on rayon's threads.
+            const CHUNK: usize = 1 << 14;
+            p.data
+                .par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((p, m), v), g)| {
+                    for i in 0..g.len() {
+                        p[i] *= decay;
+                        m[i] += one_b1 * (g[i] - m[i]);
+                        v[i] = v[i] * beta2 + one_b2 * g[i] * g[i];
+                        let denom = v[i].sqrt() / correction2 + eps;
+                        p[i] += -step_size * m[i] / denom;
+                    }
+                });
         }
     }
 }

@@ -69,8 +69,8 @@ results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 # case  model dir  trainable  batch  seq_len  steps
 cases=(
-  "tiny $ex/seed all 16 128 12"
-  "tiny-moe $work/tiny-moe router 16 128 12"
+  "tiny $ex/seed all 16 128 30"
+  "tiny-moe $work/tiny-moe router 16 128 30"
   "smollm2 $work/smollm2 all 4 128 5"
   "smollm2-moe $work/smollm2-moe router 4 128 5"
 )

@@ -12,13 +12,13 @@
 
 use std::collections::BTreeMap;
 
-use burn_tensor::activation::{log_softmax, softmax};
+use burn_tensor::activation::softmax;
 use burn_tensor::backend::AutodiffBackend;
-use burn_tensor::{Int, Tensor, TensorData};
+use burn_tensor::{Tensor, TensorData};
 use upmix_ir::{HostTensor, LossGradients, RouterLosses, RuntimeError, TrainingRuntime, WeightId};
 
 use super::params::{Form, RouterRecord};
-use super::{backend_error, in_pool, BurnRuntime, Kernels};
+use super::{backend_error, BurnRuntime, Kernels};
 
 impl<B: Kernels + AutodiffBackend> TrainingRuntime for BurnRuntime<B> {
     fn loss_gradients(
@@ -39,14 +39,26 @@ impl<B: Kernels + AutodiffBackend> TrainingRuntime for BurnRuntime<B> {
                 _ => t.clone().require_grad(),
             };
         }
+        // Autodiff holds a process-wide lock through `backward`, and the fused backward
+        // passes run parallel loops inside it. On a shared pool, a thread waiting for its
+        // loop could pick up another training's call and wait for that lock forever; on
+        // threads of its own, a call only ever waits for its own work.
+        let threads = rayon::current_num_threads();
+        let pool = match self.training_pool.take() {
+            Some(pool) => pool,
+            None => rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(backend_error)?,
+        };
         let this = &mut *self;
-        in_pool(move || {
+        let result = pool.install(move || {
             this.plan.params.start_router_records();
             let forward = this.forward_logits(sequences);
             let records = this.plan.params.take_router_records();
             let (logits, columns) = forward?;
             let device = &this.device;
-            let ce = cross_entropy(logits, sequences, columns.prompt, device);
+            let ce = cross_entropy(logits, sequences, columns.prompt);
             let mut loss = ce.clone();
             let (mut lb, mut z) = (None, None);
             if !records.is_empty() {
@@ -65,7 +77,9 @@ impl<B: Kernels + AutodiffBackend> TrainingRuntime for BurnRuntime<B> {
                 z_loss: z,
                 gradients: gradients(this, &grads)?,
             })
-        })
+        });
+        self.training_pool = Some(pool);
+        result
     }
 
     fn set_weights(&mut self, weights: &[(WeightId, HostTensor)]) -> Result<(), RuntimeError> {
@@ -83,22 +97,18 @@ fn cross_entropy<B: Kernels + AutodiffBackend>(
     logits: Tensor<B, 2>,
     sequences: &[&[u32]],
     width: usize,
-    device: &B::Device,
 ) -> Tensor<B, 1> {
     let [rows, _] = logits.dims();
     let (mut targets, mut counted) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
     for seq in sequences {
         for p in 0..width {
             let next = seq.get(p + 1).copied();
-            targets.push(next.map_or(0, i64::from));
+            targets.push(next.unwrap_or(0));
             counted.push(if next.is_some() { 1f32 } else { 0.0 });
         }
     }
     let n: f32 = counted.iter().sum();
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), device);
-    let counted = Tensor::<B, 2>::from_data(TensorData::new(counted, [rows, 1]), device);
-    let picked = log_softmax(logits, 1).gather(1, targets);
-    (picked * counted).sum().neg().div_scalar(n)
+    B::weighted_nll(logits, &targets, &counted).div_scalar(n)
 }
 
 /// The load-balancing loss and the z-loss of the recorded routers, averaged over them;

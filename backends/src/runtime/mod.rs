@@ -59,6 +59,8 @@ pub struct BurnRuntime<B: Kernels> {
     saved: Option<SavedStates<B>>,
     /// The weights training computes gradients of (`None`: all).
     trainable: Option<std::collections::HashSet<WeightId>>,
+    /// Training's own threads (made by the first backward), see `gradients.rs`.
+    training_pool: Option<rayon::ThreadPool>,
 }
 
 impl<B: Kernels> BurnRuntime<B> {
@@ -76,6 +78,7 @@ impl<B: Kernels> BurnRuntime<B> {
             dispatch: MoeDispatch::default(),
             saved: None,
             trainable: None,
+            training_pool: None,
         })
     }
 

@@ -318,18 +318,26 @@ pub(crate) fn upload<B: Kernels, const D: usize>(
 }
 
 /// The transpose of a row-major `[rows, cols]` matrix, in 32 x 32 tiles so both sides
-/// stay in cache.
+/// stay in cache, each band of 32 output rows on its own rayon task.
 pub(super) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
     const TILE: usize = 32;
     let mut t = vec![0f32; rows * cols];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    t[c * rows + r] = data[r * cols + c];
+    if rows == 0 {
+        return t;
+    }
+    t.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let c0 = band * TILE;
+            let width = out.len() / rows;
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in 0..width {
+                        out[c * rows + r] = data[r * cols + c0 + c];
+                    }
                 }
             }
-        }
-    }
+        });
     t
 }

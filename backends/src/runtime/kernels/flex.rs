@@ -11,22 +11,26 @@ use crate::runtime::quantized::{Activations, QuantMatrix};
 /// Rows of at least this many elements in all are worth spreading over threads.
 const PARALLEL_ELEMENTS: usize = 1 << 15;
 
-fn raw<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+pub(super) fn raw<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     t.into_primitive().tensor()
 }
 
-fn wrap<const D: usize>(t: FlexTensor) -> Tensor<Flex, D> {
+pub(super) fn wrap<const D: usize>(t: FlexTensor) -> Tensor<Flex, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// The values of a contiguous f32 tensor.
-fn values(t: &FlexTensor) -> &[f32] {
+pub(super) fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
 
 /// Runs `f(row index, row)` over the rows (length `width`) of `t`'s values, in place
 /// when `t` is its buffer's only owner, else on a copy.
-fn map_rows(t: FlexTensor, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> FlexTensor {
+pub(super) fn map_rows(
+    t: FlexTensor,
+    width: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) -> FlexTensor {
     let mut t = {
         // Drop the input's handle, so that a contiguous input stays uniquely owned.
         let contiguous = t.to_contiguous();

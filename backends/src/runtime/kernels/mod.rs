@@ -6,11 +6,13 @@
 //! over memory instead of several: in place when the input is not shared, parallel over
 //! rows, with an `exp` that the compiler vectorises. The fused versions compute the same
 //! formulas in the same order as the defaults (RMSNorm accumulates its sum of squares in
-//! another order, and `exp` is a polynomial within 2 ulp of the C library's).
+//! another order, and `exp` is a polynomial within 2 ulp of the C library's). Under
+//! autodiff on the CPU (training), module `flex_autodiff` runs the same fused kernels and
+//! gives each a fused backward pass; `weighted_nll` is the training loss's kernel.
 
-use burn_tensor::activation::{silu, softmax};
+use burn_tensor::activation::{log_softmax, silu, softmax};
 use burn_tensor::backend::Backend;
-use burn_tensor::{Int, Tensor};
+use burn_tensor::{Int, Tensor, TensorData};
 
 use super::quantized::{Activations, QuantMatrix};
 
@@ -88,6 +90,20 @@ pub trait Kernels: Backend {
         cache.slice_assign([0..b, 0..h, start..start + n, 0..d], values)
     }
 
+    /// `sum_r weights[r] * -log(softmax(logits_r)[targets[r]])` over the rows of
+    /// `[rows, vocab]` logits: a weighted next-token loss (`[1]`).
+    fn weighted_nll(logits: Tensor<Self, 2>, targets: &[u32], weights: &[f32]) -> Tensor<Self, 1> {
+        let device = logits.device();
+        let rows = targets.len();
+        let targets: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
+        let targets =
+            Tensor::<Self, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), &device);
+        let weights =
+            Tensor::<Self, 2>::from_data(TensorData::new(weights.to_vec(), [rows, 1]), &device);
+        let picked = log_softmax(logits, 1).gather(1, targets);
+        (picked * weights).sum().neg()
+    }
+
     /// `softmax(scores + mask)` over the last dimension.
     fn masked_softmax(scores: Tensor<Self, 4>, mask: Option<Tensor<Self, 4>>) -> Tensor<Self, 4> {
         match mask {
@@ -103,14 +119,23 @@ impl Kernels for burn_wgpu::Wgpu {}
 #[cfg(feature = "cuda")]
 impl Kernels for burn_cuda::Cuda {}
 
-/// Training: autodiff over any backend records the defaults, built from burn ops it can
-/// differentiate (the fused CPU kernels write into buffers autodiff cannot see).
-impl<B: Backend, C: burn_autodiff::checkpoint::strategy::CheckpointStrategy> Kernels
-    for burn_autodiff::Autodiff<B, C>
+/// Training on GPUs: autodiff records the defaults, built from burn ops it can
+/// differentiate. On the CPU (module `flex_autodiff`) the fused kernels carry their own
+/// backward.
+#[cfg(feature = "wgpu")]
+impl<C: burn_autodiff::checkpoint::strategy::CheckpointStrategy> Kernels
+    for burn_autodiff::Autodiff<burn_wgpu::Wgpu, C>
+{
+}
+
+#[cfg(feature = "cuda")]
+impl<C: burn_autodiff::checkpoint::strategy::CheckpointStrategy> Kernels
+    for burn_autodiff::Autodiff<burn_cuda::Cuda, C>
 {
 }
 
 mod axpy;
 mod exp;
 mod flex;
+mod flex_autodiff;
 pub(crate) mod qdot;
