@@ -48,12 +48,9 @@ pub fn draw(csv: &Path) -> Result<PathBuf> {
         &csv.file_name().unwrap_or_default().to_string_lossy(),
     )?;
     let out = csv.with_extension("svg");
-    let dir = out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = out.file_name().unwrap_or_default().to_string_lossy();
-    crate::sensitivity::write_file(dir, &name, svg.as_bytes())
+    upmix_passes::write_atomically(&out, svg.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(out)
 }
 
 /// The SVG of `curves` (name, (step, value) points).

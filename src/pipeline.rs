@@ -356,13 +356,7 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             writeln!(out, "wrote  loss curve {}", svg.display())?;
         }
     }
-    let reports = match ran {
-        Ok(reports) => reports,
-        Err(e) => {
-            eprint!("{out}");
-            return Err(e.into());
-        }
-    };
+    let reports = ran?;
     for r in &reports {
         writeln!(
             out,

@@ -107,8 +107,7 @@ pub fn write_outputs(table: &SensitivityTable, dir: &Path) -> Result<Vec<PathBuf
     Ok(written)
 }
 
-/// Writes `bytes` to `dir/name` whole (a temporary file renamed into place).
-pub(crate) fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
     let path = dir.join(name);
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     std::io::Write::write_all(&mut tmp, bytes)?;

@@ -139,10 +139,13 @@ mod gpu {
         options: RuntimeOptions,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         let device = burn_wgpu::WgpuDevice::default();
-        let mut runtime = catch_backend_panic(DeviceSpec::Wgpu, || {
-            BurnRuntime::<burn_wgpu::Wgpu>::new(module, graph, &device)
-        })?;
-        runtime.set_moe_dispatch(options.moe_dispatch);
+        let runtime = start::<burn_wgpu::Wgpu>(
+            DeviceSpec::Wgpu,
+            &device,
+            module,
+            graph,
+            options.moe_dispatch,
+        )?;
         Ok(Box::new(runtime))
     }
 
@@ -152,10 +155,14 @@ mod gpu {
         graph: &str,
     ) -> Result<Box<dyn TrainingRuntime>, BackendError> {
         let device = burn_wgpu::WgpuDevice::default();
-        let mut runtime = catch_backend_panic(DeviceSpec::Wgpu, || {
-            BurnRuntime::<burn_autodiff::Autodiff<burn_wgpu::Wgpu>>::new(module, graph, &device)
-        })?;
-        runtime.set_moe_dispatch(MoeDispatch::Sparse);
+        type Training = burn_autodiff::Autodiff<burn_wgpu::Wgpu>;
+        let runtime = start::<Training>(
+            DeviceSpec::Wgpu,
+            &device,
+            module,
+            graph,
+            MoeDispatch::Sparse,
+        )?;
         Ok(Box::new(runtime))
     }
 
@@ -184,10 +191,13 @@ mod gpu {
         options: RuntimeOptions,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         let device = burn_cuda::CudaDevice::new(index);
-        let mut runtime = catch_backend_panic(DeviceSpec::Cuda(index), || {
-            BurnRuntime::<burn_cuda::Cuda>::new(module, graph, &device)
-        })?;
-        runtime.set_moe_dispatch(options.moe_dispatch);
+        let runtime = start::<burn_cuda::Cuda>(
+            DeviceSpec::Cuda(index),
+            &device,
+            module,
+            graph,
+            options.moe_dispatch,
+        )?;
         Ok(Box::new(runtime))
     }
 
@@ -198,10 +208,14 @@ mod gpu {
         index: usize,
     ) -> Result<Box<dyn TrainingRuntime>, BackendError> {
         let device = burn_cuda::CudaDevice::new(index);
-        let mut runtime = catch_backend_panic(DeviceSpec::Cuda(index), || {
-            BurnRuntime::<burn_autodiff::Autodiff<burn_cuda::Cuda>>::new(module, graph, &device)
-        })?;
-        runtime.set_moe_dispatch(MoeDispatch::Sparse);
+        type Training = burn_autodiff::Autodiff<burn_cuda::Cuda>;
+        let runtime = start::<Training>(
+            DeviceSpec::Cuda(index),
+            &device,
+            module,
+            graph,
+            MoeDispatch::Sparse,
+        )?;
         Ok(Box::new(runtime))
     }
 
@@ -222,6 +236,22 @@ mod gpu {
         _options: RuntimeOptions,
     ) -> Result<Box<dyn Runtime>, BackendError> {
         Err(not_compiled(DeviceSpec::Cuda(index), "cuda"))
+    }
+
+    /// Builds a runtime of backend `B` on `device` (named `spec` in errors) that gives
+    /// experts their rows by `dispatch`.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    fn start<B: crate::runtime::Kernels>(
+        spec: DeviceSpec,
+        device: &B::Device,
+        module: &Module,
+        graph: &str,
+        dispatch: MoeDispatch,
+    ) -> Result<BurnRuntime<B>, BackendError> {
+        let mut runtime =
+            catch_backend_panic(spec, || BurnRuntime::<B>::new(module, graph, device))?;
+        runtime.set_moe_dispatch(dispatch);
+        Ok(runtime)
     }
 
     /// Runs a backend's first use, turning the panic GPU runtimes raise when no driver or

@@ -39,7 +39,7 @@ pub use compression_plan::{Assignment, Plan, PlanTarget};
 pub use manager::{DumpIr, PassManager, PassReport};
 pub use merge::Merge;
 pub use parallel_attention::{KeptNorm, ParallelAttention};
-pub use pass::{Pass, PassContext, PassError, Progress, RuntimeProvider};
+pub use pass::{write_atomically, Pass, PassContext, PassError, Progress, RuntimeProvider};
 pub use prune::{calibration_norms, ActivationNorms, Prune, PruneMethod, PruneTarget};
 pub use quantize::{Quantize, QuantizeTarget};
 pub use registry::{create, pass_names, PassInfo, PassSpec, REGISTRY};

@@ -167,7 +167,7 @@ pub(crate) fn layer_range(
 
 /// Writes `bytes` to a temporary file beside `path` (creating its directory), then
 /// renames it over `path`: a reader sees the old file or the whole new one.
-pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }

@@ -281,24 +281,30 @@ fn copy_rows(t: &FlexTensor) -> Option<FlexTensor> {
     Some(FlexTensor::from_data(TensorData::new(out, shape)))
 }
 
-/// `row = silu(row) * up`, with the sigmoid split by sign as burn-flex computes it.
+/// `row = silu(row) * up`.
 fn silu_mul_row(row: &mut [f32], up: &[f32]) {
-    for chunk in row.chunks_mut(64).zip(up.chunks(64)) {
-        let (g, u) = chunk;
-        let mut e = [0f32; 64];
-        for (e, &x) in e.iter_mut().zip(g.iter()) {
-            *e = -x.abs();
+    let mut s = [0f32; 64];
+    for (g, u) in row.chunks_mut(64).zip(up.chunks(64)) {
+        sigmoids(g, &mut s);
+        for ((x, s), u) in g.iter_mut().zip(s).zip(u) {
+            *x = *x * s * u;
         }
-        exp::exp_in_place(&mut e[..g.len()]);
-        for ((x, &e), &u) in g.iter_mut().zip(e.iter()).zip(u) {
-            // sigmoid(x) = 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) otherwise.
-            let sigmoid = if *x >= 0.0 {
-                1.0 / (1.0 + e)
-            } else {
-                e / (1.0 + e)
-            };
-            *x = *x * sigmoid * u;
-        }
+    }
+}
+
+/// `sigmoid(x)` of up to 64 values into `out`, split by sign as burn-flex computes it:
+/// `1 / (1 + e^-x)` for `x >= 0`, `e^x / (1 + e^x)` otherwise.
+pub(super) fn sigmoids(x: &[f32], out: &mut [f32; 64]) {
+    for (e, &v) in out.iter_mut().zip(x) {
+        *e = -v.abs();
+    }
+    exp::exp_in_place(&mut out[..x.len()]);
+    for (e, &v) in out.iter_mut().zip(x) {
+        *e = if v >= 0.0 {
+            1.0 / (1.0 + *e)
+        } else {
+            *e / (1.0 + *e)
+        };
     }
 }
 

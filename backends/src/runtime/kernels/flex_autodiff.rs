@@ -27,7 +27,7 @@ use burn_flex::{Flex, FlexTensor};
 use burn_tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::flex::{map_rows, raw, values, wrap};
+use super::flex::{map_rows, raw, sigmoids, values, wrap};
 use super::{exp, Kernels};
 
 type Ad<C> = Autodiff<Flex, C>;
@@ -364,19 +364,11 @@ impl<C: CheckpointStrategy> Kernels for Ad<C> {
 /// For one row of `silu(a) * b` and its upstream gradient `g`: the gradients of the
 /// gate `a` and of `b`.
 fn swiglu_grads(g: &[f32], a: &[f32], b: &[f32], da: &mut [f32], db: &mut [f32]) {
+    let mut s = [0f32; 64];
     for (i, a) in a.chunks(64).enumerate() {
-        let mut e = [0f32; 64];
-        for (e, &x) in e.iter_mut().zip(a) {
-            *e = -x.abs();
-        }
-        exp::exp_in_place(&mut e[..a.len()]);
-        for (j, (&x, &e)) in a.iter().zip(e.iter()).enumerate() {
+        sigmoids(a, &mut s);
+        for (j, (&x, &s)) in a.iter().zip(s.iter()).enumerate() {
             let k = i * 64 + j;
-            let s = if x >= 0.0 {
-                1.0 / (1.0 + e)
-            } else {
-                e / (1.0 + e)
-            };
             da[k] = g[k] * b[k] * s * (1.0 + x * (1.0 - s));
             db[k] = g[k] * x * s;
         }
