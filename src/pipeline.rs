@@ -352,8 +352,12 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             let Some(log) = t.log.as_deref().map(&resolve).filter(|l| l.exists()) else {
                 continue;
             };
-            let svg = crate::loss_curve::draw(&log)?;
-            writeln!(out, "wrote  loss curve {}", svg.display())?;
+            match crate::loss_curve::draw(&log) {
+                Ok(svg) => writeln!(out, "wrote  loss curve {}", svg.display())?,
+                // A pass's own error says more than a curve that could not be drawn.
+                Err(e) if ran.is_ok() => return Err(e),
+                Err(_) => {}
+            }
         }
     }
     let reports = ran?;
