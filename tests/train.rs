@@ -7,61 +7,13 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{device, golden, golden_dir, ids, load, model_dir, repo_root};
+use common::{
+    checkpoint_names, device, f32_tensors, golden, golden_dir, ids, load, model_dir, raw_tensors,
+    repo_root,
+};
 use upmix::backends::{load_training_runtime, training_runtime};
 use upmix::ir::{LossGradients, RouterLosses, TrainingRuntime};
-use upmix::ir::{Module, WeightExpr, WeightId};
-
-/// Every tensor of a safetensors file: name, absolute file offset, dtype and bytes.
-fn raw_tensors(path: &std::path::Path) -> Vec<(String, usize, String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(name, _)| *name != "__metadata__")
-        .map(|(name, info)| {
-            let [a, b] = [0, 1].map(|i| 8 + n + info["data_offsets"][i].as_u64().unwrap() as usize);
-            let dtype = info["dtype"].as_str().unwrap().to_string();
-            (name.clone(), a, dtype, bytes[a..b].to_vec())
-        })
-        .collect()
-}
-
-/// Checkpoint tensor name -> the weight read from it, matched by file offset.
-fn checkpoint_names(m: &Module, fixture: &str) -> HashMap<String, WeightId> {
-    let mut by_offset = HashMap::new();
-    for id in m.graphs[fixture].weight_ids() {
-        if let WeightExpr::Source { offset, .. } = m.weights.get(id).unwrap().expr {
-            by_offset.insert(offset, id);
-        }
-    }
-    raw_tensors(&model_dir(fixture).join("model.safetensors"))
-        .into_iter()
-        .map(|(name, start, _, _)| {
-            let id = *by_offset
-                .get(&start)
-                .unwrap_or_else(|| panic!("no weight reads {name}"));
-            (name, id)
-        })
-        .collect()
-}
-
-fn f32_tensors(path: &std::path::Path) -> HashMap<String, Vec<f32>> {
-    raw_tensors(path)
-        .into_iter()
-        .map(|(name, _, dtype, bytes)| {
-            assert_eq!(dtype, "F32");
-            let values = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (name, values)
-        })
-        .collect()
-}
+use upmix::ir::{Module, WeightId};
 
 /// The golden batch: two sequences of 16 tokens.
 fn batch(spec: &serde_json::Value) -> Vec<Vec<u32>> {

@@ -62,7 +62,7 @@ fn routers(m: &Module) -> Vec<HostTensor> {
     order
         .into_iter()
         .filter_map(|n| match &g.node(n).op {
-            Op::MixtureOfExperts(moe) => Some(m.weights.materialize(moe.router).unwrap()),
+            Op::MixtureOfExperts(moe) => Some(moe.router.rows(&m.weights).unwrap()),
             _ => None,
         })
         .collect()

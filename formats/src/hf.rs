@@ -80,6 +80,19 @@ const UPMIX_BAM: &[(Role, &str)] = &[
         "model.layers.{L}.self_attn.experts.{E}.o_proj.weight",
     ),
     (Role::BlockNorm, "model.layers.{L}.input_layernorm.weight"),
+    (Role::RouterDomains, "model.layers.{L}.mlp.router.domains"),
+    (
+        Role::RouterProjection(0),
+        "model.layers.{L}.mlp.router.projection.gate_proj.weight",
+    ),
+    (
+        Role::RouterProjection(1),
+        "model.layers.{L}.mlp.router.projection.up_proj.weight",
+    ),
+    (
+        Role::RouterProjection(2),
+        "model.layers.{L}.mlp.router.projection.down_proj.weight",
+    ),
 ];
 
 /// JetMoE's per-layer tensors with a role; the stacked expert tensors follow.

@@ -31,6 +31,10 @@ pub enum Role {
     Mlp(usize),
     /// The router of a mixture of experts.
     Router,
+    /// A projected (Nexus) router's domain embeddings, `[experts, embed]`.
+    RouterDomains,
+    /// A projected router's projection: gate, up, down (index 0..3).
+    RouterProjection(usize),
     /// Routed expert `{E}`'s gate, up, down (index 0..3).
     Expert(usize),
     /// The shared expert's gate, up, down (index 0..3).
@@ -65,6 +69,19 @@ const CANONICAL: &[(Role, &str)] = &[
     (Role::Mlp(1), "layers.{L}.ffn.up"),
     (Role::Mlp(2), "layers.{L}.ffn.down"),
     (Role::Router, "layers.{L}.ffn.router"),
+    (Role::RouterDomains, "layers.{L}.ffn.router.domains"),
+    (
+        Role::RouterProjection(0),
+        "layers.{L}.ffn.router.projection.gate",
+    ),
+    (
+        Role::RouterProjection(1),
+        "layers.{L}.ffn.router.projection.up",
+    ),
+    (
+        Role::RouterProjection(2),
+        "layers.{L}.ffn.router.projection.down",
+    ),
     (Role::Expert(0), "layers.{L}.ffn.experts.{E}.gate"),
     (Role::Expert(1), "layers.{L}.ffn.experts.{E}.up"),
     (Role::Expert(2), "layers.{L}.ffn.experts.{E}.down"),

@@ -297,7 +297,7 @@ impl TensorSource for Loader<'_> {
             })
             .collect();
         Ok(Op::MixtureOfExperts(MixtureOfExperts {
-            router,
+            router: upmix_ir::Router::Rows(router),
             experts,
             routing,
             shared_expert: None,

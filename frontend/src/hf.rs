@@ -455,7 +455,7 @@ impl Loader<'_> {
             }
         };
         Ok(Op::MixtureOfExperts(MixtureOfExperts {
-            router,
+            router: upmix_ir::Router::Rows(router),
             experts,
             routing: Routing {
                 top_k: spec.top_k,

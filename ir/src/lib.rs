@@ -13,6 +13,7 @@ mod module;
 mod op;
 mod print;
 pub mod quant;
+mod router;
 mod runtime;
 mod sparsity;
 mod tensor;
@@ -29,6 +30,7 @@ pub use op::{
     RopeScaling, Routing, SharedExpert,
 };
 pub use print::print_graph;
+pub use router::{ProjectedRouter, Router};
 pub use runtime::{
     LogLikelihood, LossGradients, RouterLosses, Runtime, RuntimeError, TokenScores, TrainingRuntime,
 };

@@ -3,7 +3,7 @@
 //! Each op names the weights it uses by [`WeightId`]; activations flow along edges. The
 //! shapes below are PyTorch `nn.Linear` convention: a projection weight is `[out, in]`.
 
-use crate::WeightId;
+use crate::{Router, WeightId};
 
 /// A node's operation.
 #[derive(Clone, Debug, PartialEq)]
@@ -84,7 +84,7 @@ impl Op {
             }
             Op::FeedForward(f) => f.push_weights("", &mut out),
             Op::MixtureOfExperts(m) => {
-                out.push(("router".into(), m.router));
+                out.extend(m.router.weights());
                 for (e, expert) in m.experts.iter().enumerate() {
                     expert.push_weights(&format!("experts.{e}."), &mut out);
                 }
@@ -118,7 +118,7 @@ impl Op {
             }
             Op::FeedForward(x) => x.map_weights(&mut f),
             Op::MixtureOfExperts(m) => {
-                m.router = f(m.router);
+                m.router.map_weights(&mut f);
                 m.experts.iter_mut().for_each(|x| x.map_weights(&mut f));
                 if let Some(shared) = &mut m.shared_expert {
                     shared.ffn.map_weights(&mut f);
@@ -328,7 +328,7 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    fn map_weights(&mut self, f: &mut impl FnMut(WeightId) -> WeightId) {
+    pub(crate) fn map_weights(&mut self, f: &mut impl FnMut(WeightId) -> WeightId) {
         self.gate = f(self.gate);
         self.up = f(self.up);
         self.down = f(self.down);
@@ -370,8 +370,7 @@ impl Routing {
 /// `sum_e p_e * expert_e(x)` over the routed experts (+ the shared expert, if any).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MixtureOfExperts {
-    /// `[n_experts, hidden]`.
-    pub router: WeightId,
+    pub router: Router,
     pub experts: Vec<FeedForward>,
     pub routing: Routing,
     pub shared_expert: Option<SharedExpert>,

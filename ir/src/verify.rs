@@ -14,7 +14,7 @@
 
 use std::fmt;
 
-use crate::{Attention, FeedForward, Graph, NodeId, Op, WeightId, WeightTable};
+use crate::{Attention, FeedForward, Graph, NodeId, Op, Router, WeightId, WeightTable};
 
 /// One verifier finding.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,17 +101,47 @@ impl Checker<'_> {
     }
 
     fn ffn(&mut self, label: &str, f: &FeedForward, hidden: usize) -> Option<usize> {
+        self.swiglu(label, f, hidden, hidden)
+    }
+
+    /// A SwiGLU block from width `input` to width `output`; its own width if well-formed.
+    fn swiglu(
+        &mut self,
+        label: &str,
+        f: &FeedForward,
+        input: usize,
+        output: usize,
+    ) -> Option<usize> {
         let gate = self.dims(&format!("{label}gate"), f.gate)?;
-        if gate.len() != 2 || gate[1] != hidden {
+        if gate.len() != 2 || gate[1] != input {
             self.err(format!(
-                "{label}gate has shape {gate:?}, expected [ffn, {hidden}]"
+                "{label}gate has shape {gate:?}, expected [width, {input}]"
             ));
             return None;
         }
-        let ffn = gate[0];
-        let ok = self.shape(&format!("{label}up"), f.up, &[ffn, hidden])
-            & self.shape(&format!("{label}down"), f.down, &[hidden, ffn]);
-        ok.then_some(ffn)
+        let width = gate[0];
+        let ok = self.shape(&format!("{label}up"), f.up, &[width, input])
+            & self.shape(&format!("{label}down"), f.down, &[output, width]);
+        ok.then_some(width)
+    }
+
+    /// A router for `n` experts over `hidden`-wide states.
+    fn router(&mut self, r: &Router, n: usize, hidden: usize) -> bool {
+        match r {
+            Router::Rows(id) => self.shape("router", *id, &[n, hidden]),
+            Router::Projected(p) => match self.dims("router.domains", p.domains) {
+                Some(d) if d.len() == 2 && d[0] == n => self
+                    .swiglu("router.projection.", &p.projection, d[1], hidden)
+                    .is_some(),
+                Some(d) => {
+                    self.err(format!(
+                        "router.domains has shape {d:?}, expected [{n}, embed]: one domain embedding per expert"
+                    ));
+                    false
+                }
+                None => false,
+            },
+        }
     }
 }
 
@@ -305,7 +335,7 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
         Op::FeedForward(f) => c.ffn("", f, hidden).is_some(),
         Op::MixtureOfExperts(m) => {
             let n = m.experts.len();
-            let mut ok = c.shape("router", m.router, &[n, hidden]);
+            let mut ok = c.router(&m.router, n, hidden);
             ok &= check_routing(c, m.routing.top_k, n);
             let sizes: Vec<Option<usize>> = m
                 .experts

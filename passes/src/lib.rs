@@ -17,6 +17,7 @@ pub mod divergence;
 mod hyperparams;
 mod manager;
 mod merge;
+pub mod nexus;
 mod non_finite;
 mod parallel_attention;
 mod pass;

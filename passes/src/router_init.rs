@@ -14,6 +14,10 @@
 //!   states are mean-pooled over every token of the text (read in windows that each start
 //!   with BOS, the BOS position itself left out).
 //!
+//! - `Nexus` projects each expert's domain embedding through a small network per layer
+//!   (module `nexus`); its starting fit uses the same per-layer centroids as
+//!   `DomainCentroid`.
+//!
 //! Router rows of different experts that point almost the same way (cosine above
 //! [`COLLINEAR_COSINE`]) route almost identically; that is reported as a note.
 
@@ -58,6 +62,11 @@ pub enum RouterInit {
         #[serde(default)]
         window: Option<usize>,
     },
+    /// Nexus (Gritsch et al. 2024): router rows projected from the experts' domain
+    /// embeddings by a per-layer SwiGLU projection, so that an expert added later gets its
+    /// row from its domain's text alone (`AddExpert`). `texts` maps expert model names to
+    /// files, as for `DomainCentroid`. See [`crate::nexus`].
+    Nexus(crate::nexus::NexusRouter),
 }
 
 impl Default for RouterInit {
@@ -71,7 +80,7 @@ const COLLINEAR_COSINE: f32 = 0.95;
 
 /// How hidden states of one sequence are pooled over its positions.
 #[derive(Clone, Copy)]
-enum Pool {
+pub(crate) enum Pool {
     /// The last position only.
     Last,
     /// The mean over every position but the first (the BOS token).
@@ -79,12 +88,24 @@ enum Pool {
 }
 
 impl RouterInit {
+    /// The mode's name, as written in pipelines.
+    fn kind(&self) -> &'static str {
+        match self {
+            RouterInit::Random { .. } => "Random",
+            RouterInit::Zeros => "Zeros",
+            RouterInit::Hidden { .. } => "Hidden",
+            RouterInit::DomainCentroid { .. } => "DomainCentroid",
+            RouterInit::Nexus(_) => "Nexus",
+        }
+    }
+
     /// For activation modes, the model run: the one named, else `default_model`.
     pub fn model<'a>(&'a self, default_model: &'a str) -> Option<&'a str> {
         match self {
             RouterInit::Hidden { model, .. } | RouterInit::DomainCentroid { model, .. } => {
                 Some(model.as_deref().unwrap_or(default_model))
             }
+            RouterInit::Nexus(_) => Some(default_model),
             _ => None,
         }
     }
@@ -95,6 +116,9 @@ impl RouterInit {
         if let Some(router) = self.model(default_model) {
             models.push(router.to_string());
         }
+        if let RouterInit::Nexus(n) = self {
+            models.extend(n.embedder.clone());
+        }
         let mut seen = std::collections::HashSet::new();
         models.retain(|name| seen.insert(name.clone()));
         models
@@ -104,7 +128,7 @@ impl RouterInit {
     pub fn needs_runtime(&self) -> bool {
         matches!(
             self,
-            RouterInit::Hidden { .. } | RouterInit::DomainCentroid { .. }
+            RouterInit::Hidden { .. } | RouterInit::DomainCentroid { .. } | RouterInit::Nexus(_)
         )
     }
 
@@ -115,6 +139,11 @@ impl RouterInit {
             pass: pass.to_string(),
             message,
         };
+        if matches!(self, RouterInit::Nexus(_)) && pass != "Upcycle" {
+            return Err(invalid(
+                "a Nexus router projects FFN experts' domains: only Upcycle builds one".into(),
+            ));
+        }
         let (what, keys): (&str, Vec<&String>) = match self {
             RouterInit::Hidden {
                 prompts,
@@ -135,12 +164,14 @@ impl RouterInit {
                     prompts.keys().chain(negative_prompts.keys()).collect(),
                 )
             }
-            RouterInit::DomainCentroid { texts, .. } => {
+            RouterInit::DomainCentroid { texts, .. }
+            | RouterInit::Nexus(crate::nexus::NexusRouter { texts, .. }) => {
                 for e in experts {
                     if !texts.contains_key(e) {
                         return Err(invalid(format!(
-                            "router DomainCentroid: no text for expert `{e}` (texts are \
+                            "router {}: no text for expert `{e}` (texts are \
                              given for: {})",
+                            self.kind(),
                             names(texts.keys())
                         )));
                     }
@@ -181,6 +212,11 @@ impl RouterInit {
                 })
             }
             RouterInit::Zeros => vec![0.0; experts * hidden],
+            RouterInit::Nexus(_) => {
+                return Err(invalid(
+                    "Nexus routers are projected, not rows: only Upcycle builds them".into(),
+                ))
+            }
             RouterInit::Hidden { .. } | RouterInit::DomainCentroid { .. } => {
                 let model = self.model(default_model).unwrap_or("?");
                 let rows = computed.ok_or_else(|| {
@@ -240,7 +276,7 @@ impl RouterInit {
                     .ok_or_else(|| invalid(format!("model `{model}` has no decoder layer {l}")))
             })
             .collect::<Result<_, _>>()?;
-        let (bos, max_positions) = (g.meta.bos_token_id, g.meta.max_position_embeddings);
+        let bos = g.meta.bos_token_id;
         let Some(provider) = cx.runtimes.as_deref_mut() else {
             return Err(invalid(
                 "this router initialisation runs a model, but no runtime is available here".into(),
@@ -289,24 +325,18 @@ impl RouterInit {
                     max_tokens,
                     window,
                     ..
-                } => {
-                    let window = window.unwrap_or(max_positions.min(512)).max(2);
-                    let path = &texts[e];
-                    let text = std::fs::read_to_string(path)
-                        .map_err(|err| invalid(format!("reading {}: {err}", path.display())))?;
-                    let mut ids = provider.tokenize(m, model, &text).map_err(run_err)?;
-                    ids.truncate(max_tokens.unwrap_or(8192));
-                    if ids.is_empty() {
-                        return Err(invalid(format!("{} holds no tokens", path.display())));
-                    }
-                    let windows: Vec<Vec<u32>> = ids
-                        .chunks(window - 1)
-                        .map(|c| {
-                            let mut w: Vec<u32> = vec![bos.unwrap_or(c[0])];
-                            w.extend_from_slice(c);
-                            w
-                        })
-                        .collect();
+                }
+                | RouterInit::Nexus(crate::nexus::NexusRouter {
+                    texts,
+                    max_tokens,
+                    window,
+                    ..
+                }) => {
+                    let cut = Windows {
+                        max_tokens: *max_tokens,
+                        window: *window,
+                    };
+                    let windows = cut.read(&mut *provider, m, model, pass, &texts[e])?;
                     pooled(rt.as_mut(), &nodes, &windows, Pool::MeanAfterFirst).map_err(run_err)?
                 }
                 _ => return Err(invalid("only activation modes run a model".into())),
@@ -328,6 +358,57 @@ impl RouterInit {
             }
         }
         Ok(by_layer)
+    }
+}
+
+/// How a domain's text is read into windows for mean pooling.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Windows {
+    /// At most this many tokens of the text (default 8192).
+    pub max_tokens: Option<usize>,
+    /// Tokens per window, BOS included (default: the model's max positions, at most 512).
+    pub window: Option<usize>,
+}
+
+impl Windows {
+    /// The token windows of the text at `path` under `model`'s tokenizer, each starting
+    /// with its BOS token (or its first token when it has none). An unreadable or empty
+    /// text is an error naming the file.
+    pub fn read(
+        self,
+        provider: &mut dyn RuntimeProvider,
+        m: &Module,
+        model: &str,
+        pass: &str,
+        path: &std::path::Path,
+    ) -> Result<Vec<Vec<u32>>, PassError> {
+        let invalid = |message: String| PassError::Invalid {
+            pass: pass.to_string(),
+            message,
+        };
+        let g = graph(m, pass, model)?;
+        let (bos, max_positions) = (g.meta.bos_token_id, g.meta.max_position_embeddings);
+        let window = self.window.unwrap_or(max_positions.min(512)).max(2);
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| invalid(format!("reading {}: {err}", path.display())))?;
+        let mut ids = provider
+            .tokenize(m, model, &text)
+            .map_err(|e| invalid(format!("tokenizing {} for `{model}`: {e}", path.display())))?;
+        ids.truncate(self.max_tokens.unwrap_or(8192));
+        if ids.is_empty() {
+            return Err(invalid(format!(
+                "{} holds no tokens: a domain needs some text",
+                path.display()
+            )));
+        }
+        Ok(ids
+            .chunks(window - 1)
+            .map(|c| {
+                let mut w: Vec<u32> = vec![bos.unwrap_or(c[0])];
+                w.extend_from_slice(c);
+                w
+            })
+            .collect())
     }
 }
 
@@ -359,7 +440,7 @@ fn names<'a>(keys: impl Iterator<Item = &'a String>) -> String {
 
 /// For each decoder layer in order, the node whose output enters it: the input of the
 /// norm in front of its attention (or mixture of attention experts).
-fn layer_inputs(g: &Graph) -> Vec<String> {
+pub(crate) fn layer_inputs(g: &Graph) -> Vec<String> {
     let order = g.topo_order().unwrap_or_else(|_| g.node_ids());
     order
         .into_iter()
@@ -375,7 +456,7 @@ fn layer_inputs(g: &Graph) -> Vec<String> {
 /// Hidden states at each of `nodes`, pooled over positions per sequence, then averaged
 /// over sequences (each sequence counts once with `Last`; each token once with
 /// `MeanAfterFirst`): `[node][hidden]`. One forward pass per sequence.
-fn pooled(
+pub(crate) fn pooled(
     rt: &mut dyn Runtime,
     nodes: &[String],
     sequences: &[Vec<u32>],
@@ -422,7 +503,7 @@ fn pooled(
 }
 
 /// `v / max(|v|, 1e-8)`, as mergekit normalises.
-fn normalized(mut v: Vec<f32>) -> Vec<f32> {
+pub(crate) fn normalized(mut v: Vec<f32>) -> Vec<f32> {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-8);
     v.iter_mut().for_each(|x| *x /= norm);
     v

@@ -11,7 +11,8 @@
 //!
 //! Router initialisation (see [`RouterInit`]): `Random { seed, std }` rows, `Zeros`
 //! (uniform routing), or rows from the base model's hidden states on each expert's prompts
-//! (`Hidden`, mergekit-moe's hidden mode) or corpus (`DomainCentroid`).
+//! (`Hidden`, mergekit-moe's hidden mode) or corpus (`DomainCentroid`), or projected from
+//! embeddings of the experts' domains (`Nexus`, module [`crate::nexus`]).
 //!
 //! Fine-grained upcycling (`granularity: G`, He et al. 2024, "Upcycling Large Language
 //! Models into Mixture of Experts"): each expert FFN is split into G experts along the
@@ -29,15 +30,17 @@
 //! renormalised): the routing weights then sum to one over identical experts.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use upmix_ir::{
-    FeedForward, HostTensor, MixtureOfExperts, Module, Op, Routing, SharedExpert, Weight,
-    WeightExpr, WeightId,
+    DType, FeedForward, HostTensor, MixtureOfExperts, Module, Op, Router, Routing, SharedExpert,
+    Weight, WeightExpr, WeightId,
 };
 
 use crate::align::{align, combined_weights};
+use crate::nexus::{self, NexusRouter};
 use crate::pass::{graph, layer_range, weight_err, Pass, PassContext, PassError};
 use crate::router_init::RouterInit;
 
@@ -62,6 +65,9 @@ struct MoeLayerParts {
     computed: Option<Vec<Vec<f32>>>,
     shared: Option<usize>,
 }
+
+/// A Nexus router's domain embeddings: the weight and its values (`[experts][embed]`).
+type Domains = (WeightId, Vec<Vec<f32>>);
 
 /// Pipeline spec:
 /// `Upcycle(into: "moe", experts: ["code", "law", "math"], top_k: 2, router: Random(seed: 0, std: 0.02))`.
@@ -131,6 +137,10 @@ impl Pass for Upcycle {
             }
             false => HashMap::new(),
         };
+        let domains = match &self.router {
+            RouterInit::Nexus(nexus) => Some(self.domains(m, cx, nexus)?),
+            _ => None,
+        };
 
         // Align every model involved: experts, then base and shared expert.
         let mut models = self.experts.clone();
@@ -176,7 +186,7 @@ impl Pass for Upcycle {
                 computed: activation_rows.remove(&(index - 1)),
                 shared,
             };
-            moe.node_mut(node).op = self.moe_layer(m, &plan, &aligned, layer)?;
+            moe.node_mut(node).op = self.moe_layer(m, &plan, &aligned, layer, domains.as_ref())?;
         }
         m.insert(moe);
         Ok(vec![self.into.clone()])
@@ -273,6 +283,7 @@ impl Upcycle {
         plan: &Plan,
         aligned: &HashMap<WeightId, Vec<WeightId>>,
         layer: MoeLayerParts,
+        domains: Option<&Domains>,
     ) -> Result<Op, PassError> {
         let (n, g) = (self.experts.len(), plan.granularity);
         let MoeLayerParts {
@@ -293,11 +304,7 @@ impl Upcycle {
         }
         let gate = m.weights.get(ffn.gate).map_err(weight_err(self.name()))?;
         let ((_, hidden), dtype) = (self.matrix(gate)?, gate.dtype.plain());
-        // One row per model; repeated for its shards below.
-        let default_model = self.default_router_model();
-        let rows = self
-            .router
-            .rows(self.name(), (index, n, hidden), computed, default_model)?;
+        let router = self.router_of(m, plan, (index, &name, hidden, dtype), computed, domains)?;
         let mut add = |name: String, shape: Vec<usize>, expr| {
             m.weights
                 .add(Weight {
@@ -308,12 +315,6 @@ impl Upcycle {
                 })
                 .map_err(weight_err(self.name()))
         };
-        let mut router = add(format!("{name}.router"), vec![n, hidden], rows)?;
-        if g > 1 {
-            let repeat: Vec<u32> = (0..n * g).map(|e| (e / g) as u32).collect();
-            let rows = WeightExpr::Rows(router, repeat.into());
-            router = add(format!("{name}.router.grouped"), vec![n * g, hidden], rows)?;
-        }
         let shared_expert = match shared {
             None => None,
             Some(s) => {
@@ -332,6 +333,96 @@ impl Upcycle {
             routing: plan.routing,
             shared_expert,
         }))
+    }
+
+    /// The router of mixture layer `index` (node `name`), its weights stored as `dtype`:
+    /// one row (or, for Nexus, one domain) per model, repeated for its shards.
+    fn router_of(
+        &self,
+        m: &mut Module,
+        plan: &Plan,
+        (index, name, hidden, dtype): (usize, &str, usize, DType),
+        computed: Option<Vec<Vec<f32>>>,
+        domains: Option<&Domains>,
+    ) -> Result<Router, PassError> {
+        let (n, g) = (self.experts.len(), plan.granularity);
+        let repeat = || -> Arc<[u32]> { (0..n * g).map(|e| (e / g) as u32).collect() };
+        let mut add = |name: String, shape: Vec<usize>, expr| {
+            m.weights
+                .add(Weight {
+                    name,
+                    shape,
+                    dtype,
+                    expr,
+                })
+                .map_err(weight_err(self.name()))
+        };
+        if let (Some((domains, values)), RouterInit::Nexus(nexus)) = (domains, &self.router) {
+            let centroids = computed.ok_or_else(|| {
+                self.invalid(format!("no domain centroids for mixture layer {index}"))
+            })?;
+            let mut domains = *domains;
+            if g > 1 {
+                let embed = values[0].len();
+                let rows = WeightExpr::Rows(domains, repeat());
+                domains = add(format!("{name}.router.domains"), vec![n * g, embed], rows)?;
+            }
+            let width = nexus.width.unwrap_or(nexus::DEFAULT_WIDTH);
+            let seed = nexus.seed.unwrap_or(0).wrapping_add(index as u64);
+            let fit = nexus::fit(values, &centroids, width, seed);
+            let router = nexus::add_router(m, self.name(), (name, dtype), domains, fit)?;
+            return Ok(Router::Projected(router));
+        }
+        let default_model = self.default_router_model();
+        let rows = self
+            .router
+            .rows(self.name(), (index, n, hidden), computed, default_model)?;
+        let mut router = add(format!("{name}.router"), vec![n, hidden], rows)?;
+        if g > 1 {
+            let rows = WeightExpr::Rows(router, repeat());
+            router = add(format!("{name}.router.grouped"), vec![n * g, hidden], rows)?;
+        }
+        Ok(Router::Rows(router))
+    }
+
+    /// A Nexus router's domain embeddings, one per expert model, added to `m` as one
+    /// weight shared by every layer.
+    fn domains(
+        &self,
+        m: &mut Module,
+        cx: &mut PassContext,
+        nexus: &NexusRouter,
+    ) -> Result<Domains, PassError> {
+        if nexus.width == Some(0) {
+            return Err(self.invalid("router Nexus: width must be at least 1".into()));
+        }
+        let base = self.default_router_model();
+        let embedder = nexus.embedder.as_deref().unwrap_or(base);
+        let texts: Vec<PathBuf> = self
+            .experts
+            .iter()
+            .map(|e| nexus.texts[e].clone())
+            .collect();
+        let values = nexus::domain_embeddings(
+            m,
+            cx,
+            self.name(),
+            (embedder, base),
+            &texts,
+            nexus.windows(),
+        )?;
+        let (n, embed) = (values.len(), values[0].len());
+        let tensor = HostTensor::new(vec![n, embed], values.concat());
+        let id = m
+            .weights
+            .add(Weight {
+                name: format!("{}.router.domains", self.into),
+                shape: vec![n, embed],
+                dtype: DType::F32,
+                expr: WeightExpr::Literal(Arc::new(tensor)),
+            })
+            .map_err(weight_err(self.name()))?;
+        Ok((id, values))
     }
 
     /// The model activation router modes run when they name none.

@@ -293,3 +293,57 @@ pub fn run_fragment(fragment: &str, dir: &std::path::Path) -> Module {
         .unwrap()
         .0
 }
+
+/// Every tensor of a safetensors file: name, absolute file offset, dtype and bytes.
+pub fn raw_tensors(path: &std::path::Path) -> Vec<(String, usize, String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, info)| {
+            let [a, b] = [0, 1].map(|i| 8 + n + info["data_offsets"][i].as_u64().unwrap() as usize);
+            let dtype = info["dtype"].as_str().unwrap().to_string();
+            (name.clone(), a, dtype, bytes[a..b].to_vec())
+        })
+        .collect()
+}
+
+/// Checkpoint tensor name -> the weight read from it, matched by file offset.
+pub fn checkpoint_names(
+    m: &Module,
+    fixture: &str,
+) -> std::collections::HashMap<String, upmix::ir::WeightId> {
+    let mut by_offset = std::collections::HashMap::new();
+    for id in m.graphs[fixture].weight_ids() {
+        if let upmix::ir::WeightExpr::Source { offset, .. } = m.weights.get(id).unwrap().expr {
+            by_offset.insert(offset, id);
+        }
+    }
+    raw_tensors(&model_dir(fixture).join("model.safetensors"))
+        .into_iter()
+        .map(|(name, start, _, _)| {
+            let id = *by_offset
+                .get(&start)
+                .unwrap_or_else(|| panic!("no weight reads {name}"));
+            (name, id)
+        })
+        .collect()
+}
+
+pub fn f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String, Vec<f32>> {
+    raw_tensors(path)
+        .into_iter()
+        .map(|(name, _, dtype, bytes)| {
+            assert_eq!(dtype, "F32");
+            let values = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, values)
+        })
+        .collect()
+}

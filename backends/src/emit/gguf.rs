@@ -238,7 +238,8 @@ fn tensor_list(
                 }
             }
             Op::MixtureOfExperts(moe) => {
-                push(table, Role::Router, i, moe.router, None)?;
+                let router = super::router_rows(table, i, &moe.router)?;
+                push(table, Role::Router, i, router, None)?;
                 for k in 0..3 {
                     let parts: Vec<WeightId> = moe
                         .experts

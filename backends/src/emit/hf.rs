@@ -16,7 +16,8 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use upmix_formats::{hf, Family, Role};
 use upmix_ir::{
-    FeedForward, MixtureOfExperts, Module, Op, RopePairs, Weight, WeightExpr, WeightId, WeightTable,
+    FeedForward, MixtureOfExperts, Module, Op, RopePairs, Router, Weight, WeightExpr, WeightId,
+    WeightTable,
 };
 
 use super::hf_config::config_json;
@@ -546,7 +547,16 @@ fn tensor_list(
                 fused_experts(&mut t, i, moe, table, unsupported)?
             }
             Op::MixtureOfExperts(moe) => {
-                t.push(Role::Router, (i, 0), moe.router);
+                match &moe.router {
+                    Router::Projected(p) if family == Family::UpmixBam => {
+                        t.push(Role::RouterDomains, (i, 0), p.domains);
+                        t.ffn(Role::RouterProjection, (i, 0), &p.projection);
+                    }
+                    router => {
+                        let rows = super::router_rows(table, i, router)?;
+                        t.push(Role::Router, (i, 0), rows);
+                    }
+                }
                 for (e, f) in moe.experts.iter().enumerate() {
                     t.ffn(Role::Expert, (i, e), f);
                 }
@@ -597,7 +607,8 @@ fn fused_experts(
     unsupported: &dyn Fn(String) -> EmitError,
 ) -> Result<(), EmitError> {
     let router = hf::name(Family::Qwen2Moe, Role::Router, i, 0).expect("Qwen2-MoE has a router");
-    t.list.push((router, moe.router));
+    t.list
+        .push((router, super::router_rows(table, i, &moe.router)?));
     let [f, d] = table.get(moe.experts[0].gate)?.shape[..] else {
         return Err(unsupported(format!("layer {i}: experts are not 2-D")));
     };

@@ -225,7 +225,8 @@ pub(super) fn tensors(s: &Stack, t: &mut Names, table: &mut WeightTable) -> Resu
         let kv = b.stack(name(JETMOE_KV), vec![2 * q, d], vec![k, v])?;
         t.list.push((name(JETMOE_KV), kv));
         t.push(Role::FfnNorm, (i, 0), l.ffn_norm.expect("checked").weight);
-        t.push(Role::Router, (i, 0), moe.router);
+        let router = super::router_rows(b.table, i, &moe.router)?;
+        t.push(Role::Router, (i, 0), router);
         let gate_up = moe.experts.iter().flat_map(|x| [x.gate, x.up]).collect();
         let gate_up = b.stack(name(JETMOE_FFN_GATE_UP), vec![e, 2 * f, d], gate_up)?;
         t.list.push((name(JETMOE_FFN_GATE_UP), gate_up));
@@ -235,7 +236,7 @@ pub(super) fn tensors(s: &Stack, t: &mut Names, table: &mut WeightTable) -> Resu
         }
         let down = b.stack(name(JETMOE_FFN_DOWN), vec![e, d, f], downs)?;
         t.list.push((name(JETMOE_FFN_DOWN), down));
-        let bias = b.zeros(name(JETMOE_FFN_BIAS), d, moe.router)?;
+        let bias = b.zeros(name(JETMOE_FFN_BIAS), d, router)?;
         t.list.push((name(JETMOE_FFN_BIAS), bias));
     }
     let final_norm = match tied {

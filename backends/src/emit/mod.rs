@@ -21,7 +21,7 @@ pub use output::{write_dir_atomically, write_file_atomically, MANIFEST};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
-use upmix_ir::{Graph, Module, WeightExpr};
+use upmix_ir::{Graph, Module, Router, Weight, WeightExpr, WeightId, WeightTable};
 
 /// Errors while emitting a checkpoint.
 #[derive(Debug, Error)]
@@ -97,4 +97,26 @@ pub(crate) fn input_files(m: &Module, g: &Graph) -> Vec<PathBuf> {
     files.sort();
     files.dedup();
     files
+}
+
+/// The router matrix (`[experts, hidden]`) of a mixture in `layer`, for a format whose
+/// routers are plain matrices: a projected (Nexus) router's rows are computed once, stored
+/// in the projection's dtype and added to `table`.
+pub(crate) fn router_rows(
+    table: &mut WeightTable,
+    layer: usize,
+    router: &Router,
+) -> Result<WeightId, EmitError> {
+    let p = match router {
+        Router::Rows(id) => return Ok(*id),
+        Router::Projected(p) => p,
+    };
+    let rows = p.rows(table)?;
+    let dtype = table.get(p.projection.down)?.dtype;
+    Ok(table.add(Weight {
+        name: upmix_formats::canonical(upmix_formats::Role::Router, layer, 0),
+        shape: rows.shape.clone(),
+        dtype,
+        expr: WeightExpr::Literal(std::sync::Arc::new(rows)),
+    })?)
 }

@@ -54,7 +54,13 @@ impl<B: Kernels> MixtureOfAttentionLayer<B> {
             )?);
         }
         *cache_slots += if shared_kv { 1 } else { m.experts.len() };
-        let router = Router::new(params, weights, m.router, m.routing, m.experts.len())?;
+        let router = Router::new(
+            params,
+            weights,
+            &upmix_ir::Router::Rows(m.router),
+            m.routing,
+            m.experts.len(),
+        )?;
         Ok(MixtureOfAttentionLayer {
             router,
             experts,

@@ -61,7 +61,7 @@ impl MoeLayer {
             }),
         };
         Ok(MoeLayer {
-            router: Router::new(params, weights, m.router, m.routing, m.experts.len())?,
+            router: Router::new(params, weights, &m.router, m.routing, m.experts.len())?,
             experts: m
                 .experts
                 .iter()

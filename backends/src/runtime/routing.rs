@@ -3,20 +3,32 @@
 //! sum to one if the op says so), taken on the device with `topk_with_indices` (which
 //! autodiff can differentiate). Soft routing is top-k over every expert without
 //! renormalisation: the softmax itself.
+//!
+//! The logits are `x R^T` for router rows `R` (`[experts, hidden]`): a weight of their own,
+//! or (Nexus) projected from the experts' domain embeddings on every call, `R =
+//! projection(domains)`, so that training reaches the projection and an expert added
+//! later routes through the same projection.
 
 use super::kernels::Kernels;
 use burn_tensor::activation::softmax;
 use burn_tensor::{IndexingUpdateOp, Int, Tensor};
-use upmix_ir::{Routing, WeightId, WeightTable};
+use upmix_ir::{Routing, WeightTable};
 
-use super::layers::Projection;
-use super::params::Params;
+use super::layers::{Projection, SwiGlu};
+use super::params::{Form, Params, P};
 use crate::BackendError;
+
+/// Where a lowered router's rows come from.
+enum Rows {
+    /// `[hidden, experts]` (already transposed).
+    Plain(Projection),
+    /// `domains`: `[experts, embed]`, projected to `[experts, hidden]` on every call.
+    Projected { domains: P, projection: SwiGlu },
+}
 
 /// A lowered router.
 pub(crate) struct Router {
-    /// `[hidden, experts]` (already transposed).
-    proj: Projection,
+    rows: Rows,
     routing: Routing,
     experts: usize,
 }
@@ -25,15 +37,36 @@ impl Router {
     pub fn new<B: Kernels>(
         params: &mut Params<B>,
         weights: &WeightTable,
-        router: WeightId,
+        router: &upmix_ir::Router,
         routing: Routing,
         experts: usize,
     ) -> Result<Self, BackendError> {
+        let rows = match router {
+            upmix_ir::Router::Rows(id) => Rows::Plain(Projection::new(params, weights, *id, None)?),
+            upmix_ir::Router::Projected(p) => Rows::Projected {
+                domains: params.request(weights, p.domains, Form::Plain)?,
+                projection: SwiGlu::new(params, weights, &p.projection)?,
+            },
+        };
         Ok(Router {
-            proj: Projection::new(params, weights, router, None)?,
+            rows,
             routing,
             experts,
         })
+    }
+
+    /// The router logits of each row of `x`, `[rows, experts]`.
+    fn logits<B: Kernels>(&self, params: &Params<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.rows {
+            Rows::Plain(proj) => proj.forward(params, x),
+            Rows::Projected {
+                domains,
+                projection,
+            } => {
+                let rows = projection.forward(params, params.get(*domains));
+                x.matmul(rows.transpose())
+            }
+        }
     }
 
     pub fn top_k(&self) -> usize {
@@ -46,7 +79,7 @@ impl Router {
         params: &Params<B>,
         x: Tensor<B, 2>,
     ) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
-        let logits = self.proj.forward(params, x);
+        let logits = self.logits(params, x);
         params.record_router(&logits, self.routing.top_k);
         let probs = softmax(logits, 1);
         let (top, index) = probs.topk_with_indices(self.routing.top_k, 1);

@@ -230,12 +230,12 @@ impl HostModel {
                     normalize,
                     shared,
                 } => Op::MixtureOfExperts(MixtureOfExperts {
-                    router: lit(
+                    router: upmix_ir::Router::Rows(lit(
                         &mut m,
                         &format!("{p}.router"),
                         vec![experts.len(), h],
                         router,
-                    ),
+                    )),
                     experts: experts
                         .iter()
                         .enumerate()
