@@ -5,7 +5,8 @@
 # that upmix still writes exactly those bytes. Then upcycles two fixtures into a Mixtral
 # MoE and, with a shared expert, a Qwen2-MoE, and records transformers' logits for each
 # (tests/golden/emitted/upcycle_*.json, checked by tests/upcycle.rs), and BAM models
-# through upmix's remote-code module (bam_*.json). Last, SmolLM2 as
+# through upmix's remote-code module (bam_*.json), and a Mixtral with an added expert
+# (add_expert_mixtral.json). Last, SmolLM2 as
 # transformers 5 saves it goes through a Cast, and transformers checks what it needs of it.
 #
 # Usage: scripts/setup-fixture-env.sh && scripts/check-emitted.sh
@@ -95,6 +96,22 @@ Pipeline(
 RON
 "$upmix" run "$work/bam_jetmoe.ron"
 HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/bam_jetmoe" bam_jetmoe
+
+# A Mixtral read from disk gains a fifth expert from a dense branch of it
+# (tests/golden/models/mixtral_branch, scripts/make_nexus_goldens.py), its router row the
+# Mixtral's centroid on a new domain's text, and is written again as a Mixtral.
+cat > "$work/add_expert_mixtral.ron" <<RON
+Pipeline(
+    models: {
+        "mixtral": Hf("$PWD/tests/golden/models/mixtral"),
+        "branch": Hf("$PWD/tests/golden/models/mixtral_branch"),
+    },
+    passes: [ AddExpert(into: "moe", model: "mixtral", expert: "branch", text: "$PWD/tests/golden/nexus/domain.txt") ],
+    emit: [ Hf(model: "moe", dir: "$work/out/add_expert_mixtral") ],
+)
+RON
+"$upmix" run "$work/add_expert_mixtral.ron"
+HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/add_expert_mixtral" add_expert_mixtral
 
 # SmolLM2 as transformers 5 saves it (tests/golden/smollm2_hf plus the weights that
 # scripts/fetch-models.sh converted), through a bf16 Cast: transformers checks that the

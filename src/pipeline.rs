@@ -299,8 +299,15 @@ pub fn run(p: &Pipeline, base: &Path, opts: &RunOptions) -> Result<(Module, Stri
             PassSpec::Bam(b) => Some(&mut b.router),
             _ => None,
         };
-        if let Some(RouterInit::DomainCentroid { texts, .. }) = router {
+        if let Some(
+            RouterInit::DomainCentroid { texts, .. }
+            | RouterInit::Nexus(upmix_passes::nexus::NexusRouter { texts, .. }),
+        ) = router
+        {
             texts.values_mut().for_each(|t| *t = resolve(t));
+        }
+        if let PassSpec::AddExpert(a) = &mut spec {
+            a.text = resolve(&a.text);
         }
         let method = match &mut spec {
             PassSpec::Prune(p) => Some(&mut p.method),

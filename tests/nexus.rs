@@ -11,7 +11,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::{
-    checkpoint_names, device, f32_tensors, golden, golden_dir, ids, load, safetensors_f32,
+    checkpoint_names, device, f32_tensors, golden, golden_dir, ids, load, run_pipeline,
+    safetensors_f32,
 };
 use upmix::backends::{load_runtime, load_training_runtime};
 use upmix::ir::{FeedForward, Module, Op, ProjectedRouter, Router, RouterLosses, WeightId};
@@ -30,15 +31,14 @@ fn projected_mixtral() -> (Module, HashMap<String, WeightId>) {
         names.insert(name, id);
         id
     };
-    let g = m.graphs.get_mut("mixtral").unwrap();
-    let mut layer = 0;
+    let g = &m.graphs["mixtral"];
     let moes: Vec<_> = g
         .node_ids()
         .into_iter()
         .filter(|&n| matches!(g.node(n).op, Op::MixtureOfExperts(_)))
         .collect();
     let mut routers = Vec::new();
-    for _ in &moes {
+    for layer in 0..moes.len() {
         let p = format!("model.layers.{layer}.mlp.router");
         routers.push(Router::Projected(ProjectedRouter {
             domains: add(&mut m, format!("{p}.domains")),
@@ -48,7 +48,6 @@ fn projected_mixtral() -> (Module, HashMap<String, WeightId>) {
                 down: add(&mut m, format!("{p}.down_proj.weight")),
             },
         }));
-        layer += 1;
     }
     let g = m.graphs.get_mut("mixtral").unwrap();
     for (n, router) in moes.into_iter().zip(routers) {
@@ -131,5 +130,130 @@ fn projected_router_gradients_match_pytorch() {
             "{tensor}: an all-zero golden gradient checks nothing"
         );
         assert!(worst <= 1e-4, "{tensor}: {worst}");
+    }
+}
+
+const TOKENS: [u32; 8] = [5, 17, 42, 99, 3, 250, 7, 64];
+
+fn logits(m: &Module, graph: &str) -> upmix::ir::HostTensor {
+    load_runtime(m, graph, &device())
+        .unwrap()
+        .logits(&TOKENS)
+        .unwrap()
+}
+
+/// A pipeline over the fixture llama (as `llama`, `llama_b` and `mixtral`, `branch`)
+/// with `passes`, and three domain texts in `dir` (`a.txt`, `b.txt`, `c.txt`).
+fn pipeline(dir: &std::path::Path, passes: &str) -> Result<(Module, String), String> {
+    for (name, text) in [
+        ("a.txt", "fn main() { let x = 1; println!(\"{x}\"); }\n"),
+        (
+            "b.txt",
+            "The licensee shall indemnify the licensor against all claims.\n",
+        ),
+        (
+            "c.txt",
+            "The integral of x squared from zero to one is one third.\n",
+        ),
+    ] {
+        std::fs::write(dir.join(name), text.repeat(20)).unwrap();
+    }
+    let model = |name: &str| format!("{:?}", common::model_dir(name).display().to_string());
+    let text = format!(
+        "Pipeline(models: {{ \"llama\": Hf({}), \"llama_b\": Hf({}), \"mixtral\": Hf({}), \
+         \"branch\": Hf({}) }}, passes: [{passes}])",
+        model("llama"),
+        model("llama_b"),
+        model("mixtral"),
+        model("mixtral_branch"),
+    );
+    run_pipeline(&text, dir)
+}
+
+fn moe_experts(m: &Module, graph: &str) -> Vec<usize> {
+    let g = &m.graphs[graph];
+    g.node_ids()
+        .into_iter()
+        .filter_map(|n| match &g.node(n).op {
+            Op::MixtureOfExperts(x) => Some(x.experts.len()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Adding a copy of the experts to an MoE of copies (uniform routing: zero rows) keeps
+/// the dense model's logits, whatever the new row: the renormalised top-k weights sum to
+/// one over equal experts.
+#[test]
+fn adding_a_copy_to_an_moe_of_copies_preserves_the_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = pipeline(
+        dir.path(),
+        r#"Upcycle(into: "moe", experts: ["llama", "llama", "llama"], top_k: 2, router: Zeros),
+           AddExpert(into: "centroid", model: "moe", expert: "llama", text: "a.txt"),
+           AddExpert(into: "random", model: "moe", expert: "llama", text: "a.txt",
+                     router: Random(seed: 3, std: 1.0)),"#,
+    )
+    .unwrap();
+    let dense = logits(&m, "llama");
+    for graph in ["moe", "centroid", "random"] {
+        let diff = dense.max_abs_diff(&logits(&m, graph));
+        println!("{graph}: max |logit diff| {diff:.2e}");
+        assert!(diff <= 1e-5, "{graph}: {diff}");
+    }
+    assert_eq!(moe_experts(&m, "centroid"), [4, 4]);
+    assert_eq!(moe_experts(&m, "random"), [4, 4]);
+}
+
+/// The same through a Nexus router: an MoE of copies with a projected router and a
+/// shared expert is unchanged by one more copy whose row is projected.
+#[test]
+fn adding_a_copy_through_a_nexus_projection_preserves_the_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = pipeline(
+        dir.path(),
+        r#"Upcycle(into: "moe", experts: ["llama", "llama"], top_k: 1, shared_expert: "llama",
+                   router: Nexus(texts: { "llama": "a.txt" }, width: 8)),
+           AddExpert(into: "more", model: "moe", expert: "llama", text: "c.txt",
+                     router: Projection(embedder: "llama")),"#,
+    )
+    .unwrap();
+    let diff = logits(&m, "moe").max_abs_diff(&logits(&m, "more"));
+    println!("max |logit diff| {diff:.2e}");
+    assert!(diff <= 1e-5, "{diff}");
+    assert_eq!(moe_experts(&m, "more"), [3, 3]);
+}
+
+/// A Mixtral read from disk gains a fifth expert from its dense branch (router row: the
+/// Mixtral's centroid on the new domain's text) and is written as a Mixtral again:
+/// the bytes transformers loaded (scripts/check-emitted.sh), and transformers' logits on
+/// them, which route tokens to the new expert.
+#[test]
+fn a_mixtral_from_disk_with_an_added_expert_matches_transformers() {
+    let golden = golden("emitted/add_expert_mixtral.json");
+    assert_eq!(golden["architecture"], "MixtralForCausalLM");
+    let dir = tempfile::tempdir().unwrap();
+    let text = golden_dir().join("nexus/domain.txt");
+    let out = dir.path().join("out");
+    let passes = format!(
+        "AddExpert(into: \"moe\", model: \"mixtral\", expert: \"branch\", text: {:?})],
+         emit: [Hf(model: \"moe\", dir: {:?})",
+        text.display().to_string(),
+        out.display().to_string()
+    );
+    let (m, _) = pipeline(dir.path(), &passes).unwrap();
+    assert_eq!(moe_experts(&m, "moe"), [5, 5]);
+    common::assert_same_files(&golden["files"], &out);
+    let input = ids(&golden["input_ids"]);
+    let mut back = Module::new();
+    upmix::frontend::load(&out, "moe", &mut back).unwrap();
+    for (what, module) in [("in memory", &m), ("read back", &back)] {
+        let got = load_runtime(module, "moe", &device())
+            .unwrap()
+            .logits(&input)
+            .unwrap();
+        let diff = common::golden_logit_diff(&golden["logits"], &got);
+        println!("{what}: max |logit diff| against transformers {diff:.2e}");
+        assert!(diff <= common::tolerance().tiny_logits, "{what}: {diff}");
     }
 }

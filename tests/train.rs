@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use common::{
     checkpoint_names, device, f32_tensors, golden, golden_dir, ids, load, model_dir, raw_tensors,
-    repo_root,
+    repo_root, run_pipeline,
 };
 use upmix::backends::{load_training_runtime, training_runtime};
 use upmix::ir::{LossGradients, RouterLosses, TrainingRuntime};
@@ -244,12 +244,6 @@ fn adamw_steps_match_pytorch() {
         Some("block_sparse_moe.gate"),
         "mixtral_adamw3_router_only.safetensors",
     );
-}
-
-fn run_pipeline(text: &str, dir: &std::path::Path) -> Result<(Module, String), String> {
-    let p = upmix::pipeline::Pipeline::parse(text, std::path::Path::new("train.ron"))
-        .map_err(|e| format!("{e:#}"))?;
-    upmix::pipeline::run(&p, dir, &Default::default()).map_err(|e| format!("{e:#}"))
 }
 
 /// Raw bytes of every tensor of a safetensors file, by name.

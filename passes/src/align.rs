@@ -144,7 +144,7 @@ pub(crate) fn combined_weights(
 }
 
 /// Equal ops up to the identity of their weights.
-fn same_settings(a: &Op, b: &Op) -> bool {
+pub(crate) fn same_settings(a: &Op, b: &Op) -> bool {
     let strip = |op: &Op| {
         let mut op = op.clone();
         op.map_weights(|_| WeightId(0));

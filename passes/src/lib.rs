@@ -7,6 +7,7 @@
 //! this crate never depends on a tensor backend.
 
 pub mod adamw;
+mod add_expert;
 mod align;
 mod attention_experts;
 mod bam;
@@ -33,6 +34,7 @@ mod train_data;
 mod upcycle;
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use add_expert::{AddExpert, NewRow};
 pub use attention_experts::{AttentionExperts, AttentionRouting};
 pub use bam::{Bam, KvSource};
 pub use cast::Cast;

@@ -118,7 +118,7 @@ pub(crate) fn domain_embeddings(
         let sequences = windows.read(&mut *provider, m, reader, pass, path)?;
         let mut v = pooled(
             rt.as_mut(),
-            &[node.clone()],
+            std::slice::from_ref(&node),
             &sequences,
             Pool::MeanAfterFirst,
         )
@@ -245,15 +245,15 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
             .unwrap_or(col);
         a.swap(col, pivot);
         b.swap(col, pivot);
-        let p = a[col][col];
+        let (pivot_a, pivot_b) = (a[col].clone(), b[col].clone());
         for row in col + 1..n {
-            let f = a[row][col] / p;
-            for k in col..n {
-                a[row][k] -= f * a[col][k];
-            }
-            for k in 0..b[row].len() {
-                b[row][k] -= f * b[col][k];
-            }
+            let f = a[row][col] / pivot_a[col];
+            let a_row = a[row].iter_mut().zip(&pivot_a).skip(col);
+            a_row.for_each(|(x, y)| *x -= f * y);
+            b[row]
+                .iter_mut()
+                .zip(&pivot_b)
+                .for_each(|(x, y)| *x -= f * y);
         }
     }
     for col in (0..n).rev() {

@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use crate::pass::{Pass, PassError};
 use crate::{
-    AttentionExperts, Bam, Cast, Merge, ParallelAttention, Plan, Prune, Quantize, ShareKv, Train,
-    Upcycle,
+    AddExpert, AttentionExperts, Bam, Cast, Merge, ParallelAttention, Plan, Prune, Quantize,
+    ShareKv, Train, Upcycle,
 };
 
 /// One pass as written in a pipeline file.
@@ -18,6 +18,7 @@ pub enum PassSpec {
     Cast(Cast),
     Merge(Merge),
     Upcycle(Upcycle),
+    AddExpert(AddExpert),
     AttentionExperts(AttentionExperts),
     ShareKv(ShareKv),
     ParallelAttention(ParallelAttention),
@@ -35,6 +36,7 @@ impl PassSpec {
             PassSpec::Cast(p) => Box::new(p),
             PassSpec::Merge(p) => Box::new(p),
             PassSpec::Upcycle(p) => Box::new(p),
+            PassSpec::AddExpert(p) => Box::new(p),
             PassSpec::AttentionExperts(p) => Box::new(p),
             PassSpec::ShareKv(p) => Box::new(p),
             PassSpec::ParallelAttention(p) => Box::new(p),
@@ -66,6 +68,10 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "Upcycle",
         doc: "dense models into a mixture of experts: each model's FFN becomes an expert (BTX / sparse upcycling)",
+    },
+    PassInfo {
+        name: "AddExpert",
+        doc: "one more expert for a mixture of experts, from a dense model trained on a new domain (Nexus)",
     },
     PassInfo {
         name: "AttentionExperts",

@@ -347,3 +347,11 @@ pub fn f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String, 
         })
         .collect()
 }
+
+/// Runs pipeline `text` (relative paths against `dir`); the module and report, or the
+/// error with its causes.
+pub fn run_pipeline(text: &str, dir: &std::path::Path) -> Result<(Module, String), String> {
+    let p = upmix::pipeline::Pipeline::parse(text, std::path::Path::new("train.ron"))
+        .map_err(|e| format!("{e:#}"))?;
+    upmix::pipeline::run(&p, dir, &Default::default()).map_err(|e| format!("{e:#}"))
+}
