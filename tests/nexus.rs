@@ -257,3 +257,122 @@ fn a_mixtral_from_disk_with_an_added_expert_matches_transformers() {
         assert!(diff <= common::tolerance().tiny_logits, "{what}: {diff}");
     }
 }
+
+/// Runs pass `name` with pipeline arguments `args` over `m`; its error as text.
+fn run_spec(m: &mut Module, name: &str, args: &str) -> Result<(), String> {
+    let mut pm = upmix::passes::PassManager::new();
+    pm.add(upmix::passes::create(name, args).map_err(|e| e.to_string())?);
+    pm.run(m, &mut upmix::passes::PassContext::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// An embedder without a tokenizer whose vocabulary is not the experts' cannot read the
+/// texts: refused before anything runs, by Upcycle and AddExpert alike.
+#[test]
+fn an_embedder_of_another_vocabulary_without_a_tokenizer_is_refused() {
+    let mut m = common::load_all(&[("llama", "llama"), ("llama_b", "llama_b")]);
+    let upcycle = r#"(into: "moe", experts: ["llama", "llama_b"], top_k: 1)"#;
+    run_spec(&mut m, "Upcycle", upcycle).unwrap();
+    let mut other = m.graphs["llama_b"].clone();
+    other.name = "other".into();
+    other.meta.tokenizer = None;
+    other.meta.vocab_size = 512;
+    m.insert(other);
+    let nexus = r#"(into: "nexus", experts: ["llama", "llama_b"], top_k: 1,
+        router: Nexus(texts: { "llama": "a.txt", "llama_b": "b.txt" }, embedder: "other"))"#;
+    let add = r#"(into: "more", model: "moe", expert: "llama", text: "a.txt", keep_moe: true,
+        router: Projection(embedder: "other"))"#;
+    for err in [
+        run_spec(&mut m, "Upcycle", nexus).unwrap_err(),
+        run_spec(&mut m, "AddExpert", add).unwrap_err(),
+    ] {
+        println!("{err}");
+        assert!(err.contains("embedder `other` has no tokenizer"), "{err}");
+        assert!(err.contains("512 tokens where `"), "{err}");
+        assert!(err.contains("` has 256"), "{err}");
+    }
+    // The same embedder with the experts' vocabulary reads the texts with their tokenizer.
+    m.graphs.get_mut("other").unwrap().meta.vocab_size = 256;
+    let err = run_spec(&mut m, "Upcycle", nexus).unwrap_err();
+    assert!(!err.contains("tokenizer"), "{err}");
+}
+
+/// Bad requests name what is wrong: a model of another architecture, an empty text, an
+/// MoE as the new expert, a dense model to extend, a branch trained beyond its FFNs, a
+/// projection asked of plain rows.
+#[test]
+fn bad_add_expert_requests_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty.txt"), "").unwrap();
+    let moe = r#"Upcycle(into: "moe", experts: ["llama", "llama_b"], top_k: 1),"#;
+    let cases = [
+        (
+            r#"AddExpert(into: "x", model: "mixtral", expert: "llama", text: "a.txt")"#.to_string(),
+            vec![
+                "`llama` is another architecture",
+                "rope_theta=10000,",
+                "rope_theta=1000000",
+            ],
+        ),
+        (
+            r#"AddExpert(into: "x", model: "mixtral", expert: "branch", text: "empty.txt")"#.into(),
+            vec!["empty.txt holds no tokens"],
+        ),
+        (
+            r#"Upcycle(into: "x", experts: ["llama", "llama_b"], top_k: 1,
+                router: Nexus(texts: { "llama": "a.txt", "llama_b": "empty.txt" }))"#
+                .into(),
+            vec!["empty.txt holds no tokens"],
+        ),
+        (
+            r#"AddExpert(into: "x", model: "mixtral", expert: "mixtral", text: "a.txt")"#.into(),
+            vec!["`mixtral` is itself a mixture of experts"],
+        ),
+        (
+            r#"AddExpert(into: "x", model: "llama", expert: "llama_b", text: "a.txt")"#.into(),
+            vec!["`llama` has no mixture of experts"],
+        ),
+        (
+            format!(r#"{moe} AddExpert(into: "x", model: "moe", expert: "llama", text: "a.txt")"#),
+            vec!["of `llama` differs from the MoE `moe`'s", "keep_moe: true"],
+        ),
+        (
+            r#"AddExpert(into: "x", model: "mixtral", expert: "branch", text: "a.txt",
+                router: Projection(embedder: "branch"))"#
+                .into(),
+            vec!["`mixtral` routes by plain rows"],
+        ),
+    ];
+    for (passes, wanted) in cases {
+        let err = pipeline(dir.path(), &passes).unwrap_err();
+        println!("{err}\n");
+        for w in wanted {
+            assert!(err.contains(w), "`{w}` not in: {err}");
+        }
+    }
+}
+
+/// `keep_moe` adds a branch whose other parameters differ, keeping the MoE's.
+#[test]
+fn keep_moe_adds_a_branch_trained_beyond_its_ffns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = pipeline(
+        dir.path(),
+        r#"Upcycle(into: "moe", experts: ["llama", "llama_b"], top_k: 1),
+           AddExpert(into: "x", model: "moe", expert: "llama", text: "a.txt", keep_moe: true)"#,
+    )
+    .unwrap();
+    assert_eq!(moe_experts(&m, "x"), [3, 3]);
+    let (moe, x) = (&m.graphs["moe"], &m.graphs["x"]);
+    let attention = |g: &upmix::ir::Graph| {
+        g.node_ids()
+            .into_iter()
+            .find_map(|n| match &g.node(n).op {
+                Op::Attention(a) => Some(a.q),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(attention(moe), attention(x), "the MoE's attention is kept");
+}

@@ -32,7 +32,7 @@ use upmix_ir::{
     WeightId,
 };
 
-use crate::align::same_settings;
+use crate::align::{same_settings, settings};
 use crate::hyperparams::{first_difference, Hyperparams};
 use crate::nexus;
 use crate::pass::{graph, weight_err, Pass, PassContext, PassError};
@@ -109,6 +109,9 @@ impl Pass for AddExpert {
             return Err(self.invalid(format!("a model named `{}` already exists", self.into)));
         }
         let slots = self.slots(m)?;
+        if let NewRow::Projection { embedder } = &self.router {
+            nexus::tokenizer_model(m, self.name(), embedder, &self.model)?;
+        }
         let rows = self.new_rows(m, cx, &slots)?;
         let mut moe = graph(m, self.name(), &self.model)?.clone();
         moe.name = self.into.clone();
@@ -218,8 +221,9 @@ impl AddExpert {
                 dense_nodes.len()
             )));
         }
-        let tolerance = self.tolerance.unwrap_or(DEFAULT_TOLERANCE);
         let mut slots = Vec::new();
+        // The other parameters: (node, field, the MoE's, the dense model's).
+        let mut others = Vec::new();
         let mut layer = 0;
         for (&a, &b) in moe_nodes.iter().zip(&dense_nodes) {
             let (na, nb) = (moe.node(a), dense.node(b));
@@ -234,28 +238,58 @@ impl AddExpert {
                 }
                 (Op::FeedForward(_), Op::FeedForward(_)) => layer += 1,
                 (x, y) if same_settings(x, y) => {
-                    for ((label, wa), (_, wb)) in x.weights().iter().zip(y.weights()) {
-                        self.compare(m, (&na.name, label), (*wa, wb), tolerance)?;
+                    for ((label, wa), (_, wb)) in x.weights().into_iter().zip(y.weights()) {
+                        self.same_shape(m, (&na.name, &label), (wa, wb))?;
+                        others.push((na.name.clone(), label, wa, wb));
                     }
                 }
                 (x, y) => {
                     return Err(self.mismatch(format!(
-                        "node `{}` of `{}` is {}, node `{}` of `{}` is {}: another architecture",
+                        "`{}` is another architecture: node `{}` of `{}` is {}, node `{}` of \
+                         `{}` is {}",
+                        self.expert,
                         na.name,
                         self.model,
-                        x.kind(),
+                        settings(x),
                         nb.name,
                         self.expert,
-                        y.kind()
+                        settings(y)
                     )))
                 }
             }
         }
+        let tolerance = self.tolerance.unwrap_or(DEFAULT_TOLERANCE);
+        for (node, label, a, b) in others {
+            self.agree(m, (&node, &label), (a, b), tolerance)?;
+        }
         Ok(slots)
     }
 
-    /// Checks that tensor `label` of node `node` agrees in both models.
-    fn compare(
+    /// Checks that tensor `label` of node `node` has one shape in both models.
+    fn same_shape(
+        &self,
+        m: &Module,
+        (node, label): (&str, &str),
+        (a, b): (WeightId, WeightId),
+    ) -> Result<(), PassError> {
+        let err = weight_err(self.name());
+        let (wa, wb) = (
+            m.weights.get(a).map_err(&err)?,
+            m.weights.get(b).map_err(&err)?,
+        );
+        if wa.shape == wb.shape {
+            return Ok(());
+        }
+        Err(self.mismatch(format!(
+            "`{}` is another architecture: `{node}.{label}` has shape {:?} in `{}` but {:?} \
+             in `{}`",
+            self.expert, wa.shape, self.model, wb.shape, self.expert
+        )))
+    }
+
+    /// Checks that tensor `label` of node `node` has the same values in both models,
+    /// within `tolerance` (unless `keep_moe`).
+    fn agree(
         &self,
         m: &Module,
         (node, label): (&str, &str),
@@ -263,16 +297,6 @@ impl AddExpert {
         tolerance: f32,
     ) -> Result<(), PassError> {
         let err = weight_err(self.name());
-        let (wa, wb) = (
-            m.weights.get(a).map_err(&err)?,
-            m.weights.get(b).map_err(&err)?,
-        );
-        if wa.shape != wb.shape {
-            return Err(self.mismatch(format!(
-                "`{node}.{label}` has shape {:?} in `{}` but {:?} in `{}`: another architecture",
-                wa.shape, self.model, wb.shape, self.expert
-            )));
-        }
         if a == b || self.keep_moe {
             return Ok(());
         }

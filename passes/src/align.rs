@@ -154,7 +154,7 @@ pub(crate) fn same_settings(a: &Op, b: &Op) -> bool {
 }
 
 /// An op's kind and settings (not its weights), for mismatch messages.
-fn settings(op: &Op) -> String {
+pub(crate) fn settings(op: &Op) -> String {
     match op {
         Op::Attention(a) => format!(
             "Attention(heads={}, kv_heads={}, head_dim={}, {}, window={:?}, bias={}, qk_norm={})",

@@ -131,7 +131,7 @@ pub(crate) fn domain_embeddings(
 /// The model whose tokenizer reads texts for `embedder`: its own; else, when it has the
 /// vocabulary of `experts`, theirs. An embedder of another vocabulary without a
 /// tokenizer is an error: its token ids would mean nothing.
-fn tokenizer_model<'a>(
+pub(crate) fn tokenizer_model<'a>(
     m: &'a Module,
     pass: &str,
     embedder: &'a str,

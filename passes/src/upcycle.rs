@@ -246,6 +246,11 @@ impl Upcycle {
         }
         let layers = layer_range(self.name(), self.layers.as_deref())?;
         self.router.check(self.name(), &self.experts)?;
+        if let RouterInit::Nexus(nexus) = &self.router {
+            let base = self.default_router_model();
+            let embedder = nexus.embedder.as_deref().unwrap_or(base);
+            nexus::tokenizer_model(m, self.name(), embedder, base)?;
+        }
         let others = self.base.iter().chain(&self.shared_expert);
         for name in self.experts.iter().chain(others) {
             graph(m, self.name(), name)?;
