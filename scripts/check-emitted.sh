@@ -5,8 +5,8 @@
 # that upmix still writes exactly those bytes. Then upcycles two fixtures into a Mixtral
 # MoE and, with a shared expert, a Qwen2-MoE, and records transformers' logits for each
 # (tests/golden/emitted/upcycle_*.json, checked by tests/upcycle.rs), and BAM models
-# through upmix's remote-code module (bam_*.json), and a Mixtral with an added expert
-# (add_expert_mixtral.json). Last, SmolLM2 as
+# through upmix's remote-code module (bam_*.json), a Mixtral with an added expert
+# (add_expert_mixtral.json) and a Nexus MoE in upmix's layout and as Qwen2-MoE (nexus_*.json). Last, SmolLM2 as
 # transformers 5 saves it goes through a Cast, and transformers checks what it needs of it.
 #
 # Usage: scripts/setup-fixture-env.sh && scripts/check-emitted.sh
@@ -112,6 +112,27 @@ Pipeline(
 RON
 "$upmix" run "$work/add_expert_mixtral.ron"
 HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/add_expert_mixtral" add_expert_mixtral
+
+# A Nexus MoE (router projected from the domains' embeddings, the first model's FFN as a
+# shared expert) in upmix's layout, run by its remote code, and as a plain Qwen2-MoE with
+# the router rows written out.
+cat > "$work/nexus.ron" <<RON
+Pipeline(
+    models: {
+        "a": Hf("$PWD/tests/golden/models/llama"),
+        "b": Hf("$PWD/tests/golden/models/llama_b"),
+    },
+    passes: [ Upcycle(into: "moe", experts: ["a", "b"], top_k: 1, shared_expert: "a",
+                      router: Nexus(texts: { "a": "$PWD/tests/golden/nexus/code.txt", "b": "$PWD/tests/golden/nexus/domain.txt" }, width: 16)) ],
+    emit: [
+        Hf(model: "moe", dir: "$work/out/nexus_upmix"),
+        Hf(model: "moe", dir: "$work/out/nexus_qwen2_moe", architecture: "Qwen2MoeForCausalLM"),
+    ],
+)
+RON
+"$upmix" run "$work/nexus.ron"
+HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-bam "$work/out/nexus_upmix" nexus_upmix
+HF_HUB_OFFLINE=1 "$venv/bin/python" scripts/make_fixtures.py record-emitted "$work/out/nexus_qwen2_moe" nexus_qwen2_moe
 
 # SmolLM2 as transformers 5 saves it (tests/golden/smollm2_hf plus the weights that
 # scripts/fetch-models.sh converted), through a bf16 Cast: transformers checks that the

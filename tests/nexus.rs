@@ -376,3 +376,59 @@ fn keep_moe_adds_a_branch_trained_beyond_its_ffns() {
     };
     assert_eq!(attention(moe), attention(x), "the MoE's attention is kept");
 }
+
+/// A Nexus MoE as scripts/check-emitted.sh makes it: upmix's layout keeps the projected
+/// router (run by upmix's remote code in transformers), and a Qwen2-MoE export writes its
+/// rows. Both give transformers' logits on the bytes transformers loaded, and both read
+/// back into upmix with the same logits.
+#[test]
+fn a_nexus_moe_is_written_in_upmix_layout_and_as_qwen2_moe() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |name: &str| format!("{:?}", golden_dir().join(name).display().to_string());
+    let out = |name: &str| dir.path().join(name);
+    let passes = format!(
+        "Upcycle(into: \"moe\", experts: [\"llama\", \"llama_b\"], top_k: 1, shared_expert: \
+         \"llama\", router: Nexus(texts: {{ \"llama\": {}, \"llama_b\": {} }}, width: 16))],
+         emit: [Hf(model: \"moe\", dir: {:?}),
+                Hf(model: \"moe\", dir: {:?}, architecture: \"Qwen2MoeForCausalLM\")",
+        text("nexus/code.txt"),
+        text("nexus/domain.txt"),
+        out("upmix").display().to_string(),
+        out("qwen2_moe").display().to_string(),
+    );
+    let (m, _) = pipeline(dir.path(), &passes).unwrap();
+    let mixture = m.graphs["moe"]
+        .node_ids()
+        .into_iter()
+        .find_map(|n| match &m.graphs["moe"].node(n).op {
+            Op::MixtureOfExperts(x) => Some(x.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(matches!(mixture.router, Router::Projected(_)));
+    assert!(mixture.shared_expert.is_some());
+    for (name, dir) in [("nexus_upmix", "upmix"), ("nexus_qwen2_moe", "qwen2_moe")] {
+        let golden = golden(&format!("emitted/{name}.json"));
+        common::assert_same_files(&golden["files"], &out(dir));
+        let input = ids(&golden["input_ids"]);
+        let mut back = Module::new();
+        upmix::frontend::load(&out(dir), "moe", &mut back).unwrap();
+        let projected = back.graphs["moe"].node_ids().into_iter().any(|n| {
+            matches!(&back.graphs["moe"].node(n).op,
+                Op::MixtureOfExperts(x) if matches!(x.router, Router::Projected(_)))
+        });
+        assert_eq!(projected, dir == "upmix", "{name}: the router read back");
+        for (what, module) in [("in memory", &m), ("read back", &back)] {
+            let got = load_runtime(module, "moe", &device())
+                .unwrap()
+                .logits(&input)
+                .unwrap();
+            let diff = common::golden_logit_diff(&golden["logits"], &got);
+            println!("{name} {what}: max |logit diff| against transformers {diff:.2e}");
+            assert!(
+                diff <= common::tolerance().tiny_logits,
+                "{name} {what}: {diff}"
+            );
+        }
+    }
+}

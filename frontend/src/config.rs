@@ -85,6 +85,12 @@ pub struct HfConfig {
     pub shared_expert_intermediate_size: Option<usize>,
     #[serde(default)]
     pub norm_topk_prob: Option<bool>,
+    /// upmix's BAM layout: a Nexus router's domain embedding width and projection width
+    /// (absent or 0: a router matrix).
+    #[serde(default)]
+    pub router_embed_size: Option<usize>,
+    #[serde(default)]
+    pub router_projection_size: Option<usize>,
     #[serde(default)]
     pub qkv_bias: Option<bool>,
     /// Qwen2-MoE: every `decoder_sparse_step`-th layer is sparse, except `mlp_only_layers`.

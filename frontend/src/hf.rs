@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use upmix_ir::{
-    FeedForward, MappedFile, MixtureOfExperts, ModelMeta, Module, Op, RopePairs, Routing,
-    SharedExpert, Weight, WeightExpr, WeightId,
+    FeedForward, MappedFile, MixtureOfExperts, ModelMeta, Module, Op, ProjectedRouter, RopePairs,
+    Router, Routing, SharedExpert, Weight, WeightExpr, WeightId,
 };
 
 use upmix_formats::{canonical, hf, Family, Role};
@@ -126,15 +126,26 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             shared_ffn: None,
             sparse_step: 1,
             dense_layers: Vec::new(),
+            nexus: None,
         }),
         Family::UpmixBam if config.num_experts.unwrap_or(0) > 0 => Some(MoeSpec {
             experts: need(config.num_experts, "num_experts")?,
             top_k: need(config.num_experts_per_tok, "num_experts_per_tok")?,
             ffn: config.intermediate_size,
             normalize_top_k: config.norm_topk_prob.unwrap_or(false),
-            shared_ffn: None,
+            shared_ffn: config.shared_expert_intermediate_size.filter(|&f| f > 0),
             sparse_step: 1,
             dense_layers: Vec::new(),
+            nexus: match (config.router_embed_size, config.router_projection_size) {
+                (None | Some(0), None | Some(0)) => None,
+                (Some(d), Some(h)) if d > 0 && h > 0 => Some((d, h)),
+                (d, h) => {
+                    return Err(bad_config(format!(
+                        "router_embed_size {d:?} and router_projection_size {h:?} must both \
+                         be positive (a Nexus router) or both 0"
+                    )))
+                }
+            },
         }),
         Family::Qwen2Moe => Some(MoeSpec {
             experts: need(config.num_experts, "num_experts")?,
@@ -147,6 +158,7 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             )?),
             sparse_step: config.decoder_sparse_step.unwrap_or(1).max(1),
             dense_layers: config.mlp_only_layers.clone().unwrap_or_default(),
+            nexus: None,
         }),
         _ => None,
     };
@@ -283,6 +295,8 @@ struct MoeSpec {
     /// Every `sparse_step`-th layer is sparse (MoE), except `dense_layers`.
     sparse_step: usize,
     dense_layers: Vec<usize>,
+    /// A Nexus router's domain embedding width and projection width (upmix's layout).
+    nexus: Option<(usize, usize)>,
 }
 
 impl MoeSpec {
@@ -417,8 +431,28 @@ impl Loader<'_> {
             true => Family::Mixtral,
             false => Family::Qwen2Moe,
         };
-        let router_name = name(naming, Role::Router, 0);
-        let router = self.weight(Role::Router, (layer, 0), &router_name, &[n, d])?;
+        let router = match spec.nexus {
+            Some((embed, width)) => {
+                let role = Role::RouterDomains;
+                let domains =
+                    self.weight(role, (layer, 0), &name(self.family, role, 0), &[n, embed])?;
+                let projection = self.swiglu(
+                    self.family,
+                    Role::RouterProjection,
+                    (layer, 0),
+                    width,
+                    (embed, d),
+                )?;
+                Router::Projected(ProjectedRouter {
+                    domains,
+                    projection,
+                })
+            }
+            None => {
+                let router_name = name(naming, Role::Router, 0);
+                Router::Rows(self.weight(Role::Router, (layer, 0), &router_name, &[n, d])?)
+            }
+        };
         // The router's shape matched the file's, so `n` is as large as the file allows.
         let mut experts = Vec::with_capacity(n);
         let gate_up = upmix_formats::fill(hf::MIXTRAL_FUSED_GATE_UP, layer, 0);
@@ -455,7 +489,7 @@ impl Loader<'_> {
             }
         };
         Ok(Op::MixtureOfExperts(MixtureOfExperts {
-            router: upmix_ir::Router::Rows(router),
+            router,
             experts,
             routing: Routing {
                 top_k: spec.top_k,
@@ -475,14 +509,27 @@ impl Loader<'_> {
         f: usize,
         d: usize,
     ) -> Result<FeedForward, FrontendError> {
+        self.swiglu(family, role, (layer, e), f, (d, d))
+    }
+
+    /// A SwiGLU block of inner size `f` from width `input` to width `output`, its gate,
+    /// up and down with roles `role(0..3)` in `family`'s naming.
+    fn swiglu(
+        &mut self,
+        family: Family,
+        role: fn(usize) -> Role,
+        (layer, e): (usize, usize),
+        f: usize,
+        (input, output): (usize, usize),
+    ) -> Result<FeedForward, FrontendError> {
         let mut one = |i: usize, shape: &[usize]| {
             let name = hf::name(family, role(i), layer, e).expect("an MoE family");
             self.weight(role(i), (layer, e), &name, shape)
         };
         Ok(FeedForward {
-            gate: one(0, &[f, d])?,
-            up: one(1, &[f, d])?,
-            down: one(2, &[d, f])?,
+            gate: one(0, &[f, input])?,
+            up: one(1, &[f, input])?,
+            down: one(2, &[output, f])?,
         })
     }
 }

@@ -89,7 +89,7 @@ pub fn emit_gguf(
         message,
     };
     let stack = read_stack(g, FORMAT)?;
-    let (_, family) = architecture(&stack, &unsupported)?;
+    let (_, family) = architecture(&stack, true, &unsupported)?;
     let arch = match family {
         Family::Llama | Family::Qwen2 | Family::Mixtral => names::architecture(family),
         _ => None,

@@ -145,10 +145,13 @@ pub fn emit_hf(
             ("JetMoeForCausalLM", Family::JetMoe)
         }
         asked => {
-            let found = architecture(&stack, &unsupported)?;
+            // Asked for another architecture, Nexus routers are written as their rows.
+            let plain_routers = asked.is_some_and(|a| a != hf::architecture(Family::UpmixBam).0);
+            let found = architecture(&stack, plain_routers, &unsupported)?;
             if asked.is_some_and(|a| a != found.0) {
                 return Err(unsupported(format!(
-                    "it is written as {} (JetMoeForCausalLM may be asked for BAM models), not {}",
+                    "it is written as {} (JetMoeForCausalLM may be asked for BAM models, and \
+                     the plain MoE architecture for Nexus models), not {}",
                     found.0,
                     asked.unwrap_or_default()
                 )));
@@ -279,12 +282,17 @@ fn write_json(path: &Path, value: &Value) -> Result<(), EmitError> {
     std::fs::write(path, text + "\n").map_err(io(path))
 }
 
-/// The Hugging Face architecture that expresses the stack, and its family.
+/// The Hugging Face architecture that expresses the stack, and its family. Projected
+/// (Nexus) routers need upmix's own layout unless `plain_routers` writes their rows.
 pub(crate) fn architecture(
     s: &Stack,
+    plain_routers: bool,
     unsupported: &dyn Fn(String) -> EmitError,
 ) -> Result<(&'static str, Family), EmitError> {
-    let mixtures = s.layers.iter().any(|l| l.mixture.is_some());
+    let projected = s.layers.iter().any(
+        |l| matches!(l.mlp, Op::MixtureOfExperts(m) if matches!(m.router, Router::Projected(_))),
+    );
+    let mixtures = s.layers.iter().any(|l| l.mixture.is_some()) || projected && !plain_routers;
     let rms_parallel = s.parallel() == Some(true) && s.layers.iter().all(|l| !l.attn_norm.layer);
     let family = match s.parallel() {
         _ if mixtures || rms_parallel => upmix_bam_family(s, unsupported)?,
@@ -393,16 +401,21 @@ fn upmix_bam_family(
             return refuse("layers that differ in their attention experts");
         }
         let ffn = |op: &Op| match op {
-            Op::MixtureOfExperts(m) => {
-                Some((m.experts.len(), m.routing, m.shared_expert.is_some()))
-            }
+            Op::MixtureOfExperts(m) => Some((
+                m.experts.len(),
+                m.routing,
+                m.shared_expert.is_some(),
+                matches!(m.router, Router::Projected(_)),
+            )),
             _ => None,
         };
         if ffn(l.mlp) != ffn(first.mlp) {
-            return refuse("layers that differ in their FFN experts");
+            return refuse("layers that differ in their FFN experts or routers");
         }
-        if ffn(l.mlp).is_some_and(|(_, _, shared)| shared) {
-            return refuse("shared FFN expert");
+        if let Op::MixtureOfExperts(m) = l.mlp {
+            if m.shared_expert.as_ref().is_some_and(|s| s.gate.is_none()) {
+                return refuse("shared FFN expert without a gate");
+            }
         }
     }
     Ok(Family::UpmixBam)

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 use upmix_formats::{hf, Family};
-use upmix_ir::{DType, Graph, Module, Op, RopeScaling, WeightTable};
+use upmix_ir::{DType, Graph, Module, Op, RopeScaling, Router, WeightTable};
 
 use super::stack::Stack;
 use super::{io, EmitError};
@@ -291,6 +291,20 @@ fn computed_fields(
             c["num_experts"] = json!(moe.map_or(0, |m| m.experts.len()));
             c["num_experts_per_tok"] = json!(moe.map_or(0, |m| m.routing.top_k));
             c["norm_topk_prob"] = json!(moe.is_some_and(|m| m.routing.normalize));
+            let shared = moe.and_then(|m| m.shared_expert.as_ref());
+            let shared = shared.map(|s| w.get(s.ffn.gate)).transpose()?;
+            c["shared_expert_intermediate_size"] = json!(shared.map_or(0, |s| s.shape[0]));
+            // A Nexus router: domain embeddings of this width, projected through a SwiGLU
+            // of this width (0 and 0: a plain router matrix).
+            let (embed, width) = match moe.map(|m| &m.router) {
+                Some(Router::Projected(p)) => (
+                    w.get(p.domains)?.shape[1],
+                    w.get(p.projection.gate)?.shape[0],
+                ),
+                _ => (0, 0),
+            };
+            c["router_embed_size"] = json!(embed);
+            c["router_projection_size"] = json!(width);
             let auto_map: Map<String, Value> = hf::UPMIX_BAM_AUTO_MAP
                 .iter()
                 .map(|(k, v)| (k.to_string(), json!(v)))

@@ -8,7 +8,9 @@ config.json's "auto_map" points AutoConfig and AutoModelForCausalLM at them, so
 loads the model. The architecture is a Llama-style decoder (RMSNorm, default RoPE,
 grouped-query attention, SwiGLU) in which every layer's attention can be a routed
 mixture of attention experts and every layer's FFN a routed mixture of FFN experts
-(Branch-Attend-Mix, Zhang et al. 2024). See modeling_upmix_bam.py for the computation.
+(Branch-Attend-Mix, Zhang et al. 2024), whose router may be projected from domain
+embeddings (Nexus, Gritsch et al. 2024) and which may have a shared expert. See
+modeling_upmix_bam.py for the computation.
 """
 
 from transformers import PretrainedConfig
@@ -47,6 +49,14 @@ class UpmixBamConfig(PretrainedConfig):
         num_experts (`int`): 0 for a dense SwiGLU FFN, E >= 1 for a mixture of E FFN experts.
         num_experts_per_tok (`int`): Experts each token keeps in the FFN mixture.
         norm_topk_prob (`bool`): Whether the kept FFN routing weights are renormalised.
+        shared_expert_intermediate_size (`int`): 0 for none, else the inner size of a
+            shared SwiGLU expert that every token takes besides the routed ones, scaled by
+            sigmoid(x . shared_expert_gate) (Qwen2-MoE's).
+        router_embed_size (`int`): 0 for a router matrix (`mlp.gate`); else the width d of
+            the Nexus router's domain embeddings (`mlp.router.domains`, [E, d]), whose
+            rows are projected to router rows by a SwiGLU of inner size
+            `router_projection_size` (`mlp.router.projection`).
+        router_projection_size (`int`): Inner size of the Nexus router's projection.
     """
 
     model_type = "upmix_bam"
@@ -77,6 +87,9 @@ class UpmixBamConfig(PretrainedConfig):
     num_experts: int = 0
     num_experts_per_tok: int = 1
     norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    router_embed_size: int = 0
+    router_projection_size: int = 0
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -108,6 +121,10 @@ class UpmixBamConfig(PretrainedConfig):
                 raise ValueError(f"a negative number of experts ({experts})")
             if experts > 0 and not 1 <= top_k <= experts:
                 raise ValueError(f"{what} ({top_k}) must be between 1 and the number of experts ({experts})")
+        if (self.router_embed_size > 0) != (self.router_projection_size > 0):
+            raise ValueError(
+                f"router_embed_size ({self.router_embed_size}) and router_projection_size "
+                f"({self.router_projection_size}) are both 0 (a router matrix) or both positive (Nexus)")
 
 
 __all__ = ["UpmixBamConfig"]

@@ -1,4 +1,5 @@
-"""PyTorch model of an upmix BAM checkpoint: attention experts and FFN experts.
+"""PyTorch model of an upmix BAM checkpoint: attention experts and FFN experts (their
+router possibly a Nexus projection of domain embeddings).
 
 Written by upmix next to the weights it emits (with configuration_upmix_bam.py), for
 
@@ -27,7 +28,12 @@ values are needed at all positions); a token's unpicked experts get weight 0.
 
 FFN: SwiGLU, down(silu(gate x) * up x). With num_experts = E >= 1 it is a mixture
 of E SwiGLU experts routed the same way (num_experts_per_tok, norm_topk_prob) by
-mlp.gate from the FFN's input; each expert only runs on the tokens that picked it.
+router rows R from the FFN's input; each expert only runs on the tokens that picked it.
+R is mlp.gate's weight, or with router_embed_size > 0 (Nexus) the projection of the
+domain embeddings D = mlp.router.domains [E, d] computed on every call,
+R = down(silu(D gate^T) * (D up^T)) with mlp.router.projection's weights. With
+shared_expert_intermediate_size > 0 the output adds sigmoid(x . w) * shared_expert(x),
+w = mlp.shared_expert_gate's weight (Qwen2-MoE's shared expert).
 
 RMSNorm is Llama's: x * rsqrt(mean(x^2) + eps) computed in float32, times weight.
 
@@ -197,33 +203,57 @@ class UpmixBamAttentionMixture(nn.Module):
 
 
 class UpmixBamMLP(nn.Module):
-    """SwiGLU FFN: down(silu(gate x) * up x). The dense FFN, or one FFN expert."""
+    """SwiGLU FFN: down(silu(gate x) * up x). The dense FFN, or one FFN expert; other
+    widths for a shared expert or a Nexus projection (from `inputs` to `outputs`)."""
 
-    def __init__(self, config):
+    def __init__(self, config, inner=None, inputs=None, outputs=None):
         super().__init__()
-        hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        hidden = config.hidden_size
+        inner = inner or config.intermediate_size
+        self.gate_proj = nn.Linear(inputs or hidden, inner, bias=False)
+        self.up_proj = nn.Linear(inputs or hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, outputs or hidden, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class UpmixBamNexusRouter(nn.Module):
+    """Nexus router rows: the SwiGLU projection of each expert's domain embedding."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.domains = nn.Parameter(torch.zeros(config.num_experts, config.router_embed_size))
+        self.projection = UpmixBamMLP(config, inner=config.router_projection_size,
+                                      inputs=config.router_embed_size)
+
+    def rows(self):
+        """R: [E, hidden]."""
+        return self.projection(self.domains)
+
+
 class UpmixBamMoE(nn.Module):
-    """A routed mixture of SwiGLU experts; `gate` is the router."""
+    """A routed mixture of SwiGLU experts; `gate` is the router matrix, or `router` the
+    Nexus router; optionally a gated shared expert."""
 
     def __init__(self, config):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        if config.router_embed_size > 0:
+            self.router = UpmixBamNexusRouter(config)
+        else:
+            self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList([UpmixBamMLP(config) for _ in range(config.num_experts)])
+        if config.shared_expert_intermediate_size > 0:
+            self.shared_expert = UpmixBamMLP(config, inner=config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, picked = route(x, self.gate.weight, self.top_k, self.normalize)
+        rows = self.router.rows() if hasattr(self, "router") else self.gate.weight
+        weights, picked = route(x, rows, self.top_k, self.normalize)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
@@ -231,6 +261,8 @@ class UpmixBamMoE(nn.Module):
             if tokens.numel() == 0:
                 continue
             out = out.index_add(0, tokens, weights[tokens, e, None] * expert(x[tokens]))
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
 
 
