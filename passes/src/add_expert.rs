@@ -117,10 +117,10 @@ impl Pass for AddExpert {
         moe.name = self.into.clone();
         let mut domains: HashMap<WeightId, WeightId> = HashMap::new();
         for (slot, row) in slots.iter().zip(rows) {
+            let name = moe.node(slot.node).name.clone();
             let Op::MixtureOfExperts(mix) = &mut moe.node_mut(slot.node).op else {
                 unreachable!("slots are mixtures")
             };
-            let name = format!("{}.{}", self.into, slot.layer);
             mix.router = match row {
                 Row::Projected(embedding) => {
                     let Router::Projected(p) = &mix.router else {
