@@ -120,14 +120,12 @@ Usage: scripts/setup-fixture-env.sh && .venv-fixtures/bin/python scripts/make_ne
 """
 
 import hashlib
-import platform
 import shutil
 import sys
 import types
 from pathlib import Path
 
 import numpy as np
-import safetensors
 import torch
 import torch.nn.functional as F
 import transformers
@@ -138,7 +136,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 # scripts/ is the import path of a script run there
 from make_fixtures import write_json
 from make_train_goldens import (LB_COEF, MIN_TOPK_GAP, ROUTER_SUFFIX, Z_COEF, batch_tokens,
-                                checkpoint_tensors, forward_losses, load, save,
+                                checkpoint_tensors, forward_losses, load, save, setup,
                                 to_checkpoint_names, values)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -465,12 +463,7 @@ def make_branch(report):
 
 
 def main():
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    versions = dict(python=platform.python_version(), torch=torch.__version__,
-                    transformers=transformers.__version__, numpy=np.__version__,
-                    safetensors=safetensors.__version__)
-    print("versions:", versions)
+    versions = setup()
     tokens_np = batch_tokens()
     tokens = torch.from_numpy(tokens_np)
     report = dict(versions=versions, model=SOURCE, tokens=tokens_np.tolist())

@@ -306,13 +306,19 @@ def make(name, tokens, moe, report):
     report[name] = entry
 
 
-def main():
+def setup():
+    """One thread and deterministic algorithms; returns the versions that make the goldens."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     versions = dict(python=platform.python_version(), torch=torch.__version__,
                     transformers=transformers.__version__, numpy=np.__version__,
                     safetensors=safetensors.__version__)
     print("versions:", versions)
+    return versions
+
+
+def main():
+    versions = setup()
     OUT.mkdir(parents=True, exist_ok=True)
     tokens_np = batch_tokens()
     tokens = torch.from_numpy(tokens_np)

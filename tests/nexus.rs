@@ -99,38 +99,8 @@ fn projected_router_gradients_match_pytorch() {
             },
         )
         .unwrap();
-    for (term, value) in [
-        ("loss", Some(got.loss)),
-        ("ce", Some(got.cross_entropy)),
-        ("load_balance", got.load_balance),
-        ("z_loss", got.z_loss),
-    ] {
-        let (v, w) = (f64::from(value.unwrap()), spec[term].as_f64().unwrap());
-        println!("{term}: {v} (torch {w})");
-        assert!(
-            (v - w).abs() <= 1e-5 * w.abs().max(1.0),
-            "{term}: {v} vs {w}"
-        );
-    }
-    let grads: HashMap<WeightId, &Vec<f32>> =
-        got.gradients.iter().map(|(id, t)| (*id, &t.data)).collect();
-    let torch = f32_tensors(&golden_dir().join("nexus/grads.safetensors"));
-    assert_eq!(torch.len(), names.len());
-    for (tensor, w) in &torch {
-        let g = grads[&names[tensor]];
-        let worst = g
-            .iter()
-            .zip(w)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        println!("{tensor}: max |diff| {worst:.2e} (max |grad| {scale:.2e})");
-        assert!(
-            scale > 0.0,
-            "{tensor}: an all-zero golden gradient checks nothing"
-        );
-        assert!(worst <= 1e-4, "{tensor}: {worst}");
-    }
+    let grads = golden_dir().join("nexus/grads.safetensors");
+    common::assert_torch_gradients("nexus", &got, &spec, &grads, &names);
 }
 
 const TOKENS: [u32; 8] = [5, 17, 42, 99, 3, 250, 7, 64];
@@ -243,19 +213,35 @@ fn a_mixtral_from_disk_with_an_added_expert_matches_transformers() {
     );
     let (m, _) = pipeline(dir.path(), &passes).unwrap();
     assert_eq!(moe_experts(&m, "moe"), [5, 5]);
-    common::assert_same_files(&golden["files"], &out);
+    matches_transformers("add_expert_mixtral", &golden, &m, &out);
+}
+
+/// Asserts that the checkpoint `out` written from graph `moe` of `m` holds the bytes
+/// transformers loaded (`golden`, scripts/check-emitted.sh) and that `m` and `out` read
+/// back give its logits; returns what was read back.
+fn matches_transformers(
+    name: &str,
+    golden: &serde_json::Value,
+    m: &Module,
+    out: &std::path::Path,
+) -> Module {
+    common::assert_same_files(&golden["files"], out);
     let input = ids(&golden["input_ids"]);
     let mut back = Module::new();
-    upmix::frontend::load(&out, "moe", &mut back).unwrap();
-    for (what, module) in [("in memory", &m), ("read back", &back)] {
+    upmix::frontend::load(out, "moe", &mut back).unwrap();
+    for (what, module) in [("in memory", m), ("read back", &back)] {
         let got = load_runtime(module, "moe", &device())
             .unwrap()
             .logits(&input)
             .unwrap();
         let diff = common::golden_logit_diff(&golden["logits"], &got);
-        println!("{what}: max |logit diff| against transformers {diff:.2e}");
-        assert!(diff <= common::tolerance().tiny_logits, "{what}: {diff}");
+        println!("{name} {what}: max |logit diff| against transformers {diff:.2e}");
+        assert!(
+            diff <= common::tolerance().tiny_logits,
+            "{name} {what}: {diff}"
+        );
     }
+    back
 }
 
 /// Runs pass `name` with pipeline arguments `args` over `m`; its error as text.
@@ -409,26 +395,11 @@ fn a_nexus_moe_is_written_in_upmix_layout_and_as_qwen2_moe() {
     assert!(mixture.shared_expert.is_some());
     for (name, dir) in [("nexus_upmix", "upmix"), ("nexus_qwen2_moe", "qwen2_moe")] {
         let golden = golden(&format!("emitted/{name}.json"));
-        common::assert_same_files(&golden["files"], &out(dir));
-        let input = ids(&golden["input_ids"]);
-        let mut back = Module::new();
-        upmix::frontend::load(&out(dir), "moe", &mut back).unwrap();
+        let back = matches_transformers(name, &golden, &m, &out(dir));
         let projected = back.graphs["moe"].node_ids().into_iter().any(|n| {
             matches!(&back.graphs["moe"].node(n).op,
                 Op::MixtureOfExperts(x) if matches!(x.router, Router::Projected(_)))
         });
         assert_eq!(projected, dir == "upmix", "{name}: the router read back");
-        for (what, module) in [("in memory", &m), ("read back", &back)] {
-            let got = load_runtime(module, "moe", &device())
-                .unwrap()
-                .logits(&input)
-                .unwrap();
-            let diff = common::golden_logit_diff(&golden["logits"], &got);
-            println!("{name} {what}: max |logit diff| against transformers {diff:.2e}");
-            assert!(
-                diff <= common::tolerance().tiny_logits,
-                "{name} {what}: {diff}"
-            );
-        }
     }
 }

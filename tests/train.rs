@@ -30,43 +30,8 @@ fn gradients_match_pytorch(name: &str, routers: RouterLosses) {
         .unwrap()
         .loss_gradients(&refs, routers)
         .unwrap();
-    let want = &spec[name];
-    for (term, value) in [
-        ("loss", Some(got.loss)),
-        ("ce", Some(got.cross_entropy)),
-        ("load_balance", got.load_balance),
-        ("z_loss", got.z_loss),
-    ] {
-        let w = want[term].as_f64();
-        assert_eq!(value.is_some(), w.is_some(), "{name}: {term}");
-        if let (Some(v), Some(w)) = (value, w) {
-            println!("{name} {term}: {v} (torch {w})");
-            assert!(
-                (f64::from(v) - w).abs() <= 1e-5 * w.abs().max(1.0),
-                "{name} {term}: {v} vs {w}"
-            );
-        }
-    }
-    let grads: HashMap<WeightId, &Vec<f32>> =
-        got.gradients.iter().map(|(id, t)| (*id, &t.data)).collect();
-    let torch = f32_tensors(&golden_dir().join(format!("train/{name}_grads.safetensors")));
-    let names = checkpoint_names(&m, name);
-    assert_eq!(torch.len(), names.len());
-    for (tensor, w) in &torch {
-        let g = grads[&names[tensor]];
-        let worst = g
-            .iter()
-            .zip(w)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        println!("{tensor}: max |diff| {worst:.2e} (max |grad| {scale:.2e})");
-        assert!(
-            scale > 0.0,
-            "{tensor}: an all-zero golden gradient checks nothing"
-        );
-        assert!(worst <= 1e-4, "{tensor}: {worst}");
-    }
+    let grads = golden_dir().join(format!("train/{name}_grads.safetensors"));
+    common::assert_torch_gradients(name, &got, &spec[name], &grads, &checkpoint_names(&m, name));
 }
 
 #[test]

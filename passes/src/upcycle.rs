@@ -310,16 +310,7 @@ impl Upcycle {
         let gate = m.weights.get(ffn.gate).map_err(weight_err(self.name()))?;
         let ((_, hidden), dtype) = (self.matrix(gate)?, gate.dtype.plain());
         let router = self.router_of(m, plan, (index, &name, hidden, dtype), computed, domains)?;
-        let mut add = |name: String, shape: Vec<usize>, expr| {
-            m.weights
-                .add(Weight {
-                    name,
-                    shape,
-                    dtype,
-                    expr,
-                })
-                .map_err(weight_err(self.name()))
-        };
+        let mut add = |name: String, shape: Vec<usize>, expr| self.add(m, name, shape, dtype, expr);
         let shared_expert = match shared {
             None => None,
             Some(s) => {
@@ -352,16 +343,7 @@ impl Upcycle {
     ) -> Result<Router, PassError> {
         let (n, g) = (self.experts.len(), plan.granularity);
         let repeat = || -> Arc<[u32]> { (0..n * g).map(|e| (e / g) as u32).collect() };
-        let mut add = |name: String, shape: Vec<usize>, expr| {
-            m.weights
-                .add(Weight {
-                    name,
-                    shape,
-                    dtype,
-                    expr,
-                })
-                .map_err(weight_err(self.name()))
-        };
+        let mut add = |name: String, shape: Vec<usize>, expr| self.add(m, name, shape, dtype, expr);
         if let (Some((domains, values)), RouterInit::Nexus(nexus)) = (domains, &self.router) {
             let centroids = computed.ok_or_else(|| {
                 self.invalid(format!("no domain centroids for mixture layer {index}"))
@@ -428,6 +410,25 @@ impl Upcycle {
             })
             .map_err(weight_err(self.name()))?;
         Ok((id, values))
+    }
+
+    /// Adds a weight stored as `dtype` to `m`.
+    fn add(
+        &self,
+        m: &mut Module,
+        name: String,
+        shape: Vec<usize>,
+        dtype: DType,
+        expr: WeightExpr,
+    ) -> Result<WeightId, PassError> {
+        m.weights
+            .add(Weight {
+                name,
+                shape,
+                dtype,
+                expr,
+            })
+            .map_err(weight_err(self.name()))
     }
 
     /// The model activation router modes run when they name none.

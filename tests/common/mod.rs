@@ -355,3 +355,51 @@ pub fn run_pipeline(text: &str, dir: &std::path::Path) -> Result<(Module, String
         .map_err(|e| format!("{e:#}"))?;
     upmix::pipeline::run(&p, dir, &Default::default()).map_err(|e| format!("{e:#}"))
 }
+
+/// Asserts that one backward `got` gives torch's loss terms (`want`'s `loss`, `ce`,
+/// `load_balance`, `z_loss`; within 1e-5, relative above 1) and, for every tensor of the
+/// golden gradient file `grads` (by checkpoint name), the gradient of weight
+/// `names[tensor]` within 1e-4.
+pub fn assert_torch_gradients(
+    label: &str,
+    got: &upmix::ir::LossGradients,
+    want: &serde_json::Value,
+    grads: &std::path::Path,
+    names: &std::collections::HashMap<String, upmix::ir::WeightId>,
+) {
+    for (term, value) in [
+        ("loss", Some(got.loss)),
+        ("ce", Some(got.cross_entropy)),
+        ("load_balance", got.load_balance),
+        ("z_loss", got.z_loss),
+    ] {
+        let w = want[term].as_f64();
+        assert_eq!(value.is_some(), w.is_some(), "{label}: {term}");
+        if let (Some(v), Some(w)) = (value, w) {
+            println!("{label} {term}: {v} (torch {w})");
+            assert!(
+                (f64::from(v) - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{label} {term}: {v} vs {w}"
+            );
+        }
+    }
+    let ours: std::collections::HashMap<upmix::ir::WeightId, &Vec<f32>> =
+        got.gradients.iter().map(|(id, t)| (*id, &t.data)).collect();
+    let torch = f32_tensors(grads);
+    assert_eq!(torch.len(), names.len(), "{label}: gradient count");
+    for (tensor, w) in &torch {
+        let g = ours[&names[tensor]];
+        let worst = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        println!("{tensor}: max |diff| {worst:.2e} (max |grad| {scale:.2e})");
+        assert!(
+            scale > 0.0,
+            "{tensor}: an all-zero golden gradient checks nothing"
+        );
+        assert!(worst <= 1e-4, "{tensor}: {worst}");
+    }
+}
