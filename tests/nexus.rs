@@ -403,3 +403,50 @@ fn a_nexus_moe_is_written_in_upmix_layout_and_as_qwen2_moe() {
         assert_eq!(projected, dir == "upmix", "{name}: the router read back");
     }
 }
+
+/// A Nexus MoE without a shared expert is written as a Mixtral and as GGUF (its router
+/// rows written out), and both read back with the same logits; a Qwen2-MoE read from disk
+/// takes an expert and is written again as Qwen2-MoE.
+#[test]
+fn nexus_rows_are_written_for_mixtral_and_gguf_and_a_qwen2_moe_takes_an_expert() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| format!("{:?}", dir.path().join(name).display().to_string());
+    let passes = format!(
+        "Upcycle(into: \"moe\", experts: [\"llama\", \"llama_b\"], top_k: 2, base: \"llama\",
+                 router: Nexus(texts: {{ \"llama\": \"a.txt\", \"llama_b\": \"b.txt\" }})),
+         Upcycle(into: \"shared\", experts: [\"llama\", \"llama_b\"], top_k: 1,
+                 shared_expert: \"llama\", router: Random(seed: 1, std: 0.5))],
+         emit: [Hf(model: \"moe\", dir: {}, architecture: \"MixtralForCausalLM\"),
+                Gguf(model: \"moe\", file: {}),
+                Hf(model: \"shared\", dir: {})",
+        out("mixtral"),
+        out("moe.gguf"),
+        out("qwen2_moe"),
+    );
+    let (m, _) = pipeline(dir.path(), &passes).unwrap();
+    let want = logits(&m, "moe");
+    for path in ["mixtral", "moe.gguf"] {
+        let mut back = Module::new();
+        upmix::frontend::load(&dir.path().join(path), "moe", &mut back).unwrap();
+        let diff = want.max_abs_diff(&logits(&back, "moe"));
+        println!("{path}: max |logit diff| {diff:.2e}");
+        assert!(diff <= 1e-4, "{path}: {diff}");
+    }
+    let second = format!(
+        "Pipeline(models: {{ \"qwen\": Hf({}), \"llama\": Hf({:?}) }},
+           passes: [AddExpert(into: \"more\", model: \"qwen\", expert: \"llama\", text: \"a.txt\",
+                              keep_moe: true)],
+           emit: [Hf(model: \"more\", dir: {})])",
+        out("qwen2_moe"),
+        common::model_dir("llama").display().to_string(),
+        out("more"),
+    );
+    let (m, _) = run_pipeline(&second, dir.path()).unwrap();
+    assert_eq!(moe_experts(&m, "more"), [3, 3]);
+    let mut back = Module::new();
+    upmix::frontend::load(&dir.path().join("more"), "more", &mut back).unwrap();
+    let config = std::fs::read_to_string(dir.path().join("more/config.json")).unwrap();
+    assert!(config.contains("Qwen2MoeForCausalLM"), "{config}");
+    let diff = logits(&m, "more").max_abs_diff(&logits(&back, "more"));
+    assert!(diff <= 1e-5, "{diff}");
+}
