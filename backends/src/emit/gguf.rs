@@ -28,7 +28,8 @@ use upmix_formats::gguf::{self as names, GgufValue, GGML_TYPES, T_STRING};
 use upmix_formats::{Family, Role};
 use upmix_ir::{DType, Module, Op, RopeScaling, Weight, WeightExpr, WeightId, WeightTable};
 
-use super::hf::{architecture, Progress};
+use super::hf::Progress;
+use super::hf_family::architecture;
 use super::stack::{read_stack, Stack};
 use super::stream::{write_at, write_in_order, Prepared};
 use super::{input_files, io, verified, write_file_atomically, EmitError};

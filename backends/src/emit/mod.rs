@@ -8,6 +8,7 @@
 mod gguf;
 mod hf;
 mod hf_config;
+mod hf_family;
 mod jetmoe;
 mod output;
 mod safetensors;
