@@ -324,6 +324,12 @@ fn bad_add_expert_requests_are_clear_errors() {
             vec!["of `llama` differs from the MoE `moe`'s", "keep_moe: true"],
         ),
         (
+            r#"Upcycle(into: "fine", experts: ["llama", "llama"], top_k: 2, granularity: 2),
+               AddExpert(into: "x", model: "fine", expert: "llama", text: "a.txt")"#
+                .into(),
+            vec!["the experts of `fine` have an FFN size of 48, `llama`'s FFN has 96"],
+        ),
+        (
             r#"AddExpert(into: "x", model: "mixtral", expert: "branch", text: "a.txt",
                 router: Projection(embedder: "branch"))"#
                 .into(),
@@ -449,4 +455,35 @@ fn nexus_rows_are_written_for_mixtral_and_gguf_and_a_qwen2_moe_takes_an_expert()
     assert!(config.contains("Qwen2MoeForCausalLM"), "{config}");
     let diff = logits(&m, "more").max_abs_diff(&logits(&back, "more"));
     assert!(diff <= 1e-5, "{diff}");
+}
+
+/// An FFN of a layer the MoE keeps dense would be dropped like the other parameters, so
+/// it must agree too.
+#[test]
+fn a_dense_layer_ffn_that_differs_is_refused() {
+    let mut m = common::load_all(&[("llama", "llama"), ("llama_b", "llama_b")]);
+    let part = r#"(into: "part", experts: ["llama", "llama_b"], top_k: 1, base: "llama",
+        layers: "1..2")"#;
+    run_spec(&mut m, "Upcycle", part).unwrap();
+    // `llama` with the first FFN of `llama_b`.
+    let ffn_of = |g: &upmix::ir::Graph| {
+        let n = g
+            .node_ids()
+            .into_iter()
+            .find(|&n| g.node(n).name == "layers.0.ffn")
+            .unwrap();
+        (n, g.node(n).op.clone())
+    };
+    let (_, other_ffn) = ffn_of(&m.graphs["llama_b"]);
+    let mut branch = m.graphs["llama"].clone();
+    branch.name = "branch".into();
+    let (n, _) = ffn_of(&branch);
+    branch.node_mut(n).op = other_ffn;
+    m.insert(branch);
+    let add = r#"(into: "x", model: "part", expert: "branch", text: "a.txt")"#;
+    let err = run_spec(&mut m, "AddExpert", add).unwrap_err();
+    assert!(
+        err.contains("`layers.0.ffn.gate` of `branch` differs from the MoE `part`'s"),
+        "{err}"
+    );
 }

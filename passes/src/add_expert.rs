@@ -16,8 +16,10 @@
 //! The latter two turn a projected router into plain rows. Routing settings, the shared
 //! expert and every other parameter stay the MoE's. The dense model's non-FFN parameters
 //! must equal the MoE's within `tolerance` (the largest absolute difference relative to
-//! the tensor's largest magnitude), since they are dropped: a branch trained on more than
-//! its FFNs is refused unless `keep_moe` says to drop them anyway.
+//! the tensor's largest magnitude), since they are dropped (so must the FFNs of layers
+//! the MoE keeps dense): a branch trained on more than its FFNs is refused unless
+//! `keep_moe` says to drop them anyway. Its FFNs must have the experts' shape (a
+//! fine-grained MoE's experts are slices of an FFN, and a whole FFN does not fit).
 //!
 //! Function-preserving when the new expert is a copy of the experts it joins and routing
 //! renormalises its top-k (or is soft): its weights still sum to one over equal experts.
@@ -205,10 +207,18 @@ impl AddExpert {
         }
         let dense_hp = Hyperparams {
             experts: a.experts,
+            ffn: a.ffn,
             ..b
         };
         if let Some(d) = first_difference((&self.model, &a), (&self.expert, &dense_hp)) {
             return Err(self.mismatch(format!("`{}` is another architecture: {d}", self.expert)));
+        }
+        if a.ffn != b.ffn {
+            return Err(self.mismatch(format!(
+                "the experts of `{}` have an FFN size of {}, `{}`'s FFN has {}: a new expert \
+                 must have the experts' size (those of a fine-grained MoE are slices of an FFN)",
+                self.model, a.ffn, self.expert, b.ffn
+            )));
         }
         let order = |g: &Graph| g.topo_order().unwrap_or_else(|_| g.node_ids());
         let (moe_nodes, dense_nodes) = (order(moe), order(dense));
@@ -228,7 +238,12 @@ impl AddExpert {
         for (&a, &b) in moe_nodes.iter().zip(&dense_nodes) {
             let (na, nb) = (moe.node(a), dense.node(b));
             match (&na.op, &nb.op) {
-                (Op::MixtureOfExperts(_), Op::FeedForward(ffn)) => {
+                (Op::MixtureOfExperts(mix), Op::FeedForward(ffn)) => {
+                    let expert = Op::FeedForward(mix.experts[0].clone());
+                    let label = format!("experts.{}", mix.experts.len());
+                    for ((what, wa), (_, wb)) in expert.weights().into_iter().zip(nb.op.weights()) {
+                        self.same_shape(m, (&na.name, &format!("{label}.{what}")), (wa, wb))?;
+                    }
                     slots.push(Slot {
                         node: a,
                         layer,
@@ -236,8 +251,13 @@ impl AddExpert {
                     });
                     layer += 1;
                 }
-                (Op::FeedForward(_), Op::FeedForward(_)) => layer += 1,
-                (x, y) if same_settings(x, y) => {
+                // A dense layer of the MoE stays the MoE's: the new model's must agree.
+                (x @ Op::FeedForward(_), y @ Op::FeedForward(_)) | (x, y)
+                    if same_settings(x, y) =>
+                {
+                    if matches!(x, Op::FeedForward(_)) {
+                        layer += 1;
+                    }
                     for ((label, wa), (_, wb)) in x.weights().into_iter().zip(y.weights()) {
                         self.same_shape(m, (&na.name, &label), (wa, wb))?;
                         others.push((na.name.clone(), label, wa, wb));
