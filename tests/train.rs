@@ -590,3 +590,28 @@ fn ctrl_c_stops_after_a_step_with_a_checkpoint() {
         .collect();
     assert!(names.iter().all(|n| n.ends_with(".ckpt")), "{names:?}");
 }
+
+/// Training the routers of a top-1 renormalised mixture (every weight 1: the router only
+/// picks) says that the cross-entropy gives them no gradient; top-2 says nothing.
+#[test]
+fn training_routers_that_only_pick_is_noted() {
+    let data = repo_root().join("examples/data/law/train.txt");
+    for (top_k, noted) in [(1, true), (2, false)] {
+        let pipeline = format!(
+            r#"Pipeline(models: {{ "a": Hf({:?}), "b": Hf({:?}) }}, passes: [
+                Upcycle(into: "moe", experts: ["a", "b"], top_k: {top_k}),
+                Train(model: "moe", data: {{ "law": {:?} }}, steps: 2, batch: 2, seq_len: 24,
+                      trainable: ["ffn.router"])])"#,
+            model_dir("llama").display().to_string(),
+            model_dir("llama_b").display().to_string(),
+            data.display().to_string(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (_, report) = run_pipeline(&pipeline, dir.path()).unwrap();
+        assert_eq!(
+            report.contains("routers get no gradient"),
+            noted,
+            "{report}"
+        );
+    }
+}

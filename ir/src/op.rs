@@ -364,6 +364,12 @@ impl Routing {
     pub fn is_soft(&self, experts: usize) -> bool {
         self.top_k == experts && !self.normalize
     }
+
+    /// Whether every routed token's weight is 1 whatever the router says (one expert,
+    /// renormalised): the router then only picks, and gets no gradient from the output.
+    pub fn picks_only(&self) -> bool {
+        self.top_k == 1 && self.normalize
+    }
 }
 
 /// Token-choice mixture of experts, as Mixtral routes ([`Routing`]): output

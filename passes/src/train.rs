@@ -587,6 +587,15 @@ impl Pass for Train {
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
         self.check()?;
         let trainable = self.trainable(m)?;
+        if self.trains_picking_routers(m, &trainable)? {
+            cx.notes.push(format!(
+                "Train: `{}` routes each token to one expert with weight 1 (top_k 1, \
+                 renormalised), so its routers get no gradient from the cross-entropy, only \
+                 from the load-balancing and z-loss terms; route to 2 or more experts, or \
+                 upcycle with `normalize_top_k: false`, to train them",
+                self.model
+            ));
+        }
         let data = Data {
             pools: self.windows(m, cx)?,
             shares: match &self.mix {
@@ -652,6 +661,25 @@ impl Pass for Train {
 
     fn reads(&self) -> Vec<String> {
         vec![self.model.clone()]
+    }
+}
+
+impl Train {
+    /// Whether a trained weight is the router of a mixture whose routing only picks.
+    fn trains_picking_routers(
+        &self,
+        m: &Module,
+        trainable: &[WeightId],
+    ) -> Result<bool, PassError> {
+        let g = crate::pass::graph(m, "Train", &self.model)?;
+        Ok(g.node_ids().into_iter().any(|n| match &g.node(n).op {
+            upmix_ir::Op::MixtureOfExperts(mix) if mix.routing.picks_only() => mix
+                .router
+                .weights()
+                .iter()
+                .any(|(_, id)| trainable.contains(id)),
+            _ => false,
+        }))
     }
 }
 
