@@ -31,6 +31,7 @@ mod share_kv;
 mod train;
 mod train_checkpoint;
 mod train_data;
+mod train_log;
 mod upcycle;
 
 pub use adamw::{AdamW, AdamWConfig};

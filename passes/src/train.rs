@@ -21,16 +21,15 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use upmix_ir::{HostTensor, Module, RouterLosses, TrainingRuntime, WeightId};
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::components::Selector;
-use crate::pass::{
-    graph, insert_remapped, weight_err, write_atomically, Pass, PassContext, PassError, Progress,
-};
+use crate::pass::{graph, insert_remapped, weight_err, Pass, PassContext, PassError, Progress};
 use crate::train_checkpoint;
 use crate::train_data::{DataOrder, EvalSet};
+use crate::train_log::StepLog;
 
 /// Pipeline spec: `Train(model: "moe", into: "moe_trained", data: {"code": "code.txt"},
 /// steps: 100, batch: 8, seq_len: 128, trainable: ["*.router"])`.
@@ -119,24 +118,8 @@ pub enum Schedule {
     Cosine { warmup: usize },
 }
 
-/// One step's record.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct StepLog {
-    /// Seconds of training when the step ended (counting a resumed run's earlier parts).
-    seconds: f64,
-    lr: f64,
-    loss: f32,
-    cross_entropy: f32,
-    load_balance: Option<f32>,
-    z_loss: Option<f32>,
-    /// The gradient's global norm before clipping.
-    grad_norm: f32,
-    /// Each `eval` set's cross-entropy, when the step was evaluated.
-    eval: Vec<f32>,
-}
-
 /// A run's state: what a checkpoint holds.
-type State = train_checkpoint::TrainState<DataOrder, StepLog>;
+pub(crate) type State = train_checkpoint::TrainState<DataOrder, StepLog>;
 
 /// The data a run draws from: training pools, their shares, held-out sets.
 struct Data {
@@ -393,60 +376,6 @@ impl Train {
         Ok(out)
     }
 
-    /// The progress line of a step: its loss, evaluations and throughput.
-    fn status(&self, log: &StepLog, tokens: usize, started: Instant) -> String {
-        let mut s = format!("loss {:.4}", log.loss);
-        let names = self.eval.iter().flat_map(|e| e.keys());
-        for (name, v) in names.zip(&log.eval) {
-            s += &format!(" · eval {name} {v:.4}");
-        }
-        let rate = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        s + &format!(" · {rate:.0} tok/s")
-    }
-
-    /// The error of a step whose loss or gradient is not finite; the weights are still
-    /// those of the step before.
-    fn diverged(&self, state: &State, step: usize, why: &str) -> PassError {
-        let kept = match &self.checkpoint {
-            Some(dir) => match train_checkpoint::latest(dir) {
-                Ok(Some(k)) => format!(
-                    "the last checkpoint, of step {k}, is {}",
-                    train_checkpoint::path(dir, k).display()
-                ),
-                _ => "no checkpoint was written".into(),
-            },
-            None => "no checkpoint was written (set `checkpoint` to keep them)".into(),
-        };
-        let _ = self.write_log(state);
-        self.invalid(format!(
-            "{why} at step {step} of {}; the weights were not updated; {kept}; a lower \
-             `lr` or a `max_grad_norm` may help",
-            self.steps
-        ))
-    }
-
-    /// The error of a run stopped on request after `state.step` steps.
-    fn stopped(&self, state: &State) -> PassError {
-        let message = match &self.checkpoint {
-            Some(dir) => format!(
-                "stopped after step {} of {}; the checkpoint is {}; run again with `--resume` \
-                 to continue",
-                state.step,
-                self.steps,
-                train_checkpoint::path(dir, state.step).display()
-            ),
-            None => format!(
-                "stopped after step {} of {}; nothing was kept (set `checkpoint` to be able \
-                 to resume)",
-                state.step, self.steps
-            ),
-        };
-        PassError::Interrupted {
-            pass: "Train".into(),
-            message,
-        }
-    }
-
     /// The state before the first step: fresh, or the latest checkpoint's when resuming
     /// (its values then set in `rt`).
     fn start(
@@ -505,42 +434,6 @@ impl Train {
         train_checkpoint::save(dir, &self.fingerprint(), state, &names)
             .map_err(|e| self.invalid(format!("writing a checkpoint in {}: {e}", dir.display())))?;
         Ok(())
-    }
-
-    /// Writes the loss curve so far to `log`, if set, as CSV.
-    fn write_log(&self, state: &State) -> Result<(), PassError> {
-        use std::fmt::Write as _;
-        let Some(path) = &self.log else {
-            return Ok(());
-        };
-        let mut text =
-            String::from("step,seconds,lr,loss,cross_entropy,load_balance,z_loss,grad_norm");
-        for name in self.eval.iter().flat_map(|e| e.keys()) {
-            text += &format!(",eval_{name}");
-        }
-        text.push('\n');
-        let opt = |v: Option<f32>| v.map_or(String::new(), |v| v.to_string());
-        let evals = self.eval.as_ref().map_or(0, BTreeMap::len);
-        for (i, s) in state.losses.iter().enumerate() {
-            let _ = write!(
-                text,
-                "{},{:.3},{},{},{},{},{},{}",
-                i + 1,
-                s.seconds,
-                s.lr,
-                s.loss,
-                s.cross_entropy,
-                opt(s.load_balance),
-                opt(s.z_loss),
-                s.grad_norm,
-            );
-            for k in 0..evals {
-                let _ = write!(text, ",{}", opt(s.eval.get(k).copied()));
-            }
-            text.push('\n');
-        }
-        write_atomically(path, text.as_bytes())
-            .map_err(|e| self.invalid(format!("writing {}: {e}", path.display())))
     }
 
     /// What a checkpoint must match to be resumed from: the pass, less the fields that
