@@ -112,9 +112,24 @@ fn logits(m: &Module, graph: &str) -> upmix::ir::HostTensor {
         .unwrap()
 }
 
-/// A pipeline over the fixture llama (as `llama`, `llama_b` and `mixtral`, `branch`)
-/// with `passes`, and three domain texts in `dir` (`a.txt`, `b.txt`, `c.txt`).
+/// A pipeline over the fixtures `llama`, `llama_b`, `mixtral` and `branch` (the Mixtral's
+/// dense branch) with `passes`, and the domain texts of [`write_texts`] in `dir`.
 fn pipeline(dir: &std::path::Path, passes: &str) -> Result<(Module, String), String> {
+    write_texts(dir);
+    let model = |name: &str| format!("{:?}", common::model_dir(name).display().to_string());
+    let text = format!(
+        "Pipeline(models: {{ \"llama\": Hf({}), \"llama_b\": Hf({}), \"mixtral\": Hf({}), \
+         \"branch\": Hf({}) }}, passes: [{passes}])",
+        model("llama"),
+        model("llama_b"),
+        model("mixtral"),
+        model("mixtral_branch"),
+    );
+    run_pipeline(&text, dir)
+}
+
+/// Three domain texts in `dir`: `a.txt`, `b.txt`, `c.txt`.
+fn write_texts(dir: &std::path::Path) {
     for (name, text) in [
         ("a.txt", "fn main() { let x = 1; println!(\"{x}\"); }\n"),
         (
@@ -128,16 +143,6 @@ fn pipeline(dir: &std::path::Path, passes: &str) -> Result<(Module, String), Str
     ] {
         std::fs::write(dir.join(name), text.repeat(20)).unwrap();
     }
-    let model = |name: &str| format!("{:?}", common::model_dir(name).display().to_string());
-    let text = format!(
-        "Pipeline(models: {{ \"llama\": Hf({}), \"llama_b\": Hf({}), \"mixtral\": Hf({}), \
-         \"branch\": Hf({}) }}, passes: [{passes}])",
-        model("llama"),
-        model("llama_b"),
-        model("mixtral"),
-        model("mixtral_branch"),
-    );
-    run_pipeline(&text, dir)
 }
 
 fn moe_experts(m: &Module, graph: &str) -> Vec<usize> {
@@ -486,4 +491,38 @@ fn a_dense_layer_ffn_that_differs_is_refused() {
         err.contains("`layers.0.ffn.gate` of `branch` differs from the MoE `part`'s"),
         "{err}"
     );
+}
+
+/// Any model upmix loads can embed the domains, with its own tokenizer and width: the
+/// real SmolLM2 (GGUF, 576 wide, another vocabulary) for the tiny Llamas (64 wide).
+#[test]
+fn a_gguf_model_of_another_width_and_vocabulary_embeds_the_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = |name: &str| format!("{:?}", common::model_dir(name).display().to_string());
+    let text = format!(
+        "Pipeline(models: {{ \"llama\": Hf({}), \"llama_b\": Hf({}), \"smol\": Gguf({:?}) }},
+           passes: [Upcycle(into: \"moe\", experts: [\"llama\", \"llama_b\"], top_k: 1,
+               router: Nexus(texts: {{ \"llama\": \"a.txt\", \"llama_b\": \"b.txt\" }},
+                             embedder: \"smol\", width: 8))])",
+        model("llama"),
+        model("llama_b"),
+        common::gguf_path().display().to_string(),
+    );
+    write_texts(dir.path());
+    let (m, _) = run_pipeline(&text, dir.path()).unwrap();
+    let g = &m.graphs["moe"];
+    let mut checked = 0;
+    for n in g.node_ids() {
+        if let Op::MixtureOfExperts(x) = &g.node(n).op {
+            let Router::Projected(p) = &x.router else {
+                panic!("not projected")
+            };
+            assert_eq!(m.weights.get(p.domains).unwrap().shape, [2, 576]);
+            assert_eq!(m.weights.get(p.projection.gate).unwrap().shape, [8, 576]);
+            assert_eq!(m.weights.get(p.projection.down).unwrap().shape, [64, 8]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2);
+    assert!(logits(&m, "moe").data.iter().all(|v| v.is_finite()));
 }

@@ -10,32 +10,10 @@ mod common;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use common::{device, golden, ids};
+use common::{cache_dir, device, gguf_path, golden, ids};
 use upmix::backends::load_runtime;
 use upmix::frontend::{SafetensorsFile, TextTokenizer};
 use upmix::ir::{Module, Runtime};
-
-fn cache_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("UPMIX_MODEL_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
-    base.join("upmix")
-}
-
-fn gguf_path() -> PathBuf {
-    let path = std::env::var("UPMIX_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set UPMIX_SMOLLM2_GGUF)",
-        path.display()
-    );
-    path
-}
 
 /// The dequantized Hugging Face checkpoint written by scripts/gguf_to_hf.py.
 fn hf_dir() -> PathBuf {

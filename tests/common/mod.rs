@@ -403,3 +403,27 @@ pub fn assert_torch_gradients(
         assert!(worst <= 1e-4, "{tensor}: {worst}");
     }
 }
+
+/// Where scripts/fetch-models.sh keeps the real models.
+pub fn cache_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("UPMIX_MODEL_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"));
+    base.join("upmix")
+}
+
+/// SmolLM2-135M-Instruct as GGUF (Q4_1), fetched by scripts/fetch-models.sh.
+pub fn gguf_path() -> PathBuf {
+    let path = std::env::var("UPMIX_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh (or set UPMIX_SMOLLM2_GGUF)",
+        path.display()
+    );
+    path
+}
