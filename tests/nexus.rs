@@ -216,8 +216,12 @@ fn a_mixtral_from_disk_with_an_added_expert_matches_transformers() {
         text.display().to_string(),
         out.display().to_string()
     );
-    let (m, _) = pipeline(dir.path(), &passes).unwrap();
+    let (m, report) = pipeline(dir.path(), &passes).unwrap();
     assert_eq!(moe_experts(&m, "moe"), [5, 5]);
+    assert!(
+        report.contains("`branch`'s FFNs (f32) are stored as bf16 in `moe`"),
+        "{report}"
+    );
     matches_transformers("add_expert_mixtral", &golden, &m, &out);
 }
 

@@ -14,7 +14,8 @@
 //!   the existing rows.
 //!
 //! The latter two turn a projected router into plain rows. Routing settings, the shared
-//! expert and every other parameter stay the MoE's. The dense model's non-FFN parameters
+//! expert and every other parameter stay the MoE's, and the new expert is stored in the
+//! other experts' float type (an f32 branch joins a bf16 Mixtral as bf16). The dense model's non-FFN parameters
 //! must equal the MoE's within `tolerance` (the largest absolute difference relative to
 //! the tensor's largest magnitude), since they are dropped (so must the FFNs of layers
 //! the MoE keeps dense): a branch trained on more than its FFNs is refused unless
@@ -118,6 +119,8 @@ impl Pass for AddExpert {
         let mut moe = graph(m, self.name(), &self.model)?.clone();
         moe.name = self.into.clone();
         let mut domains: HashMap<WeightId, WeightId> = HashMap::new();
+        // The new FFNs' dtype and the experts' when they differ.
+        let mut recast = None;
         for (slot, row) in slots.iter().zip(rows) {
             let name = moe.node(slot.node).name.clone();
             let Op::MixtureOfExperts(mix) = &mut moe.node_mut(slot.node).op else {
@@ -143,9 +146,22 @@ impl Pass for AddExpert {
                 }
                 Row::Plain(row) => Router::Rows(self.grown_rows(m, &mix.router, row, &name)?),
             };
-            mix.experts.push(slot.ffn.clone());
+            let like = mix.experts[0].gate;
+            let (ffn, cast) = self.stored_like(m, &slot.ffn, like)?;
+            recast = recast.or(cast);
+            let Op::MixtureOfExperts(mix) = &mut moe.node_mut(slot.node).op else {
+                unreachable!("slots are mixtures")
+            };
+            mix.experts.push(ffn);
         }
         m.insert(moe);
+        if let Some((from, to)) = recast {
+            cx.notes.push(format!(
+                "AddExpert: `{}`'s FFNs ({from}) are stored as {to} in `{}`, as its other \
+                 experts are",
+                self.expert, self.into
+            ));
+        }
         Ok(vec![self.into.clone()])
     }
 
@@ -442,6 +458,31 @@ impl AddExpert {
                 Ok(out)
             }
         }
+    }
+
+    /// `ffn` stored in the float type of the weight `like` (an existing expert's), so that
+    /// the new expert is written as the others are, and the two dtypes if they differed;
+    /// quantized experts leave it as it is.
+    fn stored_like(
+        &self,
+        m: &mut Module,
+        ffn: &FeedForward,
+        like: WeightId,
+    ) -> Result<(FeedForward, Option<(DType, DType)>), PassError> {
+        let err = weight_err(self.name());
+        let dtype = m.weights.get(like).map_err(&err)?.dtype;
+        let mut out = ffn.clone();
+        let mut cast = None;
+        for id in [&mut out.gate, &mut out.up, &mut out.down] {
+            let mut w = m.weights.get(*id).map_err(&err)?.clone();
+            if w.dtype == dtype || dtype.is_quantized() || w.dtype.is_quantized() {
+                continue;
+            }
+            cast = Some((w.dtype, dtype));
+            w.dtype = dtype;
+            *id = m.weights.add(w).map_err(&err)?;
+        }
+        Ok((out, cast))
     }
 
     /// Domain embeddings `domains` with `embedding` appended, as a new weight.
