@@ -30,7 +30,7 @@ pub use op::{
     RopeScaling, Routing, SharedExpert,
 };
 pub use print::print_graph;
-pub use router::{ProjectedRouter, Router};
+pub use router::{swiglu_features, ProjectedRouter, Router};
 pub use runtime::{
     LogLikelihood, LossGradients, RouterLosses, Runtime, RuntimeError, TokenScores, TrainingRuntime,
 };
@@ -38,7 +38,8 @@ pub use sparsity::{Pattern, PruneRule};
 pub use tensor::HostTensor;
 pub use verify::{verify, VerifyError, VerifyErrors};
 pub use weights::{
-    splitmix64, FileRange, MappedFile, Weight, WeightError, WeightExpr, WeightId, WeightTable,
+    normal_samples, splitmix64, FileRange, MappedFile, Weight, WeightError, WeightExpr, WeightId,
+    WeightTable,
 };
 
 /// The message of a caught panic (a `&str` or `String` payload), for turning a panic in a

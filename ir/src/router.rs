@@ -71,32 +71,17 @@ impl Router {
 }
 
 impl ProjectedRouter {
-    /// `projection(domains)`: one router row per domain embedding, `[n, hidden]`.
+    /// `projection(domains)`: one router row per domain embedding, `[n, hidden]`, in f64
+    /// sums.
     pub fn rows(&self, weights: &WeightTable) -> Result<HostTensor, WeightError> {
-        let domains = weights.materialize(self.domains)?;
-        self.project(weights, &domains)
-    }
-
-    /// `projection(e)` for each row `e` of `embeddings` (`[n, embed]`), in f64 sums.
-    pub fn project(
-        &self,
-        weights: &WeightTable,
-        embeddings: &HostTensor,
-    ) -> Result<HostTensor, WeightError> {
         let f = &self.projection;
-        let [gate, up, down] = [f.gate, f.up, f.down].map(|id| weights.materialize(id));
-        let (gate, up, down) = (gate?, up?, down?);
-        let n = embeddings.shape[0];
+        let [domains, gate, up, down] =
+            [self.domains, f.gate, f.up, f.down].map(|id| weights.materialize(id));
+        let (domains, gate, up, down) = (domains?, gate?, up?, down?);
+        let n = domains.shape[0];
         let mut out = Vec::with_capacity(n * down.shape[0]);
         for e in 0..n {
-            let d = embeddings.row(e);
-            let hidden: Vec<f64> = (0..gate.shape[0])
-                .map(|j| {
-                    let g = dot(gate.row(j), d);
-                    let u = dot(up.row(j), d);
-                    g / (1.0 + (-g).exp()) * u
-                })
-                .collect();
+            let hidden = swiglu_features(&gate, &up, domains.row(e));
             out.extend((0..down.shape[0]).map(|i| {
                 let r: f64 = down
                     .row(i)
@@ -109,6 +94,17 @@ impl ProjectedRouter {
         }
         Ok(HostTensor::new(vec![n, down.shape[0]], out))
     }
+}
+
+/// `silu(gate d) * (up d)` for one input `d`, in f64: the hidden layer of a SwiGLU block
+/// whose `gate` and `up` are `[width, input]`.
+pub fn swiglu_features(gate: &HostTensor, up: &HostTensor, d: &[f32]) -> Vec<f64> {
+    (0..gate.shape[0])
+        .map(|j| {
+            let g = dot(gate.row(j), d);
+            g / (1.0 + (-g).exp()) * dot(up.row(j), d)
+        })
+        .collect()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {

@@ -645,8 +645,8 @@ pub fn splitmix64(state: &mut u64) -> u64 {
 }
 
 /// `n` samples of `N(0, std^2)`: SplitMix64 supplies uniform bits, Box-Muller turns each
-/// pair into two normals.
-fn normal_samples(seed: u64, std: f32, n: usize) -> Vec<f32> {
+/// pair into two normals. The values of [`WeightExpr::Random`].
+pub fn normal_samples(seed: u64, std: f32, n: usize) -> Vec<f32> {
     let mut state = seed;
     let mut uniform = move || {
         let z = splitmix64(&mut state);

@@ -31,8 +31,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use upmix_ir::{
-    DType, FeedForward, Graph, HostTensor, Module, Op, ProjectedRouter, Router, Weight, WeightExpr,
-    WeightId,
+    normal_samples, DType, FeedForward, Graph, HostTensor, Module, Op, ProjectedRouter, Router,
+    Weight, WeightExpr, WeightId,
 };
 
 use crate::align::{same_settings, settings};
@@ -440,20 +440,9 @@ impl AddExpert {
                     let rms = (rows.data.iter().map(|x| x * x).sum::<f32>()
                         / rows.data.len().max(1) as f32)
                         .sqrt();
-                    let w = Weight {
-                        name: String::new(),
-                        shape: vec![1, rows.shape[1]],
-                        dtype: DType::F32,
-                        expr: WeightExpr::Random {
-                            seed: seed.wrapping_add(i as u64),
-                            std: std.unwrap_or(rms),
-                        },
-                    };
-                    let mut t = upmix_ir::WeightTable::new();
-                    let id = t.add(w).map_err(weight_err(self.name()))?;
-                    out.push(Row::Plain(
-                        t.materialize(id).map_err(weight_err(self.name()))?.data,
-                    ));
+                    let seed = seed.wrapping_add(i as u64);
+                    let row = normal_samples(seed, std.unwrap_or(rms), rows.shape[1]);
+                    out.push(Row::Plain(row));
                 }
                 Ok(out)
             }

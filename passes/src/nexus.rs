@@ -36,8 +36,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use upmix_ir::{
-    DType, FeedForward, Graph, HostTensor, Module, Op, ProjectedRouter, Weight, WeightExpr,
-    WeightId,
+    normal_samples, swiglu_features, DType, FeedForward, Graph, HostTensor, Module, Op,
+    ProjectedRouter, Weight, WeightExpr, WeightId,
 };
 
 use crate::pass::{graph, weight_err, PassContext, PassError};
@@ -181,19 +181,13 @@ pub(crate) struct Fit {
 /// (`[experts][hidden]`).
 pub(crate) fn fit(domains: &[Vec<f32>], centroids: &[Vec<f32>], width: usize, seed: u64) -> Fit {
     let (n, embed, hidden) = (domains.len(), domains[0].len(), centroids[0].len());
-    let draw = |seed: u64| {
-        let w = Weight {
-            name: String::new(),
-            shape: vec![width, embed],
-            dtype: DType::F32,
-            expr: WeightExpr::Random { seed, std: 1.0 },
-        };
-        let mut t = upmix_ir::WeightTable::new();
-        let id = t.add(w).expect("a random weight is always valid");
-        t.materialize(id).expect("random weights are finite")
-    };
+    let draw =
+        |seed: u64| HostTensor::new(vec![width, embed], normal_samples(seed, 1.0, width * embed));
     let (gate, up) = (draw(seed), draw(seed ^ 0x9e37_79b9_7f4a_7c15));
-    let features: Vec<Vec<f64>> = domains.iter().map(|d| swiglu(&gate, &up, d)).collect();
+    let features: Vec<Vec<f64>> = domains
+        .iter()
+        .map(|d| swiglu_features(&gate, &up, d))
+        .collect();
     // alpha = (H H^T + lambda I)^-1 C: [experts][hidden]
     let mut gram: Vec<Vec<f64>> = (0..n)
         .map(|i| (0..n).map(|j| dot(&features[i], &features[j])).collect())
@@ -217,18 +211,6 @@ pub(crate) fn fit(domains: &[Vec<f32>], centroids: &[Vec<f32>], width: usize, se
         up,
         down: HostTensor::new(vec![hidden, width], down),
     }
-}
-
-/// `silu(gate d) * up d`, in f64.
-fn swiglu(gate: &HostTensor, up: &HostTensor, d: &[f32]) -> Vec<f64> {
-    let d: Vec<f64> = d.iter().map(|&x| x as f64).collect();
-    (0..gate.shape[0])
-        .map(|j| {
-            let row = |t: &HostTensor| t.row(j).iter().map(|&x| x as f64).collect::<Vec<_>>();
-            let g = dot(&row(gate), &d);
-            g / (1.0 + (-g).exp()) * dot(&row(up), &d)
-        })
-        .collect()
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
