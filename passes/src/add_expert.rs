@@ -205,37 +205,10 @@ impl AddExpert {
     fn slots(&self, m: &Module) -> Result<Vec<Slot>, PassError> {
         let moe = graph(m, self.name(), &self.model)?;
         let dense = graph(m, self.name(), &self.expert)?;
-        let (a, b) = (
+        self.same_hyperparams(
             Hyperparams::of(moe, &m.weights),
             Hyperparams::of(dense, &m.weights),
-        );
-        if a.experts == 0 {
-            return Err(self.invalid(format!(
-                "`{}` has no mixture of experts to add an expert to",
-                self.model
-            )));
-        }
-        if b.experts != 0 {
-            return Err(self.mismatch(format!(
-                "`{}` is itself a mixture of experts; the new expert must be a dense model",
-                self.expert
-            )));
-        }
-        let dense_hp = Hyperparams {
-            experts: a.experts,
-            ffn: a.ffn,
-            ..b
-        };
-        if let Some(d) = first_difference((&self.model, &a), (&self.expert, &dense_hp)) {
-            return Err(self.mismatch(format!("`{}` is another architecture: {d}", self.expert)));
-        }
-        if a.ffn != b.ffn {
-            return Err(self.mismatch(format!(
-                "the experts of `{}` have an FFN size of {}, `{}`'s FFN has {}: a new expert \
-                 must have the experts' size (those of a fine-grained MoE are slices of an FFN)",
-                self.model, a.ffn, self.expert, b.ffn
-            )));
-        }
+        )?;
         let order = |g: &Graph| g.topo_order().unwrap_or_else(|_| g.node_ids());
         let (moe_nodes, dense_nodes) = (order(moe), order(dense));
         if moe_nodes.len() != dense_nodes.len() {
@@ -267,10 +240,9 @@ impl AddExpert {
                     });
                     layer += 1;
                 }
-                // A dense layer of the MoE stays the MoE's: the new model's must agree.
-                (x @ Op::FeedForward(_), y @ Op::FeedForward(_)) | (x, y)
-                    if same_settings(x, y) =>
-                {
+                // Every other op, a dense FFN of the MoE included, stays the MoE's: the new
+                // model's must agree.
+                (x, y) if same_settings(x, y) => {
                     if matches!(x, Op::FeedForward(_)) {
                         layer += 1;
                     }
@@ -299,6 +271,40 @@ impl AddExpert {
             self.agree(m, (&node, &label), (a, b), tolerance)?;
         }
         Ok(slots)
+    }
+
+    /// Checks the hyperparameters of the MoE (`a`) and the dense model (`b`): the MoE has
+    /// experts, the dense model none, and the rest agree, the experts' FFN size with the
+    /// dense FFN's.
+    fn same_hyperparams(&self, a: Hyperparams, b: Hyperparams) -> Result<(), PassError> {
+        if a.experts == 0 {
+            return Err(self.invalid(format!(
+                "`{}` has no mixture of experts to add an expert to",
+                self.model
+            )));
+        }
+        if b.experts != 0 {
+            return Err(self.mismatch(format!(
+                "`{}` is itself a mixture of experts; the new expert must be a dense model",
+                self.expert
+            )));
+        }
+        let dense_hp = Hyperparams {
+            experts: a.experts,
+            ffn: a.ffn,
+            ..b
+        };
+        if let Some(d) = first_difference((&self.model, &a), (&self.expert, &dense_hp)) {
+            return Err(self.mismatch(format!("`{}` is another architecture: {d}", self.expert)));
+        }
+        if a.ffn != b.ffn {
+            return Err(self.mismatch(format!(
+                "the experts of `{}` have an FFN size of {}, `{}`'s FFN has {}: a new expert \
+                 must have the experts' size (those of a fine-grained MoE are slices of an FFN)",
+                self.model, a.ffn, self.expert, b.ffn
+            )));
+        }
+        Ok(())
     }
 
     /// Checks that tensor `label` of node `node` has one shape in both models.
