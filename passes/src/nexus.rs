@@ -159,7 +159,7 @@ pub(crate) fn tokenizer_model<'a>(
 }
 
 /// The node whose output is the final hidden state: the last norm before the lm head.
-fn final_hidden(g: &Graph) -> Option<String> {
+pub(crate) fn final_hidden(g: &Graph) -> Option<String> {
     let order = g.topo_order().unwrap_or_else(|_| g.node_ids());
     order
         .into_iter()

@@ -78,6 +78,9 @@ impl Default for RouterInit {
 /// Router rows whose cosine similarity exceeds this are reported as nearly collinear.
 const COLLINEAR_COSINE: f32 = 0.95;
 
+/// Vectors of one hidden-state width: one per expert, or one per node.
+type Rows = Vec<Vec<f32>>;
+
 /// How hidden states of one sequence are pooled over its positions.
 #[derive(Clone, Copy)]
 pub(crate) enum Pool {
@@ -254,6 +257,23 @@ impl RouterInit {
         layers: &[usize],
         default_model: &str,
     ) -> Result<Vec<Vec<Vec<f32>>>, PassError> {
+        let (rows, _) =
+            self.activation_rows_and(m, cx, pass, (experts, layers, default_model), &[])?;
+        Ok(rows)
+    }
+
+    /// [`RouterInit::activation_rows`], and in the same forward passes the pooled,
+    /// normalised hidden states at the nodes `extra` of the same model, per expert
+    /// (`[expert][extra node][hidden]`; Nexus embeds its domains this way when the base
+    /// model is the embedder).
+    pub(crate) fn activation_rows_and(
+        &self,
+        m: &Module,
+        cx: &mut PassContext,
+        pass: &str,
+        (experts, layers, default_model): (&[String], &[usize], &str),
+        extra: &[String],
+    ) -> Result<(Vec<Rows>, Vec<Rows>), PassError> {
         let invalid = |message: String| PassError::Invalid {
             pass: pass.to_string(),
             message,
@@ -276,6 +296,7 @@ impl RouterInit {
                     .ok_or_else(|| invalid(format!("model `{model}` has no decoder layer {l}")))
             })
             .collect::<Result<_, _>>()?;
+        let nodes: Vec<String> = nodes.into_iter().chain(extra.iter().cloned()).collect();
         let bos = g.meta.bos_token_id;
         let Some(provider) = cx.runtimes.as_deref_mut() else {
             return Err(invalid(
@@ -298,8 +319,9 @@ impl RouterInit {
                 .collect()
         };
 
-        // rows[expert][layer][hidden]
+        // rows[expert][layer][hidden], extras[expert][extra node][hidden]
         let mut rows: Vec<Vec<Vec<f32>>> = Vec::with_capacity(experts.len());
+        let mut extras = Vec::with_capacity(experts.len());
         for e in experts {
             let per_layer = match self {
                 RouterInit::Hidden {
@@ -341,7 +363,9 @@ impl RouterInit {
                 }
                 _ => return Err(invalid("only activation modes run a model".into())),
             };
-            rows.push(per_layer.into_iter().map(normalized).collect());
+            let mut per_layer: Vec<Vec<f32>> = per_layer.into_iter().map(normalized).collect();
+            extras.push(per_layer.split_off(layers.len()));
+            rows.push(per_layer);
         }
         // Transpose to [layer][expert][hidden] and look for near-collinear rows.
         let by_layer: Vec<Vec<Vec<f32>>> = (0..layers.len())
@@ -357,7 +381,7 @@ impl RouterInit {
                 ));
             }
         }
-        Ok(by_layer)
+        Ok((by_layer, extras))
     }
 }
 

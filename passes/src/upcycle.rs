@@ -122,23 +122,26 @@ impl Pass for Upcycle {
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
         let plan = self.plan(m, cx)?;
-        // Router rows computed from activations, per MoE layer, when the mode needs them.
-        let mut activation_rows = match self.router.needs_runtime() {
-            true => {
-                let rows = self.router.activation_rows(
-                    m,
-                    cx,
-                    self.name(),
-                    &self.experts,
-                    &plan.moe_layers,
-                    self.default_router_model(),
-                )?;
-                plan.moe_layers.iter().copied().zip(rows).collect()
-            }
-            false => HashMap::new(),
+        // Router rows computed from activations, per MoE layer, when the mode needs them;
+        // when the base model embeds a Nexus router's domains, in the same forward passes.
+        let joint = self.joint_embedding_node(m)?;
+        let (rows, embedded) = match self.router.needs_runtime() {
+            true => self.router.activation_rows_and(
+                m,
+                cx,
+                self.name(),
+                (&self.experts, &plan.moe_layers, self.default_router_model()),
+                joint.as_slice(),
+            )?,
+            false => (Vec::new(), Vec::new()),
         };
+        let mut activation_rows: HashMap<usize, Vec<Vec<f32>>> =
+            plan.moe_layers.iter().copied().zip(rows).collect();
         let domains = match &self.router {
-            RouterInit::Nexus(nexus) => Some(self.domains(m, cx, nexus)?),
+            RouterInit::Nexus(nexus) => {
+                let embedded = joint.map(|_| embedded.into_iter().flatten().collect());
+                Some(self.domains(m, cx, nexus, embedded)?)
+            }
             _ => None,
         };
 
@@ -247,6 +250,9 @@ impl Upcycle {
         let layers = layer_range(self.name(), self.layers.as_deref())?;
         self.router.check(self.name(), &self.experts)?;
         if let RouterInit::Nexus(nexus) = &self.router {
+            if nexus.width == Some(0) {
+                return Err(self.invalid("router Nexus: width must be at least 1".into()));
+            }
             let base = self.default_router_model();
             let embedder = nexus.embedder.as_deref().unwrap_or(base);
             nexus::tokenizer_model(m, self.name(), embedder, base)?;
@@ -372,32 +378,41 @@ impl Upcycle {
         Ok(Router::Rows(router))
     }
 
-    /// A Nexus router's domain embeddings, one per expert model, added to `m` as one
-    /// weight shared by every layer.
+    /// The node whose pooled output embeds a Nexus router's domains, when the model that
+    /// computes the centroids (the base) is also the embedder.
+    fn joint_embedding_node(&self, m: &Module) -> Result<Option<String>, PassError> {
+        let base = self.default_router_model();
+        match &self.router {
+            RouterInit::Nexus(n) if n.embedder.as_deref().is_none_or(|e| e == base) => {
+                Ok(nexus::final_hidden(graph(m, self.name(), base)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A Nexus router's domain embeddings, one per expert model (`embedded` when already
+    /// computed with the centroids), added to `m` as one weight shared by every layer.
     fn domains(
         &self,
         m: &mut Module,
         cx: &mut PassContext,
         nexus: &NexusRouter,
+        embedded: Option<Vec<Vec<f32>>>,
     ) -> Result<Domains, PassError> {
-        if nexus.width == Some(0) {
-            return Err(self.invalid("router Nexus: width must be at least 1".into()));
-        }
-        let base = self.default_router_model();
-        let embedder = nexus.embedder.as_deref().unwrap_or(base);
-        let texts: Vec<PathBuf> = self
-            .experts
-            .iter()
-            .map(|e| nexus.texts[e].clone())
-            .collect();
-        let values = nexus::domain_embeddings(
-            m,
-            cx,
-            self.name(),
-            (embedder, base),
-            &texts,
-            nexus.windows(),
-        )?;
+        let values = match embedded {
+            Some(values) => values,
+            None => {
+                let base = self.default_router_model();
+                let embedder = nexus.embedder.as_deref().unwrap_or(base);
+                let texts: Vec<PathBuf> = self
+                    .experts
+                    .iter()
+                    .map(|e| nexus.texts[e].clone())
+                    .collect();
+                let (models, windows) = ((embedder, base), nexus.windows());
+                nexus::domain_embeddings(m, cx, self.name(), models, &texts, windows)?
+            }
+        };
         let (n, embed) = (values.len(), values[0].len());
         let tensor = HostTensor::new(vec![n, embed], values.concat());
         let id = m
