@@ -209,3 +209,31 @@ impl std::fmt::Display for DType {
         f.write_str(self.name())
     }
 }
+
+/// A name that is no [`DType`]'s (see [`DType::name`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown dtype `{0}` (expected one of f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k, int8_channel)")]
+pub struct ParseDTypeError(pub String);
+
+/// The inverse of `Display`: `"q4_0".parse::<DType>()`.
+impl std::str::FromStr for DType {
+    type Err = ParseDTypeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DType::parse(s).ok_or_else(|| ParseDTypeError(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DType;
+
+    #[test]
+    fn every_dtype_parses_from_its_display() {
+        for d in DType::ALL {
+            assert_eq!(d.to_string().parse::<DType>(), Ok(d));
+        }
+        let err = "q3_k".parse::<DType>().unwrap_err();
+        assert!(err.to_string().contains("unknown dtype `q3_k`"), "{err}");
+    }
+}

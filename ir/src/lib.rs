@@ -21,7 +21,7 @@ mod verify;
 mod weights;
 
 pub use builder::{DecoderBlock, GraphBuilder, ParallelBlock};
-pub use dtype::DType;
+pub use dtype::{DType, ParseDTypeError};
 pub use finite::NonFinite;
 pub use graph::{Edge, Graph, ModelMeta, Node, NodeId};
 pub use module::Module;
@@ -34,7 +34,7 @@ pub use router::{swiglu_features, ProjectedRouter, Router};
 pub use runtime::{
     LogLikelihood, LossGradients, RouterLosses, Runtime, RuntimeError, TokenScores, TrainingRuntime,
 };
-pub use sparsity::{Pattern, PruneRule};
+pub use sparsity::{ParsePatternError, Pattern, PruneRule};
 pub use tensor::HostTensor;
 pub use verify::{verify, VerifyError, VerifyErrors};
 pub use weights::{

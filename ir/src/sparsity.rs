@@ -36,6 +36,30 @@ impl std::fmt::Display for Pattern {
     }
 }
 
+/// Text that is no [`Pattern`]'s `Display` form.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a pruning pattern (expected `S per row`, `S per tensor` or `N:M`)")]
+pub struct ParsePatternError(pub String);
+
+/// The inverse of `Display`: `0.5 per row`, `0.5 per tensor`, `2:4`.
+impl std::str::FromStr for Pattern {
+    type Err = ParsePatternError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParsePatternError(s.trim().to_string());
+        if let Some((n, m)) = s.split_once(':') {
+            let n = n.trim().parse().map_err(|_| bad())?;
+            let m = m.trim().parse().map_err(|_| bad())?;
+            return Ok(Pattern::NofM { n, m });
+        }
+        match s.split_whitespace().collect::<Vec<_>>()[..] {
+            [v, "per", "row"] => v.parse().map(Pattern::Row).map_err(|_| bad()),
+            [v, "per", "tensor"] => v.parse().map(Pattern::Tensor).map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// How a pruned weight is derived from its operand.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PruneRule {
@@ -177,6 +201,24 @@ mod tests {
         };
         rule.apply(&mut v, 2);
         assert_eq!(v, [1.0, 0.0]);
+    }
+
+    #[test]
+    fn patterns_parse_from_their_display() {
+        for p in [
+            Pattern::Row(0.5),
+            Pattern::Tensor(0.125),
+            Pattern::Row(1e-20),
+            Pattern::NofM { n: 2, m: 4 },
+        ] {
+            assert_eq!(p.to_string().parse::<Pattern>(), Ok(p));
+        }
+        assert_eq!(
+            " 2 : 4 ".parse::<Pattern>(),
+            Ok(Pattern::NofM { n: 2, m: 4 })
+        );
+        assert!("0.5 per column".parse::<Pattern>().is_err());
+        assert!("2:x".parse::<Pattern>().is_err());
     }
 
     #[test]
