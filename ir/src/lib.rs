@@ -16,6 +16,7 @@ pub mod quant;
 mod router;
 mod runtime;
 mod sparsity;
+mod structural;
 mod tensor;
 mod verify;
 mod weights;
@@ -35,6 +36,7 @@ pub use runtime::{
     LogLikelihood, LossGradients, RouterLosses, Runtime, RuntimeError, TokenScores, TrainingRuntime,
 };
 pub use sparsity::{ParsePatternError, Pattern, PruneRule};
+pub use structural::structural_diff;
 pub use tensor::HostTensor;
 pub use verify::{verify, VerifyError, VerifyErrors};
 pub use weights::{
