@@ -4,6 +4,10 @@
 //! [`WeightTable`]. Frontends build modules from checkpoints, passes rewrite them, backends
 //! execute or emit them. This crate knows no file format's tensor names and no tensor
 //! library: weights are lazy expressions materialised on demand as [`HostTensor`]s.
+//!
+//! Modules have a text form both ways: [`print_module`] writes it (and [`print_graph`] one
+//! graph of it, for reading), [`parse_module`] reads it back, and [`structural_diff`] says
+//! whether two modules are the same model (see the printer's module docs for the syntax).
 
 mod builder;
 mod dtype;
@@ -11,6 +15,7 @@ mod finite;
 mod graph;
 mod module;
 mod op;
+mod parse;
 mod print;
 pub mod quant;
 mod router;
@@ -30,7 +35,8 @@ pub use op::{
     Attention, FeedForward, MixtureOfAttention, MixtureOfExperts, Op, QkNorm, Rope, RopePairs,
     RopeScaling, Routing, SharedExpert,
 };
-pub use print::print_graph;
+pub use parse::{parse_module, ParseError};
+pub use print::{print_graph, print_module};
 pub use router::{swiglu_features, ProjectedRouter, Router};
 pub use runtime::{
     LogLikelihood, LossGradients, RouterLosses, Runtime, RuntimeError, TokenScores, TrainingRuntime,
