@@ -22,7 +22,7 @@ use upmix_passes::divergence::{
     continuations, divergences, summarize, DivergenceSummary, PromptDivergence, DEFAULT_BATCH,
 };
 
-use crate::pipeline::tokenizer_of;
+use crate::eval::tokenizer_of;
 
 /// The prompts of a prompts file: one per line; blank lines are skipped.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>> {

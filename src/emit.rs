@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use upmix_backends::emit::{emit_gguf, emit_hf, GgufEmitOptions, HfEmitOptions, MoeLayout};
+use upmix_emit::{emit_gguf, emit_hf, GgufEmitOptions, HfEmitOptions, MoeLayout};
 use upmix_ir::Module;
 
 /// A checkpoint to write.
@@ -54,6 +54,18 @@ pub enum Emit {
 }
 
 impl Emit {
+    /// The directory or file written.
+    pub fn path(&self) -> &Path {
+        let (Emit::Hf { dir: path, .. } | Emit::Gguf { file: path, .. }) = self;
+        path
+    }
+
+    /// The model written.
+    pub fn model(&self) -> &str {
+        let (Emit::Hf { model, .. } | Emit::Gguf { model, .. }) = self;
+        model
+    }
+
     /// The emit with its path passed through `resolve`.
     pub fn resolved(mut self, resolve: &dyn Fn(&Path) -> PathBuf) -> Emit {
         let (Emit::Hf { dir: path, .. } | Emit::Gguf { file: path, .. }) = &mut self;
@@ -64,7 +76,7 @@ impl Emit {
 
 /// A progress bar with bytes/s on stderr (hidden when stderr is not a terminal), and the
 /// callback that drives it.
-fn progress_bar(model: &str) -> (indicatif::ProgressBar, Arc<upmix_backends::emit::Progress>) {
+fn progress_bar(model: &str) -> (indicatif::ProgressBar, Arc<upmix_emit::Progress>) {
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "emit {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",

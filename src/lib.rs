@@ -1,12 +1,13 @@
 //! upmix: a checkpoint compiler for dense LLM checkpoints.
 //!
 //! Checkpoints are lowered by [`frontend`] into the [`ir`], rewritten by [`passes`],
-//! executed and written by [`backends`]. [`pipeline`] runs a RON pipeline file through all
+//! executed by [`backends`] and written by [`emitters`]. [`pipeline`] runs a RON pipeline file through all
 //! of them; the `upmix` binary is a thin CLI over this crate.
 
 pub mod check;
 pub mod dtm;
 pub mod emit;
+pub mod eval;
 pub mod interrupt;
 pub mod loss_curve;
 pub mod pipeline;
@@ -14,6 +15,7 @@ pub mod sensitivity;
 pub mod storage;
 
 pub use upmix_backends as backends;
+pub use upmix_emit as emitters;
 
 use upmix_backends::{load_runtime_with, Activations, BackendError, DeviceSpec, RuntimeOptions};
 
@@ -33,6 +35,21 @@ impl From<DeviceSpec> for Exec {
             activations: Activations::Float,
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: a cause whose text the message
+/// before it already shows (an error type that prints its source in its own message) is
+/// not repeated.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// Parses `float` or `ggml`.

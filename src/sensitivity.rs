@@ -16,7 +16,7 @@ use upmix_passes::sensitivity::{Compression, SensitivityTable, Sweep};
 use upmix_passes::{calibration_norms, ActivationNorms};
 
 use crate::dtm::{base_continuations, encode_prompts, read_prompts};
-use crate::pipeline::tokenizer_of;
+use crate::eval::tokenizer_of;
 
 /// What to sweep.
 pub struct SensitivityOptions {

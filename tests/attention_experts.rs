@@ -3,8 +3,8 @@
 mod common;
 
 use common::{device, golden, golden_dir, ids, tolerance};
-use upmix::backends::emit::{emit_hf, HfEmitOptions};
 use upmix::backends::load_runtime;
+use upmix::emitters::{emit_hf, HfEmitOptions};
 use upmix::frontend::SafetensorsFile;
 use upmix::ir::{HostTensor, Module, Op};
 use upmix::passes::{

@@ -587,7 +587,7 @@ fn emitting_a_mixtral_without_experts_is_a_clear_error() {
     }
     let out = tmp.path().join("api");
     let msg = no_panic_no_output(tmp.path(), "emit", || {
-        upmix::backends::emit::emit_hf(&m, "m", &out, &Default::default())
+        upmix::emitters::emit_hf(&m, "m", &out, &Default::default())
             .unwrap_err()
             .to_string()
     });

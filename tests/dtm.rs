@@ -430,7 +430,7 @@ fn base_continuations_are_cached_by_model_content() {
         method: PruneMethod::Magnitude,
         scope: None,
         targets: vec![upmix::passes::PruneTarget {
-            select: vec!["ffn.up".into()],
+            select: vec!["ffn.up".parse().unwrap()],
             layers: None,
             sparsity: Some(0.5),
             pattern: None,

@@ -66,9 +66,9 @@ fn a_quantize_sweep_measures_what_the_quantize_pass_gives() {
                 into: None,
                 dtype: None,
                 targets: vec![QuantizeTarget {
-                    select: vec![row.component.clone()],
+                    select: vec![row.component.parse().unwrap()],
                     layers: None,
-                    dtype: row.pattern.clone(),
+                    dtype: row.pattern.parse().unwrap(),
                 }],
                 ignore: Vec::new(),
             },

@@ -7,8 +7,8 @@ mod common;
 use std::path::Path;
 
 use common::{device, load, load_all, run_pass};
-use upmix::backends::emit::{emit_gguf, emit_hf, GgufEmitOptions, HfEmitOptions};
 use upmix::backends::load_runtime;
+use upmix::emitters::{emit_gguf, emit_hf, GgufEmitOptions, HfEmitOptions};
 use upmix::frontend::{gguf_tokenizer_metadata, GgufFile};
 use upmix::ir::{DType, Module};
 use upmix::passes::{Quantize, QuantizeTarget, Upcycle};
@@ -45,11 +45,11 @@ fn quantize_all(model: &str, dtype: &str) -> Quantize {
     Quantize {
         model: model.into(),
         into: None,
-        dtype: Some(dtype.into()),
+        dtype: Some(dtype.parse().unwrap()),
         targets: vec![QuantizeTarget {
-            select: vec!["embed".into(), "lm_head".into()],
+            select: vec!["embed".parse().unwrap(), "lm_head".parse().unwrap()],
             layers: None,
-            dtype: dtype.into(),
+            dtype: dtype.parse().unwrap(),
         }],
         ignore: Vec::new(),
     }

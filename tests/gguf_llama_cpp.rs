@@ -30,7 +30,7 @@ fn write(name: &str, dir: &Path) -> PathBuf {
     let mut p = Pipeline::read(&ron).unwrap();
     let out = dir.join(format!("{name}.gguf"));
     for e in &mut p.emit {
-        if let Emit::Gguf { file, .. } = e {
+        if let Emit::Gguf { file, .. } = &mut e.value {
             *file = out.clone();
         }
     }

@@ -60,7 +60,7 @@ fn merge_of_llama_and_llama_b() {
     let merge = Merge {
         into: "merged".into(),
         models: vec!["llama".into(), "llama_b".into()],
-        weights: Some(vec![0.3, 0.7]),
+        weights: Some(vec![0.3, 0.7].into()),
         normalize: true,
     };
     let changed = merge.run(&mut m, &mut PassContext::default()).unwrap();

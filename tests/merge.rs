@@ -13,7 +13,7 @@ fn merge(m: &mut Module, models: &[&str], weights: Vec<f32>) {
     pm.add(Box::new(Merge {
         into: "merged".into(),
         models: models.iter().map(|s| s.to_string()).collect(),
-        weights: Some(weights),
+        weights: Some(weights.into()),
         normalize: true,
     }));
     pm.run(m, &mut PassContext::default()).unwrap();

@@ -15,7 +15,7 @@ use std::process::{Command, Output};
 use std::time::Instant;
 
 use common::model_dir;
-use upmix::backends::emit::{write_dir_atomically, EmitError, MANIFEST};
+use upmix::emitters::{write_dir_atomically, EmitError, MANIFEST};
 
 /// A pipeline that loads fixture `model`, optionally casts it, and emits it to `out`.
 fn pipeline(dir: &Path, model: &Path, cast: Option<&str>, out: &Path, extra: &str) -> PathBuf {

@@ -6,15 +6,17 @@ mod common;
 
 use common::{golden, golden_dir, load, safetensors_f32};
 use upmix::ir::{HostTensor, Module};
+use upmix::passes::components::Selector;
+use upmix::passes::settings::NofM;
 use upmix::passes::{PassContext, PassManager, Prune, PruneMethod, PruneTarget, RuntimeProvider};
 use upmix::pipeline::DeviceRuntimes;
 
 fn target(sparsity: Option<f64>, pattern: Option<&str>) -> PruneTarget {
     PruneTarget {
-        select: vec!["attn.*".into(), "ffn.*".into()],
+        select: vec!["attn.*".parse().unwrap(), "ffn.*".parse().unwrap()],
         layers: None,
         sparsity,
-        pattern: pattern.map(str::to_string),
+        pattern: pattern.map(|p| p.parse().unwrap()),
     }
 }
 
@@ -23,7 +25,7 @@ fn prune(method: PruneMethod, scope: Option<&str>, t: PruneTarget) -> Prune {
         model: "m".into(),
         into: Some("p".into()),
         method,
-        scope: scope.map(str::to_string),
+        scope: scope.map(|s| s.parse().unwrap()),
         targets: vec![t],
         ignore: Vec::new(),
     }
@@ -172,7 +174,7 @@ fn wanda_norms_and_masks_match_torch() {
 #[test]
 fn bad_requests_are_clear_errors() {
     let nothing = PruneTarget {
-        select: vec!["ffn.experts.*.gate".into()],
+        select: vec!["ffn.experts.*.gate".parse().unwrap()],
         ..target(Some(0.5), None)
     };
     let err = run(prune(PruneMethod::Magnitude, None, nothing)).unwrap_err();
@@ -186,7 +188,7 @@ fn bad_requests_are_clear_errors() {
     );
 
     let layers = PruneTarget {
-        layers: Some("5..8".into()),
+        layers: Some("5..8".parse().unwrap()),
         ..target(Some(0.5), None)
     };
     let err = run(prune(PruneMethod::Magnitude, None, layers)).unwrap_err();
@@ -199,12 +201,8 @@ fn bad_requests_are_clear_errors() {
             "{err}"
         );
     }
-    let err = run(prune(
-        PruneMethod::Magnitude,
-        None,
-        target(None, Some("4:2")),
-    ))
-    .unwrap_err();
+    // Patterns and selectors are typed when read.
+    let err = "4:2".parse::<NofM>().unwrap_err();
     assert!(err.contains("pattern `4:2` is not N:M with N < M"), "{err}");
     // The fixture's input widths (64, 96) are multiples of 4 but not of 5.
     let err = run(prune(
@@ -224,11 +222,7 @@ fn bad_requests_are_clear_errors() {
     ))
     .unwrap_err();
     assert!(err.contains("give either `sparsity` or `pattern`"), "{err}");
-    let bad_re = PruneTarget {
-        select: vec!["re:(".into()],
-        ..target(Some(0.5), None)
-    };
-    let err = run(prune(PruneMethod::Magnitude, None, bad_re)).unwrap_err();
+    let err = "re:(".parse::<Selector>().unwrap_err();
     assert!(
         err.contains("selector `re:(` is not a valid regular expression"),
         "{err}"
@@ -256,13 +250,13 @@ fn ignore_lists_later_targets_and_layer_ranges_pick_components() {
         targets: vec![
             target(Some(0.5), None),
             PruneTarget {
-                select: vec![r"re:layers\.1\.ffn\.(up|down)".into()],
-                layers: Some("1..2".into()),
+                select: vec![r"re:layers\.1\.ffn\.(up|down)".parse().unwrap()],
+                layers: Some("1..2".parse().unwrap()),
                 sparsity: Some(0.25),
                 pattern: None,
             },
         ],
-        ignore: vec!["attn.o".into(), "layers.0.ffn.*".into()],
+        ignore: vec!["attn.o".parse().unwrap(), "layers.0.ffn.*".parse().unwrap()],
         ..prune(PruneMethod::Magnitude, None, target(Some(0.5), None))
     };
     let m = run(pass).unwrap();
@@ -316,7 +310,7 @@ fn a_pruned_model_is_written_and_read_back_exactly() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pruned");
-    upmix::backends::emit::emit_hf(&m, "p", &out, &Default::default()).unwrap();
+    upmix::emitters::emit_hf(&m, "p", &out, &Default::default()).unwrap();
     let mut back = Module::new();
     upmix::frontend::load(&out, "back", &mut back).unwrap();
     let weights = |m: &Module, g: &str| -> Vec<(String, HostTensor)> {

@@ -121,7 +121,7 @@ fn quantize(dtype: Option<&str>) -> Quantize {
     Quantize {
         model: "llama".into(),
         into: Some("q".into()),
-        dtype: dtype.map(str::to_string),
+        dtype: dtype.map(|d| d.parse().unwrap()),
         targets: Vec::new(),
         ignore: Vec::new(),
     }
@@ -143,11 +143,11 @@ fn types(m: &upmix::ir::Module, g: &str) -> BTreeMap<String, DType> {
 fn quantize_selects_components_and_keeps_the_rest() {
     let mut m = load("llama");
     let mut pass = quantize(Some("q8_0"));
-    pass.ignore = vec!["layers.1.ffn.*".into()];
+    pass.ignore = vec!["layers.1.ffn.*".parse().unwrap()];
     pass.targets = vec![QuantizeTarget {
-        select: vec!["attn.v".into(), "embed".into()],
+        select: vec!["attn.v".parse().unwrap(), "embed".parse().unwrap()],
         layers: None,
-        dtype: "q4_0".into(),
+        dtype: "q4_0".parse().unwrap(),
     }];
     run_pass(&mut m, pass).unwrap();
     let before = types(&m, "llama");
@@ -196,9 +196,9 @@ fn quantize_errors_name_the_problem() {
         (
             Quantize {
                 targets: vec![QuantizeTarget {
-                    select: vec!["attn.x".into()],
+                    select: vec!["attn.x".parse().unwrap()],
                     layers: None,
-                    dtype: "q8_0".into(),
+                    dtype: "q8_0".parse().unwrap(),
                 }],
                 ..quantize(None)
             },
@@ -218,7 +218,7 @@ fn quantize_errors_name_the_problem() {
 /// (scripts/make_llama_cpp_quant_goldens.py).
 #[test]
 fn ggml_blocks_equal_llama_cpps_quantizer() {
-    use upmix::backends::emit::{emit_gguf, GgufEmitOptions};
+    use upmix::emitters::{emit_gguf, GgufEmitOptions};
     use upmix::frontend::{gguf_tokenizer_metadata, GgufFile};
     for dtype in ["q8_0", "q4_0", "q4_1"] {
         let golden =
@@ -226,9 +226,9 @@ fn ggml_blocks_equal_llama_cpps_quantizer() {
         let mut m = load("llama");
         let pass = Quantize {
             targets: vec![QuantizeTarget {
-                select: vec!["embed".into(), "lm_head".into()],
+                select: vec!["embed".parse().unwrap(), "lm_head".parse().unwrap()],
                 layers: None,
-                dtype: dtype.into(),
+                dtype: dtype.parse().unwrap(),
             }],
             ..quantize(Some(dtype))
         };

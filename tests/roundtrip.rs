@@ -8,7 +8,7 @@ use std::path::Path;
 
 use common::{golden, load, FIXTURES};
 use sha2::{Digest, Sha256};
-use upmix::backends::emit::{emit_hf, HfEmitOptions};
+use upmix::emitters::{emit_hf, HfEmitOptions};
 use upmix::ir::Module;
 
 fn sha256(path: &Path) -> String {

@@ -425,8 +425,8 @@ fn divergent_token_metrics_of_a_pruned_model_match_transformers() {
         method: PruneMethod::Magnitude,
         scope: None,
         targets: vec![PruneTarget {
-            select: vec!["attn.*".into(), "ffn.*".into()],
-            layers: Some(format!("{start}..{end}")),
+            select: vec!["attn.*".parse().unwrap(), "ffn.*".parse().unwrap()],
+            layers: Some(format!("{start}..{end}").parse().unwrap()),
             sparsity: Some(p["sparsity"].as_f64().unwrap()),
             pattern: None,
         }],

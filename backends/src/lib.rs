@@ -9,7 +9,6 @@
 //! - [`error`] holds [`BackendError`].
 
 pub mod device;
-pub mod emit;
 pub mod error;
 pub mod runtime;
 

@@ -38,3 +38,20 @@ pub fn load(path: &Path, name: &str, module: &mut upmix_ir::Module) -> Result<()
         load_hf(path, name, module)
     }
 }
+
+/// The layer count a checkpoint declares (`num_hidden_layers` of an HF config, a GGUF
+/// file's `block_count`), read from its header alone; `None` when it cannot be read
+/// (loading the checkpoint then says why).
+pub fn layer_count(path: &Path) -> Option<usize> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let gguf = GgufFile::open(path).ok()?;
+        let arch = gguf.get("general.architecture")?.as_str()?.to_string();
+        gguf.get(&format!("{arch}.block_count"))?
+            .as_u64()
+            .map(|n| n as usize)
+    } else {
+        HfConfig::read(&path.join("config.json"))
+            .ok()
+            .map(|c| c.num_hidden_layers)
+    }
+}

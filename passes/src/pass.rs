@@ -1,16 +1,39 @@
 //! The `Pass` trait, its context and errors.
 
+use std::path::{Path, PathBuf};
+
 use thiserror::Error;
 use upmix_ir::{
     Graph, Module, NonFinite, Runtime, RuntimeError, TrainingRuntime, VerifyErrors, WeightError,
     WeightId,
 };
 
-/// A rewrite over a [`Module`].
-pub trait Pass {
-    /// The pass's name; equals its variant name in pipeline files.
+use crate::settings::{ModelLayers, SettingError};
+
+/// A pass's name, equal to its variant name in pipeline files; given to each pass by its
+/// line in the registry.
+pub trait PassName {
     fn name(&self) -> &'static str;
 
+    /// An error in the pass's settings or inputs, naming the pass.
+    fn invalid(&self, message: String) -> PassError {
+        PassError::Invalid {
+            pass: self.name().into(),
+            message,
+        }
+    }
+
+    /// Models the pass combines that do not match, naming the pass.
+    fn mismatch(&self, message: String) -> PassError {
+        PassError::Mismatch {
+            pass: self.name().into(),
+            message,
+        }
+    }
+}
+
+/// A rewrite over a [`Module`].
+pub trait Pass: PassName {
     /// Rewrites `m`; returns the names of the graphs it created or changed.
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError>;
 
@@ -18,6 +41,26 @@ pub trait Pass {
     /// NaN and Inf before running it (default: none).
     fn reads(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Checks the settings against what is known of the models before any is loaded
+    /// (their layer counts), and records the layers of the models the pass creates, for
+    /// the passes after it (default: nothing to check, nothing created).
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        let _ = models;
+        Ok(())
+    }
+
+    /// Makes the paths in the settings absolute with `resolve` (a pipeline resolves paths
+    /// against its own directory); default: the pass takes no paths.
+    fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        let _ = resolve;
+    }
+
+    /// Asks the pass to continue from its latest checkpoint; returns whether it keeps
+    /// checkpoints to continue from (default: no).
+    fn resume(&mut self) -> bool {
+        false
     }
 }
 
@@ -141,27 +184,6 @@ pub fn weight_err(pass: &str) -> impl Fn(WeightError) -> PassError + '_ {
     move |source| PassError::Weight {
         pass: pass.to_string(),
         source,
-    }
-}
-
-/// A pass's `layers` field (`"0..8"`, start < end), if given; another text is an error
-/// naming `pass`.
-pub(crate) fn layer_range(
-    pass: &str,
-    text: Option<&str>,
-) -> Result<Option<std::ops::Range<usize>>, PassError> {
-    let Some(text) = text else {
-        return Ok(None);
-    };
-    let parsed = text
-        .split_once("..")
-        .and_then(|(a, b)| Some(a.trim().parse().ok()?..b.trim().parse().ok()?));
-    match parsed {
-        Some(r) if r.start < r.end => Ok(Some(r)),
-        _ => Err(PassError::Invalid {
-            pass: pass.to_string(),
-            message: format!("layers `{text}` is not a range like `0..8` (start < end)"),
-        }),
     }
 }
 

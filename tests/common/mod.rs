@@ -268,7 +268,7 @@ pub fn plan(table: &std::path::Path, target: upmix::passes::PlanTarget) -> upmix
     upmix::passes::Plan {
         table: table.into(),
         target,
-        statistic: None,
+        statistic: Default::default(),
         fragment: None,
         model: None,
         into: None,

@@ -1,122 +1,24 @@
-//! `Train`: trains selected weights of a model on text, by gradient descent with AdamW.
-//!
-//! The loss is the mean next-token cross-entropy of windows of `seq_len` tokens, plus for
-//! mixtures of experts `load_balance` times the Switch Transformer load-balancing loss and
-//! `z_loss` times the ST-MoE router z-loss (defined at `upmix_ir::RouterLosses`). The data
-//! and the order steps draw it in are module `train_data`'s. Each step averages the
-//! gradients of `grad_accum` batches of `batch` windows, clips their global norm to
-//! `max_grad_norm` (as `torch.nn.utils.clip_grad_norm_`), and takes one AdamW step
-//! (module `adamw`) on the weights `trainable` selects; every other weight is frozen and
-//! keeps its expression, so it is written back byte for byte. Trained weights become f32
-//! literals. The learning rate is constant or, with `schedule: Cosine(warmup: n)`, rises
-//! linearly over `n` steps and then follows a cosine down to zero at the last step.
-//!
-//! Checkpoints (module `train_checkpoint`) hold everything a run needs to continue bit
-//! for bit. A non-finite loss or gradient stops the run before it changes a weight; a
-//! stop request (Ctrl-C) stops it after the step in progress, with a checkpoint. Not
-//! function-preserving.
+//! Running `Train` (module `train` holds its settings): the `Pass` implementation, the
+//! step loop with gradient accumulation, clipping and AdamW, held-out evaluation, and
+//! checkpoints.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use serde::Deserialize;
 use upmix_ir::{HostTensor, Module, RouterLosses, TrainingRuntime, WeightId};
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::components::Selector;
-use crate::pass::{graph, insert_remapped, weight_err, Pass, PassContext, PassError, Progress};
+use crate::pass::{
+    graph, insert_remapped, weight_err, Pass, PassContext, PassError, PassName, Progress,
+};
+use crate::settings::{LearningRate, ModelLayers, SettingError};
+use crate::train::Train;
 use crate::train_checkpoint;
 use crate::train_data::{DataOrder, EvalSet};
 use crate::train_log::StepLog;
-
-/// Pipeline spec: `Train(model: "moe", into: "moe_trained", data: {"code": "code.txt"},
-/// steps: 100, batch: 8, seq_len: 128, trainable: ["*.router"])`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Train {
-    /// The model to train.
-    pub model: String,
-    /// Name of the trained copy; `model` itself is trained when absent.
-    #[serde(default)]
-    pub into: Option<String>,
-    /// Text files by name, tokenized with the model's tokenizer.
-    pub data: BTreeMap<String, PathBuf>,
-    /// Shares of the batch rows by data name (`{"code": 2, "law": 1}`: two code windows
-    /// for every law window, drawn at random); absent: one stream of all the files.
-    #[serde(default)]
-    pub mix: Option<BTreeMap<String, f64>>,
-    /// Start every window with the model's BOS token (the window's first of `seq_len`).
-    #[serde(default)]
-    pub bos: bool,
-    /// Optimizer steps.
-    pub steps: usize,
-    /// Windows per batch.
-    pub batch: usize,
-    /// Tokens per window.
-    pub seq_len: usize,
-    /// Batches whose gradients each step averages (default 1): a step sees
-    /// `batch * grad_accum` windows in the memory of `batch`.
-    #[serde(default)]
-    pub grad_accum: Option<usize>,
-    /// Weights to train, by name: `"all"`, `re:REGEX` on the whole name, or a pattern with
-    /// `*` matching the name or the part after `layers.N.` (`"ffn.router"`,
-    /// `"ffn.experts.*"`). Names are those `upmix inspect` prints.
-    pub trainable: Vec<String>,
-    /// Peak learning rate (default 1e-3).
-    #[serde(default)]
-    pub lr: Option<f64>,
-    #[serde(default)]
-    pub schedule: Schedule,
-    /// AdamW's decoupled weight decay (default 0.01, PyTorch's).
-    #[serde(default)]
-    pub weight_decay: Option<f64>,
-    /// Scale the gradient down to this global L2 norm (over every trained weight) when it
-    /// is larger, before each step (default: no clipping).
-    #[serde(default)]
-    pub max_grad_norm: Option<f64>,
-    /// Weight of the load-balancing loss (default 0.01; mixtures of experts only).
-    #[serde(default)]
-    pub load_balance: Option<f32>,
-    /// Weight of the router z-loss (default 0.001; mixtures of experts only).
-    #[serde(default)]
-    pub z_loss: Option<f32>,
-    /// Seed of the data order (default 0).
-    #[serde(default)]
-    pub seed: u64,
-    /// Held-out text files by name, cut into windows as the data is: their mean
-    /// cross-entropy is measured every `eval_every` steps and after the last, and logged.
-    #[serde(default)]
-    pub eval: Option<BTreeMap<String, PathBuf>>,
-    /// Steps between evaluations of `eval` (default: only after the last step).
-    #[serde(default)]
-    pub eval_every: Option<usize>,
-    /// A CSV file for the loss curve: per step the seconds of training so far, learning
-    /// rate, loss, cross-entropy, load balancing, z-loss, gradient norm (before clipping)
-    /// and each `eval` cross-entropy. Rewritten with every checkpoint and at the end.
-    #[serde(default)]
-    pub log: Option<PathBuf>,
-    /// A directory for checkpoints (`step-N.ckpt`): written every `checkpoint_every`
-    /// steps, after the last, and when a run is stopped.
-    #[serde(default)]
-    pub checkpoint: Option<PathBuf>,
-    #[serde(default)]
-    pub checkpoint_every: Option<usize>,
-    /// Continue from the latest checkpoint in `checkpoint`, bit for bit as if the run had
-    /// not stopped (the same pass, model, data and settings); from the start if none.
-    #[serde(default)]
-    pub resume: bool,
-}
-
-/// How the learning rate moves over the steps.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-pub enum Schedule {
-    #[default]
-    Constant,
-    /// Linear warmup over `warmup` steps, then a cosine down to zero.
-    Cosine { warmup: usize },
-}
 
 /// A run's state: what a checkpoint holds.
 pub(crate) type State = train_checkpoint::TrainState<DataOrder, StepLog>;
@@ -129,29 +31,6 @@ struct Data {
 }
 
 impl Train {
-    pub(crate) fn invalid(&self, message: String) -> PassError {
-        PassError::Invalid {
-            pass: "Train".into(),
-            message,
-        }
-    }
-
-    /// The learning rate of step `step` (0-based).
-    pub fn lr_at(&self, step: usize) -> f64 {
-        let peak = self.lr.unwrap_or(1e-3);
-        match self.schedule {
-            Schedule::Constant => peak,
-            Schedule::Cosine { warmup } if step < warmup => {
-                peak * (step + 1) as f64 / warmup as f64
-            }
-            Schedule::Cosine { warmup } => {
-                let span = self.steps.saturating_sub(warmup).max(1) as f64;
-                let t = (step - warmup) as f64 / span;
-                peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-            }
-        }
-    }
-
     /// The trainable weights of `model`, by the selectors.
     fn trainable(&self, m: &Module) -> Result<Vec<WeightId>, PassError> {
         let g = graph(m, "Train", &self.model)?;
@@ -191,53 +70,6 @@ impl Train {
             return Err(self.invalid("`trainable` is empty: nothing to train".into()));
         }
         Ok(chosen)
-    }
-
-    fn check(&self) -> Result<(), PassError> {
-        if self.steps == 0 || self.batch == 0 || self.seq_len < 2 {
-            return Err(self.invalid(
-                "`steps` and `batch` must be at least 1 and `seq_len` at least 2".into(),
-            ));
-        }
-        if self.grad_accum == Some(0) || self.eval_every == Some(0) {
-            return Err(self.invalid("`grad_accum` and `eval_every` must be at least 1".into()));
-        }
-        if self.eval_every.is_some() && self.eval.is_none() {
-            return Err(self.invalid("`eval_every` needs `eval` files".into()));
-        }
-        if self.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
-            return Err(self.invalid("`max_grad_norm` must be above 0".into()));
-        }
-        if self.data.is_empty() {
-            return Err(self.invalid("`data` names no text file".into()));
-        }
-        if self.checkpoint_every == Some(0)
-            || (self.checkpoint_every.is_some() || self.resume) && self.checkpoint.is_none()
-        {
-            return Err(self.invalid(
-                "`checkpoint_every` (at least 1) and `resume` need a `checkpoint` directory".into(),
-            ));
-        }
-        if let Some(mix) = &self.mix {
-            let names: Vec<&String> = mix.keys().collect();
-            if names != self.data.keys().collect::<Vec<_>>()
-                || mix.values().any(|w| w.is_nan() || *w <= 0.0)
-            {
-                return Err(self.invalid(format!(
-                    "`mix` must give every data name ({}) a share above 0",
-                    self.data.keys().cloned().collect::<Vec<_>>().join(", ")
-                )));
-            }
-        }
-        if let Schedule::Cosine { warmup } = self.schedule {
-            if warmup >= self.steps {
-                return Err(self.invalid(format!(
-                    "warmup of {warmup} steps leaves none of the {} to decay over",
-                    self.steps
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// Runs the steps on `rt` from a fresh or resumed state; returns the final state and
@@ -386,7 +218,7 @@ impl Train {
         trainable: &[WeightId],
     ) -> Result<State, PassError> {
         let adamw = AdamW::new(AdamWConfig {
-            lr: self.lr.unwrap_or(1e-3),
+            lr: self.lr.map_or(1e-3, LearningRate::get),
             weight_decay: self.weight_decay.unwrap_or(0.01),
             ..AdamWConfig::default()
         });
@@ -435,21 +267,6 @@ impl Train {
             .map_err(|e| self.invalid(format!("writing a checkpoint in {}: {e}", dir.display())))?;
         Ok(())
     }
-
-    /// What a checkpoint must match to be resumed from: the pass, less the fields that
-    /// only say where to write, what to measure and whether to resume.
-    fn fingerprint(&self) -> String {
-        let core = Train {
-            log: None,
-            checkpoint: None,
-            checkpoint_every: None,
-            resume: false,
-            eval: None,
-            eval_every: None,
-            ..self.clone()
-        };
-        format!("{core:?}")
-    }
 }
 
 /// Scales `gradients` to a global L2 norm of at most `max` (by `max / (norm + 1e-6)`, as
@@ -473,12 +290,30 @@ fn clip(gradients: &mut [(WeightId, HostTensor)], max: Option<f64>) -> f32 {
 }
 
 impl Pass for Train {
-    fn name(&self) -> &'static str {
-        "Train"
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        self.check_settings().map_err(SettingError::new)?;
+        if let Some(into) = &self.into {
+            models.derive(into, &self.model);
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        self.data.values_mut().for_each(|f| *f = resolve(f));
+        for files in self.eval.iter_mut() {
+            files.values_mut().for_each(|f| *f = resolve(f));
+        }
+        self.log = self.log.as_deref().map(resolve);
+        self.checkpoint = self.checkpoint.as_deref().map(resolve);
+    }
+
+    fn resume(&mut self) -> bool {
+        self.resume |= self.checkpoint.is_some();
+        self.checkpoint.is_some()
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
-        self.check()?;
+        self.check_settings().map_err(|e| self.invalid(e))?;
         let trainable = self.trainable(m)?;
         if self.trains_picking_routers(m, &trainable)? {
             cx.notes.push(format!(

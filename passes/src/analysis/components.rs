@@ -124,6 +124,35 @@ impl Selector {
     }
 }
 
+impl PartialEq for Selector {
+    fn eq(&self, other: &Selector) -> bool {
+        self.text == other.text
+    }
+}
+
+impl std::str::FromStr for Selector {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        Selector::parse(text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Selector {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::settings::from_text(d)
+    }
+}
+
+/// The number of layers `components` come from (the last layer's index plus one).
+pub fn layer_count(components: &[Component]) -> usize {
+    components
+        .iter()
+        .filter_map(|c| c.layer)
+        .max()
+        .map_or(0, |l| l + 1)
+}
+
 /// The distinct parts of `components`, in order: for error messages.
 pub fn parts(components: &[Component]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();

@@ -19,8 +19,9 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Deserialize;
 use upmix_ir::{DType, Graph, Module, Op, WeightId};
 
-use crate::components::{components, parts, Component, Selector};
-use crate::pass::{graph, insert_remapped, layer_range, weight_err, Pass, PassContext, PassError};
+use crate::components::{components, layer_count, parts, Component, Selector};
+use crate::settings::{self, LayerRange, ModelLayers, SettingError};
+use crate::pass::{graph, insert_remapped, weight_err, Pass, PassContext, PassError, PassName};
 
 /// Pipeline spec: `Quantize(model: "m", into: "m_q8", dtype: "q8_0")`, or with targets:
 /// `Quantize(model: "m", dtype: "q4_1", targets: [(select: ["ffn.down"], dtype: "q8_0")])`.
@@ -34,14 +35,14 @@ pub struct Quantize {
     pub into: Option<String>,
     /// The type of every component no target names: `"q8_0"`, `"q4_0"`, `"q4_1"`,
     /// `"int8_channel"`, `"f16"`, `"bf16"`, `"f32"`. Absent: only targets are quantized.
-    #[serde(default)]
-    pub dtype: Option<String>,
+    #[serde(default, deserialize_with = "settings::encodable_opt")]
+    pub dtype: Option<DType>,
     /// Weights and their types, in order; a later target wins for a weight.
     #[serde(default)]
     pub targets: Vec<QuantizeTarget>,
     /// Selectors of components to leave as they are.
     #[serde(default)]
-    pub ignore: Vec<String>,
+    pub ignore: Vec<Selector>,
 }
 
 /// Weights and the type to store them in.
@@ -49,63 +50,48 @@ pub struct Quantize {
 #[serde(deny_unknown_fields)]
 pub struct QuantizeTarget {
     /// Selectors (module `components`), plus `"embed"` and `"lm_head"`.
-    pub select: Vec<String>,
+    pub select: Vec<Selector>,
     /// Only layers in this range, e.g. `"0..8"`.
     #[serde(default)]
-    pub layers: Option<String>,
-    pub dtype: String,
+    pub layers: Option<LayerRange>,
+    #[serde(deserialize_with = "settings::encodable")]
+    pub dtype: DType,
 }
 
 impl Quantize {
-    fn invalid(&self, message: String) -> PassError {
-        PassError::Invalid {
-            pass: self.name().into(),
-            message,
-        }
-    }
-
-    fn dtype(&self, text: &str) -> Result<DType, PassError> {
-        DType::parse(text)
-            .filter(|d| d.can_encode())
-            .ok_or_else(|| {
-                self.invalid(format!(
-                    "unknown type `{text}` (valid: q8_0, q4_0, q4_1, int8_channel, f16, bf16, f32)"
-                ))
-            })
-    }
-
-    fn selectors(&self, texts: &[String]) -> Result<Vec<Selector>, PassError> {
-        texts
-            .iter()
-            .map(|t| Selector::parse(t).map_err(|e| self.invalid(e)))
-            .collect()
-    }
-
     /// The type of every chosen weight.
     fn assign(&self, g: &Graph) -> Result<BTreeMap<WeightId, DType>, PassError> {
         if self.dtype.is_none() && self.targets.is_empty() {
             return Err(self.invalid("give `dtype`, `targets` or both: nothing to quantize".into()));
         }
+        let types = self.dtype.iter().chain(self.targets.iter().map(|t| &t.dtype));
+        if let Some(t) = types.into_iter().find(|t| !t.can_encode()) {
+            return Err(self.invalid(format!(
+                "unknown type `{t}` (valid: q8_0, q4_0, q4_1, int8_channel, f16, bf16, f32)"
+            )));
+        }
         let all = components(g);
-        let ignore = self.selectors(&self.ignore)?;
-        let kept = |c: &Component| ignore.iter().any(|s| s.matches(c));
+        let kept = |c: &Component| self.ignore.iter().any(|s| s.matches(c));
         let mut out = BTreeMap::new();
-        if let Some(text) = &self.dtype {
-            let dtype = self.dtype(text)?;
+        if let Some(dtype) = self.dtype {
             for c in all.iter().filter(|c| !kept(c)) {
                 out.insert(c.weight, dtype);
             }
         }
         let named = embedding_and_head(g);
         let choosable: Vec<&Component> = all.iter().chain(&named).collect();
+        let layers = layer_count(&all);
         for (i, t) in self.targets.iter().enumerate() {
-            let dtype = self.dtype(&t.dtype)?;
-            let range = layer_range(self.name(), t.layers.as_deref())?;
-            let in_range = |c: &Component| match &range {
-                Some(r) => c.layer.is_some_and(|l| r.contains(&l)),
+            let dtype = t.dtype;
+            if let Some(r) = &t.layers {
+                r.check(&self.model, layers)
+                    .map_err(|e| self.invalid(format!("target {i}: {e}")))?;
+            }
+            let in_range = |c: &Component| match &t.layers {
+                Some(r) => c.layer.is_some_and(|l| r.contains(l)),
                 None => true,
             };
-            for s in self.selectors(&t.select)? {
+            for s in &t.select {
                 let chosen: Vec<&&Component> = choosable
                     .iter()
                     .filter(|c| in_range(c) && s.matches(c))
@@ -150,8 +136,14 @@ fn embedding_and_head(g: &Graph) -> Vec<Component> {
 }
 
 impl Pass for Quantize {
-    fn name(&self) -> &'static str {
-        "Quantize"
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        for t in &self.targets {
+            models.check(&self.model, t.layers.as_ref())?;
+        }
+        if let Some(into) = &self.into {
+            models.derive(into, &self.model);
+        }
+        Ok(())
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {

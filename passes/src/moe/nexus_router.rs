@@ -40,8 +40,8 @@ use upmix_ir::{
     ProjectedRouter, Weight, WeightExpr, WeightId,
 };
 
+use crate::hidden_states::{normalized, pooled, Pool, Windows};
 use crate::pass::{graph, weight_err, PassContext, PassError};
-use crate::router_init::{normalized, pooled, Pool, Windows};
 
 /// Projection width when the pipeline gives none.
 pub const DEFAULT_WIDTH: usize = 64;

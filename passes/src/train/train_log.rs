@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pass::{write_atomically, PassError};
-use crate::train::State;
+use crate::pass::{write_atomically, PassError, PassName};
+use crate::train_checkpoint::TrainState;
 use crate::{train_checkpoint, Train};
 
 /// One step's record.
@@ -72,7 +72,12 @@ impl Train {
 
     /// The error of a step whose loss or gradient is not finite; the weights are still
     /// those of the step before.
-    pub(crate) fn diverged(&self, state: &State, step: usize, why: &str) -> PassError {
+    pub(crate) fn diverged<O>(
+        &self,
+        state: &TrainState<O, StepLog>,
+        step: usize,
+        why: &str,
+    ) -> PassError {
         let kept = match &self.checkpoint {
             Some(dir) => match train_checkpoint::latest(dir) {
                 Ok(Some(k)) => format!(
@@ -92,7 +97,7 @@ impl Train {
     }
 
     /// The error of a run stopped on request after `state.step` steps.
-    pub(crate) fn stopped(&self, state: &State) -> PassError {
+    pub(crate) fn stopped<O>(&self, state: &TrainState<O, StepLog>) -> PassError {
         let message = match &self.checkpoint {
             Some(dir) => format!(
                 "stopped after step {} of {}; the checkpoint is {}; run again with `--resume` \
@@ -114,7 +119,7 @@ impl Train {
     }
 
     /// Writes the loss curve so far to `log`, if set, as CSV.
-    pub(crate) fn write_log(&self, state: &State) -> Result<(), PassError> {
+    pub(crate) fn write_log<O>(&self, state: &TrainState<O, StepLog>) -> Result<(), PassError> {
         let Some(path) = &self.log else {
             return Ok(());
         };

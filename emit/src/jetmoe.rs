@@ -27,7 +27,7 @@ use upmix_ir::{
     WeightTable,
 };
 
-use super::hf::Names;
+use super::hf_names::Names;
 use super::stack::Stack;
 use super::EmitError;
 

@@ -26,7 +26,7 @@
 //! renormalises its top-k (or is soft): its weights still sum to one over equal experts.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -37,9 +37,11 @@ use upmix_ir::{
 
 use crate::align::{same_settings, settings};
 use crate::hyperparams::{first_difference, Hyperparams};
-use crate::nexus;
-use crate::pass::{graph, weight_err, Pass, PassContext, PassError};
-use crate::router_init::{RouterInit, Windows};
+use crate::nexus_router;
+use crate::settings::{ModelLayers, SettingError};
+use crate::pass::{graph, weight_err, Pass, PassContext, PassError, PassName};
+use crate::hidden_states::Windows;
+use crate::router_init::RouterInit;
 
 /// Largest relative difference of a non-FFN tensor that `AddExpert` accepts by default.
 pub const DEFAULT_TOLERANCE: f32 = 1e-3;
@@ -103,8 +105,13 @@ struct Slot {
 }
 
 impl Pass for AddExpert {
-    fn name(&self) -> &'static str {
-        "AddExpert"
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        models.derive(&self.into, &self.model);
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        self.text = resolve(&self.text);
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
@@ -113,7 +120,7 @@ impl Pass for AddExpert {
         }
         let slots = self.slots(m)?;
         if let NewRow::Projection { embedder } = &self.router {
-            nexus::tokenizer_model(m, self.name(), embedder, &self.model)?;
+            nexus_router::tokenizer_model(m, self.name(), embedder, &self.model)?;
         }
         let rows = self.new_rows(m, cx, &slots)?;
         let mut moe = graph(m, self.name(), &self.model)?.clone();
@@ -186,20 +193,6 @@ enum Row {
 }
 
 impl AddExpert {
-    fn invalid(&self, message: String) -> PassError {
-        PassError::Invalid {
-            pass: self.name().into(),
-            message,
-        }
-    }
-
-    fn mismatch(&self, message: String) -> PassError {
-        PassError::Mismatch {
-            pass: self.name().into(),
-            message,
-        }
-    }
-
     /// Pairs the MoE's mixtures with the dense model's FFNs after checking that the two
     /// are one architecture and that their other parameters agree.
     fn slots(&self, m: &Module) -> Result<Vec<Slot>, PassError> {
@@ -399,7 +392,7 @@ impl AddExpert {
                     max_tokens: self.max_tokens,
                     window: self.window,
                 };
-                let mut embedding = nexus::domain_embeddings(
+                let mut embedding = nexus_router::domain_embeddings(
                     m,
                     cx,
                     self.name(),

@@ -14,7 +14,7 @@
 use serde::Deserialize;
 use upmix_ir::{Module, Op, Weight, WeightExpr, WeightId};
 
-use crate::pass::{graph, weight_err, Pass, PassContext, PassError};
+use crate::pass::{graph, weight_err, Pass, PassContext, PassError, PassName};
 
 /// Pipeline spec: `ShareKv(model: "bam")` or `ShareKv(model: "bam", from: "law")`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -29,13 +29,6 @@ pub struct ShareKv {
 }
 
 impl ShareKv {
-    fn invalid(&self, message: String) -> PassError {
-        PassError::Invalid {
-            pass: self.name().into(),
-            message,
-        }
-    }
-
     /// The uniform mean of `ids` as a new weight (the first one itself when all are one).
     fn mean(&self, m: &mut Module, ids: &[WeightId]) -> Result<WeightId, PassError> {
         if ids.windows(2).all(|w| w[0] == w[1]) {
@@ -75,10 +68,6 @@ impl ShareKv {
 }
 
 impl Pass for ShareKv {
-    fn name(&self) -> &'static str {
-        "ShareKv"
-    }
-
     fn run(&self, m: &mut Module, _cx: &mut PassContext) -> Result<Vec<String>, PassError> {
         let g = graph(m, self.name(), &self.model)?;
         let mixtures: Vec<_> = g

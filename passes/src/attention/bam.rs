@@ -11,53 +11,39 @@
 //! Both routers start as `router` says. Function-preserving when the branches are copies
 //! of one model (soft attention routing, any FFN top-k) and `parallel` is not set.
 
-use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
 use upmix_ir::{Module, Op};
 
 use crate::attention_experts::{AttentionExperts, AttentionRouting};
 use crate::parallel_attention::{KeptNorm, ParallelAttention};
-use crate::pass::{Pass, PassContext, PassError};
-use crate::router_init::RouterInit;
+use crate::settings::{check_experts, ModelLayers, SettingError};
+use crate::pass::{Pass, PassContext, PassError, PassName};
+
 use crate::share_kv::ShareKv;
 use crate::upcycle::Upcycle;
 
-/// Pipeline spec: `Bam(into: "bam", experts: ["code", "law", "math"], top_k: 2, kv:
-/// Shared)`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Bam {
-    /// Name of the new model.
-    pub into: String,
-    /// The branches, in expert order.
-    pub experts: Vec<String>,
-    /// FFN experts each token is routed to.
-    pub top_k: usize,
-    /// Initialisation of both routers (default: `Random(seed: 0, std: 0.02)`).
-    #[serde(default)]
-    pub router: RouterInit,
-    /// Attention routing: `Soft` (default) or `TopK(k)`.
-    #[serde(default)]
-    pub attention: AttentionRouting,
-    /// Keys and values: `Expert` (default, each expert its own), `Shared` (their mean) or
-    /// `From("model")`.
-    #[serde(default)]
-    pub kv: KvSource,
-    /// Make blocks parallel, keeping this norm (default: blocks stay as they are).
-    #[serde(default)]
-    pub parallel: Option<KeptNorm>,
-    /// Take every non-expert parameter from this model instead of averaging.
-    #[serde(default)]
-    pub base: Option<String>,
-    /// Averaging weights, one per branch (default: uniform).
-    #[serde(default)]
-    pub weights: Option<Vec<f32>>,
-    /// Layers that get experts, e.g. `"0..8"` (default: all).
-    #[serde(default)]
-    pub layers: Option<String>,
+expert_pass! {
+    /// Pipeline spec: `Bam(into: "bam", experts: ["code", "law", "math"], top_k: 2, kv:
+    /// Shared)`.
+    pub struct Bam {
+        /// FFN experts each token is routed to.
+        pub top_k: usize,
+        /// Attention routing: `Soft` (default) or `TopK(k)`.
+        #[serde(default)]
+        pub attention: AttentionRouting,
+        /// Keys and values: `Expert` (default, each expert its own), `Shared` (their mean) or
+        /// `From("model")`.
+        #[serde(default)]
+        pub kv: KvSource,
+        /// Make blocks parallel, keeping this norm (default: blocks stay as they are).
+        #[serde(default)]
+        pub parallel: Option<KeptNorm>,
+    }
 }
 
 /// Where the attention experts' keys and values come from.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, serde::Deserialize, PartialEq, Eq)]
 pub enum KvSource {
     /// Each expert its own (one KV cache per expert).
     #[default]
@@ -69,8 +55,17 @@ pub enum KvSource {
 }
 
 impl Pass for Bam {
-    fn name(&self) -> &'static str {
-        "Bam"
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        check_experts(
+            models,
+            &self.into,
+            &self.experts,
+            (self.weights.as_ref(), self.layers.as_ref()),
+        )
+    }
+
+    fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        self.router.resolve_paths(resolve);
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {

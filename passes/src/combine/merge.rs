@@ -13,7 +13,8 @@ use serde::Deserialize;
 use upmix_ir::{Module, Weight, WeightExpr, WeightId};
 
 use crate::align::align;
-use crate::pass::{graph, weight_err, Pass, PassContext, PassError};
+use crate::settings::{ModelLayers, SettingError, Weights};
+use crate::pass::{graph, weight_err, Pass, PassContext, PassError, PassName};
 
 /// Pipeline spec: `Merge(into: "merged", models: ["a", "b"], weights: Some([0.3, 0.7]))`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -25,7 +26,7 @@ pub struct Merge {
     pub models: Vec<String>,
     /// One weight per model; uniform when absent.
     #[serde(default)]
-    pub weights: Option<Vec<f32>>,
+    pub weights: Option<Weights>,
     /// Divide by the sum of the weights (mergekit's default).
     #[serde(default = "yes")]
     pub normalize: bool,
@@ -36,8 +37,14 @@ fn yes() -> bool {
 }
 
 impl Pass for Merge {
-    fn name(&self) -> &'static str {
-        "Merge"
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        if let Some(w) = &self.weights {
+            w.check_setting(self.models.len(), self.normalize)?;
+        }
+        if let Some(first) = self.models.first() {
+            models.derive(&self.into, first);
+        }
+        Ok(())
     }
 
     fn run(&self, m: &mut Module, _cx: &mut PassContext) -> Result<Vec<String>, PassError> {
@@ -51,17 +58,13 @@ impl Pass for Merge {
                 self.models.len()
             )));
         }
-        let weights = self
-            .weights
-            .clone()
-            .unwrap_or_else(|| vec![1.0; self.models.len()]);
-        if weights.len() != self.models.len() {
-            return Err(invalid(format!(
-                "{} weights given for {} models",
-                weights.len(),
-                self.models.len()
-            )));
+        let weights = match &self.weights {
+            Some(w) => w
+                .check(self.models.len(), self.normalize)
+                .map(|()| w.values.clone()),
+            None => Ok(vec![1.0; self.models.len()]),
         }
+        .map_err(invalid)?;
         if m.graph(&self.into).is_some() {
             return Err(invalid(format!(
                 "a model named `{}` already exists",

@@ -14,7 +14,7 @@
 use serde::Deserialize;
 use upmix_ir::{Graph, Module, NodeId, Op};
 
-use crate::pass::{graph, Pass, PassContext, PassError};
+use crate::pass::{graph, Pass, PassContext, PassError, PassName};
 
 /// Pipeline spec: `ParallelAttention(model: "bam")` or `ParallelAttention(model: "bam",
 /// keep: Ffn)`.
@@ -46,13 +46,6 @@ struct Block {
 }
 
 impl ParallelAttention {
-    fn invalid(&self, message: String) -> PassError {
-        PassError::Invalid {
-            pass: self.name().into(),
-            message,
-        }
-    }
-
     /// The sequential block around attention node `attn`, or an error naming where the
     /// wiring differs.
     fn block(&self, g: &Graph, attn: NodeId) -> Result<Block, PassError> {
@@ -90,10 +83,6 @@ impl ParallelAttention {
 }
 
 impl Pass for ParallelAttention {
-    fn name(&self) -> &'static str {
-        "ParallelAttention"
-    }
-
     fn run(&self, m: &mut Module, _cx: &mut PassContext) -> Result<Vec<String>, PassError> {
         let g = graph(m, self.name(), &self.model)?;
         let order = g.topo_order().unwrap_or_else(|_| g.node_ids());

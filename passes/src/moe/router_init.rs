@@ -22,12 +22,13 @@
 //! [`COLLINEAR_COSINE`]) route almost identically; that is reported as a note.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use upmix_ir::{Graph, HostTensor, Module, Op, Runtime, WeightExpr};
+use upmix_ir::{HostTensor, Module, WeightExpr};
 
+use crate::hidden_states::{layer_inputs, normalized, pooled, Pool, Windows};
 use crate::hyperparams::Hyperparams;
 use crate::pass::{graph, PassContext, PassError, RuntimeProvider};
 
@@ -65,8 +66,8 @@ pub enum RouterInit {
     /// Nexus (Gritsch et al. 2024): router rows projected from the experts' domain
     /// embeddings by a per-layer SwiGLU projection, so that an expert added later gets its
     /// row from its domain's text alone (`AddExpert`). `texts` maps expert model names to
-    /// files, as for `DomainCentroid`. See [`crate::nexus`].
-    Nexus(crate::nexus::NexusRouter),
+    /// files, as for `DomainCentroid`. See [`crate::nexus_router`].
+    Nexus(crate::nexus_router::NexusRouter),
 }
 
 impl Default for RouterInit {
@@ -80,15 +81,6 @@ const COLLINEAR_COSINE: f32 = 0.95;
 
 /// Vectors of one hidden-state width: one per expert, or one per node.
 type Rows = Vec<Vec<f32>>;
-
-/// How hidden states of one sequence are pooled over its positions.
-#[derive(Clone, Copy)]
-pub(crate) enum Pool {
-    /// The last position only.
-    Last,
-    /// The mean over every position but the first (the BOS token).
-    MeanAfterFirst,
-}
 
 impl RouterInit {
     /// The mode's name, as written in pipelines.
@@ -137,6 +129,15 @@ impl RouterInit {
 
     /// Checks the request against the expert names before anything runs: every expert
     /// has prompts (or a text), and no prompts name a model that is not an expert.
+    /// Makes the text files' paths absolute with `resolve`.
+    pub fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        if let RouterInit::DomainCentroid { texts, .. }
+        | RouterInit::Nexus(crate::nexus_router::NexusRouter { texts, .. }) = self
+        {
+            texts.values_mut().for_each(|t| *t = resolve(t));
+        }
+    }
+
     pub fn check(&self, pass: &str, experts: &[String]) -> Result<(), PassError> {
         let invalid = |message: String| PassError::Invalid {
             pass: pass.to_string(),
@@ -168,7 +169,7 @@ impl RouterInit {
                 )
             }
             RouterInit::DomainCentroid { texts, .. }
-            | RouterInit::Nexus(crate::nexus::NexusRouter { texts, .. }) => {
+            | RouterInit::Nexus(crate::nexus_router::NexusRouter { texts, .. }) => {
                 for e in experts {
                     if !texts.contains_key(e) {
                         return Err(invalid(format!(
@@ -348,7 +349,7 @@ impl RouterInit {
                     window,
                     ..
                 }
-                | RouterInit::Nexus(crate::nexus::NexusRouter {
+                | RouterInit::Nexus(crate::nexus_router::NexusRouter {
                     texts,
                     max_tokens,
                     window,
@@ -385,57 +386,6 @@ impl RouterInit {
     }
 }
 
-/// How a domain's text is read into windows for mean pooling.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Windows {
-    /// At most this many tokens of the text (default 8192).
-    pub max_tokens: Option<usize>,
-    /// Tokens per window, BOS included (default: the model's max positions, at most 512).
-    pub window: Option<usize>,
-}
-
-impl Windows {
-    /// The token windows of the text at `path` under `model`'s tokenizer, each starting
-    /// with its BOS token (or its first token when it has none). An unreadable or empty
-    /// text is an error naming the file.
-    pub fn read(
-        self,
-        provider: &mut dyn RuntimeProvider,
-        m: &Module,
-        model: &str,
-        pass: &str,
-        path: &std::path::Path,
-    ) -> Result<Vec<Vec<u32>>, PassError> {
-        let invalid = |message: String| PassError::Invalid {
-            pass: pass.to_string(),
-            message,
-        };
-        let g = graph(m, pass, model)?;
-        let (bos, max_positions) = (g.meta.bos_token_id, g.meta.max_position_embeddings);
-        let window = self.window.unwrap_or(max_positions.min(512)).max(2);
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| invalid(format!("reading {}: {err}", path.display())))?;
-        let mut ids = provider
-            .tokenize(m, model, &text)
-            .map_err(|e| invalid(format!("tokenizing {} for `{model}`: {e}", path.display())))?;
-        ids.truncate(self.max_tokens.unwrap_or(8192));
-        if ids.is_empty() {
-            return Err(invalid(format!(
-                "{} holds no tokens: a domain needs some text",
-                path.display()
-            )));
-        }
-        Ok(ids
-            .chunks(window - 1)
-            .map(|c| {
-                let mut w: Vec<u32> = vec![bos.unwrap_or(c[0])];
-                w.extend_from_slice(c);
-                w
-            })
-            .collect())
-    }
-}
-
 /// Checks that the router model's hidden states are as wide as the experts' hidden
 /// states, so that they can serve as router rows.
 fn check_width(m: &Module, pass: &str, model: &str, expert: &str) -> Result<(), PassError> {
@@ -460,77 +410,6 @@ fn names<'a>(keys: impl Iterator<Item = &'a String>) -> String {
     } else {
         v.join(", ")
     }
-}
-
-/// For each decoder layer in order, the node whose output enters it: the input of the
-/// norm in front of its attention (or mixture of attention experts).
-pub(crate) fn layer_inputs(g: &Graph) -> Vec<String> {
-    let order = g.topo_order().unwrap_or_else(|_| g.node_ids());
-    order
-        .into_iter()
-        .filter(|&n| matches!(g.node(n).op, Op::Attention(_) | Op::MixtureOfAttention(_)))
-        .filter_map(|attn| {
-            let norm = *g.inputs(attn).first()?;
-            let input = *g.inputs(norm).first()?;
-            Some(g.node(input).name.clone())
-        })
-        .collect()
-}
-
-/// Hidden states at each of `nodes`, pooled over positions per sequence, then averaged
-/// over sequences (each sequence counts once with `Last`; each token once with
-/// `MeanAfterFirst`): `[node][hidden]`. One forward pass per sequence.
-pub(crate) fn pooled(
-    rt: &mut dyn Runtime,
-    nodes: &[String],
-    sequences: &[Vec<u32>],
-    pool: Pool,
-) -> Result<Vec<Vec<f32>>, upmix_ir::RuntimeError> {
-    let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
-    let mut acc: Vec<Vec<f64>> = vec![Vec::new(); nodes.len()];
-    let mut count = 0usize;
-    for seq in sequences {
-        if seq.is_empty() {
-            return Err(upmix_ir::RuntimeError::EmptyInput);
-        }
-        let states = rt.hidden_states_at(seq, &names)?;
-        let n = seq.len();
-        let positions = match pool {
-            Pool::Last => n - 1..n,
-            Pool::MeanAfterFirst => 1.min(n - 1)..n,
-        };
-        count += positions.len();
-        for ((a, h), node) in acc.iter_mut().zip(&states).zip(nodes) {
-            let width = match h.shape[..] {
-                [rows, width] if rows == n && (a.is_empty() || a.len() == width) => width,
-                _ => {
-                    return Err(upmix_ir::RuntimeError::Backend(format!(
-                        "hidden states at `{node}` have shape {:?} for {n} tokens",
-                        h.shape
-                    )))
-                }
-            };
-            if a.is_empty() {
-                *a = vec![0.0; width];
-            }
-            for p in positions.clone() {
-                a.iter_mut()
-                    .zip(h.row(p))
-                    .for_each(|(a, x)| *a += *x as f64);
-            }
-        }
-    }
-    Ok(acc
-        .into_iter()
-        .map(|a| a.iter().map(|v| (v / count.max(1) as f64) as f32).collect())
-        .collect())
-}
-
-/// `v / max(|v|, 1e-8)`, as mergekit normalises.
-pub(crate) fn normalized(mut v: Vec<f32>) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-8);
-    v.iter_mut().for_each(|x| *x /= norm);
-    v
 }
 
 /// The pair of rows with the largest cosine similarity, if above [`COLLINEAR_COSINE`].

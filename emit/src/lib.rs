@@ -1,4 +1,4 @@
-//! Checkpoint emitters: write a graph as files other tools load.
+//! upmix-emit: checkpoint emitters, which write a graph as files other tools load.
 //!
 //! Every emitter writes through [`output`]: into a temporary sibling of the destination
 //! that replaces it once complete, never over the model's own inputs, never over files
@@ -9,6 +9,7 @@ mod gguf;
 mod hf;
 mod hf_config;
 mod hf_family;
+mod hf_names;
 mod jetmoe;
 mod output;
 mod safetensors;
@@ -16,7 +17,8 @@ mod stack;
 mod stream;
 
 pub use gguf::{emit_gguf, GgufEmitOptions, GgufEmitReport};
-pub use hf::{emit_hf, HfEmitOptions, MoeLayout, Progress};
+pub use hf::{emit_hf, HfEmitOptions, Progress};
+pub use hf_names::MoeLayout;
 pub use output::{write_dir_atomically, write_file_atomically, MANIFEST};
 
 use std::path::{Path, PathBuf};

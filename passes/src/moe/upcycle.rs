@@ -12,7 +12,7 @@
 //! Router initialisation (see [`RouterInit`]): `Random { seed, std }` rows, `Zeros`
 //! (uniform routing), or rows from the base model's hidden states on each expert's prompts
 //! (`Hidden`, mergekit-moe's hidden mode) or corpus (`DomainCentroid`), or projected from
-//! embeddings of the experts' domains (`Nexus`, module [`crate::nexus`]).
+//! embeddings of the experts' domains (`Nexus`, module [`crate::nexus_router`]).
 //!
 //! Fine-grained upcycling (`granularity: G`, He et al. 2024, "Upcycling Large Language
 //! Models into Mixture of Experts"): each expert FFN is split into G experts along the
@@ -30,18 +30,19 @@
 //! renormalised): the routing weights then sum to one over identical experts.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Deserialize;
+
 use upmix_ir::{
     DType, FeedForward, HostTensor, MixtureOfExperts, Module, Op, Router, Routing, SharedExpert,
     Weight, WeightExpr, WeightId,
 };
 
 use crate::align::{align, combined_weights};
-use crate::nexus::{self, NexusRouter};
-use crate::pass::{graph, layer_range, weight_err, Pass, PassContext, PassError};
+use crate::nexus_router::{self, NexusRouter};
+use crate::settings::{check_experts, layer_indices, ModelLayers, SettingError};
+use crate::pass::{graph, weight_err, Pass, PassContext, PassError, PassName};
 use crate::router_init::RouterInit;
 
 /// What [`Upcycle::plan`] works out from the request.
@@ -69,55 +70,39 @@ struct MoeLayerParts {
 /// A Nexus router's domain embeddings: the weight and its values (`[experts][embed]`).
 type Domains = (WeightId, Vec<Vec<f32>>);
 
-/// Pipeline spec:
-/// `Upcycle(into: "moe", experts: ["code", "law", "math"], top_k: 2, router: Random(seed: 0, std: 0.02))`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Upcycle {
-    /// Name of the new MoE model.
-    pub into: String,
-    /// The models whose FFNs become the experts, in expert order.
-    pub experts: Vec<String>,
-    /// Experts each token is routed to.
-    pub top_k: usize,
-    /// Router initialisation (default: `Random(seed: 0, std: 0.02)`); see [`RouterInit`].
-    #[serde(default)]
-    pub router: RouterInit,
-    /// Take every non-FFN parameter from this model instead of averaging.
-    #[serde(default)]
-    pub base: Option<String>,
-    /// Averaging weights, one per expert model (default: uniform).
-    #[serde(default)]
-    pub weights: Option<Vec<f32>>,
-    /// A model whose FFN is always active besides the routed experts.
-    #[serde(default)]
-    pub shared_expert: Option<String>,
-    /// Layers that become MoE, e.g. `"0..8"` (default: all).
-    #[serde(default)]
-    pub layers: Option<String>,
-    /// Fine-grained upcycling: split every expert FFN into this many experts along its
-    /// intermediate dimension (default 1, no split). Must divide the intermediate size.
-    #[serde(default)]
-    pub granularity: Option<usize>,
-    /// Renormalise the top-k routing weights to sum to one, as Mixtral does (default
-    /// `true`). `false` keeps the softmax over all experts (He et al. 2024; Qwen1.5-MoE's
-    /// `norm_topk_prob: false`), which only the Qwen2-MoE output can express.
-    #[serde(default)]
-    pub normalize_top_k: Option<bool>,
-}
-
-impl Upcycle {
-    fn invalid(&self, message: String) -> PassError {
-        PassError::Invalid {
-            pass: self.name().into(),
-            message,
-        }
+expert_pass! {
+    /// Pipeline spec:
+    /// `Upcycle(into: "moe", experts: ["code", "law", "math"], top_k: 2, router: Random(seed: 0, std: 0.02))`.
+    pub struct Upcycle {
+        /// Experts each token is routed to.
+        pub top_k: usize,
+        /// A model whose FFN is always active besides the routed experts.
+        #[serde(default)]
+        pub shared_expert: Option<String>,
+        /// Fine-grained upcycling: split every expert FFN into this many experts along its
+        /// intermediate dimension (default 1, no split). Must divide the intermediate size.
+        #[serde(default)]
+        pub granularity: Option<usize>,
+        /// Renormalise the top-k routing weights to sum to one, as Mixtral does (default
+        /// `true`). `false` keeps the softmax over all experts (He et al. 2024; Qwen1.5-MoE's
+        /// `norm_topk_prob: false`), which only the Qwen2-MoE output can express.
+        #[serde(default)]
+        pub normalize_top_k: Option<bool>,
     }
 }
 
 impl Pass for Upcycle {
-    fn name(&self) -> &'static str {
-        "Upcycle"
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        check_experts(
+            models,
+            &self.into,
+            &self.experts,
+            (self.weights.as_ref(), self.layers.as_ref()),
+        )
+    }
+
+    fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        self.router.resolve_paths(resolve);
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
@@ -243,11 +228,11 @@ impl Upcycle {
         if m.graph(&self.into).is_some() {
             return Err(self.invalid(format!("a model named `{}` already exists", self.into)));
         }
-        let weights = self.weights.clone().unwrap_or_else(|| vec![1.0; n]);
-        if weights.len() != n {
-            return Err(self.invalid(format!("{} weights given for {n} experts", weights.len())));
+        let weights = match &self.weights {
+            Some(w) => w.check(n, true).map(|()| w.values.clone()),
+            None => Ok(vec![1.0; n]),
         }
-        let layers = layer_range(self.name(), self.layers.as_deref())?;
+        .map_err(|e| self.invalid(e))?;
         self.router.check(self.name(), &self.experts)?;
         if let RouterInit::Nexus(nexus) = &self.router {
             if nexus.width == Some(0) {
@@ -255,7 +240,7 @@ impl Upcycle {
             }
             let base = self.default_router_model();
             let embedder = nexus.embedder.as_deref().unwrap_or(base);
-            nexus::tokenizer_model(m, self.name(), embedder, base)?;
+            nexus_router::tokenizer_model(m, self.name(), embedder, base)?;
         }
         let others = self.base.iter().chain(&self.shared_expert);
         for name in self.experts.iter().chain(others) {
@@ -268,15 +253,8 @@ impl Upcycle {
             .into_iter()
             .filter(|&n| matches!(first.node(n).op, Op::FeedForward(_)))
             .count();
-        let moe_layers: Vec<usize> = (0..ffn_count)
-            .filter(|i| layers.as_ref().is_none_or(|r| r.contains(i)))
-            .collect();
-        if moe_layers.is_empty() {
-            return Err(self.invalid(format!(
-                "no FFN layer of `{}` lies in layers {:?} (it has {ffn_count})",
-                self.experts[0], self.layers
-            )));
-        }
+        let moe_layers = layer_indices(self.layers.as_ref(), ffn_count, &self.experts[0])
+            .map_err(|e| self.invalid(e))?;
         Ok(Plan {
             granularity,
             routing,
@@ -360,10 +338,10 @@ impl Upcycle {
                 let rows = WeightExpr::Rows(domains, repeat());
                 domains = add(format!("{name}.router.domains"), vec![n * g, embed], rows)?;
             }
-            let width = nexus.width.unwrap_or(nexus::DEFAULT_WIDTH);
+            let width = nexus.width.unwrap_or(nexus_router::DEFAULT_WIDTH);
             let seed = nexus.seed.unwrap_or(0).wrapping_add(index as u64);
-            let fit = nexus::fit(values, &centroids, width, seed);
-            let router = nexus::add_router(m, self.name(), (name, dtype), domains, fit)?;
+            let fit = nexus_router::fit(values, &centroids, width, seed);
+            let router = nexus_router::add_router(m, self.name(), (name, dtype), domains, fit)?;
             return Ok(Router::Projected(router));
         }
         let default_model = self.default_router_model();
@@ -384,7 +362,7 @@ impl Upcycle {
         let base = self.default_router_model();
         match &self.router {
             RouterInit::Nexus(n) if n.embedder.as_deref().is_none_or(|e| e == base) => {
-                Ok(nexus::final_hidden(graph(m, self.name(), base)?))
+                Ok(nexus_router::final_hidden(graph(m, self.name(), base)?))
             }
             _ => Ok(None),
         }
@@ -410,7 +388,7 @@ impl Upcycle {
                     .map(|e| nexus.texts[e].clone())
                     .collect();
                 let (models, windows) = ((embedder, base), nexus.windows());
-                nexus::domain_embeddings(m, cx, self.name(), models, &texts, windows)?
+                nexus_router::domain_embeddings(m, cx, self.name(), models, &texts, windows)?
             }
         };
         let (n, embed) = (values.len(), values[0].len());

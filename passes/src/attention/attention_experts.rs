@@ -23,41 +23,27 @@
 
 use std::collections::HashMap;
 
+use std::path::{Path, PathBuf};
+
 use serde::Deserialize;
 use upmix_ir::{Attention, MixtureOfAttention, Module, Op, Routing, Weight, WeightExpr, WeightId};
 
 use crate::align::{align, combined_weights};
-use crate::pass::{graph, layer_range, weight_err, Pass, PassContext, PassError};
-use crate::router_init::RouterInit;
+use crate::settings::{check_experts, layer_indices, ModelLayers, SettingError};
+use crate::pass::{graph, weight_err, Pass, PassContext, PassError, PassName};
 
-/// Pipeline spec:
-/// `AttentionExperts(into: "bam", experts: ["code", "law", "math"], routing: Soft)`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct AttentionExperts {
-    /// Name of the new model.
-    pub into: String,
-    /// The models whose attention becomes the experts, in expert order (one model with
-    /// `split_heads`).
-    pub experts: Vec<String>,
-    /// `Soft` (default) or `TopK(k)`.
-    #[serde(default)]
-    pub routing: AttentionRouting,
-    /// Router initialisation (default: `Random(seed: 0, std: 0.02)`).
-    #[serde(default)]
-    pub router: RouterInit,
-    /// Take every other parameter from this model instead of averaging.
-    #[serde(default)]
-    pub base: Option<String>,
-    /// Averaging weights, one per expert model (default: uniform).
-    #[serde(default)]
-    pub weights: Option<Vec<f32>>,
-    /// Layers whose attention becomes a mixture, e.g. `"0..8"` (default: all).
-    #[serde(default)]
-    pub layers: Option<String>,
-    /// Cut one model's heads into this many experts.
-    #[serde(default)]
-    pub split_heads: Option<usize>,
+
+expert_pass! {
+    /// Pipeline spec:
+    /// `AttentionExperts(into: "bam", experts: ["code", "law", "math"], routing: Soft)`.
+    pub struct AttentionExperts {
+        /// `Soft` (default) or `TopK(k)`.
+        #[serde(default)]
+        pub routing: AttentionRouting,
+        /// Cut one model's heads into this many experts.
+        #[serde(default)]
+        pub split_heads: Option<usize>,
+    }
 }
 
 /// How attention experts are routed.
@@ -71,13 +57,6 @@ pub enum AttentionRouting {
 }
 
 impl AttentionExperts {
-    fn invalid(&self, message: String) -> PassError {
-        PassError::Invalid {
-            pass: self.name().into(),
-            message,
-        }
-    }
-
     /// The expert count: one per model, or `split_heads` of one model.
     fn expert_count(&self) -> Result<usize, PassError> {
         match (self.split_heads, self.experts.len()) {
@@ -107,7 +86,6 @@ impl AttentionExperts {
     /// Checks the router request and the layer range; the indices of the attention layers
     /// that become mixtures.
     fn selected_layers(&self, m: &Module) -> Result<Vec<usize>, PassError> {
-        let layers = layer_range(self.name(), self.layers.as_deref())?;
         if self.split_heads.is_none() {
             self.router.check(self.name(), &self.experts)?;
         } else if self.router.needs_runtime() {
@@ -123,16 +101,8 @@ impl AttentionExperts {
             .into_iter()
             .filter(|&id| matches!(first.node(id).op, Op::Attention(_)))
             .count();
-        let selected: Vec<usize> = (0..attention_count)
-            .filter(|i| layers.as_ref().is_none_or(|r| r.contains(i)))
-            .collect();
-        if selected.is_empty() {
-            return Err(self.invalid(format!(
-                "no attention layer of `{}` lies in layers {:?} (it has {attention_count})",
-                self.experts[0], self.layers
-            )));
-        }
-        Ok(selected)
+        layer_indices(self.layers.as_ref(), attention_count, &self.experts[0])
+            .map_err(|e| self.invalid(e))
     }
 
     /// The mixture replacing attention `attn` (layer `index`, node `name`): one expert per
@@ -276,8 +246,17 @@ impl AttentionExperts {
 }
 
 impl Pass for AttentionExperts {
-    fn name(&self) -> &'static str {
-        "AttentionExperts"
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        check_experts(
+            models,
+            &self.into,
+            &self.experts,
+            (self.weights.as_ref(), self.layers.as_ref()),
+        )
+    }
+
+    fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        self.router.resolve_paths(resolve);
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
@@ -287,10 +266,11 @@ impl Pass for AttentionExperts {
             return Err(self.invalid(format!("a model named `{}` already exists", self.into)));
         }
         let n = self.experts.len();
-        let weights = self.weights.clone().unwrap_or_else(|| vec![1.0; n]);
-        if weights.len() != n {
-            return Err(self.invalid(format!("{} weights given for {n} models", weights.len())));
+        let weights = match &self.weights {
+            Some(w) => w.check(n, true).map(|()| w.values.clone()),
+            None => Ok(vec![1.0; n]),
         }
+        .map_err(|e| self.invalid(e))?;
         let selected = self.selected_layers(m)?;
         let mut models = self.experts.clone();
         let base = self.base.as_ref().map(|b| {

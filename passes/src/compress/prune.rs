@@ -17,14 +17,15 @@
 //! nothing is computed until a runtime or an emitter asks. Not function-preserving.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
 use upmix_ir::{Module, Pattern, PruneRule, Runtime, RuntimeError, Weight, WeightExpr, WeightId};
 
-use crate::components::{components, parts, Component, Selector};
-use crate::pass::{graph, insert_remapped, layer_range, weight_err, Pass, PassContext, PassError};
+use crate::components::{components, layer_count, parts, Component, Selector};
+use crate::settings::{LayerRange, ModelLayers, NofM, Scope, SettingError};
+use crate::pass::{graph, insert_remapped, weight_err, Pass, PassContext, PassError, PassName};
 
 /// Pipeline spec:
 /// `Prune(model: "m", into: "m50", targets: [(select: ["attn.*", "ffn.*"], sparsity: 0.5)])`.
@@ -42,12 +43,21 @@ pub struct Prune {
     /// For sparsity targets with `Magnitude`: compare entries within each output `"row"`
     /// (default) or over the whole `"tensor"`. Wanda always compares within rows.
     #[serde(default)]
-    pub scope: Option<String>,
+    pub scope: Option<Scope>,
     /// What to prune and how far, in order; a later target wins for a component.
     pub targets: Vec<PruneTarget>,
     /// Selectors of components to leave alone.
     #[serde(default)]
-    pub ignore: Vec<String>,
+    pub ignore: Vec<Selector>,
+}
+
+impl PruneMethod {
+    /// Makes the calibration text's path absolute with `resolve`.
+    pub fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        if let PruneMethod::Wanda { calibration, .. } = self {
+            *calibration = resolve(calibration);
+        }
+    }
 }
 
 /// How entries are scored.
@@ -72,45 +82,35 @@ pub enum PruneMethod {
 #[serde(deny_unknown_fields)]
 pub struct PruneTarget {
     /// Selectors (module `components`): `"attn.q"`, `"ffn.*"`, `"re:layers\\.1\\..*"`.
-    pub select: Vec<String>,
+    pub select: Vec<Selector>,
     /// Only layers in this range, e.g. `"0..8"`.
     #[serde(default)]
-    pub layers: Option<String>,
+    pub layers: Option<LayerRange>,
     /// Fraction of entries to zero, in [0, 1).
     #[serde(default)]
     pub sparsity: Option<f64>,
     /// An N:M pattern instead of a sparsity, e.g. `"2:4"`.
     #[serde(default)]
-    pub pattern: Option<String>,
+    pub pattern: Option<NofM>,
 }
 
 impl Prune {
-    fn invalid(&self, message: String) -> PassError {
-        PassError::Invalid {
-            pass: self.name().into(),
-            message,
-        }
-    }
-
     /// The pattern of every selected component, by weight.
     fn assign(&self, all: &[Component]) -> Result<BTreeMap<WeightId, Pattern>, PassError> {
         if self.targets.is_empty() {
             return Err(self.invalid("`targets` is empty: nothing to prune".into()));
         }
-        let per_tensor = match self.scope.as_deref() {
-            None | Some("row") => false,
-            Some("tensor") if matches!(self.method, PruneMethod::Magnitude) => true,
-            Some("tensor") => {
+        let per_tensor = match self.scope.unwrap_or_default() {
+            Scope::Row => false,
+            Scope::Tensor if matches!(self.method, PruneMethod::Magnitude) => true,
+            Scope::Tensor => {
                 return Err(self.invalid("Wanda compares scores within rows only".into()))
             }
-            Some(other) => {
-                return Err(self.invalid(format!("scope `{other}` is not `row` or `tensor`")))
-            }
         };
-        let ignore = self.selectors(&self.ignore)?;
+        let layers = layer_count(all);
         let mut out = BTreeMap::new();
         for (i, t) in self.targets.iter().enumerate() {
-            let pattern = match (t.sparsity, t.pattern.as_deref()) {
+            let pattern = match (t.sparsity, t.pattern) {
                 (Some(s), None) if (0.0..1.0).contains(&s) => match per_tensor {
                     true => Pattern::Tensor(s),
                     false => Pattern::Row(s),
@@ -118,23 +118,22 @@ impl Prune {
                 (Some(s), None) => {
                     return Err(self.invalid(format!("target {i}: sparsity {s} is outside [0, 1)")))
                 }
-                (None, Some(text)) => parse_n_of_m(text).ok_or_else(|| {
-                    self.invalid(format!(
-                        "target {i}: pattern `{text}` is not N:M with N < M, like `2:4`"
-                    ))
-                })?,
+                (None, Some(NofM { n, m })) => Pattern::NofM { n, m },
                 _ => {
                     return Err(
                         self.invalid(format!("target {i}: give either `sparsity` or `pattern`"))
                     )
                 }
             };
-            let range = layer_range(self.name(), t.layers.as_deref())?;
-            let in_range = |c: &Component| match &range {
-                Some(r) => c.layer.is_some_and(|l| r.contains(&l)),
+            if let Some(r) = &t.layers {
+                r.check(&self.model, layers)
+                    .map_err(|e| self.invalid(format!("target {i}: {e}")))?;
+            }
+            let in_range = |c: &Component| match &t.layers {
+                Some(r) => c.layer.is_some_and(|l| r.contains(l)),
                 None => true,
             };
-            for s in self.selectors(&t.select)? {
+            for s in &t.select {
                 let chosen: Vec<&Component> =
                     all.iter().filter(|c| in_range(c) && s.matches(c)).collect();
                 if chosen.is_empty() {
@@ -150,20 +149,13 @@ impl Prune {
                     )));
                 }
                 for c in chosen {
-                    if !ignore.iter().any(|x| x.matches(c)) {
+                    if !self.ignore.iter().any(|x| x.matches(c)) {
                         out.insert(c.weight, pattern.clone());
                     }
                 }
             }
         }
         Ok(out)
-    }
-
-    fn selectors(&self, texts: &[String]) -> Result<Vec<Selector>, PassError> {
-        texts
-            .iter()
-            .map(|t| Selector::parse(t).map_err(|e| self.invalid(e)))
-            .collect()
     }
 
     /// Wanda's activation norms of every linear weight of the model.
@@ -225,16 +217,19 @@ pub fn calibration_norms(
     ))
 }
 
-/// `"N:M"` with `N < M`.
-fn parse_n_of_m(text: &str) -> Option<Pattern> {
-    let (n, m) = text.split_once(':')?;
-    let (n, m) = (n.trim().parse().ok()?, m.trim().parse().ok()?);
-    (n < m).then_some(Pattern::NofM { n, m })
-}
-
 impl Pass for Prune {
-    fn name(&self) -> &'static str {
-        "Prune"
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        for t in &self.targets {
+            models.check(&self.model, t.layers.as_ref())?;
+        }
+        if let Some(into) = &self.into {
+            models.derive(into, &self.model);
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        self.method.resolve_paths(resolve);
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use upmix_ir::{splitmix64, Module};
 
-use crate::pass::{graph, PassContext, PassError};
+use crate::pass::{graph, PassContext, PassError, PassName};
 use crate::train::Train;
 
 /// A held-out set: its name and windows.

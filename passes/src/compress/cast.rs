@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use upmix_ir::{DType, Module};
 
-use crate::pass::{graph, weight_err, Pass, PassContext, PassError};
+use crate::pass::{graph, weight_err, Pass, PassContext, PassError, PassName};
 
 /// Pipeline spec: `Cast(model: "moe", dtype: "bf16")`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -19,24 +19,18 @@ pub struct Cast {
     /// The model to cast (in place).
     pub model: String,
     /// Target dtype: `"f32"`, `"f16"` or `"bf16"`.
-    pub dtype: String,
+    #[serde(deserialize_with = "crate::settings::float")]
+    pub dtype: DType,
 }
 
 impl Pass for Cast {
-    fn name(&self) -> &'static str {
-        "Cast"
-    }
-
     fn run(&self, m: &mut Module, _cx: &mut PassContext) -> Result<Vec<String>, PassError> {
-        let dtype = DType::parse(&self.dtype)
-            .filter(|d| !d.is_quantized())
-            .ok_or_else(|| PassError::Invalid {
-                pass: self.name().into(),
-                message: format!(
-                    "unknown dtype `{}` (valid: f32, f16, bf16; quantized types with `Quantize`)",
-                    self.dtype
-                ),
-            })?;
+        let dtype = self.dtype;
+        if dtype.is_quantized() {
+            return Err(self.invalid(format!(
+                "`{dtype}` is quantized: Cast changes weights to f32, f16 or bf16 (quantized types with `Quantize`)"
+            )));
+        }
         let g = graph(m, self.name(), &self.model)?;
         let mut remap = HashMap::new();
         for id in g.weight_ids() {

@@ -5,9 +5,11 @@
 //!
 //! - `out` is never a model's own input, nor a directory holding one (always refused).
 //! - A missing or empty `out` is written. An existing non-empty `out` is replaced only when
-//!   it is a previous upmix output: it holds a [`MANIFEST`] listing every file in it, at the
-//!   size upmix wrote. Any other file (a user's notes, a file changed since) is named in
-//!   the refusal, unless the caller says `overwrite`.
+//!   it is a previous upmix output: it holds a [`MANIFEST`] listing every file in it with
+//!   the size and the content hash (XXH3-64, taken as the output is sealed, while its
+//!   files are still in the page cache) upmix wrote. Any other file (a user's notes, a
+//!   file changed since, even to the same size) is named in the refusal, unless the caller
+//!   says `overwrite`.
 //! - The new output is written into a hidden sibling (`.out.upmix-tmp-PID-N`), flushed to
 //!   disk, and swapped with `out` in one `renameat2(RENAME_EXCHANGE)` (a pair of renames
 //!   where that call is missing); the old output is removed only after the swap. A crash
@@ -23,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{io, EmitError};
 
-/// The file every upmix output directory carries: its files and their sizes.
+/// The file every upmix output directory carries: its files, their sizes and hashes.
 pub const MANIFEST: &str = "upmix-manifest.json";
 
 /// Writes the directory `dir`: `fill` populates a fresh temporary directory beside it,
@@ -130,11 +132,13 @@ fn check_replaceable(dir: &Path) -> Result<(), EmitError> {
             continue;
         }
         let file = dir.join(&name);
+        let changed = "it changed since upmix wrote it";
         match manifest.as_ref().and_then(|m| m.get(&name)) {
             None => return Err(foreign(file, "upmix did not write it")),
-            Some(s) if *s != size => {
-                return Err(foreign(file, "it changed since upmix wrote it"));
-            }
+            Some(r) if r.size != size => return Err(foreign(file, changed)),
+            Some(Recorded {
+                hash: Some(hash), ..
+            }) if content_hash(&file)? != *hash => return Err(foreign(file, changed)),
             Some(_) => {}
         }
     }
@@ -166,24 +170,66 @@ fn list_files(dir: &Path) -> Result<BTreeMap<String, u64>, EmitError> {
     Ok(out)
 }
 
-/// The files a manifest in `dir` lists, if it has a readable one.
-fn read_manifest(dir: &Path) -> Option<BTreeMap<String, u64>> {
+/// What a manifest records of one file.
+struct Recorded {
+    size: u64,
+    /// Absent in manifests of upmix versions that recorded sizes only.
+    hash: Option<u64>,
+}
+
+/// The files a manifest in `dir` lists, if it has a readable one: `{"size": n, "xxh3":
+/// "hex"}` per file (or, from older versions, the size alone).
+fn read_manifest(dir: &Path) -> Option<BTreeMap<String, Recorded>> {
     let text = std::fs::read_to_string(dir.join(MANIFEST)).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let entry = |v: &serde_json::Value| match v.as_u64() {
+        Some(size) => Some(Recorded { size, hash: None }),
+        None => Some(Recorded {
+            size: v["size"].as_u64()?,
+            hash: Some(u64::from_str_radix(v["xxh3"].as_str()?, 16).ok()?),
+        }),
+    };
     json["files"]
         .as_object()?
         .iter()
-        .map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+        .map(|(k, v)| Some((k.clone(), entry(v)?)))
         .collect()
 }
 
-/// Lists what `dir` holds in its manifest, then flushes every file and directory in it
-/// to disk.
+/// The XXH3-64 hash of a file's bytes, read in 1 MiB pieces.
+fn content_hash(path: &Path) -> Result<u64, EmitError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf).map_err(io(path))? {
+            0 => return Ok(hasher.digest()),
+            n => hasher.update(&buf[..n]),
+        }
+    }
+}
+
+/// Lists what `dir` holds in its manifest, with each file's size and hash, then flushes
+/// every file and directory in it to disk.
 fn seal(dir: &Path) -> Result<(), EmitError> {
+    use rayon::prelude::*;
     let files = list_files(dir)?;
+    let hashes: Vec<u64> = files
+        .par_iter()
+        .map(|(name, _)| content_hash(&dir.join(name)))
+        .collect::<Result<_, _>>()?;
+    let entries: serde_json::Map<String, serde_json::Value> = files
+        .iter()
+        .zip(hashes)
+        .map(|((name, size), hash)| {
+            let entry = serde_json::json!({ "size": size, "xxh3": format!("{hash:016x}") });
+            (name.clone(), entry)
+        })
+        .collect();
     let json = serde_json::json!({
         "written_by": concat!("upmix ", env!("CARGO_PKG_VERSION")),
-        "files": files,
+        "files": entries,
     });
     let manifest = dir.join(MANIFEST);
     let text = serde_json::to_string_pretty(&json).expect("json serialises") + "\n";
@@ -416,6 +462,27 @@ mod tests {
         // No temporaries are left beside it.
         let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn an_edit_that_keeps_the_size_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        write_dir_atomically(&out, &[], false, 0, fill_with(&["a.txt"])).unwrap();
+        std::fs::write(out.join("a.txt"), "A.txt").unwrap();
+        let e = write_dir_atomically(&out, &[], false, 0, fill_with(&["b.txt"])).unwrap_err();
+        assert!(
+            e.to_string().contains("a.txt") && e.to_string().contains("changed"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(out.join("a.txt")).unwrap(), "A.txt");
+        // Put back as written, it is ours again.
+        std::fs::write(out.join("a.txt"), "a.txt").unwrap();
+        write_dir_atomically(&out, &[], false, 0, fill_with(&["b.txt"])).unwrap();
+        // A manifest of sizes alone (older versions) still lets its output be replaced.
+        let legacy = r#"{"written_by": "upmix 0.1.0", "files": {"b.txt": 5}}"#;
+        std::fs::write(out.join(MANIFEST), legacy).unwrap();
+        write_dir_atomically(&out, &[], false, 0, fill_with(&["c.txt"])).unwrap();
     }
 
     #[test]

@@ -18,12 +18,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use upmix_ir::Module;
+use upmix_ir::{DType, Module};
 
-use crate::pass::{write_atomically, Pass, PassContext, PassError};
+use crate::settings::{ModelLayers, SettingError};
+use crate::components::Selector;
+use crate::pass::{write_atomically, Pass, PassContext, PassError, PassName};
 use crate::prune::{Prune, PruneMethod, PruneTarget};
 use crate::quantize::{Quantize, QuantizeTarget};
 use crate::sensitivity::{SensitivityRow, SensitivityTable};
@@ -39,7 +41,7 @@ pub struct Plan {
     /// The FDT statistic compared with the threshold: `"p25"` (default: FDT@75, three
     /// prompts in four keep at least that many tokens), `"median"` or `"mean"`.
     #[serde(default)]
-    pub statistic: Option<String>,
+    pub statistic: Statistic,
     /// Where to write the plan as a `Prune` or `Quantize` pass (RON).
     #[serde(default)]
     pub fragment: Option<PathBuf>,
@@ -57,6 +59,59 @@ pub struct Plan {
     /// gives the calibration text for applying it). Not used by quantization tables.
     #[serde(default)]
     pub method: PruneMethod,
+}
+
+/// The FDT statistic of a table row a plan compares with its threshold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Statistic {
+    /// `"p25"`: FDT@75, three prompts in four keep at least that many tokens.
+    #[default]
+    P25,
+    /// `"median"`.
+    Median,
+    /// `"mean"`.
+    Mean,
+}
+
+impl Statistic {
+    fn of(self) -> fn(&SensitivityRow) -> f64 {
+        match self {
+            Statistic::P25 => |r| r.p25_fdt,
+            Statistic::Median => |r| r.median_fdt,
+            Statistic::Mean => |r| r.mean_fdt,
+        }
+    }
+}
+
+impl std::fmt::Display for Statistic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Statistic::P25 => "p25",
+            Statistic::Median => "median",
+            Statistic::Mean => "mean",
+        })
+    }
+}
+
+impl std::str::FromStr for Statistic {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "p25" => Ok(Statistic::P25),
+            "median" => Ok(Statistic::Median),
+            "mean" => Ok(Statistic::Mean),
+            other => Err(format!(
+                "statistic `{other}` is not `p25`, `median` or `mean`"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Statistic {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::settings::from_text(d)
+    }
 }
 
 /// What the plan aims for.
@@ -104,26 +159,6 @@ pub fn gain(r: &SensitivityRow) -> f64 {
 }
 
 impl Plan {
-    fn invalid(&self, message: String) -> PassError {
-        PassError::Invalid {
-            pass: "Plan".into(),
-            message,
-        }
-    }
-
-    fn statistic(&self) -> Result<fn(&SensitivityRow) -> f64, PassError> {
-        Ok(match self.statistic.as_deref() {
-            None | Some("p25") => |r| r.p25_fdt,
-            Some("median") => |r| r.median_fdt,
-            Some("mean") => |r| r.mean_fdt,
-            Some(other) => {
-                return Err(self.invalid(format!(
-                    "statistic `{other}` is not `p25`, `median` or `mean`"
-                )))
-            }
-        })
-    }
-
     /// The levels at threshold `tau`.
     fn at<'t>(
         by_component: &BTreeMap<&str, Vec<&'t SensitivityRow>>,
@@ -156,7 +191,7 @@ impl Plan {
 
     /// The threshold sweep over `table`.
     pub fn assign<'t>(&self, table: &'t SensitivityTable) -> Result<Assignment<'t>, PassError> {
-        let stat = self.statistic()?;
+        let stat = self.statistic.of();
         let mut by_component: BTreeMap<&str, Vec<&SensitivityRow>> = BTreeMap::new();
         for r in &table.rows {
             by_component.entry(&r.component).or_default().push(r);
@@ -265,49 +300,57 @@ impl Plan {
     }
 
     /// The plan as a `Prune` pass: one target per level, listing its components.
-    fn prune(&self, model: &str, a: &Assignment) -> Prune {
-        let targets = Self::by_level(a)
-            .into_iter()
-            .map(|(level, select)| {
-                let (sparsity, pattern) = match level.parse::<f64>() {
-                    Ok(s) => (Some(s), None),
-                    Err(_) => (None, Some(level.to_string())),
-                };
-                PruneTarget {
-                    select,
-                    layers: None,
-                    sparsity,
-                    pattern,
-                }
-            })
-            .collect();
-        Prune {
+    fn prune(&self, model: &str, a: &Assignment) -> Result<Prune, PassError> {
+        let mut targets = Vec::new();
+        for (level, names) in Self::by_level(a) {
+            let (sparsity, pattern) = match level.parse::<f64>() {
+                Ok(s) => (Some(s), None),
+                Err(_) => (None, Some(level.parse().map_err(|e| self.invalid(e))?)),
+            };
+            targets.push(PruneTarget {
+                select: self.selectors(&names)?,
+                layers: None,
+                sparsity,
+                pattern,
+            });
+        }
+        Ok(Prune {
             model: model.into(),
             into: self.into.clone(),
             method: self.method.clone(),
             scope: None,
             targets,
             ignore: Vec::new(),
-        }
+        })
     }
 
     /// The plan as a `Quantize` pass: one target per type; other components are kept.
-    fn quantize(&self, model: &str, a: &Assignment) -> Quantize {
-        let targets = Self::by_level(a)
-            .into_iter()
-            .map(|(dtype, select)| QuantizeTarget {
-                select,
+    fn quantize(&self, model: &str, a: &Assignment) -> Result<Quantize, PassError> {
+        let mut targets = Vec::new();
+        for (level, names) in Self::by_level(a) {
+            let dtype = DType::parse(level)
+                .ok_or_else(|| self.invalid(format!("level `{level}` is not a type")))?;
+            targets.push(QuantizeTarget {
+                select: self.selectors(&names)?,
                 layers: None,
-                dtype: dtype.into(),
-            })
-            .collect();
-        Quantize {
+                dtype,
+            });
+        }
+        Ok(Quantize {
             model: model.into(),
             into: self.into.clone(),
             dtype: None,
             targets,
             ignore: Vec::new(),
-        }
+        })
+    }
+
+    /// Selectors of exactly the components `names`.
+    fn selectors(&self, names: &[String]) -> Result<Vec<Selector>, PassError> {
+        names
+            .iter()
+            .map(|n| Selector::parse(n).map_err(|e| self.invalid(e)))
+            .collect()
     }
 
     /// The plan as a RON pass for a pipeline's `passes` list, after a comment saying where
@@ -325,7 +368,7 @@ impl Plan {
             table.prompts,
             table.n,
             a.threshold,
-            self.statistic.as_deref().unwrap_or("p25"),
+            self.statistic,
         );
         let model = self.model.as_deref().unwrap_or(&table.model);
         let name = if is_quantization(table) {
@@ -415,8 +458,17 @@ fn is_quantization(table: &SensitivityTable) -> bool {
 }
 
 impl Pass for Plan {
-    fn name(&self) -> &'static str {
-        "Plan"
+    fn check(&self, models: &mut ModelLayers) -> Result<(), SettingError> {
+        if let (Some(model), Some(into)) = (&self.model, &self.into) {
+            models.derive(into, model);
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, resolve: &dyn Fn(&Path) -> PathBuf) {
+        self.table = resolve(&self.table);
+        self.fragment = self.fragment.as_deref().map(resolve);
+        self.method.resolve_paths(resolve);
     }
 
     fn run(&self, m: &mut Module, cx: &mut PassContext) -> Result<Vec<String>, PassError> {
@@ -449,8 +501,8 @@ impl Pass for Plan {
             )));
         }
         match quantizes {
-            true => self.quantize(model, &a).run(m, cx),
-            false => self.prune(model, &a).run(m, cx),
+            true => self.quantize(model, &a)?.run(m, cx),
+            false => self.prune(model, &a)?.run(m, cx),
         }
     }
 
