@@ -10,7 +10,9 @@
 //! whether two modules are the same model (see the printer's module docs for the syntax).
 
 mod builder;
+mod codec;
 mod dtype;
+mod feed_forward;
 mod finite;
 mod graph;
 mod module;
@@ -28,12 +30,13 @@ mod weights;
 
 pub use builder::{DecoderBlock, GraphBuilder, ParallelBlock};
 pub use dtype::{DType, ParseDTypeError};
+pub use feed_forward::FeedForward;
 pub use finite::NonFinite;
 pub use graph::{Edge, Graph, ModelMeta, Node, NodeId};
 pub use module::Module;
 pub use op::{
-    Attention, FeedForward, MixtureOfAttention, MixtureOfExperts, Op, QkNorm, Rope, RopePairs,
-    RopeScaling, Routing, SharedExpert,
+    Attention, MixtureOfAttention, MixtureOfExperts, Op, QkNorm, Rope, RopePairs, RopeScaling,
+    Routing, SharedExpert,
 };
 pub use parse::{parse_module, ParseError};
 pub use print::{print_graph, print_module};

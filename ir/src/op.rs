@@ -3,7 +3,7 @@
 //! Each op names the weights it uses by [`WeightId`]; activations flow along edges. The
 //! shapes below are PyTorch `nn.Linear` convention: a projection weight is `[out, in]`.
 
-use crate::{Router, WeightId};
+use crate::{FeedForward, Router, WeightId};
 
 /// A node's operation.
 #[derive(Clone, Debug, PartialEq)]
@@ -316,28 +316,6 @@ impl Rope {
                     .collect()
             }
         }
-    }
-}
-
-/// SwiGLU: `down(silu(gate x) * up x)`; `gate`, `up`: `[ffn, hidden]`, `down`: `[hidden, ffn]`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FeedForward {
-    pub gate: WeightId,
-    pub up: WeightId,
-    pub down: WeightId,
-}
-
-impl FeedForward {
-    pub(crate) fn map_weights(&mut self, f: &mut impl FnMut(WeightId) -> WeightId) {
-        self.gate = f(self.gate);
-        self.up = f(self.up);
-        self.down = f(self.down);
-    }
-
-    fn push_weights(&self, prefix: &str, out: &mut Vec<(String, WeightId)>) {
-        out.push((format!("{prefix}gate"), self.gate));
-        out.push((format!("{prefix}up"), self.up));
-        out.push((format!("{prefix}down"), self.down));
     }
 }
 

@@ -8,8 +8,7 @@
 //! `r_e = down(silu(gate d_e) * up d_e)`. An expert added later needs only its domain's
 //! embedding to get a row ([`ProjectedRouter::rows`]).
 
-use crate::op::FeedForward;
-use crate::{HostTensor, WeightError, WeightId, WeightTable};
+use crate::{FeedForward, HostTensor, WeightError, WeightId, WeightTable};
 
 /// A mixture of experts' router.
 #[derive(Clone, Debug, PartialEq)]
