@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Deserialize;
 use upmix_emit::{emit_gguf, emit_hf, GgufEmitOptions, HfEmitOptions, MoeLayout};
 use upmix_ir::Module;
@@ -22,8 +22,8 @@ pub enum Emit {
         dir: PathBuf,
         #[serde(default)]
         max_shard_mb: Option<u64>,
-        #[serde(default)]
-        moe_layout: Option<String>,
+        #[serde(default, deserialize_with = "moe_layout")]
+        moe_layout: Option<MoeLayout>,
         #[serde(default)]
         overwrite: Option<bool>,
         /// Another architecture than the graph's default: `"JetMoeForCausalLM"` for a BAM
@@ -51,6 +51,18 @@ pub enum Emit {
         #[serde(default)]
         overwrite: Option<bool>,
     },
+}
+
+/// `"classic"` or `"fused"`, checked when the pipeline is read.
+fn moe_layout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<MoeLayout>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None => Ok(None),
+        Some("classic") => Ok(Some(MoeLayout::Classic)),
+        Some("fused") => Ok(Some(MoeLayout::Fused)),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "moe_layout `{other}` is not `classic` or `fused`"
+        ))),
+    }
 }
 
 impl Emit {
@@ -95,89 +107,97 @@ fn progress_bar(model: &str) -> (indicatif::ProgressBar, Arc<upmix_emit::Progres
 
 /// Writes `e` from `m`, adding a line to `out`; `overwrite` as `overwrite: true`.
 pub fn emit(m: &Module, e: &Emit, overwrite: bool, out: &mut String) -> Result<()> {
-    let start = Instant::now();
     match e {
-        Emit::Hf {
-            model,
-            dir,
-            max_shard_mb,
-            moe_layout,
-            overwrite: replace,
-            architecture,
-            dequantize,
-        } => {
-            let moe_layout = match moe_layout.as_deref() {
-                None | Some("classic") => MoeLayout::Classic,
-                Some("fused") => MoeLayout::Fused,
-                Some(other) => {
-                    bail!("emit `{model}`: moe_layout `{other}` is not `classic` or `fused`")
-                }
-            };
-            let (bar, progress) = progress_bar(model);
-            let opts = HfEmitOptions {
-                max_shard_bytes: max_shard_mb
-                    .map_or(HfEmitOptions::default().max_shard_bytes, |mb| mb << 20),
-                moe_layout,
-                progress: Some(progress),
-                overwrite: overwrite || replace.unwrap_or(false),
-                architecture: architecture.clone(),
-                dequantize: dequantize.unwrap_or(false),
-            };
-            let r = emit_hf(m, model, dir, &opts).with_context(|| format!("writing `{model}`"))?;
-            bar.finish_and_clear();
-            let dequantized = match r.dequantized {
-                0 => String::new(),
-                n => format!(", {n} quantized weights written as f32"),
-            };
-            writeln!(
-                out,
-                "emit   {model} -> {} ({}, {} tensors, {:.2} MB in {} shard(s){dequantized}) in {:.2}s",
-                dir.display(),
-                r.architecture,
-                r.tensors,
-                r.bytes as f64 / 1e6,
-                r.shards,
-                start.elapsed().as_secs_f64()
-            )?;
-        }
-        Emit::Gguf {
-            model,
-            file,
-            name,
-            tokenizer_pre,
-            overwrite: replace,
-        } => {
-            let g = m
-                .graph(model)
-                .with_context(|| format!("emit: no model named `{model}`"))?;
-            let tokenizer = upmix_frontend::gguf_tokenizer_metadata(
-                &g.meta,
-                g.meta.vocab_size,
-                tokenizer_pre.as_deref(),
-            )
-            .with_context(|| format!("writing `{model}` as GGUF: its tokenizer"))?;
-            let (bar, progress) = progress_bar(model);
-            let opts = GgufEmitOptions {
-                name: name.clone(),
-                tokenizer,
-                progress: Some(progress),
-                overwrite: overwrite || replace.unwrap_or(false),
-            };
-            let r =
-                emit_gguf(m, model, file, &opts).with_context(|| format!("writing `{model}`"))?;
-            bar.finish_and_clear();
-            let types: Vec<String> = r.types.iter().map(|(d, n)| format!("{n} {d}")).collect();
-            writeln!(
-                out,
-                "emit   {model} -> {} (GGUF {}, {} tensors: {}, {:.2} MB) in {:.2}s",
-                file.display(),
-                r.architecture,
-                r.tensors,
-                types.join(", "),
-                r.bytes as f64 / 1e6,
-                start.elapsed().as_secs_f64()
-            )?;
-        }
+        Emit::Hf { .. } => emit_hf_dir(m, e, overwrite, out),
+        Emit::Gguf { .. } => emit_gguf_file(m, e, overwrite, out),
     }
+}
+
+/// An `Hf` emit.
+fn emit_hf_dir(m: &Module, e: &Emit, overwrite: bool, out: &mut String) -> Result<()> {
+    let Emit::Hf {
+        model,
+        dir,
+        max_shard_mb,
+        moe_layout,
+        overwrite: replace,
+        architecture,
+        dequantize,
+    } = e
+    else {
+        unreachable!("an Hf emit")
+    };
+    let start = Instant::now();
+    let (bar, progress) = progress_bar(model);
+    let opts = HfEmitOptions {
+        max_shard_bytes: max_shard_mb
+            .map_or(HfEmitOptions::default().max_shard_bytes, |mb| mb << 20),
+        moe_layout: moe_layout.unwrap_or_default(),
+        progress: Some(progress),
+        overwrite: overwrite || replace.unwrap_or(false),
+        architecture: architecture.clone(),
+        dequantize: dequantize.unwrap_or(false),
+    };
+    let r = emit_hf(m, model, dir, &opts).with_context(|| format!("writing `{model}`"))?;
+    bar.finish_and_clear();
+    let dequantized = match r.dequantized {
+        0 => String::new(),
+        n => format!(", {n} quantized weights written as f32"),
+    };
+    writeln!(
+        out,
+        "emit   {model} -> {} ({}, {} tensors, {:.2} MB in {} shard(s){dequantized}) in {:.2}s",
+        dir.display(),
+        r.architecture,
+        r.tensors,
+        r.bytes as f64 / 1e6,
+        r.shards,
+        start.elapsed().as_secs_f64()
+    )?;
+    Ok(())
+}
+
+/// A `Gguf` emit.
+fn emit_gguf_file(m: &Module, e: &Emit, overwrite: bool, out: &mut String) -> Result<()> {
+    let Emit::Gguf {
+        model,
+        file,
+        name,
+        tokenizer_pre,
+        overwrite: replace,
+    } = e
+    else {
+        unreachable!("a Gguf emit")
+    };
+    let start = Instant::now();
+    let g = m
+        .graph(model)
+        .with_context(|| format!("emit: no model named `{model}`"))?;
+    let tokenizer = upmix_frontend::gguf_tokenizer_metadata(
+        &g.meta,
+        g.meta.vocab_size,
+        tokenizer_pre.as_deref(),
+    )
+    .with_context(|| format!("writing `{model}` as GGUF: its tokenizer"))?;
+    let (bar, progress) = progress_bar(model);
+    let opts = GgufEmitOptions {
+        name: name.clone(),
+        tokenizer,
+        progress: Some(progress),
+        overwrite: overwrite || replace.unwrap_or(false),
+    };
+    let r = emit_gguf(m, model, file, &opts).with_context(|| format!("writing `{model}`"))?;
+    bar.finish_and_clear();
+    let types: Vec<String> = r.types.iter().map(|(d, n)| format!("{n} {d}")).collect();
+    writeln!(
+        out,
+        "emit   {model} -> {} (GGUF {}, {} tensors: {}, {:.2} MB) in {:.2}s",
+        file.display(),
+        r.architecture,
+        r.tensors,
+        types.join(", "),
+        r.bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    )?;
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Fuzz test of the RON pipeline parser (`Pipeline::parse`) on mutations of the example
-//! pipelines (examples/*.ron and the one in src/pipeline.rs's docs): tokens replaced by
+//! pipelines (examples/*.ron and the one in src/pipeline/mod.rs's docs): tokens replaced by
 //! extreme numbers, values of the wrong type or stray delimiters, tokens deleted, lines
 //! duplicated (duplicate fields and map keys), deep nesting, byte edits. Every case must
 //! return `Ok` or an error that starts with `origin:line:col:`, without a panic or an

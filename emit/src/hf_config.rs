@@ -12,8 +12,9 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 use upmix_formats::{hf, Family};
-use upmix_ir::{DType, Graph, Module, Op, RopeScaling, Router, WeightTable};
+use upmix_ir::{DType, Graph, Module, Op, Rope, RopeScaling, WeightTable};
 
+use super::hf_config_family::{family_fields, Layout};
 use super::stack::Stack;
 use super::{io, EmitError};
 
@@ -149,7 +150,8 @@ fn lay_over(mut base: Map<String, Value>, computed: Value) -> Map<String, Value>
     base
 }
 
-/// The fields upmix models, from the graph.
+/// The fields upmix models, from the graph: those every family writes, then the
+/// family's own (module `hf_config_family`).
 fn computed_fields(
     m: &Module,
     g: &Graph,
@@ -163,30 +165,7 @@ fn computed_fields(
         .first()
         .ok_or_else(|| unsupported("no layers".into()))?;
     let a = first.attn;
-    // Cohere2's global layers have no RoPE: the settings of the first rotating layer.
-    let rotary = s.layers.iter().find_map(|l| l.attn.rope.as_ref());
-    let window = s.layers.iter().find_map(|l| l.attn.window);
-    if s.layers.iter().any(|l| {
-        l.attn.n_heads != a.n_heads
-            || l.attn.n_kv_heads != a.n_kv_heads
-            || l.attn.head_dim != a.head_dim
-            || l.attn.rope.as_ref().is_some_and(|r| Some(r) != rotary)
-            || l.attn.window.is_some_and(|w| Some(w) != window)
-            || l.attn.qk_norm.is_some() != a.qk_norm.is_some()
-            || l.attn
-                .qk_norm
-                .as_ref()
-                .is_some_and(|n| n.eps != s.final_norm.eps)
-    }) {
-        return Err(unsupported("layers differ in attention settings".into()));
-    }
-    let norms = s
-        .layers
-        .iter()
-        .flat_map(|l| [Some(l.attn_norm), l.ffn_norm]);
-    if norms.flatten().any(|n| n.eps != s.final_norm.eps) {
-        return Err(unsupported("norms differ in epsilon".into()));
-    }
+    let (rotary, window) = uniform_attention(s, unsupported)?;
     let hidden = w.get(s.embed)?.shape[1];
     let vocab = w.get(s.embed)?.shape[0];
     if family == Family::Cohere && a.n_heads * a.head_dim != hidden {
@@ -195,37 +174,12 @@ fn computed_fields(
             a.n_heads, a.head_dim
         )));
     }
-    let (ffn, experts) = match first.mlp {
+    let (ffn, moe) = match first.mlp {
         Op::FeedForward(f) => (w.get(f.gate)?.shape[0], None),
         Op::MixtureOfExperts(moe) => (w.get(moe.experts[0].gate)?.shape[0], Some(moe)),
         _ => unreachable!("read_stack admits only FFN and MoE"),
     };
-    let default_rope = upmix_ir::Rope {
-        theta: 10_000.0,
-        scaling: RopeScaling::None,
-        pairs: Default::default(),
-    };
-    let rotary = rotary.unwrap_or(&default_rope);
-    let theta = rotary.theta;
-    let mut rope = json!({ "rope_type": "default", "rope_theta": theta });
-    match &rotary.scaling {
-        RopeScaling::None => {}
-        RopeScaling::Linear { factor } => {
-            rope = json!({ "rope_type": "linear", "rope_theta": theta, "factor": factor });
-        }
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position,
-        } => {
-            rope = json!({
-                "rope_type": "llama3", "rope_theta": theta, "factor": factor,
-                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position,
-            });
-        }
-    }
+    let (theta, rope) = rope_parameters(rotary);
     let (arch, model_type) = hf::architecture(family);
     let mut c = json!({
         "architectures": [arch],
@@ -250,7 +204,7 @@ fn computed_fields(
         "mlp_bias": false,
         "use_cache": true,
     });
-    if rotary.scaling != RopeScaling::None {
+    if rotary.is_some_and(|r| r.scaling != RopeScaling::None) {
         c["rope_scaling"] = rope; // transformers 4 reads this spelling
     }
     if let Some(scale) = s.logit_scale {
@@ -260,96 +214,77 @@ fn computed_fields(
         c.insert("layer_norm_eps".into(), json!(s.final_norm.eps));
         c.insert("logit_scale".into(), json!(scale));
     }
-    match (family, experts) {
-        (Family::JetMoe, Some(moe)) => {
-            let c = c.as_object_mut().expect("an object");
-            for field in [
-                "num_attention_heads",
-                "head_dim",
-                "hidden_act",
-                "mlp_bias",
-                "attention_bias",
-            ] {
-                c.remove(field);
-            }
-            // JetMoE: as many KV heads as query heads per expert (`kv_channels` each).
-            c.insert("num_key_value_heads".into(), json!(a.n_heads));
-            c.insert("kv_channels".into(), json!(a.head_dim));
-            c.insert("num_local_experts".into(), json!(moe.experts.len()));
-            c.insert("num_experts_per_tok".into(), json!(moe.routing.top_k));
-            c.insert("activation_function".into(), json!("silu"));
-            c.insert("rms_norm_eps".into(), json!(super::jetmoe::NORM_EPS));
-        }
-        (Family::UpmixBam, moe) => {
-            let mixture = first.mixture;
-            let routing = mixture.map(|m| m.routing);
-            c["parallel_blocks"] = json!(s.parallel() == Some(true));
-            c["attention_experts"] = json!(mixture.map_or(0, |m| m.experts.len()));
-            c["attention_top_k"] = json!(routing.map_or(0, |r| r.top_k));
-            c["attention_normalize"] = json!(routing.is_some_and(|r| r.normalize));
-            c["shared_kv"] = json!(mixture.is_some_and(|m| m.shared_kv()));
-            c["num_experts"] = json!(moe.map_or(0, |m| m.experts.len()));
-            c["num_experts_per_tok"] = json!(moe.map_or(0, |m| m.routing.top_k));
-            c["norm_topk_prob"] = json!(moe.is_some_and(|m| m.routing.normalize));
-            let shared = moe.and_then(|m| m.shared_expert.as_ref());
-            let shared = shared.map(|s| w.get(s.ffn.gate)).transpose()?;
-            c["shared_expert_intermediate_size"] = json!(shared.map_or(0, |s| s.shape[0]));
-            // A Nexus router: domain embeddings of this width, projected through a SwiGLU
-            // of this width (0 and 0: a plain router matrix).
-            let (embed, width) = match moe.map(|m| &m.router) {
-                Some(Router::Projected(p)) => (
-                    w.get(p.domains)?.shape[1],
-                    w.get(p.projection.gate)?.shape[0],
-                ),
-                _ => (0, 0),
-            };
-            c["router_embed_size"] = json!(embed);
-            c["router_projection_size"] = json!(width);
-            let auto_map: Map<String, Value> = hf::UPMIX_BAM_AUTO_MAP
-                .iter()
-                .map(|(k, v)| (k.to_string(), json!(v)))
-                .collect();
-            c["auto_map"] = Value::Object(auto_map);
-        }
-        (Family::Qwen2Moe, Some(moe)) => {
-            let shared = match &moe.shared_expert {
-                Some(s) => w.get(s.ffn.gate)?.shape[0],
-                None => unreachable!("architecture() requires shared experts"),
-            };
-            c["num_experts"] = json!(moe.experts.len());
-            c["num_experts_per_tok"] = json!(moe.routing.top_k);
-            c["moe_intermediate_size"] = json!(ffn);
-            c["shared_expert_intermediate_size"] = json!(shared);
-            c["intermediate_size"] = json!(shared);
-            c["norm_topk_prob"] = json!(moe.routing.normalize);
-            c["decoder_sparse_step"] = json!(1);
-            c["mlp_only_layers"] = json!([]);
-            c["qkv_bias"] = json!(a.q_bias.is_some());
-            c["use_sliding_window"] = json!(false);
-        }
-        (_, Some(moe)) => {
-            c["num_local_experts"] = json!(moe.experts.len());
-            c["num_experts_per_tok"] = json!(moe.routing.top_k);
-            c["sliding_window"] = json!(window);
-        }
-        (Family::Mistral, None) => c["sliding_window"] = json!(window),
-        (Family::Cohere, None) => c["use_qk_norm"] = json!(a.qk_norm.is_some()),
-        (Family::Cohere2, None) => {
-            c["sliding_window"] = json!(window);
-            let types: Vec<_> = s
-                .layers
-                .iter()
-                .map(|l| match l.attn.window {
-                    Some(_) => "sliding_attention",
-                    None => "full_attention",
-                })
-                .collect();
-            c["layer_types"] = json!(types);
-        }
-        (Family::Qwen2, None) => c["use_sliding_window"] = json!(false),
-        _ => {}
-    }
+    let layout = Layout {
+        attn: a,
+        window,
+        ffn,
+        moe,
+        mixture: first.mixture,
+    };
+    family_fields(family, &mut c, s, w, &layout)?;
     Ok(c)
+}
+
+/// The RoPE settings every layer shares (Cohere2's global layers have none: those of
+/// the first rotating layer) and the sliding window; an error when layers differ in
+/// attention settings or norms in epsilon.
+fn uniform_attention<'s>(
+    s: &Stack<'s>,
+    unsupported: &dyn Fn(String) -> EmitError,
+) -> Result<(Option<&'s Rope>, Option<usize>), EmitError> {
+    let a = s.layers[0].attn;
+    let rotary = s.layers.iter().find_map(|l| l.attn.rope.as_ref());
+    let window = s.layers.iter().find_map(|l| l.attn.window);
+    if s.layers.iter().any(|l| {
+        l.attn.n_heads != a.n_heads
+            || l.attn.n_kv_heads != a.n_kv_heads
+            || l.attn.head_dim != a.head_dim
+            || l.attn.rope.as_ref().is_some_and(|r| Some(r) != rotary)
+            || l.attn.window.is_some_and(|w| Some(w) != window)
+            || l.attn.qk_norm.is_some() != a.qk_norm.is_some()
+            || l.attn
+                .qk_norm
+                .as_ref()
+                .is_some_and(|n| n.eps != s.final_norm.eps)
+    }) {
+        return Err(unsupported("layers differ in attention settings".into()));
+    }
+    let norms = s
+        .layers
+        .iter()
+        .flat_map(|l| [Some(l.attn_norm), l.ffn_norm]);
+    if norms.flatten().any(|n| n.eps != s.final_norm.eps) {
+        return Err(unsupported("norms differ in epsilon".into()));
+    }
+    Ok((rotary, window))
+}
+
+/// `rope_theta` and `rope_parameters` (theta 10000 without RoPE).
+fn rope_parameters(rotary: Option<&Rope>) -> (f32, Value) {
+    let Some(rotary) = rotary else {
+        return (
+            10_000.0,
+            json!({ "rope_type": "default", "rope_theta": 10_000.0 }),
+        );
+    };
+    let theta = rotary.theta;
+    let rope = match &rotary.scaling {
+        RopeScaling::None => json!({ "rope_type": "default", "rope_theta": theta }),
+        RopeScaling::Linear { factor } => {
+            json!({ "rope_type": "linear", "rope_theta": theta, "factor": factor })
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } => json!({
+            "rope_type": "llama3", "rope_theta": theta, "factor": factor,
+            "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position,
+        }),
+    };
+    (theta, rope)
 }
 
 /// The dtype holding the most bytes.

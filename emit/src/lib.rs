@@ -8,6 +8,7 @@
 mod gguf;
 mod hf;
 mod hf_config;
+mod hf_config_family;
 mod hf_family;
 mod hf_names;
 mod jetmoe;

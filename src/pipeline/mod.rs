@@ -207,7 +207,7 @@ impl Pipeline {
         }
         let mut written: HashMap<PathBuf, (usize, &str)> = HashMap::new();
         for (i, emit) in self.emit.iter().enumerate() {
-            let path = resolve(base, emit.value.path());
+            let path = lexical(&resolve(base, emit.value.path()));
             if let Some((first, model)) = written.get(&path) {
                 return Err(SettingError {
                     spot: emit.spot,
@@ -233,4 +233,23 @@ pub fn resolve(base: &Path, path: &Path) -> PathBuf {
         _ if path.is_absolute() => path.to_path_buf(),
         _ => base.join(path),
     }
+}
+
+/// `path` with its `.` and `..` components folded away, without asking the file system
+/// (so that `out/x` and `out/../out/x` are one path before either exists).
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
