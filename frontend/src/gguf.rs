@@ -133,6 +133,22 @@ type Parsed = (
     BTreeMap<String, GgufTensor>,
 );
 
+/// One tensor info as stored: name, GGUF-order dims, ggml type id and relative offset.
+struct RawTensor {
+    name: String,
+    dims: Vec<u64>,
+    ty: u32,
+    offset: u64,
+}
+
+/// Where the data section starts, how long it is, and the alignment of tensor offsets.
+struct DataSection {
+    start: usize,
+    len: u64,
+    alignment: usize,
+}
+
+/// Parses the header, metadata and tensor infos of the GGUF bytes read from `path`.
 fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FrontendError> {
     let mut r = Reader {
         path,
@@ -140,58 +156,28 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FrontendError> {
         pos: 0,
         context: "the header".into(),
     };
-    if r.take(4)? != b"GGUF" {
-        return Err(r.error("bad magic: not a GGUF file".into()));
-    }
-    let version = r.u32()?;
-    if !(2..=3).contains(&version) {
-        return Err(r.error(format!(
-            "GGUF version {version} is not supported (2 and 3 are)"
-        )));
-    }
-    let n_tensors = r.u64()?;
-    let n_kv = r.u64()?;
-    // Each tensor info takes at least 8 (name) + 4 + 4 + 8 bytes, each pair at least 8 + 4 + 1.
-    r.check_count(n_tensors, 24, "tensor count")?;
-    r.check_count(n_kv, 13, "metadata count")?;
-
-    let mut metadata = BTreeMap::new();
-    for i in 0..n_kv {
-        r.context = format!("metadata entry {i}");
-        let key = r.string()?;
-        r.context = format!("metadata key `{key}`");
-        let ty = r.u32()?;
-        let value = r.value(ty, 0)?;
-        if metadata.insert(key, value).is_some() {
-            return Err(r.error("the key appears twice".into()));
-        }
-    }
-    let alignment = match metadata.get("general.alignment") {
-        None => 32,
-        Some(v) => match v.as_u64() {
-            Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
-            _ => return Err(r.error(format!("general.alignment {v:?} is not a power of two"))),
-        },
+    let (version, n_tensors, n_kv) = r.header()?;
+    let metadata = r.metadata(n_kv)?;
+    let alignment = r.alignment(&metadata)?;
+    let infos = r.tensor_infos(n_tensors)?;
+    check_unique_names(path, &infos)?;
+    let start = r.pos.div_ceil(alignment) * alignment;
+    let data = DataSection {
+        start,
+        len: bytes.len().saturating_sub(start) as u64,
+        alignment,
     };
-
-    let mut infos = Vec::with_capacity(capacity(n_tensors));
-    for i in 0..n_tensors {
-        r.context = format!("tensor info {i}");
-        let name = r.string()?;
-        r.context = format!("tensor `{name}`");
-        let n_dims = r.u32()?;
-        if n_dims == 0 || n_dims > 4 {
-            return Err(r.error(format!("{n_dims} dimensions (1 to 4 are valid)")));
-        }
-        let mut dims = Vec::with_capacity(n_dims as usize);
-        for _ in 0..n_dims {
-            dims.push(r.u64()?);
-        }
-        let ty = r.u32()?;
-        let offset = r.u64()?;
-        infos.push((name, dims, ty, offset));
+    let mut tensors = BTreeMap::new();
+    for raw in infos {
+        let tensor = locate(path, &raw, &data)?;
+        tensors.insert(raw.name, tensor);
     }
-    let mut names: Vec<&str> = infos.iter().map(|(name, ..)| name.as_str()).collect();
+    Ok((version, metadata, tensors))
+}
+
+/// Rejects two tensor infos with the same name.
+fn check_unique_names(path: &Path, infos: &[RawTensor]) -> Result<(), FrontendError> {
+    let mut names: Vec<&str> = infos.iter().map(|t| t.name.as_str()).collect();
     names.sort_unstable();
     if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
         return Err(FrontendError::BadTensor {
@@ -200,69 +186,147 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, FrontendError> {
             message: "two tensors have this name".into(),
         });
     }
-    let data_start = r.pos.div_ceil(alignment) * alignment;
-    let data_len = bytes.len().saturating_sub(data_start) as u64;
+    Ok(())
+}
 
-    let mut tensors = BTreeMap::new();
-    for (name, dims, ty, offset) in infos {
-        let bad = |message: String| FrontendError::BadTensor {
-            path: path.to_path_buf(),
-            tensor: name.clone(),
-            message,
-        };
-        let Some((_, type_name, dtype)) = GGML_TYPES.iter().find(|(id, _, _)| *id == ty) else {
-            return Err(bad(format!("unknown ggml type id {ty}")));
-        };
-        let Some(dtype) = dtype else {
-            return Err(bad(format!(
-                "ggml type {type_name} is not supported (supported: {})",
-                GGML_TYPES
-                    .iter()
-                    .filter(|t| t.2.is_some())
-                    .map(|t| t.1)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        };
-        let numel = dims
-            .iter()
-            .try_fold(1u64, |acc, d| acc.checked_mul(*d))
-            .filter(|n| *n <= usize::MAX as u64)
-            .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
-        if dims[0] % dtype.block().0 as u64 != 0 {
-            return Err(bad(format!(
-                "row length {} is not a multiple of the {type_name} block size {}",
-                dims[0],
-                dtype.block().0
-            )));
-        }
-        let cols = dims[0] as usize;
-        let rows = (numel as usize).checked_div(cols).unwrap_or(0);
-        let nbytes = dtype
-            .row_bytes(cols)
-            .and_then(|row| row.checked_mul(rows))
-            .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?
-            as u64;
-        if offset % alignment as u64 != 0 {
-            return Err(bad(format!(
-                "offset {offset} is not aligned to {alignment}"
-            )));
-        }
-        if offset.checked_add(nbytes).is_none_or(|end| end > data_len) {
-            return Err(bad(format!(
-                "data at offset {offset} ({nbytes} bytes) runs past the end of the file (data section has {data_len} bytes): the file is truncated or the header lies"
-            )));
-        }
-        tensors.insert(
-            name.clone(),
-            GgufTensor {
-                dtype: *dtype,
-                shape: dims.iter().rev().map(|d| *d as usize).collect(),
-                offset: data_start + offset as usize,
-            },
-        );
+/// The name and dtype of ggml type `ty`, or why it cannot be read.
+fn ggml_type(ty: u32) -> Result<(&'static str, DType), String> {
+    let Some((_, type_name, dtype)) = GGML_TYPES.iter().find(|(id, _, _)| *id == ty) else {
+        return Err(format!("unknown ggml type id {ty}"));
+    };
+    let Some(dtype) = dtype else {
+        return Err(format!(
+            "ggml type {type_name} is not supported (supported: {})",
+            GGML_TYPES
+                .iter()
+                .filter(|t| t.2.is_some())
+                .map(|t| t.1)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    Ok((type_name, *dtype))
+}
+
+/// The checked dtype, shape and absolute offset of `raw` within the data section.
+fn locate(path: &Path, raw: &RawTensor, data: &DataSection) -> Result<GgufTensor, FrontendError> {
+    let bad = |message: String| FrontendError::BadTensor {
+        path: path.to_path_buf(),
+        tensor: raw.name.clone(),
+        message,
+    };
+    let (dims, offset, alignment, data_len) = (&raw.dims, raw.offset, data.alignment, data.len);
+    let (type_name, dtype) = ggml_type(raw.ty).map_err(bad)?;
+    let numel = dims
+        .iter()
+        .try_fold(1u64, |acc, d| acc.checked_mul(*d))
+        .filter(|n| *n <= usize::MAX as u64)
+        .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
+    if dims[0] % dtype.block().0 as u64 != 0 {
+        return Err(bad(format!(
+            "row length {} is not a multiple of the {type_name} block size {}",
+            dims[0],
+            dtype.block().0
+        )));
     }
-    Ok((version, metadata, tensors))
+    let cols = dims[0] as usize;
+    let rows = (numel as usize).checked_div(cols).unwrap_or(0);
+    let nbytes = dtype
+        .row_bytes(cols)
+        .and_then(|row| row.checked_mul(rows))
+        .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))? as u64;
+    if offset % alignment as u64 != 0 {
+        return Err(bad(format!(
+            "offset {offset} is not aligned to {alignment}"
+        )));
+    }
+    if offset.checked_add(nbytes).is_none_or(|end| end > data_len) {
+        return Err(bad(format!(
+            "data at offset {offset} ({nbytes} bytes) runs past the end of the file (data section has {data_len} bytes): the file is truncated or the header lies"
+        )));
+    }
+    Ok(GgufTensor {
+        dtype,
+        shape: dims.iter().rev().map(|d| *d as usize).collect(),
+        offset: data.start + offset as usize,
+    })
+}
+
+impl Reader<'_> {
+    /// Checks the magic and version; the version, tensor count and metadata count.
+    fn header(&mut self) -> Result<(u32, u64, u64), FrontendError> {
+        if self.take(4)? != b"GGUF" {
+            return Err(self.error("bad magic: not a GGUF file".into()));
+        }
+        let version = self.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(self.error(format!(
+                "GGUF version {version} is not supported (2 and 3 are)"
+            )));
+        }
+        let n_tensors = self.u64()?;
+        let n_kv = self.u64()?;
+        // Each tensor info takes at least 8 (name) + 4 + 4 + 8 bytes, each pair at least 8 + 4 + 1.
+        self.check_count(n_tensors, 24, "tensor count")?;
+        self.check_count(n_kv, 13, "metadata count")?;
+        Ok((version, n_tensors, n_kv))
+    }
+
+    /// The `n_kv` metadata pairs, each key at most once.
+    fn metadata(&mut self, n_kv: u64) -> Result<BTreeMap<String, GgufValue>, FrontendError> {
+        let mut metadata = BTreeMap::new();
+        for i in 0..n_kv {
+            self.context = format!("metadata entry {i}");
+            let key = self.string()?;
+            self.context = format!("metadata key `{key}`");
+            let ty = self.u32()?;
+            let value = self.value(ty, 0)?;
+            if metadata.insert(key, value).is_some() {
+                return Err(self.error("the key appears twice".into()));
+            }
+        }
+        Ok(metadata)
+    }
+
+    /// `general.alignment` (32 when absent), checked to be a power of two.
+    fn alignment(&self, metadata: &BTreeMap<String, GgufValue>) -> Result<usize, FrontendError> {
+        Ok(match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
+                _ => {
+                    return Err(self.error(format!("general.alignment {v:?} is not a power of two")))
+                }
+            },
+        })
+    }
+
+    /// The `n_tensors` tensor infos, as stored.
+    fn tensor_infos(&mut self, n_tensors: u64) -> Result<Vec<RawTensor>, FrontendError> {
+        let mut infos = Vec::with_capacity(capacity(n_tensors));
+        for i in 0..n_tensors {
+            self.context = format!("tensor info {i}");
+            let name = self.string()?;
+            self.context = format!("tensor `{name}`");
+            let n_dims = self.u32()?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(self.error(format!("{n_dims} dimensions (1 to 4 are valid)")));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(self.u64()?);
+            }
+            let ty = self.u32()?;
+            let offset = self.u64()?;
+            infos.push(RawTensor {
+                name,
+                dims,
+                ty,
+                offset,
+            });
+        }
+        Ok(infos)
+    }
 }
 
 impl Reader<'_> {

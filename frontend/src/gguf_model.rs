@@ -30,8 +30,26 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         .unwrap_or_default()
         .to_string();
     let family = family(names::ARCHITECTURES, &arch, path)?;
+    let experts = expert_routing(&gguf, &arch)?;
+    let hyper = hyper(&gguf, &arch, family)?;
+    let meta = model_meta(&gguf, &arch, &hyper);
+    let mut loader = Loader {
+        gguf: &gguf,
+        module,
+        unpermute_qk: family == Family::Llama,
+        hyper: hyper.clone(),
+        experts,
+    };
+    let graph = build_decoder(name, meta, (&hyper, path), false, &mut loader)?;
+    module.insert(graph);
+    Ok(())
+}
+
+/// The routing of a mixture-of-experts file (`{arch}.expert_count`), `None` without one.
+fn expert_routing(gguf: &GgufFile, arch: &str) -> Result<Option<Routing>, FrontendError> {
+    let path = gguf.path();
     let key = |k: &str| format!("{arch}.{k}");
-    let experts = match gguf.get(&key("expert_count")) {
+    Ok(match gguf.get(&key("expert_count")) {
         None => None,
         Some(_) if arch != "llama" => {
             return Err(FrontendError::Config {
@@ -55,7 +73,13 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
                 normalize: true,
             })
         }
-    };
+    })
+}
+
+/// The decoder's hyper-parameters from the `{arch}.*` metadata and the embedding's shape.
+fn hyper(gguf: &GgufFile, arch: &str, family: Family) -> Result<Hyper, FrontendError> {
+    let path = gguf.path();
+    let key = |k: &str| format!("{arch}.{k}");
     let heads = gguf.require_u64(&key("attention.head_count"))? as usize;
     let hidden = gguf.require_u64(&key("embedding_length"))? as usize;
     if heads == 0 || !hidden.is_multiple_of(heads) {
@@ -79,11 +103,11 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         })?;
     let layers = gguf.require_u64(&key("block_count"))? as usize;
     let cohere = family.parallel();
-    let mut rope = rope(&gguf, &arch)?;
+    let mut rope = rope(gguf, arch)?;
     if cohere {
         rope.pairs = RopePairs::Interleaved;
     }
-    let hyper = Hyper {
+    Ok(Hyper {
         layers,
         hidden,
         ffn: gguf.require_u64(&key("feed_forward_length"))? as usize,
@@ -100,7 +124,7 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         } as f32,
         rope,
         attn_bias: family == Family::Qwen2,
-        windows: windows(&gguf, &arch, family, layers)?,
+        windows: windows(gguf, arch, family, layers)?,
         cohere: match cohere {
             true => Some(CohereParts {
                 qk_norm: gguf
@@ -113,13 +137,17 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         },
         parallel: cohere,
         attention_experts: None,
-    };
+    })
+}
+
+/// The model's metadata: sizes, context length, special tokens and embedded tokenizer.
+fn model_meta(gguf: &GgufFile, arch: &str, hyper: &Hyper) -> ModelMeta {
     let token = |k: &str| gguf.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
-    let meta = ModelMeta {
+    ModelMeta {
         vocab_size: hyper.vocab,
-        hidden_size: hidden,
+        hidden_size: hyper.hidden,
         max_position_embeddings: gguf
-            .get(&key("context_length"))
+            .get(&format!("{arch}.context_length"))
             .and_then(|v| v.as_u64())
             .unwrap_or(4096) as usize,
         bos_token_id: token("tokenizer.ggml.bos_token_id"),
@@ -128,18 +156,8 @@ pub fn load_gguf(path: &Path, name: &str, module: &mut Module) -> Result<(), Fro
         config_file: None,
         tokenizer: gguf
             .get("tokenizer.ggml.tokens")
-            .map(|_| path.to_path_buf()),
-    };
-    let mut loader = Loader {
-        gguf: &gguf,
-        module,
-        unpermute_qk: family == Family::Llama,
-        hyper: hyper.clone(),
-        experts,
-    };
-    let graph = build_decoder(name, meta, (&hyper, path), false, &mut loader)?;
-    module.insert(graph);
-    Ok(())
+            .map(|_| gguf.path().to_path_buf()),
+    }
 }
 
 /// Cohere2's sliding windows: `{arch}.attention.sliding_window` on three of every

@@ -42,70 +42,15 @@ pub(crate) fn tokenizer_json(gguf: &GgufFile) -> Result<String, FrontendError> {
             .unwrap_or_default(),
         None => vec![1; tokens.len()],
     };
-    let flag = |k: &str| gguf.get(k).and_then(|v| v.as_bool());
-    let id = |k: &str| gguf.get(k).and_then(|v| v.as_u64());
-
     let vocab: serde_json::Map<String, Value> = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.to_string(), json!(i)))
         .collect();
-    let merges: Vec<Value> = merges
-        .iter()
-        .map(|m| match m.split_once(' ') {
-            Some((a, b)) => Ok(json!([a, b])),
-            None => Err(bad(format!(
-                "merge `{m}` is not two space-separated tokens"
-            ))),
-        })
-        .collect::<Result<_, _>>()?;
-    let added: Vec<Value> = tokens
-        .iter()
-        .zip(types.iter().chain(std::iter::repeat(&1)))
-        .enumerate()
-        .filter(|(_, (_, ty))| **ty == CONTROL || **ty == USER_DEFINED)
-        .map(|(i, (t, ty))| {
-            json!({
-                "id": i, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": *ty != CONTROL, "special": *ty == CONTROL,
-            })
-        })
-        .collect();
-    let add_prefix_space = flag("tokenizer.ggml.add_space_prefix").unwrap_or(false);
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": true, "use_regex": true});
-    let pre = gguf
-        .get("tokenizer.ggml.pre")
-        .and_then(|v| v.as_str())
-        .unwrap_or("default");
-    let pre_tokenizer = match pre {
-        "default" | "gpt2" | "gpt-2" => byte_level,
-        "smollm" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true}, byte_level,
-        ]}),
-        other => {
-            return Err(bad(format!(
-                "pre-tokenizer `{other}` is not supported (supported: default, gpt2, smollm)"
-            )))
-        }
-    };
-    let post_processor = match (
-        flag("tokenizer.ggml.add_bos_token"),
-        id("tokenizer.ggml.bos_token_id"),
-    ) {
-        (Some(true), Some(bos)) => {
-            let bos_text = tokens.get(bos as usize).copied().unwrap_or_default();
-            json!({
-                "type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": bos_text, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {bos_text: {"id": bos_text, "ids": [bos], "tokens": [bos_text]}},
-            })
-        }
-        _ => {
-            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
-        }
-    };
+    let merges = merge_pairs(&merges).map_err(bad)?;
+    let added = added_tokens(&tokens, &types);
+    let pre_tokenizer = pre_tokenizer(gguf).map_err(bad)?;
+    let post_processor = post_processor(gguf, &tokens);
     let doc = json!({
         "version": "1.0",
         "truncation": null,
@@ -122,4 +67,80 @@ pub(crate) fn tokenizer_json(gguf: &GgufFile) -> Result<String, FrontendError> {
         },
     });
     Ok(doc.to_string())
+}
+
+/// The merges as `[a, b]` pairs, split from the GGUF's `"a b"` strings.
+fn merge_pairs(merges: &[&str]) -> Result<Vec<Value>, String> {
+    merges
+        .iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok(json!([a, b])),
+            None => Err(format!("merge `{m}` is not two space-separated tokens")),
+        })
+        .collect()
+}
+
+/// The control and user-defined tokens as `added_tokens` entries (control ones special).
+fn added_tokens(tokens: &[&str], types: &[u64]) -> Vec<Value> {
+    tokens
+        .iter()
+        .zip(types.iter().chain(std::iter::repeat(&1)))
+        .enumerate()
+        .filter(|(_, (_, ty))| **ty == CONTROL || **ty == USER_DEFINED)
+        .map(|(i, (t, ty))| {
+            json!({
+                "id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": *ty != CONTROL, "special": *ty == CONTROL,
+            })
+        })
+        .collect()
+}
+
+/// The pre-tokenizer that `tokenizer.ggml.pre` names, or why it is not supported.
+fn pre_tokenizer(gguf: &GgufFile) -> Result<Value, String> {
+    let add_prefix_space = gguf
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": true, "use_regex": true});
+    let pre = gguf
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    Ok(match pre {
+        "default" | "gpt2" | "gpt-2" => byte_level,
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level,
+        ]}),
+        other => {
+            return Err(format!(
+                "pre-tokenizer `{other}` is not supported (supported: default, gpt2, smollm)"
+            ))
+        }
+    })
+}
+
+/// The post-processor: a leading BOS when `tokenizer.ggml.add_bos_token` asks for one,
+/// byte-level otherwise.
+fn post_processor(gguf: &GgufFile, tokens: &[&str]) -> Value {
+    match (
+        gguf.get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool()),
+        gguf.get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.as_u64()),
+    ) {
+        (Some(true), Some(bos)) => {
+            let bos_text = tokens.get(bos as usize).copied().unwrap_or_default();
+            json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos_text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos_text, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos_text: {"id": bos_text, "ids": [bos], "tokens": [bos_text]}},
+            })
+        }
+        _ => {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        }
+    }
 }

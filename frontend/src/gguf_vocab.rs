@@ -63,6 +63,7 @@ pub fn gguf_tokenizer_metadata(
     Ok(out)
 }
 
+/// The tokenizer metadata converted from the byte-level BPE `tokenizer.json` at `path`.
 fn from_tokenizer_json(
     path: &Path,
     meta: &ModelMeta,
@@ -85,40 +86,7 @@ fn from_tokenizer_json(
     let vocab = model["vocab"]
         .as_object()
         .ok_or_else(|| bad("model.vocab is not an object".into()))?;
-    let mut tokens: Vec<Option<(String, i32)>> = Vec::new();
-    let mut set = |id: u64, token: &str, ty: i32| {
-        let id = id as usize;
-        if id >= tokens.len() {
-            tokens.resize(id + 1, None);
-        }
-        tokens[id] = Some((token.to_string(), ty));
-    };
-    for (token, id) in vocab {
-        set(id.as_u64().unwrap_or(u64::MAX >> 1), token, NORMAL);
-    }
-    for added in json["added_tokens"].as_array().into_iter().flatten() {
-        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else {
-            continue;
-        };
-        let ty = match added["special"].as_bool() {
-            Some(true) => CONTROL,
-            _ => USER_DEFINED,
-        };
-        set(id, content, ty);
-    }
-    if tokens.len() > rows {
-        return Err(bad(format!(
-            "{} tokens, but the embedding has only {rows} rows",
-            tokens.len()
-        )));
-    }
-    tokens.resize(rows, None);
-    let (mut list, mut types) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
-    for (i, t) in tokens.into_iter().enumerate() {
-        let (token, ty) = t.unwrap_or_else(|| (format!("[PAD{i}]"), UNUSED));
-        list.push(GgufValue::String(token));
-        types.push(GgufValue::I32(ty));
-    }
+    let (list, types) = token_table(&json, vocab, rows).map_err(bad)?;
     let merges = merges(&model["merges"]).ok_or_else(|| bad("unreadable model.merges".into()))?;
     let pre = match pre {
         Some(p) => p.to_string(),
@@ -146,21 +114,83 @@ fn from_tokenizer_json(
             GgufValue::Array(merges),
         ),
     ];
+    out.extend(special_token_ids(meta, model, vocab));
+    out.extend(bos_and_chat_template(path));
+    Ok(out)
+}
+
+/// The tokens in id order and their GGUF token types, padded with unused `[PADn]` tokens
+/// to the embedding's `rows`.
+fn token_table(
+    json: &Value,
+    vocab: &serde_json::Map<String, Value>,
+    rows: usize,
+) -> Result<(Vec<GgufValue>, Vec<GgufValue>), String> {
+    let mut tokens: Vec<Option<(String, i32)>> = Vec::new();
+    let mut set = |id: u64, token: &str, ty: i32| {
+        let id = id as usize;
+        if id >= tokens.len() {
+            tokens.resize(id + 1, None);
+        }
+        tokens[id] = Some((token.to_string(), ty));
+    };
+    for (token, id) in vocab {
+        set(id.as_u64().unwrap_or(u64::MAX >> 1), token, NORMAL);
+    }
+    for added in json["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else {
+            continue;
+        };
+        let ty = match added["special"].as_bool() {
+            Some(true) => CONTROL,
+            _ => USER_DEFINED,
+        };
+        set(id, content, ty);
+    }
+    if tokens.len() > rows {
+        return Err(format!(
+            "{} tokens, but the embedding has only {rows} rows",
+            tokens.len()
+        ));
+    }
+    tokens.resize(rows, None);
+    let (mut list, mut types) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+    for (i, t) in tokens.into_iter().enumerate() {
+        let (token, ty) = t.unwrap_or_else(|| (format!("[PAD{i}]"), UNUSED));
+        list.push(GgufValue::String(token));
+        types.push(GgufValue::I32(ty));
+    }
+    Ok((list, types))
+}
+
+/// The BOS, EOS and unknown token ids that are known, as `tokenizer.ggml.*_token_id`.
+fn special_token_ids(
+    meta: &ModelMeta,
+    model: &Value,
+    vocab: &serde_json::Map<String, Value>,
+) -> Vec<(String, GgufValue)> {
     let id = |key: &str, v: Option<u32>| v.map(|v| (key.to_string(), GgufValue::U32(v)));
     let unknown = model["unk_token"]
         .as_str()
         .and_then(|t| vocab.get(t))
         .and_then(|v| v.as_u64())
         .map(|v| v as u32);
+    let mut out = Vec::new();
     out.extend(id("tokenizer.ggml.bos_token_id", meta.bos_token_id));
     out.extend(id("tokenizer.ggml.eos_token_id", meta.eos_token_id));
     out.extend(id("tokenizer.ggml.unknown_token_id", unknown));
+    out
+}
+
+/// `tokenizer.ggml.add_bos_token` and, when there is one, `tokenizer.chat_template`, from
+/// the files beside the `tokenizer.json` at `path`.
+fn bos_and_chat_template(path: &Path) -> Vec<(String, GgufValue)> {
     let config = tokenizer_config(path);
     let add_bos = config["add_bos_token"].as_bool().unwrap_or(false);
-    out.push((
+    let mut out = vec![(
         "tokenizer.ggml.add_bos_token".into(),
         GgufValue::Bool(add_bos),
-    ));
+    )];
     // transformers 5 saves the template as chat_template.jinja beside the tokenizer.
     let jinja = std::fs::read_to_string(path.with_file_name("chat_template.jinja")).ok();
     if let Some(template) = jinja.or_else(|| chat_template(&config["chat_template"])) {
@@ -169,7 +199,7 @@ fn from_tokenizer_json(
             GgufValue::String(template),
         ));
     }
-    Ok(out)
+    out
 }
 
 /// Merges as `"a b"`, from strings or from pairs.

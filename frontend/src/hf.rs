@@ -52,13 +52,39 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
     let arch = config.architectures.first().cloned().unwrap_or_default();
     let archs: Vec<_> = hf::ARCHITECTURES.iter().map(|(a, _, f)| (*a, *f)).collect();
     let family = family(&archs, &arch, &config_path)?;
-    let bad_config = |message: String| FrontendError::Config {
-        path: config_path.clone(),
+    check_supported(&config, family, &config_path)?;
+    let hyper = hyper(&config, family, &arch, &config_path)?;
+    let moe = moe_spec(&config, family, &config_path)?;
+    let meta = model_meta(&config, dir, &config_path);
+    let mut loader = Loader {
+        family,
+        dir: dir.to_path_buf(),
+        shards: open_shards(dir)?,
+        module,
+        moe,
+    };
+    // Tied when the config says so (Cohere by default), or when the checkpoint has no lm head.
+    let tied = config.tie_word_embeddings.unwrap_or(family.parallel());
+    let graph = build_decoder(name, meta, (&hyper, &config_path), tied, &mut loader)?;
+    module.insert(graph);
+    Ok(())
+}
+
+/// A config error about the `config.json` at `config_path`.
+fn bad_config(config_path: &Path) -> impl Fn(String) -> FrontendError + '_ {
+    |message| FrontendError::Config {
+        path: config_path.to_path_buf(),
         message,
-    };
-    let need_f = |v: Option<f64>, field: &str| {
-        v.ok_or_else(|| bad_config(format!("missing field `{field}` ({arch} requires it)")))
-    };
+    }
+}
+
+/// Rejects config settings the loader does not support.
+fn check_supported(
+    config: &HfConfig,
+    family: Family,
+    config_path: &Path,
+) -> Result<(), FrontendError> {
+    let bad_config = bad_config(config_path);
     if let Some(act) = config.hidden_act.as_deref().filter(|a| *a != "silu") {
         return Err(bad_config(format!(
             "hidden_act `{act}` is not supported (only silu)"
@@ -77,7 +103,21 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             "num_attention_heads and num_hidden_layers must be positive".into(),
         ));
     }
-    let mut rope = config.rope(&config_path)?;
+    Ok(())
+}
+
+/// The decoder's hyper-parameters from the config of an `arch` model.
+fn hyper(
+    config: &HfConfig,
+    family: Family,
+    arch: &str,
+    config_path: &Path,
+) -> Result<Hyper, FrontendError> {
+    let bad_config = bad_config(config_path);
+    let need_f = |v: Option<f64>, field: &str| {
+        v.ok_or_else(|| bad_config(format!("missing field `{field}` ({arch} requires it)")))
+    };
+    let mut rope = config.rope(config_path)?;
     let cohere = if family.parallel() {
         rope.pairs = RopePairs::Interleaved;
         Some(CohereParts {
@@ -92,12 +132,10 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
         true => need_f(config.layer_norm_eps, "layer_norm_eps")?,
         false => need_f(config.rms_norm_eps, "rms_norm_eps")?,
     };
-
-    let (d, f) = (config.hidden_size, config.intermediate_size);
-    let hyper = Hyper {
+    Ok(Hyper {
         layers: config.num_hidden_layers,
-        hidden: d,
-        ffn: f,
+        hidden: config.hidden_size,
+        ffn: config.intermediate_size,
         heads: config.num_attention_heads,
         kv_heads: config.n_kv_heads(),
         head_dim: config.head_dim(),
@@ -109,11 +147,21 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             Family::Qwen2Moe => config.qkv_bias.unwrap_or(true),
             _ => config.attention_bias == Some(true),
         },
-        windows: config.windows(family).map_err(bad_config)?,
+        windows: config.windows(family).map_err(&bad_config)?,
         cohere,
         parallel: family.parallel() || config.parallel_blocks == Some(true),
-        attention_experts: attention_experts(&config).map_err(bad_config)?,
-    };
+        attention_experts: attention_experts(config).map_err(&bad_config)?,
+    })
+}
+
+/// The checked MoE settings of Mixtral, Qwen2-MoE and sparse UpmixBam configs; `None`
+/// for dense models.
+fn moe_spec(
+    config: &HfConfig,
+    family: Family,
+    config_path: &Path,
+) -> Result<Option<MoeSpec>, FrontendError> {
+    let bad_config = bad_config(config_path);
     let need = |v: Option<usize>, field: &str| {
         v.ok_or_else(|| bad_config(format!("missing field `{field}`")))
     };
@@ -163,11 +211,16 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
         _ => None,
     };
     if let Some(spec) = &moe {
-        spec.check().map_err(bad_config)?;
+        spec.check().map_err(&bad_config)?;
     }
-    let meta = ModelMeta {
+    Ok(moe)
+}
+
+/// The model's metadata: sizes, special tokens and the files that travel with it.
+fn model_meta(config: &HfConfig, dir: &Path, config_path: &Path) -> ModelMeta {
+    ModelMeta {
         vocab_size: config.vocab_size,
-        hidden_size: d,
+        hidden_size: config.hidden_size,
         max_position_embeddings: config.max_position_embeddings.unwrap_or(4096),
         bos_token_id: HfConfig::token_id(&config.bos_token_id),
         eos_token_id: HfConfig::token_id(&config.eos_token_id),
@@ -176,21 +229,9 @@ pub fn load_hf(dir: &Path, name: &str, module: &mut Module) -> Result<(), Fronte
             .map(|f| dir.join(f))
             .filter(|p| p.is_file() || p.is_dir())
             .collect(),
-        config_file: Some(config_path.clone()),
+        config_file: Some(config_path.to_path_buf()),
         tokenizer: Some(dir.join("tokenizer.json")).filter(|p| p.is_file()),
-    };
-    let mut loader = Loader {
-        family,
-        dir: dir.to_path_buf(),
-        shards: open_shards(dir)?,
-        module,
-        moe,
-    };
-    // Tied when the config says so (Cohere by default), or when the checkpoint has no lm head.
-    let tied = config.tie_word_embeddings.unwrap_or(family.parallel());
-    let graph = build_decoder(name, meta, (&hyper, &config_path), tied, &mut loader)?;
-    module.insert(graph);
-    Ok(())
+    }
 }
 
 /// The attention experts of an `UpmixBamForCausalLM` config, checked: `None` without

@@ -26,6 +26,7 @@ mod sparsity;
 mod structural;
 mod tensor;
 mod verify;
+mod weight_check;
 mod weights;
 
 pub use builder::{DecoderBlock, GraphBuilder, ParallelBlock};

@@ -1,20 +1,27 @@
 //! The graph verifier.
 //!
 //! Invariants checked, each error collected with the node it concerns (nothing stops at
-//! the first error):
+//! the first error, except a cycle: the checks below it need a topological order; a node
+//! fed by a node in error is not checked itself):
 //! - exactly one `Input` and one `Output` node; the graph is acyclic; every node lies on a
 //!   path from `Input` to `Output`;
 //! - arity: `Input` takes nothing, `Add` two inputs, every other op one;
 //! - activation kinds: `Embedding` consumes token ids, everything else hidden states;
 //! - every weight id resolves in the weight table and has the shape the op needs for the
 //!   width flowing in (`[out, in]` projections, `[hidden]` norms);
-//! - op invariants: heads divisible by KV heads, `router rows == experts`,
-//!   `1 <= top_k <= experts`, experts of one layer share a shape;
+//! - op invariants: norm `eps` (q/k norms' too) positive, `Scale` factor finite, heads a
+//!   positive multiple of KV heads, `head_dim` even with RoPE, `router rows == experts`,
+//!   `1 <= top_k <= experts`, experts of one layer share a shape (attention experts also
+//!   their settings);
 //! - both inputs of `Add` have the same width.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use crate::{Attention, FeedForward, Graph, NodeId, Op, Router, WeightId, WeightTable};
+use crate::{
+    Attention, FeedForward, Graph, MixtureOfAttention, MixtureOfExperts, NodeId, Op, Router,
+    WeightId, WeightTable,
+};
 
 /// One verifier finding.
 #[derive(Clone, Debug, PartialEq)]
@@ -152,49 +159,68 @@ pub fn verify(graph: &Graph, weights: &WeightTable) -> Result<(), VerifyErrors> 
         errors: Vec::new(),
         node: graph.name.clone(),
     };
-    let fail = |c: Checker| {
+    let ids = graph.node_ids();
+    let inputs = nodes_of_kind(graph, &ids, "Input");
+    let outputs = nodes_of_kind(graph, &ids, "Output");
+    check_endpoint_counts(&mut c, inputs.len(), outputs.len());
+    match graph.topo_order() {
+        Ok(order) => {
+            check_reachability(&mut c, graph, &ids, &inputs, &outputs);
+            check_activations(&mut c, graph, &order);
+        }
+        Err(cycle) => c.err(format!("graph has a cycle through {}", cycle.join(", "))),
+    }
+    if c.errors.is_empty() {
+        Ok(())
+    } else {
         Err(VerifyErrors {
             graph: graph.name.clone(),
             errors: c.errors,
         })
-    };
-
-    let ids = graph.node_ids();
-    let of_kind = |k: &str| -> Vec<NodeId> {
-        ids.iter()
-            .copied()
-            .filter(|i| graph.node(*i).op.kind() == k)
-            .collect()
-    };
-    let (inputs, outputs) = (of_kind("Input"), of_kind("Output"));
-    if inputs.len() != 1 {
-        c.err(format!("expected one Input node, found {}", inputs.len()));
     }
-    if outputs.len() != 1 {
-        c.err(format!("expected one Output node, found {}", outputs.len()));
-    }
-    let order = match graph.topo_order() {
-        Ok(o) => o,
-        Err(cycle) => {
-            c.err(format!("graph has a cycle through {}", cycle.join(", ")));
-            return fail(c);
-        }
-    };
+}
 
-    // Reachability: forward from Input, backward from Output.
-    let reach = |start: &[NodeId], next: &dyn Fn(NodeId) -> Vec<NodeId>| {
-        let mut seen = std::collections::HashSet::new();
-        let mut stack: Vec<NodeId> = start.to_vec();
-        while let Some(n) = stack.pop() {
-            if seen.insert(n) {
-                stack.extend(next(n));
-            }
+/// The nodes among `ids` whose op is of kind `kind`.
+fn nodes_of_kind(graph: &Graph, ids: &[NodeId], kind: &str) -> Vec<NodeId> {
+    ids.iter()
+        .copied()
+        .filter(|i| graph.node(*i).op.kind() == kind)
+        .collect()
+}
+
+/// Exactly one `Input` and one `Output` node.
+fn check_endpoint_counts(c: &mut Checker, inputs: usize, outputs: usize) {
+    if inputs != 1 {
+        c.err(format!("expected one Input node, found {inputs}"));
+    }
+    if outputs != 1 {
+        c.err(format!("expected one Output node, found {outputs}"));
+    }
+}
+
+/// Every node reachable from `start` by repeatedly following `next`.
+fn reachable(start: &[NodeId], next: impl Fn(NodeId) -> Vec<NodeId>) -> HashSet<NodeId> {
+    let mut seen = HashSet::new();
+    let mut stack: Vec<NodeId> = start.to_vec();
+    while let Some(n) = stack.pop() {
+        if seen.insert(n) {
+            stack.extend(next(n));
         }
-        seen
-    };
-    let fwd = reach(&inputs, &|n| graph.users(n));
-    let bwd = reach(&outputs, &|n| graph.inputs(n));
-    for id in &ids {
+    }
+    seen
+}
+
+/// Every node lies on a path from `Input` (forward reach) to `Output` (backward reach).
+fn check_reachability(
+    c: &mut Checker,
+    graph: &Graph,
+    ids: &[NodeId],
+    inputs: &[NodeId],
+    outputs: &[NodeId],
+) {
+    let fwd = reachable(inputs, |n| graph.users(n));
+    let bwd = reachable(outputs, |n| graph.inputs(n));
+    for id in ids {
         let name = graph.node(*id).name.clone();
         if !fwd.contains(id) {
             c.errors.push(VerifyError {
@@ -209,9 +235,13 @@ pub fn verify(graph: &Graph, weights: &WeightTable) -> Result<(), VerifyErrors> 
             });
         }
     }
+}
 
-    let mut acts: std::collections::HashMap<NodeId, Act> = std::collections::HashMap::new();
-    for id in order {
+/// Walks the nodes in topological `order`, checking each op's arity and the activations
+/// flowing into it.
+fn check_activations(c: &mut Checker, graph: &Graph, order: &[NodeId]) {
+    let mut acts: HashMap<NodeId, Act> = HashMap::new();
+    for &id in order {
         let node = graph.node(id);
         c.node = node.name.clone();
         let ins: Vec<Act> = graph
@@ -219,11 +249,7 @@ pub fn verify(graph: &Graph, weights: &WeightTable) -> Result<(), VerifyErrors> 
             .iter()
             .map(|i| *acts.get(i).unwrap_or(&Act::Poison))
             .collect();
-        let arity = match node.op {
-            Op::Input => 0,
-            Op::Add => 2,
-            _ => 1,
-        };
+        let arity = arity(&node.op);
         if ins.len() != arity {
             c.err(format!(
                 "{} takes {arity} input(s), has {}",
@@ -233,14 +259,17 @@ pub fn verify(graph: &Graph, weights: &WeightTable) -> Result<(), VerifyErrors> 
             acts.insert(id, Act::Poison);
             continue;
         }
-        let out = check_op(&mut c, &node.op, &ins);
+        let out = check_op(c, &node.op, &ins);
         acts.insert(id, out);
     }
+}
 
-    if c.errors.is_empty() {
-        Ok(())
-    } else {
-        fail(c)
+/// How many inputs an op takes: none for `Input`, two for `Add`, one for every other op.
+fn arity(op: &Op) -> usize {
+    match op {
+        Op::Input => 0,
+        Op::Add => 2,
+        _ => 1,
     }
 }
 
@@ -249,43 +278,72 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
     if ins.contains(&Act::Poison) {
         return Act::Poison;
     }
-    let hidden = match (op, ins.first()) {
-        (Op::Input, _) => return Act::Tokens,
-        (Op::Embedding { table }, Some(Act::Tokens)) => {
-            return match c.dims("table", *table) {
-                Some(d) if d.len() == 2 => Act::Hidden(d[1]),
-                Some(d) => {
-                    c.err(format!(
-                        "embedding table has shape {d:?}, expected [vocab, hidden]"
-                    ));
-                    Act::Poison
-                }
-                None => Act::Poison,
-            };
-        }
+    match (op, ins.first()) {
+        (Op::Input, _) => Act::Tokens,
+        (Op::Embedding { table }, Some(Act::Tokens)) => check_embedding(c, *table),
         (Op::Embedding { .. }, _) => {
             c.err("Embedding must consume token ids from the Input node".into());
-            return Act::Poison;
+            Act::Poison
         }
-        (_, Some(Act::Hidden(h))) => *h,
+        (Op::Linear { weight, bias }, Some(Act::Hidden(h))) => check_linear(c, *weight, *bias, *h),
+        (_, Some(Act::Hidden(h))) => {
+            if check_width_preserving_op(c, op, ins, *h) {
+                Act::Hidden(*h)
+            } else {
+                Act::Poison
+            }
+        }
         _ => {
             c.err(format!("{} cannot consume token ids", op.kind()));
-            return Act::Poison;
+            Act::Poison
         }
-    };
-    let ok = match op {
-        Op::Input | Op::Embedding { .. } => unreachable!("handled above"),
+    }
+}
+
+/// An embedding table `[vocab, hidden]`; its output is `hidden` wide.
+fn check_embedding(c: &mut Checker, table: WeightId) -> Act {
+    match c.dims("table", table) {
+        Some(d) if d.len() == 2 => Act::Hidden(d[1]),
+        Some(d) => {
+            c.err(format!(
+                "embedding table has shape {d:?}, expected [vocab, hidden]"
+            ));
+            Act::Poison
+        }
+        None => Act::Poison,
+    }
+}
+
+/// A projection `[out, hidden]` with an optional `[out]` bias; its output is `out` wide.
+fn check_linear(c: &mut Checker, weight: WeightId, bias: Option<WeightId>, hidden: usize) -> Act {
+    match c.dims("weight", weight) {
+        Some(d) if d.len() == 2 && d[1] == hidden => {
+            if let Some(b) = bias {
+                c.shape("bias", b, &[d[0]]);
+            }
+            Act::Hidden(d[0])
+        }
+        Some(d) => {
+            c.err(format!("weight has shape {d:?}, expected [out, {hidden}]"));
+            Act::Poison
+        }
+        None => Act::Poison,
+    }
+}
+
+/// Checks an op whose output is as wide as its `hidden`-wide input; true if well-formed.
+fn check_width_preserving_op(c: &mut Checker, op: &Op, ins: &[Act], hidden: usize) -> bool {
+    match op {
+        Op::Input | Op::Embedding { .. } | Op::Linear { .. } => {
+            unreachable!("handled by check_op")
+        }
         Op::Output => true,
         Op::RmsNorm { weight, eps } => {
-            if eps.is_nan() || *eps <= 0.0 {
-                c.err(format!("eps must be positive, is {eps}"));
-            }
+            check_norm_eps(c, *eps);
             c.shape("weight", *weight, &[hidden])
         }
         Op::LayerNorm { weight, bias, eps } => {
-            if eps.is_nan() || *eps <= 0.0 {
-                c.err(format!("eps must be positive, is {eps}"));
-            }
+            check_norm_eps(c, *eps);
             let ok = c.shape("weight", *weight, &[hidden]);
             ok & bias.is_none_or(|b| c.shape("bias", b, &[hidden]))
         }
@@ -303,64 +361,61 @@ fn check_op(c: &mut Checker, op: &Op, ins: &[Act]) -> Act {
                 true
             }
         }
-        Op::Linear { weight, bias } => {
-            return match c.dims("weight", *weight) {
-                Some(d) if d.len() == 2 && d[1] == hidden => {
-                    if let Some(b) = bias {
-                        c.shape("bias", *b, &[d[0]]);
-                    }
-                    Act::Hidden(d[0])
-                }
-                Some(d) => {
-                    c.err(format!("weight has shape {d:?}, expected [out, {hidden}]"));
-                    Act::Poison
-                }
-                None => Act::Poison,
-            };
-        }
         Op::Attention(a) => check_attention(c, "", a, hidden),
-        Op::MixtureOfAttention(m) => {
-            let n = m.experts.len();
-            let mut ok = c.shape("router", m.router, &[n, hidden]);
-            ok &= check_routing(c, m.routing.top_k, n);
-            if m.experts.iter().any(|a| !a.same_settings(&m.experts[0])) {
-                c.err("attention experts differ in their settings (heads, positions, window, biases, norms)".into());
-                ok = false;
-            }
-            for (e, a) in m.experts.iter().enumerate() {
-                ok &= check_attention(c, &format!("experts.{e}."), a, hidden);
-            }
-            ok
-        }
+        Op::MixtureOfAttention(m) => check_mixture_of_attention(c, m, hidden),
         Op::FeedForward(f) => c.ffn("", f, hidden).is_some(),
-        Op::MixtureOfExperts(m) => {
-            let n = m.experts.len();
-            let mut ok = c.router(&m.router, n, hidden);
-            ok &= check_routing(c, m.routing.top_k, n);
-            let sizes: Vec<Option<usize>> = m
-                .experts
-                .iter()
-                .enumerate()
-                .map(|(e, f)| c.ffn(&format!("experts.{e}."), f, hidden))
-                .collect();
-            if sizes.windows(2).any(|w| w[0] != w[1]) {
-                c.err(format!("experts differ in FFN size: {sizes:?}"));
-                ok = false;
-            }
-            if let Some(s) = &m.shared_expert {
-                ok &= c.ffn("shared.", &s.ffn, hidden).is_some();
-                if let Some(g) = s.gate {
-                    ok &= c.shape("shared.gate_proj", g, &[1, hidden]);
-                }
-            }
-            ok
-        }
-    };
-    if ok {
-        Act::Hidden(hidden)
-    } else {
-        Act::Poison
+        Op::MixtureOfExperts(m) => check_mixture_of_experts(c, m, hidden),
     }
+}
+
+/// A norm's `eps` is positive (errors only: the op's shapes are still checked).
+fn check_norm_eps(c: &mut Checker, eps: f32) {
+    if eps.is_nan() || eps <= 0.0 {
+        c.err(format!("eps must be positive, is {eps}"));
+    }
+}
+
+/// A router row per attention expert, valid routing, and experts of one setting and shape.
+fn check_mixture_of_attention(c: &mut Checker, m: &MixtureOfAttention, hidden: usize) -> bool {
+    let n = m.experts.len();
+    let mut ok = c.shape("router", m.router, &[n, hidden]);
+    ok &= check_routing(c, m.routing.top_k, n);
+    if m.experts.iter().any(|a| !a.same_settings(&m.experts[0])) {
+        c.err(
+            "attention experts differ in their settings (heads, positions, window, biases, norms)"
+                .into(),
+        );
+        ok = false;
+    }
+    for (e, a) in m.experts.iter().enumerate() {
+        ok &= check_attention(c, &format!("experts.{e}."), a, hidden);
+    }
+    ok
+}
+
+/// A router for every FFN expert, valid routing, experts of one FFN size, and the shared
+/// expert (with its optional `[1, hidden]` gate) if there is one.
+fn check_mixture_of_experts(c: &mut Checker, m: &MixtureOfExperts, hidden: usize) -> bool {
+    let n = m.experts.len();
+    let mut ok = c.router(&m.router, n, hidden);
+    ok &= check_routing(c, m.routing.top_k, n);
+    let sizes: Vec<Option<usize>> = m
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(e, f)| c.ffn(&format!("experts.{e}."), f, hidden))
+        .collect();
+    if sizes.windows(2).any(|w| w[0] != w[1]) {
+        c.err(format!("experts differ in FFN size: {sizes:?}"));
+        ok = false;
+    }
+    if let Some(s) = &m.shared_expert {
+        ok &= c.ffn("shared.", &s.ffn, hidden).is_some();
+        if let Some(g) = s.gate {
+            ok &= c.shape("shared.gate_proj", g, &[1, hidden]);
+        }
+    }
+    ok
 }
 
 /// Shapes and settings of one attention, its weights labelled with `prefix`.

@@ -9,7 +9,9 @@ use std::collections::{HashMap, HashSet};
 
 use super::kernels::Kernels;
 use burn_tensor::{Int, Tensor};
-use upmix_ir::{Graph, Op, RuntimeError, WeightTable};
+use upmix_ir::{
+    Attention, Graph, MixtureOfAttention, NodeId, Op, RuntimeError, WeightId, WeightTable,
+};
 
 use super::attention::{AttentionLayer, CacheSet};
 use super::frame::{upload_rows, Frame};
@@ -133,93 +135,16 @@ impl<B: Kernels> Plan<B> {
     ) -> Result<Self, BackendError> {
         let order = graph.topo_order().expect("a verified graph is acyclic");
         let slot_of: HashMap<_, _> = order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        // Weights that some Linear op multiplies by: an embedding table among them is tied
-        // to the lm head, and reads its rows from the lm head's buffer.
-        let projected: HashSet<_> = order
-            .iter()
-            .filter_map(|id| match graph.node(*id).op {
-                Op::Linear { weight, .. } => Some(weight),
-                _ => None,
-            })
-            .collect();
-        let mut params = Params::new(device);
+        let mut lowering = Lowering::new(weights, device, projected_weights(graph, &order));
         let mut steps = Vec::with_capacity(order.len());
         let mut last_read = vec![None; order.len()];
-        let (mut output, mut vocab, mut attention_layers) = (0, usize::MAX, 0);
-        let (mut last_attention, mut embedding) = (None, None);
-        let mut ropes: Vec<Vec<f32>> = Vec::new();
         for (i, id) in order.iter().enumerate() {
             let node = graph.node(*id);
             let inputs: Vec<usize> = graph.inputs(*id).iter().map(|n| slot_of[n]).collect();
             for &s in &inputs {
                 last_read[s] = Some(i);
             }
-            let layer = match &node.op {
-                Op::Input => Layer::Input,
-                Op::Output => {
-                    output = i;
-                    Layer::Output
-                }
-                Op::Add => Layer::Add,
-                Op::Embedding { table } => {
-                    embedding.get_or_insert(i);
-                    let transposed = projected.contains(table);
-                    let form = if transposed {
-                        Form::Transposed
-                    } else {
-                        Form::Plain
-                    };
-                    vocab = vocab.min(weights.get(*table)?.shape[0]);
-                    Layer::Embedding(Embedding {
-                        table: params.request(weights, *table, form)?,
-                        transposed,
-                    })
-                }
-                Op::RmsNorm { weight, eps } => Layer::RmsNorm {
-                    weight: params.request(weights, *weight, Form::Plain)?,
-                    eps: *eps,
-                },
-                Op::LayerNorm { weight, bias, eps } => Layer::LayerNorm {
-                    weight: params.request(weights, *weight, Form::Plain)?,
-                    bias: bias
-                        .map(|b| params.request(weights, b, Form::Plain))
-                        .transpose()?,
-                    eps: *eps,
-                },
-                Op::Scale { factor } => Layer::Scale(*factor),
-                Op::Linear { weight, bias } => {
-                    Layer::Linear(Projection::new(&mut params, weights, *weight, *bias)?)
-                }
-                Op::FeedForward(f) => Layer::FeedForward(SwiGlu::new(&mut params, weights, f)?),
-                Op::Attention(a) => {
-                    let layer = AttentionLayer::new(
-                        a,
-                        &mut params,
-                        weights,
-                        &mut ropes,
-                        attention_layers,
-                        device,
-                    )?;
-                    attention_layers += 1;
-                    last_attention = Some(i);
-                    Layer::Attention(layer)
-                }
-                Op::MixtureOfExperts(m) => {
-                    Layer::MixtureOfExperts(MoeLayer::new(m, &mut params, weights)?)
-                }
-                Op::MixtureOfAttention(m) => {
-                    let layer = MixtureOfAttentionLayer::new(
-                        m,
-                        &mut params,
-                        weights,
-                        &mut ropes,
-                        &mut attention_layers,
-                        device,
-                    )?;
-                    last_attention = Some(i);
-                    Layer::MixtureOfAttention(layer)
-                }
-            };
+            let layer = lowering.layer(i, &node.op)?;
             steps.push(Step {
                 name: node.name.clone(),
                 layer,
@@ -227,19 +152,8 @@ impl<B: Kernels> Plan<B> {
                 release: Vec::new(),
             });
         }
-        for (slot, reader) in last_read.into_iter().enumerate() {
-            if let Some(reader) = reader {
-                steps[reader].release.push(slot);
-            }
-        }
-        Ok(Plan {
-            steps,
-            params,
-            output,
-            vocab,
-            attention_layers,
-            rows_from: last_attention.or(embedding),
-        })
+        release_after_last_read(&mut steps, last_read);
+        Ok(lowering.finish(steps))
     }
 
     /// The slot of the node called `name`.
@@ -264,7 +178,6 @@ impl<B: Kernels> Plan<B> {
             resume,
             mut save,
         } = args;
-        let params = &self.params;
         let until = keep.iter().copied().max().unwrap_or(0);
         let mut kept: Vec<Option<Value<B>>> = vec![None; keep.len()];
         let mut slots: Vec<Option<Value<B>>> = vec![None; self.steps.len()];
@@ -274,67 +187,21 @@ impl<B: Kernels> Plan<B> {
         }
         for (i, step) in self.steps.iter().enumerate().take(until + 1).skip(first) {
             match save.as_mut() {
-                Some((at, out)) if at.contains(&i) => out.push(Snapshot {
-                    step: i,
-                    slots: (0..i)
-                        .filter_map(|s| Some((s, slots[s].clone()?)))
-                        .collect(),
-                }),
+                Some((at, out)) if at.contains(&i) => out.push(Snapshot::before(i, &slots)),
                 _ => {}
             }
-            let mut ins = step
+            let ins = step
                 .inputs
                 .iter()
                 .map(|&s| slots[s].clone().expect("inputs run before their readers"));
-            let name = step.name.as_str();
-            let out = match &step.layer {
-                Layer::Input => {
-                    Value::Tokens(tokens.take().expect("tokens for the one Input node"))
-                }
-                Layer::Embedding(e) => {
-                    Value::Hidden(e.forward(params, next_tokens(&mut ins, name)))
-                }
-                Layer::RmsNorm { weight, eps } => Value::Hidden(B::rms_norm(
-                    next_hidden(&mut ins, name),
-                    params.get(*weight),
-                    *eps,
-                )),
-                Layer::LayerNorm { weight, bias, eps } => {
-                    let x = standardize(next_hidden(&mut ins, name), *eps) * params.get(*weight);
-                    Value::Hidden(match bias {
-                        Some(b) => x + params.get(*b),
-                        None => x,
-                    })
-                }
-                Layer::Scale(factor) => {
-                    Value::Hidden(next_hidden(&mut ins, name).mul_scalar(*factor))
-                }
-                Layer::Attention(a) => Value::Hidden(a.forward(
-                    params,
-                    next_hidden(&mut ins, name),
-                    frame,
-                    cache.as_deref_mut(),
-                )),
-                Layer::MixtureOfAttention(m) => Value::Hidden(m.forward(
-                    params,
-                    next_hidden(&mut ins, name),
-                    frame,
-                    cache.as_deref_mut(),
-                    dispatch,
-                )?),
-                Layer::FeedForward(f) => {
-                    Value::Hidden(f.forward(params, next_hidden(&mut ins, name)))
-                }
-                Layer::MixtureOfExperts(m) => {
-                    Value::Hidden(m.forward(params, next_hidden(&mut ins, name), dispatch)?)
-                }
-                Layer::Add => {
-                    let a = next_hidden(&mut ins, name);
-                    Value::Hidden(a + next_hidden(&mut ins, name))
-                }
-                Layer::Linear(p) => Value::Hidden(p.forward(params, next_hidden(&mut ins, name))),
-                Layer::Output => Value::Hidden(next_hidden(&mut ins, name)),
-            };
+            let out = self.step_value(
+                step,
+                ins,
+                &mut tokens,
+                frame,
+                cache.as_deref_mut(),
+                dispatch,
+            )?;
             for (k, _) in keep.iter().enumerate().filter(|(_, &s)| s == i) {
                 kept[k] = Some(out.clone());
             }
@@ -350,6 +217,233 @@ impl<B: Kernels> Plan<B> {
             .into_iter()
             .map(|v| v.expect("every kept step ran"))
             .collect())
+    }
+
+    /// The value `step` computes from its inputs `ins` (the Input node takes `tokens`).
+    #[inline]
+    fn step_value(
+        &self,
+        step: &Step<B>,
+        mut ins: impl Iterator<Item = Value<B>>,
+        tokens: &mut Option<Tensor<B, 1, Int>>,
+        frame: &mut Frame<B>,
+        cache: Option<&mut CacheSet<B>>,
+        dispatch: MoeDispatch,
+    ) -> Result<Value<B>, RuntimeError> {
+        let params = &self.params;
+        let name = step.name.as_str();
+        Ok(match &step.layer {
+            Layer::Input => Value::Tokens(tokens.take().expect("tokens for the one Input node")),
+            Layer::Embedding(e) => Value::Hidden(e.forward(params, next_tokens(&mut ins, name))),
+            Layer::RmsNorm { weight, eps } => Value::Hidden(B::rms_norm(
+                next_hidden(&mut ins, name),
+                params.get(*weight),
+                *eps,
+            )),
+            Layer::LayerNorm { weight, bias, eps } => {
+                let x = standardize(next_hidden(&mut ins, name), *eps) * params.get(*weight);
+                Value::Hidden(match bias {
+                    Some(b) => x + params.get(*b),
+                    None => x,
+                })
+            }
+            Layer::Scale(factor) => Value::Hidden(next_hidden(&mut ins, name).mul_scalar(*factor)),
+            Layer::Attention(a) => {
+                Value::Hidden(a.forward(params, next_hidden(&mut ins, name), frame, cache))
+            }
+            Layer::MixtureOfAttention(m) => Value::Hidden(m.forward(
+                params,
+                next_hidden(&mut ins, name),
+                frame,
+                cache,
+                dispatch,
+            )?),
+            Layer::FeedForward(f) => Value::Hidden(f.forward(params, next_hidden(&mut ins, name))),
+            Layer::MixtureOfExperts(m) => {
+                Value::Hidden(m.forward(params, next_hidden(&mut ins, name), dispatch)?)
+            }
+            Layer::Add => {
+                let a = next_hidden(&mut ins, name);
+                Value::Hidden(a + next_hidden(&mut ins, name))
+            }
+            Layer::Linear(p) => Value::Hidden(p.forward(params, next_hidden(&mut ins, name))),
+            Layer::Output => Value::Hidden(next_hidden(&mut ins, name)),
+        })
+    }
+}
+
+impl<B: Kernels> Snapshot<B> {
+    /// The live slots of `slots` before step `step` runs.
+    fn before(step: usize, slots: &[Option<Value<B>>]) -> Self {
+        Snapshot {
+            step,
+            slots: (0..step)
+                .filter_map(|s| Some((s, slots[s].clone()?)))
+                .collect(),
+        }
+    }
+}
+
+/// Weights that some Linear op of `order` multiplies by: an embedding table among them is
+/// tied to the lm head, and reads its rows from the lm head's buffer.
+fn projected_weights(graph: &Graph, order: &[NodeId]) -> HashSet<WeightId> {
+    order
+        .iter()
+        .filter_map(|id| match graph.node(*id).op {
+            Op::Linear { weight, .. } => Some(weight),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Has each step release the slots it is the last reader of (`last_read[slot]`).
+fn release_after_last_read<B: Kernels>(steps: &mut [Step<B>], last_read: Vec<Option<usize>>) {
+    for (slot, reader) in last_read.into_iter().enumerate() {
+        if let Some(reader) = reader {
+            steps[reader].release.push(slot);
+        }
+    }
+}
+
+/// What lowering a graph gathers as it goes, node by node in topological order.
+struct Lowering<'a, B: Kernels> {
+    weights: &'a WeightTable,
+    device: &'a B::Device,
+    /// See [`projected_weights`].
+    projected: HashSet<WeightId>,
+    params: Params<B>,
+    /// The distinct rotary inverse-frequency tables.
+    ropes: Vec<Vec<f32>>,
+    /// The slot the Output node writes.
+    output: usize,
+    /// The fewest rows of any embedding table.
+    vocab: usize,
+    /// KV cache slots taken so far.
+    attention_layers: usize,
+    /// The last attention (or mixture of attention) step so far.
+    last_attention: Option<usize>,
+    /// The first embedding step.
+    first_embedding: Option<usize>,
+}
+
+impl<'a, B: Kernels> Lowering<'a, B> {
+    /// Nothing lowered yet, parameters to go to `device`.
+    fn new(weights: &'a WeightTable, device: &'a B::Device, projected: HashSet<WeightId>) -> Self {
+        Lowering {
+            weights,
+            device,
+            projected,
+            params: Params::new(device),
+            ropes: Vec::new(),
+            output: 0,
+            vocab: usize::MAX,
+            attention_layers: 0,
+            last_attention: None,
+            first_embedding: None,
+        }
+    }
+
+    /// The layer of step `i`, which computes `op`.
+    fn layer(&mut self, i: usize, op: &Op) -> Result<Layer<B>, BackendError> {
+        Ok(match op {
+            Op::Input => Layer::Input,
+            Op::Output => {
+                self.output = i;
+                Layer::Output
+            }
+            Op::Add => Layer::Add,
+            Op::Embedding { table } => self.embedding_layer(i, *table)?,
+            Op::RmsNorm { weight, eps } => Layer::RmsNorm {
+                weight: self.plain(*weight)?,
+                eps: *eps,
+            },
+            Op::LayerNorm { weight, bias, eps } => Layer::LayerNorm {
+                weight: self.plain(*weight)?,
+                bias: bias.map(|b| self.plain(b)).transpose()?,
+                eps: *eps,
+            },
+            Op::Scale { factor } => Layer::Scale(*factor),
+            Op::Linear { weight, bias } => Layer::Linear(Projection::new(
+                &mut self.params,
+                self.weights,
+                *weight,
+                *bias,
+            )?),
+            Op::FeedForward(f) => {
+                Layer::FeedForward(SwiGlu::new(&mut self.params, self.weights, f)?)
+            }
+            Op::Attention(a) => self.attention_layer(i, a)?,
+            Op::MixtureOfExperts(m) => {
+                Layer::MixtureOfExperts(MoeLayer::new(m, &mut self.params, self.weights)?)
+            }
+            Op::MixtureOfAttention(m) => self.mixture_of_attention_layer(i, m)?,
+        })
+    }
+
+    /// The parameter of `weight` in its stored layout ([`Form::Plain`]).
+    fn plain(&mut self, weight: WeightId) -> Result<P, BackendError> {
+        self.params.request(self.weights, weight, Form::Plain)
+    }
+
+    /// Step `i`, an embedding lookup in `table` (transposed when tied to the lm head).
+    fn embedding_layer(&mut self, i: usize, table: WeightId) -> Result<Layer<B>, BackendError> {
+        self.first_embedding.get_or_insert(i);
+        let transposed = self.projected.contains(&table);
+        let form = if transposed {
+            Form::Transposed
+        } else {
+            Form::Plain
+        };
+        self.vocab = self.vocab.min(self.weights.get(table)?.shape[0]);
+        Ok(Layer::Embedding(Embedding {
+            table: self.params.request(self.weights, table, form)?,
+            transposed,
+        }))
+    }
+
+    /// Step `i`, attention layer `a`, which takes the next KV cache slot.
+    fn attention_layer(&mut self, i: usize, a: &Attention) -> Result<Layer<B>, BackendError> {
+        let layer = AttentionLayer::new(
+            a,
+            &mut self.params,
+            self.weights,
+            &mut self.ropes,
+            self.attention_layers,
+            self.device,
+        )?;
+        self.attention_layers += 1;
+        self.last_attention = Some(i);
+        Ok(Layer::Attention(layer))
+    }
+
+    /// Step `i`, mixture of attention experts `m`, which takes the next KV cache slots.
+    fn mixture_of_attention_layer(
+        &mut self,
+        i: usize,
+        m: &MixtureOfAttention,
+    ) -> Result<Layer<B>, BackendError> {
+        let layer = MixtureOfAttentionLayer::new(
+            m,
+            &mut self.params,
+            self.weights,
+            &mut self.ropes,
+            &mut self.attention_layers,
+            self.device,
+        )?;
+        self.last_attention = Some(i);
+        Ok(Layer::MixtureOfAttention(layer))
+    }
+
+    /// The plan of `steps`, with what was gathered lowering them.
+    fn finish(self, steps: Vec<Step<B>>) -> Plan<B> {
+        Plan {
+            steps,
+            params: self.params,
+            output: self.output,
+            vocab: self.vocab,
+            attention_layers: self.attention_layers,
+            rows_from: self.last_attention.or(self.first_embedding),
+        }
     }
 }
 
