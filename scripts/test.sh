@@ -32,7 +32,7 @@ echo "=== golden suite on wgpu ==="
 # generation) compare upmix with itself and take many minutes on a software GPU: CPU only.
 UPMIX_TEST_DEVICE=wgpu cargo test --features wgpu \
   --test golden --test merge --test upcycle --test upcycle_hidden --test smollm2 --test devices \
-  --test attention_experts --test parallel_attention --test prune --test dtm --test train --test nexus \
+  --test attention_experts --test parallel_attention --test prune --test dtm --test train --test train_loop --test nexus \
   -- --skip upcycled_sparse_experts_equal_the_dense_reference \
   --skip teacher_forced_argmax_agrees_with_greedy_generation
 echo "=== cargo check --features cuda ==="

@@ -512,22 +512,6 @@ fn cli_inspect_of_a_truncated_checkpoint_fails_cleanly() {
 }
 
 #[test]
-fn unknown_pass_by_name_lists_the_valid_ones() {
-    let err = match upmix_passes::create("Frobnicate", "(model: \"a\")") {
-        Ok(_) => panic!("created a pass named Frobnicate"),
-        Err(e) => e.to_string(),
-    };
-    assert_contains(&err, &["`Frobnicate`", "valid passes: Cast, Merge"]);
-    // The mirrored positive: arguments written as in pipeline files.
-    upmix_passes::create("Cast", "(model: \"a\", dtype: \"bf16\")").unwrap();
-    upmix_passes::create(
-        "Merge",
-        "(into: \"m\", models: [\"a\", \"b\"], weights: [0.3, 0.7])",
-    )
-    .unwrap();
-}
-
-#[test]
 fn cast_to_f16_of_a_value_beyond_its_range_names_the_tensor() {
     let (tmp, dir) = temp_fixture("llama");
     common::write_f32_values(&dir, "model.layers.0.self_attn.q_proj.weight", &[1e6, 0.5]);

@@ -147,3 +147,22 @@ fn checks_that_need_models_read_headers_only() {
     let text = "Pipeline(\n    models: { \"a\": Hf(\"nowhere\") },\n    passes: [ Quantize(model: \"a\", targets: [(select: [\"attn.q\"], layers: \"0..99\", dtype: \"f16\")]) ],\n)";
     Pipeline::parse(text, Path::new("/tmp/p.ron")).unwrap();
 }
+
+#[test]
+fn unknown_pass_by_name_lists_the_valid_ones() {
+    let err = match upmix_passes::create("Frobnicate", "(model: \"a\")") {
+        Ok(_) => panic!("created a pass named Frobnicate"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("`Frobnicate`") && err.contains("valid passes: Cast, Merge"),
+        "{err}"
+    );
+    // The mirrored positive: arguments written as in pipeline files.
+    upmix_passes::create("Cast", "(model: \"a\", dtype: \"bf16\")").unwrap();
+    upmix_passes::create(
+        "Merge",
+        "(into: \"m\", models: [\"a\", \"b\"], weights: [0.3, 0.7])",
+    )
+    .unwrap();
+}

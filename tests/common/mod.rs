@@ -427,3 +427,19 @@ pub fn gguf_path() -> PathBuf {
     );
     path
 }
+
+/// The values of graph `graph`'s weights named like `part`, by name.
+pub fn values_of(m: &Module, graph: &str, part: &str) -> Vec<(String, Vec<f32>)> {
+    let mut out: Vec<(String, Vec<f32>)> = m.graphs[graph]
+        .weight_ids()
+        .into_iter()
+        .filter_map(|id| {
+            let w = m.weights.get(id).unwrap();
+            w.name
+                .contains(part)
+                .then(|| (w.name.clone(), m.weights.materialize(id).unwrap().data))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
